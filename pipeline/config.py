@@ -1,0 +1,384 @@
+"""Typed parameters for every stage, loaded from ``params.yaml``.
+
+``params.yaml`` holds the base values (the ``demo`` profile) and a ``profiles`` block whose
+entries override any part of them. The active profile is the ``profile`` key, so a user
+switches with ``dvc exp run -S profile=workstation`` or by editing that one line.
+
+Unknown keys are rejected everywhere (``extra="forbid"``), so a typo in ``params.yaml``
+fails at load time with the dotted path of the offending key instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A problem with ``params.yaml`` a user can fix; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where the raw volumes are and where prepared slices go.
+
+    Attributes:
+        raw_dir: folder with the user's data (OASIS-1 discs, BIDS, NIfTI folder or the PNG
+            slice release). The default is the demo stand-in cohort written by ``make_demo``.
+        format: reader to use; ``auto`` detects it from the folder's contents.
+        prepared_dir: output folder of ``prepare`` (one sub-folder per split).
+    """
+
+    raw_dir: str = "data/raw/demo"
+    format: Literal["auto", "oasis1", "bids", "nifti", "png"] = "auto"
+    prepared_dir: str = "data/prepared"
+
+
+class DemoConfig(_Section):
+    """The stand-in cohort synthesised from nilearn's MNI152 template (not OASIS data).
+
+    Attributes:
+        n_subjects: number of distinct synthetic subjects.
+        n_discs: subjects are spread over this many ``oasis_cross-sectional_discN`` folders.
+        out_dir: where the OASIS-1 layout is written.
+        elastic_mm: standard deviation of the smooth elastic displacement, in mm.
+        rotation_deg: maximum random rotation about each axis, in degrees.
+        noise: Rician-like noise level relative to the white-matter intensity.
+        bias_field: peak relative amplitude of the multiplicative bias field.
+    """
+
+    n_subjects: int = Field(24, ge=2)
+    n_discs: int = Field(2, ge=1)
+    out_dir: str = "data/raw/demo"
+    elastic_mm: float = Field(2.0, ge=0)
+    rotation_deg: float = Field(6.0, ge=0)
+    noise: float = Field(0.03, ge=0)
+    bias_field: float = Field(0.15, ge=0)
+
+
+class SplitConfig(_Section):
+    """Subject-level split ratios (normalised to sum to one)."""
+
+    train: float = Field(0.7, gt=0)
+    val: float = Field(0.15, ge=0)
+    test: float = Field(0.15, gt=0)
+
+
+class PrepareConfig(_Section):
+    """Volume → axial slice conversion.
+
+    Attributes:
+        n_slices: K evenly spaced axial slices per volume across the brain's extent.
+        image_size: output side length in pixels (slices are padded to square, resized).
+        percentiles: intensity percentiles inside the brain mapped to 0 and 1.
+        split: subject-level split ratios.
+        workers: process-pool size for reading volumes.
+        strict: fail on the first unreadable file instead of skipping and reporting it.
+    """
+
+    n_slices: int = Field(32, ge=2)
+    image_size: int = Field(64, ge=16)
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    split: SplitConfig = SplitConfig()
+    workers: int = Field(2, ge=1)
+    strict: bool = False
+
+    @model_validator(mode="after")
+    def _check_percentiles(self) -> PrepareConfig:
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(
+                f"percentiles must satisfy 0 <= lo < hi <= 100, got {self.percentiles}"
+            )
+        return self
+
+
+class ConditioningConfig(_Section):
+    """z-index embedding shared by every conditioned network.
+
+    Attributes:
+        sinusoidal_dim: number of sinusoidal features of z (even).
+        dim: width of the MLP output each network receives.
+        max_period: longest sinusoid period, in units of z (z lies in [0, 1]).
+    """
+
+    sinusoidal_dim: int = Field(64, ge=2, multiple_of=2)
+    dim: int = Field(128, ge=1)
+    max_period: float = Field(10_000.0, gt=0)
+
+
+class TrainConfig(_Section):
+    """Settings of the one training loop, per stage.
+
+    Attributes:
+        steps: optimisation steps in total.
+        batch_size: slices per step (global batch; split across DDP processes).
+        lr: peak learning rate, the one actually used after warmup.
+        warmup_steps: linear warmup length; cosine decay to ``lr * min_lr_ratio`` after it.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        weight_decay: AdamW weight decay.
+        grad_clip: max global gradient norm (0 disables clipping).
+        ema_decay: decay of the weight EMA (``null`` disables it).
+        ckpt_every: steps between checkpoints (a checkpoint is also written at the end).
+        eval_every: steps between validation passes and image grids.
+        log_every: steps between logged training losses.
+        num_workers: DataLoader worker processes.
+        max_bad_steps: consecutive non-finite steps tolerated before restoring the last
+            checkpoint with a lower learning rate.
+    """
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    ckpt_every: int = Field(200, ge=1)
+    eval_every: int = Field(500, ge=1)
+    log_every: int = Field(20, ge=1)
+    num_workers: int = Field(0, ge=0)
+    max_bad_steps: int = Field(5, ge=1)
+
+
+class VQConfig(_Section):
+    """Vector quantiser (VQ-VAE kind).
+
+    Attributes:
+        num_codes: codebook size K.
+        code_dim: code vector length d (the latent channels of the VQ-VAE).
+        decay: EMA decay of the codebook statistics.
+        commitment: β, weight of the commitment loss.
+        dead_code_threshold: a code whose EMA usage count falls below this is restarted
+            from a recent encoder output.
+    """
+
+    num_codes: int = Field(256, ge=2)
+    code_dim: int = Field(32, ge=1)
+    decay: float = Field(0.99, gt=0, lt=1)
+    commitment: float = Field(0.25, ge=0)
+    dead_code_threshold: float = Field(1.0, ge=0)
+
+
+class KLConfig(_Section):
+    """Gaussian latent with cyclical KL annealing (VAE-GAN kind, Fu et al. 2019).
+
+    Attributes:
+        latent_channels: channels of the Gaussian latent.
+        cycles: number of annealing cycles over the training steps.
+        ramp_ratio: fraction of each cycle during which the weight rises linearly.
+        max_weight: KL weight at the top of each cycle.
+    """
+
+    latent_channels: int = Field(4, ge=1)
+    cycles: int = Field(4, ge=1)
+    ramp_ratio: float = Field(0.5, gt=0, le=1)
+    max_weight: float = Field(1e-6, ge=0)
+
+
+class DiscriminatorConfig(_Section):
+    """PatchGAN discriminator and the adversarial loss.
+
+    Attributes:
+        channels: width of the first conv layer (doubled per layer, capped at 8×).
+        n_layers: number of strided conv layers.
+        loss: ``hinge`` or least squares (``lsq``).
+        weight: adversarial weight multiplied with the VQGAN adaptive weight.
+        start_step: generator step at which the adversarial loss is switched on.
+        lr: discriminator learning rate.
+    """
+
+    channels: int = Field(64, ge=1)
+    n_layers: int = Field(3, ge=1)
+    loss: Literal["hinge", "lsq"] = "hinge"
+    weight: float = Field(0.1, ge=0)
+    start_step: int = Field(500, ge=0)
+    lr: float = Field(2e-4, gt=0)
+
+
+class AutoencoderConfig(_Section):
+    """First stage (VQ-VAE or VAE-GAN) architecture and losses.
+
+    Attributes:
+        kinds: which kinds the ``train_autoencoder`` foreach stage builds.
+        channels: encoder widths per level; ``len(channels) - 1`` downsamplings, so
+            ``[c, c, c]`` gives factor 4 and four entries give factor 8.
+        num_res_blocks: residual blocks per level.
+        attention: self-attention in the middle block.
+        l1_weight: weight of the L1 reconstruction loss.
+        perceptual_weight: weight of the LPIPS loss.
+        vq: vector quantiser settings.
+        kl: Gaussian latent settings.
+        discriminator: PatchGAN settings.
+        train: training-loop settings.
+    """
+
+    kinds: tuple[Literal["vqvae", "vaegan"], ...] = ("vqvae", "vaegan")
+    channels: tuple[int, ...] = (32, 64, 128)
+    num_res_blocks: int = Field(1, ge=1)
+    attention: bool = True
+    l1_weight: float = Field(1.0, ge=0)
+    perceptual_weight: float = Field(0.5, ge=0)
+    vq: VQConfig = VQConfig()
+    kl: KLConfig = KLConfig()
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check_channels(self) -> AutoencoderConfig:
+        if len(self.channels) < 2:
+            raise ValueError(f"channels needs at least two levels, got {self.channels}")
+        return self
+
+
+class PriorConfig(_Section):
+    """Gated PixelCNN prior over VQ codes.
+
+    Attributes:
+        channels: hidden channels of both stacks.
+        n_layers: gated layers after the first masked layer.
+        kernel_size: receptive-field kernel size (odd).
+        temperature: default sampling temperature.
+        top_k: default top-k (``null`` samples from the full distribution).
+        train: training-loop settings.
+    """
+
+    channels: int = Field(128, ge=1)
+    n_layers: int = Field(12, ge=1)
+    kernel_size: int = Field(5, ge=3)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    train: TrainConfig = TrainConfig()
+
+
+class LDMConfig(_Section):
+    """Latent-diffusion UNet and its scheduler.
+
+    Attributes:
+        latent_source: which autoencoder's latents are diffused.
+        channels: UNet widths per level.
+        attention_levels: self/cross-attention on/off per level.
+        num_res_blocks: residual blocks per level.
+        num_head_channels: channels per attention head.
+        num_train_timesteps: DDPM steps T.
+        beta_schedule: MONAI schedule name.
+        prediction_type: ``epsilon`` or ``v_prediction``.
+        cond_dropout: probability of replacing z by the learned null condition.
+        guidance: default classifier-free guidance weight w.
+        sample_steps: default DDIM steps at sampling time.
+        train: training-loop settings.
+    """
+
+    latent_source: Literal["vaegan", "vqvae"] = "vaegan"
+    channels: tuple[int, ...] = (64, 128, 128)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_res_blocks: int = Field(1, ge=1)
+    num_head_channels: int = Field(32, ge=1)
+    num_train_timesteps: int = Field(1000, ge=1)
+    beta_schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = "scaled_linear_beta"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    cond_dropout: float = Field(0.15, ge=0, lt=1)
+    guidance: float = Field(2.0, ge=0)
+    sample_steps: int = Field(50, ge=1)
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> LDMConfig:
+        if len(self.channels) != len(self.attention_levels):
+            raise ValueError(
+                f"attention_levels needs one entry per level of channels "
+                f"({len(self.channels)}), got {len(self.attention_levels)}"
+            )
+        return self
+
+
+class Params(_Section):
+    """Everything in ``params.yaml`` after the active profile is applied."""
+
+    profile: str = "demo"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    demo: DemoConfig = DemoConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    conditioning: ConditioningConfig = ConditioningConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    prior: PriorConfig = PriorConfig()
+    ldm: LDMConfig = LDMConfig()
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``override`` merged in recursively (mappings merge, rest replaces)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def params_from_dict(
+    raw: dict[str, Any], profile: str | None = None, source: str = "params"
+) -> Params:
+    """Validate a raw mapping (as read from ``params.yaml``) into :class:`Params`.
+
+    Args:
+        raw: the mapping, with an optional ``profiles`` block of overrides.
+        profile: profile to apply; defaults to ``raw["profile"]`` or ``"demo"``.
+        source: name used in error messages (usually the file path).
+
+    Raises:
+        ConfigError: unknown profile or invalid/unknown keys, naming each offending key.
+    """
+    raw = dict(raw or {})
+    profiles = raw.pop("profiles", {}) or {}
+    name = profile or raw.get("profile", "demo")
+    if name not in profiles and name != "demo":
+        raise ConfigError(
+            f"{source}: unknown profile {name!r}; known profiles: {sorted(profiles) or ['demo']}"
+        )
+    merged = deep_merge(raw, profiles.get(name, {}) or {})
+    merged["profile"] = name
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    """Read and validate ``params.yaml``.
+
+    Args:
+        path: the YAML file.
+        profile: override the file's ``profile`` key.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or holds invalid parameters.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return params_from_dict(raw, profile=profile, source=str(path))

@@ -1,0 +1,208 @@
+"""The shared training loop: schedule, determinism, resume, non-finite guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.config import TrainConfig
+from pipeline.training import (
+    Optimization,
+    TrainingDivergedError,
+    TrainingTask,
+    batch_indices,
+    finish_resume,
+    fit,
+    lr_factor,
+)
+
+
+class _Points(Dataset):
+    def __init__(self, n: int = 64) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=gen)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1
+        self.poison: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        y = self.y[i] * (float("nan") if i in self.poison else 1.0)
+        return {"x": self.x[i], "y": y}
+
+
+class _Regression(TrainingTask):
+    ema_module = "model"
+
+    def __init__(self) -> None:
+        torch.manual_seed(1)
+        self.modules = {"model": nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))}
+        self.optimizers = {"model": torch.optim.AdamW(self.modules["model"].parameters(), lr=1e-2)}
+
+    def train_step(self, batch, step, optim: Optimization) -> dict[str, float]:
+        noise = torch.randn(batch["x"].shape) * 0.01  # exercises the RNG state on resume
+        pred = self.modules["model"](batch["x"] + noise).squeeze(-1)
+        loss = ((pred - batch["y"]) ** 2).mean()
+        optim.step("model", loss)
+        return {"loss": loss.item()}
+
+
+class _NullRun:
+    run_name = "test"
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(
+        steps=30,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=3,
+        ckpt_every=10,
+        eval_every=15,
+        log_every=5,
+        ema_decay=0.9,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _fit(task, data, cfg, tmp_path, **kw):
+    return fit(
+        task,
+        data,
+        cfg,
+        run=_NullRun(),
+        resume_dir=tmp_path,
+        seed=0,
+        device=torch.device("cpu"),
+        progress=False,
+        config_for_hash={"a": 1},
+        **kw,
+    )
+
+
+def test_lr_schedule_warmup_and_decay() -> None:
+    cfg = _cfg(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
+
+
+def test_batch_order_depends_only_on_step() -> None:
+    full = batch_indices(20, 6, seed=3, start_step=0)
+    first = [next(full) for _ in range(7)]
+    resumed = batch_indices(20, 6, seed=3, start_step=4)
+    assert [next(resumed) for _ in range(3)] == first[4:7]
+
+
+def test_fit_lowers_loss_and_logs(tmp_path) -> None:
+    task, data = _Regression(), _Points()
+    run = _NullRun()
+    result = fit(
+        task,
+        data,
+        _cfg(steps=60),
+        run=run,
+        resume_dir=tmp_path,
+        seed=0,
+        device=torch.device("cpu"),
+        progress=False,
+        evaluate=lambda step, ema: {"val": float(step)},
+    )
+    losses = [m["loss"] for _, m in run.metrics if "loss" in m]
+    assert losses[-1] < losses[0] / 4
+    assert result.step == 60 and result.ema is not None
+    assert any("val" in m for _, m in run.metrics)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path) -> None:
+    data = _Points()
+    straight = _Regression()
+    _fit(straight, data, _cfg(), tmp_path / "a")
+
+    killed = _Regression()
+    with pytest.raises(KeyboardInterrupt):
+        _fit(
+            killed,
+            data,
+            _cfg(),
+            tmp_path / "b",
+            evaluate=lambda step, ema: (_ for _ in ()).throw(KeyboardInterrupt),
+        )  # dies at 15
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 10
+    resumed = _Regression()
+    result = _fit(resumed, data, _cfg(), tmp_path / "b")
+    assert result.resumed_from == 10
+    for a, b in zip(
+        straight.modules["model"].parameters(), resumed.modules["model"].parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b)
+    finish_resume(tmp_path / "b")
+    assert not (tmp_path / "b" / "last.pt").exists()
+
+
+def test_resume_ignores_checkpoint_of_other_config(tmp_path) -> None:
+    data = _Points()
+    _fit(_Regression(), data, _cfg(steps=10), tmp_path)
+    result = fit(
+        _Regression(),
+        data,
+        _cfg(steps=10),
+        run=_NullRun(),
+        resume_dir=tmp_path,
+        seed=0,
+        device=torch.device("cpu"),
+        progress=False,
+        config_for_hash={"a": 2},
+    )
+    assert result.resumed_from == 0
+
+
+def test_nan_batch_is_skipped_and_counted(tmp_path) -> None:
+    data = _Points()
+    data.poison = {5}
+    result = _fit(_Regression(), data, _cfg(steps=20, max_bad_steps=5), tmp_path)
+    assert result.skipped_steps >= 1
+    assert result.step == 20
+    for p in _Regression().modules["model"].parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_persistent_nan_stops_with_clear_error(tmp_path) -> None:
+    data = _Points()
+    data.poison = set(range(64))
+    with pytest.raises(TrainingDivergedError, match="non-finite"):
+        _fit(_Regression(), data, _cfg(steps=20, max_bad_steps=2), tmp_path)
+
+
+def test_checkpoint_refuses_pickled_code(tmp_path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"version": 1, "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_missing_and_corrupt(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    save_checkpoint(tmp_path / "ok.pt", {"step": 3, "w": torch.ones(3)})
+    blob = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "bad.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "bad.pt")
+    assert load_checkpoint(tmp_path / "ok.pt")["step"] == 3
