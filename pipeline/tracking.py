@@ -142,11 +142,13 @@ class StageRun:
         import mlflow
 
         self._mlflow = mlflow
+        user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        local_store = not user_uri
         mlflow.set_tracking_uri(tracking_uri())
+        if local_store:  # set_tracking_uri exports the variable; keep the user's environment
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
         if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-            location = None
-            if not os.environ.get("MLFLOW_TRACKING_URI"):
-                location = (project_root() / "mlartifacts").as_uri()
+            location = (project_root() / "mlartifacts").as_uri() if local_store else None
             mlflow.create_experiment(EXPERIMENT, artifact_location=location)
         mlflow.set_experiment(EXPERIMENT)
         run = mlflow.start_run(run_name=self.run_name, tags=tags)
