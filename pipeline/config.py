@@ -52,6 +52,10 @@ class DemoConfig(_Section):
         rotation_deg: maximum random rotation about each axis, in degrees.
         noise: Rician-like noise level relative to the white-matter intensity.
         bias_field: peak relative amplitude of the multiplicative bias field.
+        workers: process-pool size for synthesising subjects.
+        grid_scale: 1.0 writes the OASIS-1 T88_111 grid (176×208×176, 1 mm); smaller values
+            write the same field of view on a coarser grid (fast smoke tests only: the
+            atrophy is sub-voxel there).
     """
 
     n_subjects: int = Field(24, ge=2)
@@ -61,6 +65,8 @@ class DemoConfig(_Section):
     rotation_deg: float = Field(6.0, ge=0)
     noise: float = Field(0.03, ge=0)
     bias_field: float = Field(0.15, ge=0)
+    workers: int = Field(2, ge=1)
+    grid_scale: float = Field(1.0, gt=0, le=1)
 
 
 class SplitConfig(_Section):
@@ -194,6 +200,8 @@ class DiscriminatorConfig(_Section):
         weight: adversarial weight multiplied with the VQGAN adaptive weight.
         start_step: generator step at which the adversarial loss is switched on.
         lr: discriminator learning rate.
+        norm_groups: GroupNorm groups of the normalised conv layers (divides ``channels``).
+        adaptive_weight_max: upper clamp of the adaptive weight before ``weight`` multiplies it.
     """
 
     channels: int = Field(64, ge=1)
@@ -202,6 +210,16 @@ class DiscriminatorConfig(_Section):
     weight: float = Field(0.1, ge=0)
     start_step: int = Field(500, ge=0)
     lr: float = Field(2e-4, gt=0)
+    norm_groups: int = Field(8, ge=1)
+    adaptive_weight_max: float = Field(1e4, gt=0)
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> DiscriminatorConfig:
+        if self.channels % self.norm_groups:
+            raise ValueError(
+                f"channels ({self.channels}) must be divisible by norm_groups ({self.norm_groups})"
+            )
+        return self
 
 
 class AutoencoderConfig(_Section):
@@ -213,6 +231,7 @@ class AutoencoderConfig(_Section):
             ``[c, c, c]`` gives factor 4 and four entries give factor 8.
         num_res_blocks: residual blocks per level.
         attention: self-attention in the middle block.
+        norm_groups: GroupNorm groups of every residual block (divides every channel count).
         l1_weight: weight of the L1 reconstruction loss.
         perceptual_weight: weight of the LPIPS loss.
         vq: vector quantiser settings.
@@ -225,6 +244,7 @@ class AutoencoderConfig(_Section):
     channels: tuple[int, ...] = (32, 64, 128)
     num_res_blocks: int = Field(1, ge=1)
     attention: bool = True
+    norm_groups: int = Field(8, ge=1)
     l1_weight: float = Field(1.0, ge=0)
     perceptual_weight: float = Field(0.5, ge=0)
     vq: VQConfig = VQConfig()
@@ -236,6 +256,12 @@ class AutoencoderConfig(_Section):
     def _check_channels(self) -> AutoencoderConfig:
         if len(self.channels) < 2:
             raise ValueError(f"channels needs at least two levels, got {self.channels}")
+        bad = [c for c in self.channels if c % self.norm_groups]
+        if bad:
+            raise ValueError(
+                f"every entry of channels must be divisible by norm_groups ({self.norm_groups}); "
+                f"got {bad}"
+            )
         return self
 
 
@@ -268,12 +294,19 @@ class LDMConfig(_Section):
         attention_levels: self/cross-attention on/off per level.
         num_res_blocks: residual blocks per level.
         num_head_channels: channels per attention head.
+        norm_groups: GroupNorm groups in the UNet (every entry of ``channels`` must be a
+            multiple of it).
         num_train_timesteps: DDPM steps T.
         beta_schedule: MONAI schedule name.
+        beta_start: first beta of the linear schedules (ignored by ``cosine``).
+        beta_end: last beta of the linear schedules (ignored by ``cosine``).
         prediction_type: ``epsilon`` or ``v_prediction``.
         cond_dropout: probability of replacing z by the learned null condition.
-        guidance: default classifier-free guidance weight w.
+        guidance: default classifier-free guidance weight w (1 = conditional only, no
+            unconditional pass).
         sample_steps: default DDIM steps at sampling time.
+        grid_levels: z levels (rows) of the sample grid logged at each evaluation.
+        grid_samples: samples per z level in that grid.
         train: training-loop settings.
     """
 
@@ -282,12 +315,17 @@ class LDMConfig(_Section):
     attention_levels: tuple[bool, ...] = (False, True, True)
     num_res_blocks: int = Field(1, ge=1)
     num_head_channels: int = Field(32, ge=1)
+    norm_groups: int = Field(32, ge=1)
     num_train_timesteps: int = Field(1000, ge=1)
     beta_schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = "scaled_linear_beta"
+    beta_start: float = Field(0.0015, gt=0, lt=1)
+    beta_end: float = Field(0.0195, gt=0, lt=1)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     cond_dropout: float = Field(0.15, ge=0, lt=1)
     guidance: float = Field(2.0, ge=0)
     sample_steps: int = Field(50, ge=1)
+    grid_levels: int = Field(8, ge=1)
+    grid_samples: int = Field(8, ge=1)
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
@@ -297,7 +335,27 @@ class LDMConfig(_Section):
                 f"attention_levels needs one entry per level of channels "
                 f"({len(self.channels)}), got {len(self.attention_levels)}"
             )
+        if any(c % self.norm_groups for c in self.channels):
+            raise ValueError(
+                f"every entry of channels {self.channels} must be a multiple of "
+                f"norm_groups={self.norm_groups}"
+            )
         return self
+
+
+class ZProbeConfig(_Section):
+    """The z-index probe: an independent CNN that predicts a slice's position.
+
+    Its error on real test slices is the floor; its error on generated slices at the
+    requested z measures how well a generator follows its conditioning.
+
+    Attributes:
+        channels: widths of the strided conv layers (each halves the resolution).
+        train: training-loop settings.
+    """
+
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    train: TrainConfig = TrainConfig(steps=800, batch_size=64, lr=1e-3, eval_every=400)
 
 
 class Params(_Section):
@@ -313,6 +371,7 @@ class Params(_Section):
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     prior: PriorConfig = PriorConfig()
     ldm: LDMConfig = LDMConfig()
+    zprobe: ZProbeConfig = ZProbeConfig()
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,105 @@
+"""Readers for every supported source, and auto-detection of the folder's format.
+
+Detection order (first match wins): the PNG release (``keras_png_slices_*`` folders),
+OASIS-1 (``OAS1_XXXX_MRn`` T88 images or session folders), BIDS (``sub-*..._T1w``
+images), then any folder holding ``*.nii`` / ``*.nii.gz`` files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from data_prep.readers import nifti, oasis1, png_slices
+from data_prep.readers.base import (
+    DEMOGRAPHICS,
+    SPLITS,
+    Case,
+    FileIndex,
+    PngCase,
+    PngSlice,
+    Scan,
+    Skip,
+    VolumeCase,
+)
+
+__all__ = [
+    "DEMOGRAPHICS",
+    "FORMATS",
+    "SPLITS",
+    "Case",
+    "PngCase",
+    "PngSlice",
+    "Scan",
+    "Skip",
+    "VolumeCase",
+    "detect_format",
+    "scan_folder",
+]
+
+logger = logging.getLogger(__name__)
+
+_Reader = tuple[Callable[[FileIndex], bool], Callable[[FileIndex], Scan], str]
+_READERS: dict[str, _Reader] = {
+    "png": (png_slices.matches, png_slices.scan, "keras_png_slices_* folders"),
+    "oasis1": (oasis1.matches, oasis1.scan, "OAS1_XXXX_MRn T88_111 Analyze images"),
+    "bids": (nifti.matches_bids, nifti.scan_bids, "sub-*_T1w.nii(.gz) images"),
+    "nifti": (nifti.matches_nifti, nifti.scan_nifti, "*.nii / *.nii.gz files"),
+}
+#: Formats a user can ask for (``data.format``); ``auto`` detects one of them.
+FORMATS: tuple[str, ...] = ("auto", *_READERS)
+
+
+def detect_format(index: FileIndex) -> str | None:
+    """The first reader whose files are present (order in the module docstring), or None."""
+    return next((name for name, (match, _, _) in _READERS.items() if match(index)), None)
+
+
+def scan_folder(root: str | Path, fmt: str = "auto") -> Scan:
+    """Index ``root`` and scan it with the requested (or detected) reader.
+
+    A missing, empty or unrecognised folder is not an exception: it comes back as a
+    :class:`Scan` of format ``unknown`` with no cases and one :class:`Skip` naming the
+    folder and the reason.
+
+    Args:
+        root: the data folder.
+        fmt: one of :data:`FORMATS`.
+
+    Returns:
+        The scan.
+
+    Raises:
+        ValueError: ``fmt`` is not one of :data:`FORMATS`.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"data.format must be one of {list(FORMATS)}, got {fmt!r}")
+    root = Path(root)
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        return Scan("unknown", skipped=[Skip(str(root), f"data folder {what}")])
+    index = FileIndex.build(root)
+    if not index.files:
+        return Scan("unknown", skipped=[Skip(str(root), "empty folder: no files found")])
+    name = detect_format(index) if fmt == "auto" else fmt
+    if name is None or (fmt != "auto" and not _READERS[fmt][0](index)):
+        expected = "; ".join(f"{k}: {v[2]}" for k, v in _READERS.items())
+        if fmt != "auto":
+            expected = f"{fmt}: {_READERS[fmt][2]}"
+        examples = ", ".join(p.as_posix() for p in index.files[:3])
+        reason = (
+            f"unknown folder: none of the expected files ({expected}) among "
+            f"{len(index.files)} files (e.g. {examples})"
+        )
+        return Scan("unknown", skipped=[Skip(str(root), reason)])
+    scan = _READERS[name][1](index)
+    logger.info(
+        "%s: format %s%s, %d cases, %d files skipped at scan",
+        root,
+        name,
+        " (detected)" if fmt == "auto" else "",
+        len(scan.cases),
+        len(scan.skipped),
+    )
+    return scan

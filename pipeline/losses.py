@@ -1,0 +1,139 @@
+"""Loss terms of the first stage: KL with cyclical annealing, adversarial losses, VQGAN weight.
+
+The perceptual (LPIPS) term lives in :mod:`pipeline.perceptual`; this module holds the rest:
+
+- :func:`kl_weight`: cyclical annealing schedule of Fu et al. (NAACL 2019), a pure function
+  of the step;
+- :func:`gaussian_kl`: KL divergence of a diagonal Gaussian posterior from N(0, I);
+- :func:`discriminator_loss` / :func:`generator_loss`: hinge or least-squares GAN losses on
+  PatchGAN logits;
+- :func:`adaptive_weight`: the VQGAN (Esser et al., CVPR 2021) balance between the
+  reconstruction and the adversarial gradient at the decoder's last layer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+AdversarialLoss = Literal["hinge", "lsq"]
+
+
+def kl_weight(
+    step: int, total_steps: int, *, cycles: int, ramp_ratio: float, max_weight: float
+) -> float:
+    """Cyclical KL annealing weight (Fu et al. 2019).
+
+    Training is split into ``cycles`` equal periods. Within each period the weight rises
+    linearly from 0 to ``max_weight`` over the first ``ramp_ratio`` of the period and then
+    stays at ``max_weight`` until the period ends.
+
+    Args:
+        step: current optimisation step, >= 0 (steps past ``total_steps`` stay in the last
+            period's plateau).
+        total_steps: steps of the whole run, >= 1.
+        cycles: number of periods, >= 1.
+        ramp_ratio: fraction of each period spent ramping, in (0, 1].
+        max_weight: weight on the plateau, >= 0.
+
+    Returns:
+        The KL weight for ``step``, in [0, max_weight].
+
+    Raises:
+        ValueError: an argument is out of range (the message names it).
+    """
+    if total_steps < 1 or cycles < 1 or step < 0:
+        raise ValueError(
+            f"need step >= 0, total_steps >= 1, cycles >= 1; got step={step}, "
+            f"total_steps={total_steps}, cycles={cycles}"
+        )
+    if not 0 < ramp_ratio <= 1:
+        raise ValueError(f"ramp_ratio must lie in (0, 1]; got {ramp_ratio}")
+    if step >= total_steps:
+        return max_weight
+    period = total_steps / cycles
+    tau = (step % period) / period
+    return max_weight * min(1.0, tau / ramp_ratio)
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)), averaged over every latent element.
+
+    The mean (not the sum) over latent elements keeps the weight independent of the latent
+    size; it is comparable with the per-pixel mean of the L1 loss.
+
+    Args:
+        mean: (B, C, h, w) posterior means.
+        logvar: (B, C, h, w) posterior log-variances.
+
+    Returns:
+        Scalar tensor, >= 0.
+    """
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+
+
+def discriminator_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: AdversarialLoss = "hinge"
+) -> torch.Tensor:
+    """Discriminator loss on PatchGAN logits.
+
+    Args:
+        real_logits: (B, 1, h, w) logits of real images.
+        fake_logits: (B, 1, h, w) logits of reconstructions (detached from the generator).
+        kind: ``hinge`` (mean relu(1 - real) + relu(1 + fake)) or ``lsq`` (least squares,
+            targets 1 for real and 0 for fake).
+
+    Returns:
+        Scalar loss, halved so both kinds weigh real and fake equally.
+    """
+    if kind == "hinge":
+        return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+    if kind == "lsq":
+        return 0.5 * ((real_logits - 1.0).pow(2).mean() + fake_logits.pow(2).mean())
+    raise ValueError(f"adversarial loss kind must be 'hinge' or 'lsq'; got {kind!r}")
+
+
+def generator_loss(fake_logits: torch.Tensor, kind: AdversarialLoss = "hinge") -> torch.Tensor:
+    """Adversarial loss of the generator (the decoder) on PatchGAN logits of its outputs.
+
+    Args:
+        fake_logits: (B, 1, h, w) logits of reconstructions.
+        kind: ``hinge`` (-mean logits, as in VQGAN) or ``lsq`` (mean (logits - 1)^2).
+
+    Returns:
+        Scalar loss.
+    """
+    if kind == "hinge":
+        return -fake_logits.mean()
+    if kind == "lsq":
+        return (fake_logits - 1.0).pow(2).mean()
+    raise ValueError(f"adversarial loss kind must be 'hinge' or 'lsq'; got {kind!r}")
+
+
+def adaptive_weight(
+    rec_loss: torch.Tensor,
+    adv_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    *,
+    max_weight: float = 1e4,
+) -> torch.Tensor:
+    """VQGAN adaptive weight ||grad rec|| / (||grad adv|| + 1e-4) at the decoder's last layer.
+
+    Both gradients are taken with ``retain_graph=True`` so the caller can still backpropagate
+    the total loss.
+
+    Args:
+        rec_loss: scalar reconstruction loss (L1 + perceptual) of the generator.
+        adv_loss: scalar adversarial generator loss.
+        last_layer: weight of the decoder's output layer (part of both graphs).
+        max_weight: upper clamp of the ratio.
+
+    Returns:
+        Detached scalar tensor in [0, max_weight]; multiply it with the configured weight.
+    """
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    adv_grad = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
+    ratio = rec_grad.norm() / (adv_grad.norm() + 1e-4)
+    return ratio.clamp(0.0, max_weight).detach()

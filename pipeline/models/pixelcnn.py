@@ -1,0 +1,256 @@
+"""Gated PixelCNN over VQ code grids, conditioned on the slice position z.
+
+van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders":
+
+- a vertical stack sees every row above (and, inside the stack, the current row); its
+  pre-activations are shifted down one row before they feed the horizontal stack, so the
+  horizontal stack at (r, c) sees all rows < r through it and no blind spot is left;
+- a horizontal stack sees the current row to the left; the first layer is masked type 'A'
+  (excludes the current position), later layers type 'B' (include it; it is causal already);
+- gated units ``tanh(a) * sigmoid(b)``; residual connections on the horizontal stack
+  (except the first layer, whose input is the current code itself);
+- a conditional bias ``V e`` from the shared :class:`~pipeline.conditioning.ZEmbedding`
+  added to both stacks' pre-activations in every layer.
+
+The target is the input itself; correctness comes from causality: the logits at raster
+position i depend only on codes at positions < i.
+
+Every layer is split into :meth:`GatedLayer.vertical`,
+:meth:`GatedLayer.vertical_to_horizontal` and :meth:`GatedLayer.horizontal`, which work on
+already padded windows; :meth:`GatedLayer.forward` pads the whole grid and calls them. The
+incremental sampler in :mod:`pipeline.autoregressive` calls the first two on one row at a
+time and :meth:`GatedLayer.horizontal_step` (the same weights as matrix products) on one
+position at a time; tests check that its logits equal the full forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.conditioning import ZEmbedding
+from pipeline.config import ConditioningConfig, PriorConfig
+
+
+def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 1x1 convolution to per-position feature vectors.
+
+    Args:
+        conv: a 1x1 ``nn.Conv2d``.
+        x: (B, C_in) features.
+
+    Returns:
+        (B, C_out), equal to ``conv(x[:, :, None, None])[:, :, 0, 0]``.
+    """
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
+def gate(x: torch.Tensor) -> torch.Tensor:
+    """Gated activation ``tanh(a) * sigmoid(b)`` over the two channel halves of ``x``.
+
+    Args:
+        x: (B, 2C, ...) pre-activations.
+
+    Returns:
+        (B, C, ...) gated output.
+    """
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class GatedLayer(nn.Module):
+    """One gated layer with a vertical and a horizontal stack.
+
+    Geometry for kernel size k: the vertical convolution has kernel (k//2 + 1, k) over the
+    rows ``r - k//2 .. r``; the horizontal one covers the columns ``c - k//2 .. c`` for type
+    'B' and ``c - k//2 .. c - 1`` for type 'A'. Type 'A' is the masked kernel of the paper
+    with the masked (always zero) column left out, so no weight is wasted or re-masked.
+
+    Args:
+        channels: C, width of both stacks.
+        kernel_size: k, odd, >= 3.
+        cond_dim: width of the z embedding.
+        mask_type: ``"A"`` for the first layer (excludes the current position), else ``"B"``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, cond_dim: int, mask_type: str) -> None:
+        super().__init__()
+        if mask_type not in ("A", "B"):
+            raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
+        if kernel_size < 3 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
+        half = kernel_size // 2
+        self.half = half
+        self.residual = mask_type == "B"
+        #: columns the horizontal kernel covers, ending at c (type B) or c - 1 (type A)
+        self.h_width = half + 1 if mask_type == "B" else half
+        self.v_conv = nn.Conv2d(channels, 2 * channels, (half + 1, kernel_size))
+        self.h_conv = nn.Conv2d(channels, 2 * channels, (1, self.h_width))
+        self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.h_out = nn.Conv2d(channels, channels, 1)
+        self.cond = nn.Linear(cond_dim, 4 * channels)
+
+    def conditional_bias(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project the z embedding to the two stacks' biases.
+
+        Args:
+            emb: (B, cond_dim) z embedding.
+
+        Returns:
+            ``(bias_v, bias_h)``, each (B, 2C).
+        """
+        bias_v, bias_h = self.cond(emb).chunk(2, dim=1)
+        return bias_v, bias_h
+
+    def vertical(
+        self, v_padded: torch.Tensor, bias_v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vertical stack on a padded window.
+
+        Args:
+            v_padded: (B, C, R + k//2, W + 2*(k//2)) input rows, zero-padded k//2 rows on top
+                and k//2 columns on each side.
+            bias_v: (B, 2C) conditional bias.
+
+        Returns:
+            ``(pre, out)``: pre-activations (B, 2C, R, W) and the gated output (B, C, R, W).
+        """
+        pre = self.v_conv(v_padded) + bias_v[:, :, None, None]
+        return pre, gate(pre)
+
+    def vertical_to_horizontal(
+        self, v_pre_above: torch.Tensor, bias_h: torch.Tensor
+    ) -> torch.Tensor:
+        """What the horizontal stack receives besides its own input: link and bias.
+
+        Args:
+            v_pre_above: (B, 2C, R, W) vertical pre-activations of the row above each
+                position (zeros for the first row).
+            bias_h: (B, 2C) conditional bias.
+
+        Returns:
+            (B, 2C, R, W) term added to the horizontal pre-activations.
+        """
+        return self.v_to_h(v_pre_above) + bias_h[:, :, None, None]
+
+    def horizontal(
+        self, h_padded: torch.Tensor, h_in: torch.Tensor, v_term: torch.Tensor
+    ) -> torch.Tensor:
+        """Horizontal stack on a padded window.
+
+        Args:
+            h_padded: (B, C, R, W + h_width - 1) input, zero-padded k//2 columns on the left
+                (and, for type 'A', without the last column).
+            h_in: (B, C, R, W) unpadded input (for the residual connection).
+            v_term: (B, 2C, R, W) output of :meth:`vertical_to_horizontal`.
+
+        Returns:
+            (B, C, R, W) horizontal stack output.
+        """
+        pre = self.h_conv(h_padded) + v_term
+        out = self.h_out(gate(pre))
+        return h_in + out if self.residual else out
+
+    def horizontal_step(
+        self, window: torch.Tensor, h_in: torch.Tensor, v_term: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`horizontal` at a single position per sample, as matrix products.
+
+        Same weights and result as :meth:`horizontal`; used by the incremental sampler,
+        where convolutions with a 1-pixel output are several times slower than ``linear``.
+
+        Args:
+            window: (B, C, h_width) inputs at columns ``c - k//2 ..`` (zeros left of 0).
+            h_in: (B, C) input at column c (for the residual connection).
+            v_term: (B, 2C) output of :meth:`vertical_to_horizontal` at the position.
+
+        Returns:
+            (B, C) horizontal stack output at the position.
+        """
+        pre = F.linear(window.flatten(1), self.h_conv.weight.flatten(1), self.h_conv.bias)
+        pre = pre + v_term
+        out = pointwise(self.h_out, gate(pre))
+        return h_in + out if self.residual else out
+
+    def forward(
+        self, v: torch.Tensor, h: torch.Tensor, emb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both stacks on a whole grid.
+
+        Args:
+            v: (B, C, H, W) vertical stack input.
+            h: (B, C, H, W) horizontal stack input.
+            emb: (B, cond_dim) z embedding.
+
+        Returns:
+            ``(v_out, h_out)``, each (B, C, H, W).
+        """
+        bias_v, bias_h = self.conditional_bias(emb)
+        p = self.half
+        v_pre, v_out = self.vertical(F.pad(v, (p, p, p, 0)), bias_v)
+        v_term = self.vertical_to_horizontal(F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1], bias_h)
+        h_padded = F.pad(h, (p, 0, 0, 0))[..., : h.shape[-1] + self.h_width - 1]
+        h_out = self.horizontal(h_padded, h, v_term)
+        return v_out, h_out
+
+
+class GatedPixelCNN(nn.Module):
+    """z-conditioned gated PixelCNN prior over (h, w) grids of K code indices.
+
+    Args:
+        num_codes: K, the VQ codebook size.
+        config: architecture (``channels``, ``n_layers``, ``kernel_size``).
+        conditioning: z-embedding sizes (shared convention of all conditioned networks).
+    """
+
+    def __init__(
+        self, num_codes: int, config: PriorConfig, conditioning: ConditioningConfig
+    ) -> None:
+        super().__init__()
+        if num_codes < 2:
+            raise ValueError(f"num_codes must be >= 2, got {num_codes}")
+        self.num_codes = num_codes
+        self.kernel_size = config.kernel_size
+        c = config.channels
+        self.embedding = nn.Embedding(num_codes, c)
+        self.z_embedding = ZEmbedding(conditioning)
+        self.layers = nn.ModuleList(
+            GatedLayer(c, config.kernel_size, conditioning.dim, "A" if i == 0 else "B")
+            for i in range(config.n_layers + 1)
+        )
+        self.head_hidden = nn.Conv2d(c, c, 1)
+        self.head_out = nn.Conv2d(c, num_codes, 1)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from the last horizontal stack output.
+
+        Args:
+            h: (B, C, H, W) features.
+
+        Returns:
+            (B, K, H, W) logits.
+        """
+        return self.head_out(F.relu(self.head_hidden(F.relu(h))))
+
+    def head_step(self, h: torch.Tensor) -> torch.Tensor:
+        """:meth:`head` at a single position per sample: (B, C) features -> (B, K) logits."""
+        return pointwise(self.head_out, F.relu(pointwise(self.head_hidden, F.relu(h))))
+
+    def forward(self, codes: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Logits of every code given the codes before it in raster order.
+
+        Args:
+            codes: (B, h, w) int64 code indices in [0, K).
+            z: (B,) slice positions in [0, 1].
+
+        Returns:
+            (B, K, h, w) logits; position (r, c) depends only on codes before it in raster
+            order (rows above, and the current row to the left).
+        """
+        x = self.embedding(codes).permute(0, 3, 1, 2)
+        emb = self.z_embedding(z)
+        v, h = x, x
+        for layer in self.layers:
+            v, h = layer(v, h, emb)
+        return self.head(h)

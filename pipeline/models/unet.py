@@ -1,0 +1,78 @@
+"""The z-conditioned denoising UNet of the latent diffusion model (wraps MONAI).
+
+z reaches the network twice, both from one :class:`~pipeline.conditioning.ZEmbedding`:
+
+- added to the timestep embedding, so every residual block is modulated by the slice level
+  (the strong path; cross-attention alone conditioned too weakly on a small training budget);
+- as the single context token of MONAI's cross-attention transformer blocks.
+
+MONAI's ``DiffusionModelUNet.forward`` adds ``class_embedding(class_labels)`` to the time
+embedding. The wrapper replaces that lookup table with a learned projection of the z
+embedding and passes the embedding as ``class_labels``, so MONAI's forward is reused as it
+is, without a copy and without hooks holding state.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+
+from pipeline.conditioning import ZEmbedding
+from pipeline.config import ConditioningConfig, LDMConfig
+
+
+class ZConditionedUNet(nn.Module):
+    """Noise (or velocity) predictor ``f(x_t, t, z)`` with a null condition for guidance.
+
+    Args:
+        config: UNet widths, attention levels, heads and normalisation groups.
+        conditioning: z-embedding sizes; its ``dim`` is also the cross-attention width.
+        latent_channels: channels C of the diffused latent (input and output).
+    """
+
+    def __init__(
+        self, config: LDMConfig, conditioning: ConditioningConfig, latent_channels: int
+    ) -> None:
+        super().__init__()
+        if latent_channels < 1:
+            raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
+        self.z_embed = ZEmbedding(conditioning, null_token=True)
+        self.unet = DiffusionModelUNet(
+            spatial_dims=2,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            channels=config.channels,
+            attention_levels=config.attention_levels,
+            num_res_blocks=config.num_res_blocks,
+            num_head_channels=config.num_head_channels,
+            norm_num_groups=config.norm_groups,
+            with_conditioning=True,
+            cross_attention_dim=conditioning.dim,
+            num_class_embeds=1,  # enables the additive path; the table is replaced below
+            use_flash_attention=True,  # torch scaled_dot_product_attention (fused on CPU too)
+        )
+        time_dim = self.unet.time_embed[-1].out_features
+        self.unet.class_embedding = nn.Sequential(nn.SiLU(), nn.Linear(conditioning.dim, time_dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        z: torch.Tensor,
+        drop_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the noise (or velocity) of a noisy latent.
+
+        Args:
+            x: (B, C, h, w) noisy latents.
+            t: (B,) integer timesteps in [0, T).
+            z: (B,) slice positions in [0, 1] (fractional allowed).
+            drop_mask: optional (B,) bool; True replaces z by the learned null condition
+                (condition dropout in training, the unconditional half of guidance).
+
+        Returns:
+            (B, C, h, w) model output (epsilon or v, as trained).
+        """
+        emb = self.z_embed(z, drop_mask).to(x.dtype)
+        return self.unet(x, t, context=emb[:, None, :], class_labels=emb)

@@ -1,0 +1,394 @@
+"""Training, evaluation and export of the PixelCNN prior over VQ codes (``train_prior``).
+
+- :class:`PriorTask`: cross-entropy of every code given the codes before it (the target is
+  the input itself; the network's causality makes this next-code prediction).
+- :class:`PriorEvaluator`: the ``evaluate`` callback of :func:`~pipeline.training.fit`:
+  validation NLL in bits per code and a sample grid decoded through the VQ-VAE, one row per
+  z level.
+- :func:`export_prior`: the final model file, read back by
+  :func:`pipeline.sampling.load_generator`.
+- :func:`train_prior`: the whole stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from pipeline.autoregressive import sample_codes
+from pipeline.checkpoint import save_checkpoint
+from pipeline.config import ConditioningConfig, Params, PriorConfig, TrainConfig
+from pipeline.first_stage import code_version, load_autoencoder
+from pipeline.images import grid, save_png
+from pipeline.io import write_json
+from pipeline.latents import SPLITS, LatentDataset, read_latent_meta
+from pipeline.models.pixelcnn import GatedPixelCNN
+from pipeline.tracking import StageRun
+from pipeline.training import Optimization, TrainingTask, finish_resume, fit
+
+logger = logging.getLogger(__name__)
+
+#: Rows (z levels, evenly spaced over [0, 1]) and columns (samples) of the sample grid.
+GRID_LEVELS = 8
+GRID_SAMPLES = 8
+#: Code grids per batch when computing an NLL.
+EVAL_BATCH = 64
+
+Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def code_nll(prior: nn.Module, codes: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per code, in nats.
+
+    Args:
+        prior: the PixelCNN.
+        codes: (B, h, w) int64 code indices.
+        z: (B,) slice positions in [0, 1].
+
+    Returns:
+        Scalar cross-entropy of the logits at every position against the code there.
+    """
+    return F.cross_entropy(prior(codes, z), codes)
+
+
+class PriorTask(TrainingTask):
+    """Maximum-likelihood training of a :class:`GatedPixelCNN` on code grids.
+
+    Args:
+        prior: the network, already on its device.
+        cfg: training settings (``lr``, ``weight_decay``).
+    """
+
+    ema_module = "prior"
+
+    def __init__(self, prior: GatedPixelCNN, cfg: TrainConfig) -> None:
+        self.modules = {"prior": prior}
+        self.optimizers = {
+            "prior": torch.optim.AdamW(prior.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        }
+
+    def train_step(
+        self, batch: dict[str, torch.Tensor], step: int, optim: Optimization
+    ) -> dict[str, float]:
+        """One step on a batch with ``codes`` (B, h, w) int64 and ``z`` (B,)."""
+        loss = code_nll(self.modules["prior"], batch["codes"], batch["z"])
+        optim.step("prior", loss)
+        return {"loss": loss.item(), "bits_per_code": loss.item() / math.log(2)}
+
+
+@dataclass
+class CodeSet(Dataset):
+    """Code grids of one split held in memory; items ``{"codes": (h, w) int64, "z": ()}``.
+
+    Attributes:
+        codes: (N, h, w) int64 code indices.
+        z: (N,) float32 slice positions in [0, 1].
+    """
+
+    codes: torch.Tensor
+    z: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"codes": self.codes[i], "z": self.z[i]}
+
+    @classmethod
+    def from_dataset(cls, dataset: LatentDataset) -> CodeSet:
+        """The codes of a split of VQ-VAE latents.
+
+        Raises:
+            ValueError: the split has no code grids (not encoded with a VQ-VAE).
+        """
+        if dataset.codes is None:
+            raise ValueError(
+                f"{dataset.split_dir} has no codes.npy; the prior needs latents encoded with "
+                f"the vqvae autoencoder (data/latents/vqvae)"
+            )
+        codes = torch.from_numpy(np.asarray(dataset.codes, dtype=np.int64))
+        return cls(codes, torch.from_numpy(dataset.z))
+
+
+@torch.no_grad()
+def nll_bits_per_code(prior: nn.Module, data: CodeSet, device: torch.device) -> float:
+    """Negative log-likelihood of a split under the prior, in bits per code.
+
+    Args:
+        prior: the PixelCNN.
+        data: code grids and their positions.
+        device: where the prior lives.
+
+    Returns:
+        Mean cross-entropy over every code of every grid (nats) / ln 2.
+    """
+    total = 0.0
+    for codes, z in zip(data.codes.split(EVAL_BATCH), data.z.split(EVAL_BATCH), strict=True):
+        codes, z = codes.to(device), z.to(device)
+        total += F.cross_entropy(prior(codes, z), codes, reduction="sum").item()
+    return total / data.codes.numel() / math.log(2)
+
+
+def grid_levels() -> torch.Tensor:
+    """z of every tile of the sample grid, row by row: (GRID_LEVELS * GRID_SAMPLES,)."""
+    return torch.linspace(0, 1, GRID_LEVELS).repeat_interleave(GRID_SAMPLES)
+
+
+def sample_grid(
+    prior: GatedPixelCNN,
+    decode: Decode,
+    code_shape: tuple[int, int],
+    config: PriorConfig,
+    device: torch.device,
+    seed: int,
+) -> np.ndarray:
+    """Sample codes at evenly spaced z levels and tile the decoded slices.
+
+    Args:
+        prior: the PixelCNN.
+        decode: (B, h, w) codes, (B,) z -> (B, 1, H, W) slices in [0, 1]-ish.
+        code_shape: (h, w).
+        config: sampling defaults (``temperature``, ``top_k``).
+        device: where the prior lives.
+        seed: seeds the sampler, so grids of different steps are comparable.
+
+    Returns:
+        (H', W') array in [0, 1]: row i holds GRID_SAMPLES samples at level i (low z on top).
+    """
+    z = grid_levels().to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    codes = sample_codes(prior, z, code_shape, config.temperature, config.top_k, generator)
+    with torch.no_grad():
+        images = decode(codes, z)
+    return grid(images.clamp(0, 1), ncol=GRID_SAMPLES)
+
+
+class PriorEvaluator:
+    """``evaluate`` callback: validation NLL and a sample grid per z level.
+
+    Args:
+        task: the training task (its prior is used when no EMA copy exists).
+        val: validation code grids.
+        decode: (B, h, w) codes, (B,) z -> (B, 1, H, W) slices (the VQ-VAE's decoder).
+        run: tracking run the grid is logged to (``samples/prior_<step>.png``).
+        config: sampling defaults.
+        code_shape: (h, w).
+        device: where the prior lives.
+        seed: seeds the sample grid.
+    """
+
+    def __init__(
+        self,
+        task: PriorTask,
+        val: CodeSet,
+        decode: Decode,
+        run: StageRun,
+        config: PriorConfig,
+        code_shape: tuple[int, int],
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.task, self.val, self.decode, self.run = task, val, decode, run
+        self.config, self.code_shape, self.device, self.seed = config, code_shape, device, seed
+        self.last_grid: np.ndarray | None = None
+
+    def __call__(self, step: int, ema: nn.Module | None) -> dict[str, float]:
+        prior = ema if ema is not None else self.task.modules["prior"]
+        logs = {"val_bits_per_code": nll_bits_per_code(prior, self.val, self.device)}
+        self.last_grid = sample_grid(
+            prior, self.decode, self.code_shape, self.config, self.device, self.seed
+        )
+        self.run.log_image(self.last_grid, f"samples/prior_{step:06d}.png")
+        logger.info("step %d: val %.4f bits/code", step, logs["val_bits_per_code"])
+        return logs
+
+
+def export_prior(
+    path: str | Path,
+    prior: nn.Module,
+    config: PriorConfig,
+    conditioning: ConditioningConfig,
+    metadata: dict[str, Any],
+) -> None:
+    """Write the final model file ``{"kind": "pixelcnn", "modules": {"prior": ...}, ...}``.
+
+    Args:
+        path: destination (``models/pixelcnn.pt``), written atomically.
+        prior: the weights to save (the EMA copy if enabled).
+        config: ``prior`` section (stored as ``config``).
+        conditioning: z-embedding settings (stored in ``metadata.conditioning``).
+        metadata: ``autoencoder``, ``autoencoder_sha256``, ``num_codes``, ``code_shape``
+            and anything else to keep.
+    """
+    save_checkpoint(
+        path,
+        {
+            "kind": "pixelcnn",
+            "modules": {"prior": prior.state_dict()},
+            "config": config.model_dump(mode="json"),
+            "metadata": {**metadata, "conditioning": conditioning.model_dump(mode="json")},
+        },
+    )
+
+
+def sampling_speed(
+    prior: GatedPixelCNN, config: PriorConfig, code_shape: tuple[int, int], device: torch.device
+) -> dict[str, float]:
+    """Seconds to sample one batch of GRID_LEVELS * GRID_SAMPLES code grids (no decoding)."""
+    z = grid_levels().to(device)
+    start = time.perf_counter()
+    sample_codes(prior, z, code_shape, config.temperature, config.top_k)
+    seconds = time.perf_counter() - start
+    return {"grids": len(z), "seconds": seconds, "grids_per_s": len(z) / seconds}
+
+
+def stage_params(params: Params) -> dict[str, Any]:
+    """Everything that determines a ``train_prior`` run (tracked and hashed for resume)."""
+    return {
+        "seed": params.seed,
+        "conditioning": params.conditioning.model_dump(mode="json"),
+        "prior": params.prior.model_dump(mode="json"),
+    }
+
+
+@dataclass(frozen=True)
+class PriorPaths:
+    """Inputs and outputs of ``train_prior``.
+
+    Attributes:
+        latents: ``data/latents/vqvae`` (meta.json and the split folders with codes.npy).
+        model: ``models/pixelcnn.pt``.
+        report: ``reports/prior.json``.
+        grid: ``reports/prior_samples.png``, the final sample grid (rows = z levels).
+        resume_dir: ``checkpoints/prior``.
+    """
+
+    latents: Path
+    model: Path
+    report: Path
+    grid: Path
+    resume_dir: Path
+
+    @classmethod
+    def standard(cls, root: str | Path = ".") -> PriorPaths:
+        """The standard layout under ``root``."""
+        root = Path(root)
+        return cls(
+            latents=root / "data" / "latents" / "vqvae",
+            model=root / "models" / "pixelcnn.pt",
+            report=root / "reports" / "prior.json",
+            grid=root / "reports" / "prior_samples.png",
+            resume_dir=root / "checkpoints" / "prior",
+        )
+
+
+def train_prior(
+    params: Params,
+    *,
+    run: StageRun,
+    device: torch.device,
+    paths: PriorPaths,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the prior on the VQ-VAE's code grids, export it and report its test NLL.
+
+    Args:
+        params: all parameters (``prior``, ``conditioning``, ``seed``).
+        run: the stage's tracking run.
+        device: training device.
+        paths: inputs and outputs.
+        progress: show a progress bar.
+
+    Returns:
+        The report written to ``paths.report``.
+
+    Raises:
+        FileNotFoundError: the latents have not been encoded.
+        ValueError: the latents are not VQ-VAE codes, or the autoencoder changed since.
+    """
+    cfg, cond_cfg = params.prior, params.conditioning
+    meta = read_latent_meta(paths.latents)
+    if "num_codes" not in meta:
+        raise ValueError(
+            f"{paths.latents} holds {meta.get('source')!r} latents without codes; the prior "
+            f"needs the vqvae latents (add vqvae to autoencoder.kinds and run encode_latents)"
+        )
+    train, val, test = (
+        CodeSet.from_dataset(LatentDataset(paths.latents / split)) for split in SPLITS
+    )
+    num_codes = int(meta["num_codes"])
+    code_shape = (int(val.codes.shape[1]), int(val.codes.shape[2]))
+    autoencoder, _ = load_autoencoder(meta["autoencoder"], device)
+
+    torch.manual_seed(params.seed)
+    prior = GatedPixelCNN(num_codes, cfg, cond_cfg).to(device)
+    task = PriorTask(prior, cfg.train)
+    evaluator = PriorEvaluator(
+        task, val, autoencoder.decode_indices, run, cfg, code_shape, device, params.seed
+    )
+    started = time.perf_counter()
+    result = fit(
+        task,
+        train,
+        cfg.train,
+        run=run,
+        resume_dir=paths.resume_dir,
+        seed=params.seed,
+        device=device,
+        evaluate=evaluator,
+        config_for_hash={**stage_params(params), "codes": meta["autoencoder_sha256"]},
+        progress=progress,
+    )
+    train_seconds = time.perf_counter() - started
+    final = result.ema if result.ema is not None else prior
+    export_prior(
+        paths.model,
+        final,
+        cfg,
+        cond_cfg,
+        {
+            "autoencoder": meta["autoencoder"],
+            "autoencoder_sha256": meta["autoencoder_sha256"],
+            "num_codes": num_codes,
+            "code_shape": list(code_shape),
+            "n_slices": params.prepare.n_slices,
+            "code_version": code_version(),
+        },
+    )
+    final.eval()
+    report = {
+        "steps": result.step,
+        "train_seconds": train_seconds,
+        "test_bits_per_code": nll_bits_per_code(final, test, device),
+        "val_bits_per_code": result.history.get("val_bits_per_code"),
+        "train_bits_per_code": result.history.get("bits_per_code"),
+        "uniform_bits_per_code": math.log2(num_codes),
+        "sampling": sampling_speed(final, cfg, code_shape, device),  # type: ignore[arg-type]
+    }
+    write_json(paths.report, report)
+    if evaluator.last_grid is not None:
+        save_png(evaluator.last_grid, paths.grid)
+        run.log_image(evaluator.last_grid, f"reports/{paths.grid.name}")
+    run.log_artifact(paths.model, "model")
+    run.log_dict(report, f"reports/{paths.report.name}")
+    run.log_metrics({"test_bits_per_code": report["test_bits_per_code"]}, step=result.step)
+    finish_resume(paths.resume_dir)
+    logger.info(
+        "prior: test %.4f bits/code (uniform %.2f); %d grids sampled in %.1f s",
+        report["test_bits_per_code"],
+        report["uniform_bits_per_code"],
+        report["sampling"]["grids"],
+        report["sampling"]["seconds"],
+    )
+    return report

@@ -1,0 +1,166 @@
+"""Training and use of the z-index probe (the independent judge of z-conditioning)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.config import Params, ZProbeConfig
+from pipeline.data import EvalData, SliceDataset
+from pipeline.io import write_json
+from pipeline.models.zprobe import ZProbe
+from pipeline.tracking import StageRun
+from pipeline.training import Optimization, TrainingTask, finish_resume, fit
+
+
+class ZProbeTask(TrainingTask):
+    """L1 regression of z from the slice.
+
+    Args:
+        cfg: probe architecture and training settings.
+        device: where the probe lives.
+    """
+
+    ema_module = None
+
+    def __init__(self, cfg: ZProbeConfig, device: torch.device) -> None:
+        probe = ZProbe(cfg.channels).to(device)
+        self.modules = {"probe": probe}
+        self.optimizers = {
+            "probe": torch.optim.AdamW(
+                probe.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+            )
+        }
+
+    def train_step(
+        self, batch: dict[str, torch.Tensor], step: int, optim: Optimization
+    ) -> dict[str, float]:
+        pred = self.modules["probe"](batch["image"])
+        loss = F.l1_loss(pred, batch["z"])
+        optim.step("probe", loss)
+        return {"l1_z": loss.item()}
+
+
+@torch.no_grad()
+def predict_z(probe: ZProbe, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Predicted z for a stack of slices.
+
+    Args:
+        probe: trained probe (put in eval mode here).
+        images: (N, 1, H, W) intensities in [0, 1], on any device.
+        batch_size: slices per forward.
+
+    Returns:
+        (N,) predictions in [0, 1], on the CPU.
+    """
+    probe.eval()
+    device = next(probe.parameters()).device
+    out = [
+        probe(images[i : i + batch_size].to(device).float()).cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def mae_in_slices(pred_z: torch.Tensor, z: torch.Tensor, n_slices: int) -> float:
+    """Mean absolute z error in slice units: ``mean |pred - z| * (K - 1)``."""
+    return float((pred_z - z).abs().mean() * (n_slices - 1))
+
+
+def save_probe(path: str | Path, probe: ZProbe, cfg: ZProbeConfig, n_slices: int) -> None:
+    """Write the probe's weights and what is needed to rebuild it."""
+    save_checkpoint(
+        path,
+        {
+            "kind": "zprobe",
+            "modules": {"probe": probe.state_dict()},
+            "config": cfg.model_dump(mode="json"),
+            "metadata": {"n_slices": n_slices},
+        },
+    )
+
+
+def load_probe(path: str | Path, device: torch.device) -> tuple[ZProbe, dict[str, Any]]:
+    """Load a probe written by :func:`save_probe` (``weights_only``); returns (probe, metadata)."""
+    ckpt = load_checkpoint(path, map_location=device)
+    cfg = ZProbeConfig.model_validate(ckpt["config"])
+    probe = ZProbe(cfg.channels).to(device)
+    probe.load_state_dict(ckpt["modules"]["probe"])
+    probe.eval()
+    return probe, ckpt["metadata"]
+
+
+def constant_mae_in_slices(train_z: torch.Tensor, z: torch.Tensor, n_slices: int) -> float:
+    """MAE in slice units of the best constant guess (the training median) — the baseline."""
+    return mae_in_slices(torch.full_like(z, float(train_z.median())), z, n_slices)
+
+
+def train_zprobe(
+    params: Params,
+    *,
+    run: StageRun,
+    device: torch.device,
+    model_path: Path,
+    report_path: Path,
+    resume_dir: Path,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train the probe on the real training slices and measure its floor on the test split.
+
+    Args:
+        params: all parameters (zprobe, data, prepare.n_slices, seed).
+        run: the stage's tracking run.
+        device: training device.
+        model_path: ``models/zprobe.pt``.
+        report_path: ``reports/zprobe.json``: ``test_mae`` (the floor, slice units),
+            ``val_mae`` and ``constant_mae`` (a constant predictor, for comparison).
+        resume_dir: where the loop keeps ``last.pt``.
+        progress: show a progress bar.
+
+    Returns:
+        The report.
+    """
+    cfg, n_slices = params.zprobe, params.prepare.n_slices
+    prepared = Path(params.data.prepared_dir)
+    train = SliceDataset(prepared / "train")
+    val = EvalData.from_dataset(SliceDataset(prepared / "val"))
+    test = EvalData.from_dataset(SliceDataset(prepared / "test"))
+    torch.manual_seed(params.seed)
+    task = ZProbeTask(cfg, device)
+
+    def evaluate(step: int, _ema: torch.nn.Module | None) -> dict[str, float]:
+        return {
+            "val_mae": mae_in_slices(predict_z(task.modules["probe"], val.image), val.z, n_slices)
+        }
+
+    result = fit(
+        task,
+        train,
+        cfg.train,
+        run=run,
+        resume_dir=resume_dir,
+        seed=params.seed,
+        device=device,
+        evaluate=evaluate,
+        config_for_hash={"zprobe": cfg.model_dump(), "n_slices": n_slices},
+        progress=progress,
+    )
+    probe = task.modules["probe"]
+    save_probe(model_path, probe, cfg, n_slices)
+    train_z = torch.as_tensor(np.asarray(train.manifest["z"], dtype=np.float32))
+    report = {
+        "test_mae": mae_in_slices(predict_z(probe, test.image), test.z, n_slices),
+        "val_mae": mae_in_slices(predict_z(probe, val.image), val.z, n_slices),
+        "constant_mae": constant_mae_in_slices(train_z, test.z, n_slices),
+        "n_test": len(test.z),
+    }
+    write_json(report_path, report)
+    run.log_metrics({f"test_{k}": float(v) for k, v in report.items()}, step=result.step)
+    run.log_artifact(model_path, "model")
+    finish_resume(resume_dir)
+    return report

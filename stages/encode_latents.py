@@ -1,0 +1,33 @@
+"""DVC stage ``encode_latents``: encode the prepared slices with the trained first stages.
+
+Usage::
+
+    python -m stages.encode_latents
+
+Reads ``params.yaml`` (autoencoder.kinds, data.prepared_dir, device), ``models/ae_<kind>.pt``
+for every configured kind whose file exists and ``data/prepared/{train,val,test}``; writes
+``data/latents/<kind>/`` (latents, VQ codes for vqvae, manifests, meta.json with the scale
+factor).
+"""
+
+from __future__ import annotations
+
+from pipeline.config import load_params
+from pipeline.latents import encode_all
+from pipeline.stage import main
+from pipeline.tracking import StageRun
+from pipeline.training import resolve_device
+
+
+def run() -> None:
+    """Encode every available autoencoder kind and log the meta files."""
+    params = load_params()
+    device = resolve_device(params.device)
+    stage = {"autoencoder_kinds": list(params.autoencoder.kinds), "data": params.data.model_dump()}
+    with StageRun("encode_latents", stage) as tracking:
+        for kind, meta in encode_all(params, device).items():
+            tracking.log_dict(meta, f"latents/{kind}_meta.json")
+
+
+if __name__ == "__main__":
+    main(run)

@@ -1,0 +1,307 @@
+"""First-stage training task, evaluation callback, resume, export and loading."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.checkpoint import CheckpointError, save_checkpoint
+from pipeline.config import (
+    AutoencoderConfig,
+    ConditioningConfig,
+    DiscriminatorConfig,
+    KLConfig,
+    TrainConfig,
+    VQConfig,
+    params_from_dict,
+)
+from pipeline.first_stage import (
+    AutoencoderTask,
+    EvalData,
+    Evaluator,
+    FirstStagePaths,
+    export_autoencoder,
+    load_autoencoder,
+    reconstruction_report,
+    train_first_stage,
+)
+from pipeline.perceptual import get_lpips
+from pipeline.training import Optimization, fit
+
+COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
+CPU = torch.device("cpu")
+SIZE = 32  # the smallest side LPIPS accepts
+
+
+def _cfg(**train) -> AutoencoderConfig:
+    return AutoencoderConfig(
+        channels=(8, 16, 16),
+        norm_groups=4,
+        vq=VQConfig(num_codes=16, code_dim=4),
+        kl=KLConfig(latent_channels=2, cycles=2, max_weight=1e-3),
+        discriminator=DiscriminatorConfig(
+            channels=8, n_layers=2, norm_groups=4, start_step=4, weight=0.5
+        ),
+        train=TrainConfig(
+            **(
+                {
+                    "steps": 12,
+                    "batch_size": 4,
+                    "lr": 2e-3,
+                    "warmup_steps": 0,
+                    "ckpt_every": 4,
+                    "eval_every": 6,
+                    "log_every": 2,
+                }
+                | train
+            )
+        ),
+    )
+
+
+def _task(kind: str, cfg: AutoencoderConfig | None = None) -> AutoencoderTask:
+    torch.manual_seed(0)
+    return AutoencoderTask(cfg or _cfg(), COND, kind, get_lpips(CPU), CPU)  # type: ignore[arg-type]
+
+
+class _Slices(Dataset):
+    """Blobs whose brightness depends on z, with a mask; items as SliceDataset yields them."""
+
+    def __init__(self, n: int = 16) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.z_index = torch.arange(n) % 4
+        self.z = self.z_index.float() / 3
+        yy, xx = torch.meshgrid(
+            torch.linspace(-1, 1, SIZE), torch.linspace(-1, 1, SIZE), indexing="ij"
+        )
+        radius = 0.5 + 0.3 * torch.rand(n, 1, 1, generator=gen)
+        self.mask = ((xx**2 + yy**2)[None] < radius**2).float()[:, None]
+        texture = 0.2 * torch.rand(n, 1, SIZE, SIZE, generator=gen)
+        self.image = self.mask * (0.5 + 0.3 * self.z[:, None, None, None] + texture)
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {
+            "image": self.image[i],
+            "mask": self.mask[i],
+            "z": self.z[i],
+            "z_index": self.z_index[i],
+        }
+
+
+class _Run:
+    """Records what a StageRun would send to MLflow."""
+
+    run_name = "test"
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+        self.images: dict[str, object] = {}
+        self.artifacts: list[tuple[str, str | None]] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_image(self, image, name: str) -> None:
+        self.images[name] = image
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        self.artifacts.append((str(path), artifact_path))
+
+    def log_dict(self, data, name: str) -> None:
+        self.artifacts.append((name, None))
+
+
+def _fixed_batch() -> dict[str, torch.Tensor]:
+    data = _Slices(4)
+    return {"image": data.image, "z": data.z}
+
+
+@pytest.mark.parametrize("kind", ["vqvae", "vaegan"])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(kind: str) -> None:
+    task = _task(kind)
+    batch = _fixed_batch()
+    logs = [task.train_step(batch, step, Optimization(task.optimizers, 1.0)) for step in range(8)]
+    first, last = logs[0], logs[-1]
+    assert last["rec"] < 0.7 * first["rec"]
+    assert last["perceptual"] < first["perceptual"]
+    expected = {"rec", "perceptual", "adv", "adaptive_weight", "d_loss", "loss"}
+    expected |= {"vq", "perplexity", "codes_used"} if kind == "vqvae" else {"kl", "kl_weight"}
+    assert expected == set(last)
+
+
+def test_discriminator_starts_at_start_step() -> None:
+    task = _task("vaegan")
+    batch = _fixed_batch()
+    disc_before = [p.clone() for p in task.disc.parameters()]
+    logs = [task.train_step(batch, step, Optimization(task.optimizers, 1.0)) for step in range(5)]
+    assert all(lg["d_loss"] == 0 and lg["adaptive_weight"] == 0 for lg in logs[:4])
+    assert logs[4]["d_loss"] > 0 and logs[4]["adaptive_weight"] > 0
+    assert any(
+        not torch.equal(a, b) for a, b in zip(disc_before, task.disc.parameters(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("kind", ["vqvae", "vaegan"])
+def test_resume_after_kill_matches_uninterrupted_run(kind: str, tmp_path) -> None:
+    data, cfg = _Slices(), _cfg(ema_decay=0.9)
+
+    def run(task: AutoencoderTask, folder: str, evaluate=None):
+        return fit(
+            task,
+            data,
+            cfg.train,
+            run=_Run(),
+            resume_dir=tmp_path / folder,
+            seed=0,
+            device=CPU,
+            evaluate=evaluate,
+            config_for_hash={"kind": kind},
+            progress=False,
+        )
+
+    straight = _task(kind, cfg)
+    straight_result = run(straight, "a")
+
+    def die(step: int, ema) -> dict[str, float]:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(_task(kind, cfg), "b", evaluate=die)  # dies at step 6, after the checkpoint at 4
+    resumed = _task(kind, cfg)
+    result = run(resumed, "b")
+    assert result.resumed_from == 4
+    for name in ("model", "disc"):
+        for (key, a), b in zip(
+            straight.modules[name].state_dict().items(),
+            resumed.modules[name].state_dict().values(),
+            strict=True,
+        ):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"{name}.{key}")
+    for a, b in zip(straight_result.ema.parameters(), result.ema.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["vqvae", "vaegan"])
+def test_evaluator_logs_metrics_and_grids(kind: str) -> None:
+    task = _task(kind)
+    run = _Run()
+    logs = Evaluator(task, EvalData.from_dataset(_Slices(8)), run, CPU)(6, None)
+    assert {"val_ssim", "val_ssim_brain", "val_psnr", "val_lpips"} <= set(logs)
+    assert "grids/recon_000006.png" in run.images
+    extra = "codebook/usage_000006.png" if kind == "vqvae" else "samples/random_latents_000006.png"
+    assert extra in run.images
+    if kind == "vqvae":
+        assert 0 < logs["val_codes_used"] <= 1
+
+
+def test_report_has_per_z_and_shuffled_z() -> None:
+    task = _task("vqvae")
+    report = reconstruction_report(task.model.eval(), EvalData.from_dataset(_Slices(8)), CPU)
+    assert {"ssim", "ssim_brain", "psnr", "lpips"} <= set(report)
+    assert set(report["per_z"]) == {0, 1, 2, 3}
+    assert set(report["shuffled_z"]) == {"ssim", "ssim_brain", "psnr", "lpips"}
+
+
+@pytest.mark.parametrize("kind", ["vqvae", "vaegan"])
+def test_export_and_load_round_trip(kind: str, tmp_path, monkeypatch) -> None:
+    cfg = _cfg()
+    task = _task(kind, cfg)
+    task.train_step(_fixed_batch(), 0, Optimization(task.optimizers, 1.0))  # moves the codebook
+    path = tmp_path / f"ae_{kind}.pt"
+    export_autoencoder(path, task.model, cfg, COND, kind, {"image_size": SIZE, "n_slices": 4})
+
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    model, meta = load_autoencoder(path, CPU)
+    assert calls == [True]
+    assert not model.training and model.kind == kind
+    assert meta["data"] == {"image_size": SIZE, "n_slices": 4} and "code_version" in meta
+    assert meta["conditioning"] == COND.model_dump(mode="json")
+    x, z = _fixed_batch().values()
+    task.model.eval()
+    torch.testing.assert_close(model.encode_to_latent(x, z), task.model.encode_to_latent(x, z))
+    torch.testing.assert_close(model(x, z).recon, task.model(x, z).recon)
+
+
+def test_missing_corrupt_or_foreign_files_give_clear_errors(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_autoencoder(tmp_path / "nope.pt")
+    cfg = _cfg()
+    path = tmp_path / "ae.pt"
+    export_autoencoder(path, _task("vaegan", cfg).model, cfg, COND, "vaegan", {})
+    blob = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_autoencoder(tmp_path / "cut.pt")
+    save_checkpoint(tmp_path / "prior.pt", {"kind": "pixelcnn", "modules": {}})
+    with pytest.raises(CheckpointError, match="not an autoencoder"):
+        load_autoencoder(tmp_path / "prior.pt")
+    save_checkpoint(
+        tmp_path / "odd.pt",
+        {
+            "kind": "ae_vqvae",
+            "modules": {"model": {}},
+            "config": cfg.model_dump(mode="json"),
+            "metadata": {"conditioning": COND.model_dump()},
+        },
+    )
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_autoencoder(tmp_path / "odd.pt")
+
+
+def _write_prepared(root, n_per_split: int = 8) -> None:
+    """A prepared-data folder as the prepare stage writes it (float16 slices, uint8 masks)."""
+    data = _Slices(n_per_split)
+    for split in ("train", "val", "test"):
+        folder = root / split
+        folder.mkdir(parents=True)
+        np.save(folder / "slices.npy", data.image.numpy().astype(np.float16))
+        np.save(folder / "masks.npy", data.mask.numpy().astype(np.uint8))
+        pd.DataFrame({"z_index": data.z_index.numpy(), "z": data.z.numpy()}).to_csv(
+            folder / "manifest.csv", index=False
+        )
+
+
+@pytest.mark.parametrize("kind", ["vqvae", "vaegan"])
+def test_train_first_stage_writes_model_report_and_grid(kind: str, tmp_path) -> None:
+    _write_prepared(tmp_path / "prepared")
+    params = params_from_dict(
+        {
+            "device": "cpu",
+            "data": {"prepared_dir": str(tmp_path / "prepared")},
+            "prepare": {"n_slices": 4, "image_size": SIZE},
+            "conditioning": COND.model_dump(),
+            "autoencoder": _cfg(steps=4, ckpt_every=2, eval_every=4).model_dump(),
+        }
+    )
+    paths = FirstStagePaths.for_kind(kind, tmp_path)
+    run = _Run()
+    report = train_first_stage(params, kind, run=run, device=CPU, paths=paths, progress=False)
+
+    assert json.loads(paths.report.read_text())["ssim"] == pytest.approx(report["ssim"])
+    assert set(report["per_z"]) == {0, 1, 2, 3} and "shuffled_z" in report
+    assert paths.grid.is_file() and not (paths.resume_dir / "last.pt").exists()
+    model, meta = load_autoencoder(paths.model)
+    assert model.kind == kind
+    assert meta["data"] == {
+        "image_size": SIZE,
+        "n_slices": 4,
+        "percentiles": [0.5, 99.5],
+        "n_train": 8,
+    }
+    assert (str(paths.model), "model") in run.artifacts
+    assert any("test_ssim" in m for _, m in run.metrics)

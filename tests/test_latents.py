@@ -1,0 +1,169 @@
+"""encode_latents: the latents layout, the scale factor, atomicity and LatentDataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.config import AutoencoderConfig, ConditioningConfig, Params, VQConfig
+from pipeline.first_stage import export_autoencoder
+from pipeline.latents import LatentDataset, encode_all, encode_latents, read_latent_meta
+from pipeline.models.autoencoder import Autoencoder
+
+CPU = torch.device("cpu")
+COND = ConditioningConfig(sinusoidal_dim=8, dim=8)
+AE_CFG = AutoencoderConfig(
+    channels=(8, 8), norm_groups=4, attention=False, vq=VQConfig(num_codes=16, code_dim=3)
+)
+SIZES = {"train": 10, "val": 4, "test": 5}
+
+
+@pytest.fixture
+def prepared(tmp_path: Path) -> Path:
+    """Prepared splits as the prepare stage writes them (16x16 slices, 4 z levels)."""
+    gen = np.random.default_rng(0)
+    for split, n in SIZES.items():
+        folder = tmp_path / "prepared" / split
+        folder.mkdir(parents=True)
+        z_index = np.arange(n) % 4
+        slices = gen.random((n, 1, 16, 16)) * (0.5 + z_index[:, None, None, None] / 8)
+        np.save(folder / "slices.npy", slices.astype(np.float16))
+        np.save(folder / "masks.npy", (slices > 0.2).astype(np.uint8))
+        manifest = {"subject": [f"{split}{i // 4}" for i in range(n)], "z_index": z_index}
+        pd.DataFrame({**manifest, "z": z_index / 3}).to_csv(folder / "manifest.csv", index=False)
+    return tmp_path / "prepared"
+
+
+def _export(path: Path, kind: str, seed: int = 0) -> Autoencoder:
+    torch.manual_seed(seed)
+    model = Autoencoder(AE_CFG, COND, kind).eval()  # type: ignore[arg-type]
+    export_autoencoder(path, model, AE_CFG, COND, kind, {"image_size": 16})  # type: ignore[arg-type]
+    return model
+
+
+def _images(prepared: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.load(prepared / split / "slices.npy").astype(np.float32))
+    z = torch.from_numpy(pd.read_csv(prepared / split / "manifest.csv")["z"].to_numpy(np.float32))
+    return x, z
+
+
+def test_vqvae_codes_latents_manifest_and_meta(tmp_path: Path, prepared: Path) -> None:
+    model = _export(tmp_path / "ae_vqvae.pt", "vqvae")
+    out = tmp_path / "latents" / "vqvae"
+    meta = encode_latents(
+        tmp_path / "ae_vqvae.pt", prepared, out, CPU, batch_size=3, progress=False
+    )
+
+    assert json.loads((out / "meta.json").read_text()) == meta
+    assert meta["source"] == "vqvae" and meta["num_codes"] == 16
+    assert meta["latent_shape"] == [3, 8, 8] and meta["splits"] == SIZES
+    for split, n in SIZES.items():
+        assert sorted(p.name for p in (out / split).iterdir()) == [
+            "codes.npy",
+            "latents.npy",
+            "manifest.csv",
+        ]
+        codes, latents = np.load(out / split / "codes.npy"), np.load(out / split / "latents.npy")
+        assert codes.dtype == np.int16 and codes.shape == (n, 8, 8)
+        assert latents.dtype == np.float32 and latents.shape == (n, 3, 8, 8)
+        x, z = _images(prepared, split)
+        with torch.no_grad():
+            np.testing.assert_array_equal(codes, model.encode_to_indices(x, z).numpy())
+            np.testing.assert_allclose(latents, model.pre_quant(x, z).numpy(), atol=1e-5)
+        pd.testing.assert_frame_equal(
+            pd.read_csv(out / split / "manifest.csv"),
+            pd.read_csv(prepared / split / "manifest.csv"),
+        )
+    train = np.load(out / "train" / "latents.npy")
+    assert meta["scale_factor"] == pytest.approx(1 / train.std(dtype=np.float64))
+
+
+def test_scale_factor_survives_meta_json_into_latent_dataset(
+    tmp_path: Path, prepared: Path
+) -> None:
+    _export(tmp_path / "ae_vqvae.pt", "vqvae")
+    out = tmp_path / "latents" / "vqvae"
+    encode_latents(tmp_path / "ae_vqvae.pt", prepared, out, CPU, progress=False)
+
+    meta = read_latent_meta(out)
+    data = LatentDataset(out / "train", scale_factor=meta["scale_factor"])
+    raw = np.load(out / "train" / "latents.npy")
+    item = data[3]
+    assert set(item) == {"latent", "codes", "z", "z_index"}
+    torch.testing.assert_close(item["latent"], torch.from_numpy(raw[3]) * meta["scale_factor"])
+    assert item["codes"].dtype == torch.int64 and item["codes"].shape == (8, 8)
+    assert item["z"].dtype == torch.float32 and float(item["z"]) == pytest.approx(1.0)
+    assert int(item["z_index"]) == 3
+    scaled = torch.stack([data[i]["latent"] for i in range(len(data))])
+    assert float(scaled.double().std(unbiased=False)) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_vaegan_posterior_mean_without_codes(tmp_path: Path, prepared: Path) -> None:
+    model = _export(tmp_path / "ae_vaegan.pt", "vaegan")
+    out = tmp_path / "latents" / "vaegan"
+    meta = encode_latents(tmp_path / "ae_vaegan.pt", prepared, out, CPU, progress=False)
+
+    assert meta["source"] == "vaegan" and "num_codes" not in meta
+    assert not (out / "train" / "codes.npy").exists()
+    x, z = _images(prepared, "val")
+    with torch.no_grad():
+        mean = model.encode_to_latent(x, z).numpy()
+    np.testing.assert_allclose(np.load(out / "val" / "latents.npy"), mean, atol=1e-5)
+    assert "codes" not in LatentDataset(out / "val")[0]
+
+
+def test_killed_encoding_leaves_no_meta_and_no_temp_files(
+    tmp_path: Path, prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _export(tmp_path / "ae_vqvae.pt", "vqvae")
+    out = tmp_path / "latents" / "vqvae"
+    encode_latents(tmp_path / "ae_vqvae.pt", prepared, out, CPU, progress=False)
+
+    import pipeline.latents as latents
+
+    real = latents.encode_dataset
+
+    def dies_on_test_split(*args, **kwargs):
+        if kwargs["desc"].endswith("/test"):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(latents, "encode_dataset", dies_on_test_split)
+    with pytest.raises(KeyboardInterrupt):
+        encode_latents(tmp_path / "ae_vqvae.pt", prepared, out, CPU, progress=False)
+    assert not (out / "meta.json").exists()
+    with pytest.raises(FileNotFoundError, match="encode_latents"):
+        read_latent_meta(out)
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+def test_changed_autoencoder_makes_latents_stale(tmp_path: Path, prepared: Path) -> None:
+    _export(tmp_path / "ae_vqvae.pt", "vqvae")
+    out = tmp_path / "latents" / "vqvae"
+    encode_latents(tmp_path / "ae_vqvae.pt", prepared, out, CPU, progress=False)
+    _export(tmp_path / "ae_vqvae.pt", "vqvae", seed=1)
+    with pytest.raises(ValueError, match="re-run encode_latents"):
+        read_latent_meta(out)
+
+
+def test_encode_all_uses_only_existing_autoencoders(tmp_path: Path, prepared: Path) -> None:
+    params = Params(data={"prepared_dir": str(prepared)})  # type: ignore[arg-type]
+    models, root = tmp_path / "models", tmp_path / "latents"
+    with pytest.raises(FileNotFoundError, match="train_autoencoder"):
+        encode_all(params, CPU, models_dir=models, latents_root=root, progress=False)
+    _export(models / "ae_vaegan.pt", "vaegan")
+    metas = encode_all(params, CPU, models_dir=models, latents_root=root, progress=False)
+    assert list(metas) == ["vaegan"]
+    assert (root / "vaegan" / "meta.json").is_file() and not (root / "vqvae").exists()
+
+
+def test_missing_inputs_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="prepare stage"):
+        encode_latents(tmp_path / "ae.pt", tmp_path / "nothing", tmp_path / "out", CPU)
+    with pytest.raises(FileNotFoundError, match="encode_latents"):
+        LatentDataset(tmp_path / "nothing")

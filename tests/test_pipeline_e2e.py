@@ -1,0 +1,80 @@
+"""End to end: `dvc repro` in a temporary copy of the project on the `tiny` profile."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = Path(sys.executable).with_name("dvc")
+
+pytestmark = pytest.mark.slow
+
+
+def _project_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [line for line in out.stdout.splitlines() if (ROOT / line).is_file()]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC copy of the project whose params select the `tiny` profile."""
+    dest = tmp_path_factory.mktemp("project")
+    for rel in _project_files():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["profile"] = "tiny"
+    params["device"] = "cpu"
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
+    return dest
+
+
+def _repro(project: Path, *targets: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{DVC.parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(
+        [str(DVC), "repro", *targets],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_dvc_repro_prepare_on_tiny_profile(project: Path) -> None:
+    _repro(project, "prepare")
+    report = json.loads((project / "reports" / "prepare_report.json").read_text())
+    for split in ("train", "val", "test"):
+        assert (project / "data" / "prepared" / split / "slices.npy").is_file()
+        assert (project / "data" / "prepared" / split / "manifest.csv").is_file()
+    assert report["skipped"] == [] or isinstance(report["skipped"], list)
+    assert (project / "mlflow.db").is_file()
+    # a second repro has nothing to do
+    again = _repro(project, "prepare")
+    assert "didn't change" in again.stdout or "up to date" in again.stdout

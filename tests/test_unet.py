@@ -1,0 +1,101 @@
+"""The z-conditioned diffusion UNet (tiny configuration)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import ConditioningConfig, LDMConfig
+from pipeline.models.unet import ZConditionedUNet
+
+COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
+TINY = LDMConfig(
+    channels=(16, 32), attention_levels=(False, True), num_head_channels=8, norm_groups=8
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny nets: one thread is fastest, and avoids spinning against other jobs' cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize_zero_init(module: torch.nn.Module) -> torch.nn.Module:
+    """MONAI zero-initialises residual branches and the output conv (identity at init);
+    give them random weights so that conditioning effects are visible in untrained nets."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return module
+
+
+def _unet() -> ZConditionedUNet:
+    torch.manual_seed(0)
+    unet = ZConditionedUNet(TINY, COND, latent_channels=3).eval()
+    return randomize_zero_init(unet)
+
+
+def _inputs(b: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(b, 3, 8, 8, generator=gen), torch.randint(0, 1000, (b,), generator=gen)
+
+
+def test_output_shape_and_z_changes_output() -> None:
+    unet = _unet()
+    x, t = _inputs()
+    with torch.no_grad():
+        low = unet(x, t, torch.zeros(4))
+        high = unet(x, t, torch.ones(4))
+        half = unet(x, t, torch.full((4,), 0.5))  # fractional z is a valid condition
+    assert low.shape == x.shape
+    assert (low - high).abs().mean() > 1e-3
+    assert (half - low).abs().mean() > 1e-4 and (half - high).abs().mean() > 1e-4
+
+
+def test_drop_mask_replaces_z_by_the_null_condition() -> None:
+    unet = _unet()
+    x, t = _inputs()
+    drop = torch.ones(4, dtype=torch.bool)
+    with torch.no_grad():
+        a = unet(x, t, torch.zeros(4), drop)
+        b = unet(x, t, torch.ones(4), drop)
+        mixed = unet(x, t, torch.zeros(4), torch.tensor([True, False, True, False]))
+        cond = unet(x, t, torch.zeros(4))
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(mixed[0], a[0])
+    torch.testing.assert_close(mixed[1], cond[1])
+
+
+def test_z_enters_time_embedding_and_cross_attention() -> None:
+    unet = _unet()
+    x, t = _inputs()
+    seen: dict[str, torch.Tensor] = {}
+
+    def record_time(module, args, out) -> None:
+        seen["time"] = out
+
+    def record_context(module, args, kwargs, out) -> None:
+        seen["cross"] = kwargs["context"]
+
+    unet.unet.class_embedding.register_forward_hook(record_time)
+    cross = next(m for n, m in unet.unet.named_modules() if n.endswith("attn2"))
+    cross.register_forward_hook(record_context, with_kwargs=True)
+    z = torch.rand(4)
+    with torch.no_grad():
+        unet(x, t, z)
+    time_dim = unet.unet.time_embed[-1].out_features
+    assert seen["time"].shape == (4, time_dim)
+    torch.testing.assert_close(seen["cross"], unet.z_embed(z)[:, None, :])
+    unet.train()
+    unet(x, t, z).square().mean().backward()
+    assert unet.unet.class_embedding[1].weight.grad.abs().sum() > 0
+
+
+def test_invalid_latent_channels() -> None:
+    with pytest.raises(ValueError, match="latent_channels"):
+        ZConditionedUNet(TINY, COND, latent_channels=0)
