@@ -78,3 +78,13 @@ def test_dvc_repro_prepare_on_tiny_profile(project: Path) -> None:
     # a second repro has nothing to do
     again = _repro(project, "prepare")
     assert "didn't change" in again.stdout or "up to date" in again.stdout
+
+
+def test_dvc_repro_whole_pipeline_on_tiny_profile(project: Path) -> None:
+    _repro(project)
+    for model in ("ae_vqvae", "ae_vaegan", "pixelcnn", "ldm", "zprobe"):
+        assert (project / "models" / f"{model}.pt").is_file(), model
+    for report in ("ae_vqvae", "ae_vaegan", "prior", "ldm", "zprobe"):
+        assert json.loads((project / "reports" / f"{report}.json").read_text()), report
+    status = subprocess.run([str(DVC), "status"], cwd=project, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout
