@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# dvc runs each stage's `python` from PATH: put the venv first.
 demo: install
-	$(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: install
 	$(BIN)/pytest -q

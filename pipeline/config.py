@@ -373,6 +373,19 @@ class Params(_Section):
     ldm: LDMConfig = LDMConfig()
     zprobe: ZProbeConfig = ZProbeConfig()
 
+    def tracked(self, *sections: str) -> dict[str, Any]:
+        """The seed and the named sections as JSON-able dicts: what determines a stage's run.
+
+        Logged to MLflow as the run's params and hashed so that a resume file written under
+        other settings is not resumed.
+
+        Args:
+            sections: section names, e.g. ``"conditioning", "prior"``.
+        """
+        return {"seed": self.seed} | {
+            name: getattr(self, name).model_dump(mode="json") for name in sections
+        }
+
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Return ``base`` with ``override`` merged in recursively (mappings merge, rest replaces)."""

@@ -13,23 +13,20 @@
 from __future__ import annotations
 
 import importlib.metadata
-import io
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 from pydantic import ValidationError
 from torch import nn
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.config import AutoencoderConfig, ConditioningConfig, Params
 from pipeline.data import EVAL_BATCH, EvalData, SliceDataset
-from pipeline.images import rows_by_z, save_png
+from pipeline.images import figure_image, rows_by_z, save_png
 from pipeline.io import write_json
 from pipeline.losses import (
     adaptive_weight,
@@ -41,6 +38,7 @@ from pipeline.metrics import reconstruction_metrics
 from pipeline.models.autoencoder import KINDS, Autoencoder, AutoencoderKind
 from pipeline.models.discriminator import ZPatchDiscriminator
 from pipeline.perceptual import get_lpips
+from pipeline.stage import StagePaths
 from pipeline.tracking import StageRun, git_commit
 from pipeline.training import Optimization, TrainingTask, finish_resume, fit
 
@@ -357,14 +355,14 @@ def code_counts(model: Autoencoder, data: EvalData, device: torch.device) -> tor
     return counts
 
 
-def usage_histogram(counts: torch.Tensor) -> Image.Image:
-    """Bar chart of code usage, codes sorted by frequency (matplotlib's Agg canvas, no pyplot).
+def usage_histogram(counts: torch.Tensor) -> np.ndarray:
+    """Bar chart of code usage, codes sorted by frequency.
 
     Args:
         counts: (K,) usage counts.
 
     Returns:
-        An RGB image.
+        (H, W, 3) uint8 image.
     """
     fig = Figure(figsize=(6, 3), dpi=100)
     ax = fig.subplots()
@@ -377,10 +375,7 @@ def usage_histogram(counts: torch.Tensor) -> Image.Image:
         title=f"codebook usage: {used}/{len(values)} codes used",
     )
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+    return figure_image(fig)
 
 
 class Evaluator:
@@ -518,10 +513,8 @@ def stage_params(params: Params, kind: AutoencoderKind) -> dict[str, Any]:
         JSON-able dict: kind, seed, conditioning, autoencoder and the data shape settings.
     """
     return {
+        **params.tracked("conditioning", "autoencoder"),
         "kind": kind,
-        "seed": params.seed,
-        "conditioning": params.conditioning.model_dump(mode="json"),
-        "autoencoder": params.autoencoder.model_dump(mode="json"),
         "prepare": {
             "image_size": params.prepare.image_size,
             "n_slices": params.prepare.n_slices,
@@ -530,50 +523,13 @@ def stage_params(params: Params, kind: AutoencoderKind) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class FirstStagePaths:
-    """Outputs of one ``train_autoencoder`` run.
-
-    Attributes:
-        model: final model file, ``models/ae_<kind>.pt``.
-        report: test-split metrics, ``reports/ae_<kind>.json``.
-        grid: test reconstruction grid, ``reports/ae_<kind>_recon.png``.
-        resume_dir: folder of the resume checkpoint, ``checkpoints/ae_<kind>``.
-    """
-
-    model: Path
-    report: Path
-    grid: Path
-    resume_dir: Path
-
-    @classmethod
-    def for_kind(cls, kind: AutoencoderKind, root: str | Path = ".") -> FirstStagePaths:
-        """The standard layout under ``root``.
-
-        Args:
-            kind: ``vqvae`` or ``vaegan``.
-            root: project root.
-
-        Returns:
-            ``models/ae_<kind>.pt``, ``reports/ae_<kind>.json``, ``reports/ae_<kind>_recon.png``
-            and ``checkpoints/ae_<kind>``.
-        """
-        root = Path(root)
-        return cls(
-            model=root / "models" / f"ae_{kind}.pt",
-            report=root / "reports" / f"ae_{kind}.json",
-            grid=root / "reports" / f"ae_{kind}_recon.png",
-            resume_dir=root / "checkpoints" / f"ae_{kind}",
-        )
-
-
 def train_first_stage(
     params: Params,
     kind: AutoencoderKind,
     *,
     run: StageRun,
     device: torch.device,
-    paths: FirstStagePaths,
+    paths: StagePaths,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train one autoencoder kind, export it and evaluate it on the test split.

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image
 from torchvision.utils import make_grid
 
@@ -47,7 +49,15 @@ def rows_by_z(rows: list[torch.Tensor], z: torch.Tensor) -> np.ndarray:
     return grid(stacked.flatten(0, 1), ncol=len(rows))
 
 
+def figure_image(fig: Figure) -> np.ndarray:
+    """Render a matplotlib figure (Agg canvas, no pyplot state) to a (H, W, 3) uint8 array."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Save a (H, W) array in [0, 1] as an 8-bit PNG, atomically."""
-    pil = Image.fromarray(to_uint8_image(image))
+    """Save a (H, W) or (H, W, 3) array (values in [0, 1], or uint8) as a PNG, atomically."""
+    arr = np.asarray(image)
+    pil = Image.fromarray(arr if arr.dtype == np.uint8 else to_uint8_image(arr))
     return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))

@@ -41,6 +41,7 @@ from pipeline.io import write_json
 from pipeline.latents import LatentDataset, read_latent_meta
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.sampling import decode_latents, load_generator, sample
+from pipeline.stage import StagePaths
 from pipeline.tracking import StageRun, to_uint8_image
 from pipeline.training import Optimization, TrainingTask, finish_resume, fit
 
@@ -293,46 +294,6 @@ def export_ldm(
     )
 
 
-def stage_params(params: Params) -> dict[str, Any]:
-    """Everything that determines a ``train_ldm`` run (tracked and hashed for resume)."""
-    return {
-        "seed": params.seed,
-        "conditioning": params.conditioning.model_dump(mode="json"),
-        "ldm": params.ldm.model_dump(mode="json"),
-    }
-
-
-@dataclass(frozen=True)
-class LDMPaths:
-    """Inputs and outputs of ``train_ldm``.
-
-    Attributes:
-        latents: ``data/latents/<latent_source>`` (meta.json and the split folders).
-        model: ``models/ldm.pt``.
-        report: ``reports/ldm.json``.
-        grid: ``reports/ldm_samples.png``, the final sample grid (rows = z levels).
-        resume_dir: ``checkpoints/ldm``.
-    """
-
-    latents: Path
-    model: Path
-    report: Path
-    grid: Path
-    resume_dir: Path
-
-    @classmethod
-    def standard(cls, latent_source: str, root: str | Path = ".") -> LDMPaths:
-        """The standard layout under ``root``."""
-        root = Path(root)
-        return cls(
-            latents=root / "data" / "latents" / latent_source,
-            model=root / "models" / "ldm.pt",
-            report=root / "reports" / "ldm.json",
-            grid=root / "reports" / "ldm_samples.png",
-            resume_dir=root / "checkpoints" / "ldm",
-        )
-
-
 def sampling_speed(model_path: Path, device: torch.device, seed: int) -> dict[str, float]:
     """Slices per second of :func:`pipeline.sampling.sample` (decoding included)."""
     generator = load_generator(model_path, device)
@@ -355,7 +316,7 @@ def train_ldm(
     *,
     run: StageRun,
     device: torch.device,
-    paths: LDMPaths,
+    paths: StagePaths,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the latent diffusion model, export it and measure its sampling speed.
@@ -406,7 +367,7 @@ def train_ldm(
         seed=params.seed,
         device=device,
         evaluate=evaluator,
-        config_for_hash=stage_params(params),
+        config_for_hash=params.tracked("conditioning", "ldm"),
         progress=progress,
     )
     if evaluator.last_grid is None:  # resumed after the last step: nothing was evaluated

@@ -34,6 +34,7 @@ from pipeline.images import grid, save_png
 from pipeline.io import write_json
 from pipeline.latents import SPLITS, LatentDataset, read_latent_meta
 from pipeline.models.pixelcnn import GatedPixelCNN
+from pipeline.stage import StagePaths
 from pipeline.tracking import StageRun
 from pipeline.training import Optimization, TrainingTask, finish_resume, fit
 
@@ -253,52 +254,12 @@ def sampling_speed(
     return {"grids": len(z), "seconds": seconds, "grids_per_s": len(z) / seconds}
 
 
-def stage_params(params: Params) -> dict[str, Any]:
-    """Everything that determines a ``train_prior`` run (tracked and hashed for resume)."""
-    return {
-        "seed": params.seed,
-        "conditioning": params.conditioning.model_dump(mode="json"),
-        "prior": params.prior.model_dump(mode="json"),
-    }
-
-
-@dataclass(frozen=True)
-class PriorPaths:
-    """Inputs and outputs of ``train_prior``.
-
-    Attributes:
-        latents: ``data/latents/vqvae`` (meta.json and the split folders with codes.npy).
-        model: ``models/pixelcnn.pt``.
-        report: ``reports/prior.json``.
-        grid: ``reports/prior_samples.png``, the final sample grid (rows = z levels).
-        resume_dir: ``checkpoints/prior``.
-    """
-
-    latents: Path
-    model: Path
-    report: Path
-    grid: Path
-    resume_dir: Path
-
-    @classmethod
-    def standard(cls, root: str | Path = ".") -> PriorPaths:
-        """The standard layout under ``root``."""
-        root = Path(root)
-        return cls(
-            latents=root / "data" / "latents" / "vqvae",
-            model=root / "models" / "pixelcnn.pt",
-            report=root / "reports" / "prior.json",
-            grid=root / "reports" / "prior_samples.png",
-            resume_dir=root / "checkpoints" / "prior",
-        )
-
-
 def train_prior(
     params: Params,
     *,
     run: StageRun,
     device: torch.device,
-    paths: PriorPaths,
+    paths: StagePaths,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the prior on the VQ-VAE's code grids, export it and report its test NLL.
@@ -347,7 +308,10 @@ def train_prior(
         seed=params.seed,
         device=device,
         evaluate=evaluator,
-        config_for_hash={**stage_params(params), "codes": meta["autoencoder_sha256"]},
+        config_for_hash={
+            **params.tracked("conditioning", "prior"),
+            "codes": meta["autoencoder_sha256"],
+        },
         progress=progress,
     )
     train_seconds = time.perf_counter() - started

@@ -1,10 +1,13 @@
-"""What every ``stages/*.py`` entry point shares: logging set-up and one-line user errors."""
+"""What every ``stages/*.py`` entry point shares: logging set-up, one-line user errors and
+the standard file layout of a training stage."""
 
 from __future__ import annotations
 
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
@@ -29,3 +32,44 @@ def main(fn: Callable[[], None]) -> None:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """The files one training stage reads and writes.
+
+    Attributes:
+        model: final model file, ``models/<model>.pt``.
+        report: test-split figures, ``reports/<report>.json`` (a DVC metric).
+        grid: the final image grid, ``reports/<grid>`` (a DVC plot).
+        resume_dir: folder of the resume checkpoint, ``checkpoints/<report>``.
+        latents: the latents the stage trains on, ``data/latents/<source>`` (second stage).
+    """
+
+    model: Path
+    report: Path
+    grid: Path
+    resume_dir: Path
+    latents: Path = Path("data/latents")
+
+    @classmethod
+    def standard(
+        cls, model: str, report: str, grid: str, latents: str = "", root: str | Path = "."
+    ) -> StagePaths:
+        """The standard layout under ``root``.
+
+        Args:
+            model: model file stem (``ae_vqvae``, ``pixelcnn``, ``ldm``).
+            report: report stem, also the resume folder name (``ae_vqvae``, ``prior``, ``ldm``).
+            grid: grid file name (``ae_vqvae_recon.png``, ``prior_samples.png``).
+            latents: latent source folder under ``data/latents`` (second stage only).
+            root: project root.
+        """
+        root = Path(root)
+        return cls(
+            model=root / "models" / f"{model}.pt",
+            report=root / "reports" / f"{report}.json",
+            grid=root / "reports" / grid,
+            resume_dir=root / "checkpoints" / report,
+            latents=root / "data" / "latents" / latents,
+        )

@@ -8,12 +8,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import Params, ZProbeConfig
 from pipeline.data import EvalData, SliceDataset
+from pipeline.images import figure_image, save_png
 from pipeline.io import write_json
 from pipeline.models.zprobe import ZProbe
+from pipeline.stage import StagePaths
 from pipeline.tracking import StageRun
 from pipeline.training import Optimization, TrainingTask, finish_resume, fit
 
@@ -105,9 +108,7 @@ def train_zprobe(
     *,
     run: StageRun,
     device: torch.device,
-    model_path: Path,
-    report_path: Path,
-    resume_dir: Path,
+    paths: StagePaths,
     progress: bool = True,
 ) -> dict[str, float]:
     """Train the probe on the real training slices and measure its floor on the test split.
@@ -116,10 +117,9 @@ def train_zprobe(
         params: all parameters (zprobe, data, prepare.n_slices, seed).
         run: the stage's tracking run.
         device: training device.
-        model_path: ``models/zprobe.pt``.
-        report_path: ``reports/zprobe.json``: ``test_mae`` (the floor, slice units),
-            ``val_mae`` and ``constant_mae`` (a constant predictor, for comparison).
-        resume_dir: where the loop keeps ``last.pt``.
+        paths: ``models/zprobe.pt``; ``reports/zprobe.json`` with ``test_mae`` (the floor,
+            slice units), ``val_mae`` and ``constant_mae`` (a constant predictor, for
+            comparison); the grid is a scatter of predicted against true slice index.
         progress: show a progress bar.
 
     Returns:
@@ -143,7 +143,7 @@ def train_zprobe(
         train,
         cfg.train,
         run=run,
-        resume_dir=resume_dir,
+        resume_dir=paths.resume_dir,
         seed=params.seed,
         device=device,
         evaluate=evaluate,
@@ -151,16 +151,41 @@ def train_zprobe(
         progress=progress,
     )
     probe = task.modules["probe"]
-    save_probe(model_path, probe, cfg, n_slices)
+    save_probe(paths.model, probe, cfg, n_slices)
     train_z = torch.as_tensor(np.asarray(train.manifest["z"], dtype=np.float32))
+    test_pred = predict_z(probe, test.image)
     report = {
-        "test_mae": mae_in_slices(predict_z(probe, test.image), test.z, n_slices),
+        "test_mae": mae_in_slices(test_pred, test.z, n_slices),
         "val_mae": mae_in_slices(predict_z(probe, val.image), val.z, n_slices),
         "constant_mae": constant_mae_in_slices(train_z, test.z, n_slices),
         "n_test": len(test.z),
     }
-    write_json(report_path, report)
+    write_json(paths.report, report)
+    scatter = prediction_scatter(test_pred, test.z, n_slices)
+    save_png(scatter, paths.grid)
+    run.log_image(scatter, f"reports/{paths.grid.name}")
     run.log_metrics({f"test_{k}": float(v) for k, v in report.items()}, step=result.step)
-    run.log_artifact(model_path, "model")
-    finish_resume(resume_dir)
+    run.log_artifact(paths.model, "model")
+    finish_resume(paths.resume_dir)
     return report
+
+
+def prediction_scatter(pred_z: torch.Tensor, z: torch.Tensor, n_slices: int) -> np.ndarray:
+    """Predicted against true slice index (the diagonal is perfect), as an RGB image.
+
+    Args:
+        pred_z: (N,) predicted z in [0, 1].
+        z: (N,) true z in [0, 1].
+        n_slices: K; indices are ``z * (K - 1)``.
+
+    Returns:
+        (H, W, 3) uint8 image.
+    """
+    scale = n_slices - 1
+    fig = Figure(figsize=(4, 4), dpi=100)
+    ax = fig.subplots()
+    ax.scatter(z.numpy() * scale, pred_z.numpy() * scale, s=6, alpha=0.5)
+    ax.plot([0, scale], [0, scale], color="grey", linewidth=1)
+    ax.set(xlabel="true slice index", ylabel="predicted slice index", title="z-probe, test split")
+    fig.tight_layout()
+    return figure_image(fig)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 
 from pipeline.config import load_params
-from pipeline.first_stage import FirstStagePaths, stage_params, train_first_stage
+from pipeline.first_stage import stage_params, train_first_stage
 from pipeline.models.autoencoder import KINDS
-from pipeline.stage import main
+from pipeline.stage import StagePaths, main
 from pipeline.tracking import StageRun
 from pipeline.training import resolve_device
 
@@ -30,7 +30,11 @@ def run() -> None:
     device = resolve_device(params.device)
     with StageRun("train_autoencoder", stage_params(params, kind), run_name=f"ae_{kind}") as run:
         train_first_stage(
-            params, kind, run=run, device=device, paths=FirstStagePaths.for_kind(kind)
+            params,
+            kind,
+            run=run,
+            device=device,
+            paths=StagePaths.standard(f"ae_{kind}", f"ae_{kind}", f"ae_{kind}_recon.png"),
         )
 
 

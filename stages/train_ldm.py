@@ -13,8 +13,8 @@ Reads ``params.yaml`` (ldm, conditioning, prepare.n_slices, seed, device),
 from __future__ import annotations
 
 from pipeline.config import load_params
-from pipeline.ldm_task import LDMPaths, stage_params, train_ldm
-from pipeline.stage import main
+from pipeline.ldm_task import train_ldm
+from pipeline.stage import StagePaths, main
 from pipeline.tracking import StageRun
 from pipeline.training import resolve_device
 
@@ -23,8 +23,9 @@ def run() -> None:
     """Train, export and time the latent diffusion model."""
     params = load_params()
     device = resolve_device(params.device)
-    paths = LDMPaths.standard(params.ldm.latent_source)
-    with StageRun("train_ldm", stage_params(params), run_name="ldm") as tracking:
+    paths = StagePaths.standard("ldm", "ldm", "ldm_samples.png", params.ldm.latent_source)
+    tracked = params.tracked("conditioning", "ldm")
+    with StageRun("train_ldm", tracked, run_name="ldm") as tracking:
         train_ldm(params, run=tracking, device=device, paths=paths)
 
 

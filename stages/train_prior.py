@@ -12,8 +12,8 @@ autoencoder named in its meta.json; writes ``models/pixelcnn.pt``, ``reports/pri
 from __future__ import annotations
 
 from pipeline.config import load_params
-from pipeline.prior_task import PriorPaths, stage_params, train_prior
-from pipeline.stage import main
+from pipeline.prior_task import train_prior
+from pipeline.stage import StagePaths, main
 from pipeline.tracking import StageRun
 from pipeline.training import resolve_device
 
@@ -22,8 +22,10 @@ def run() -> None:
     """Train, export and evaluate the prior."""
     params = load_params()
     device = resolve_device(params.device)
-    with StageRun("train_prior", stage_params(params), run_name="prior") as tracking:
-        train_prior(params, run=tracking, device=device, paths=PriorPaths.standard())
+    paths = StagePaths.standard("pixelcnn", "prior", "prior_samples.png", latents="vqvae")
+    tracked = params.tracked("conditioning", "prior")
+    with StageRun("train_prior", tracked, run_name="prior") as tracking:
+        train_prior(params, run=tracking, device=device, paths=paths)
 
 
 if __name__ == "__main__":

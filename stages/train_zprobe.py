@@ -5,16 +5,14 @@ Usage::
     python -m stages.train_zprobe
 
 Reads ``params.yaml`` (zprobe, prepare.n_slices, seed, device) and ``data/prepared``; writes
-``models/zprobe.pt`` and ``reports/zprobe.json`` (test MAE in slice units: the floor that
-generated slices are compared with).
+``models/zprobe.pt``, ``reports/zprobe.json`` (test MAE in slice units: the floor that
+generated slices are compared with) and ``reports/zprobe_scatter.png``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.config import load_params
-from pipeline.stage import main
+from pipeline.stage import StagePaths, main
 from pipeline.tracking import StageRun
 from pipeline.training import resolve_device
 from pipeline.zprobe import train_zprobe
@@ -24,16 +22,9 @@ def run() -> None:
     """Train the probe and report its floor."""
     params = load_params()
     device = resolve_device(params.device)
-    stage = {"zprobe": params.zprobe.model_dump(mode="json"), "seed": params.seed}
-    with StageRun("train_zprobe", stage, run_name="zprobe") as tracking:
-        train_zprobe(
-            params,
-            run=tracking,
-            device=device,
-            model_path=Path("models/zprobe.pt"),
-            report_path=Path("reports/zprobe.json"),
-            resume_dir=Path("checkpoints/zprobe"),
-        )
+    paths = StagePaths.standard("zprobe", "zprobe", "zprobe_scatter.png")
+    with StageRun("train_zprobe", params.tracked("zprobe"), run_name="zprobe") as tracking:
+        train_zprobe(params, run=tracking, device=device, paths=paths)
 
 
 if __name__ == "__main__":

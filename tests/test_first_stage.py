@@ -24,13 +24,13 @@ from pipeline.first_stage import (
     AutoencoderTask,
     EvalData,
     Evaluator,
-    FirstStagePaths,
     export_autoencoder,
     load_autoencoder,
     reconstruction_report,
     train_first_stage,
 )
 from pipeline.perceptual import get_lpips
+from pipeline.stage import StagePaths
 from pipeline.training import Optimization, fit
 
 COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
@@ -288,7 +288,7 @@ def test_train_first_stage_writes_model_report_and_grid(kind: str, tmp_path) -> 
             "autoencoder": _cfg(steps=4, ckpt_every=2, eval_every=4).model_dump(),
         }
     )
-    paths = FirstStagePaths.for_kind(kind, tmp_path)
+    paths = StagePaths.standard(f"ae_{kind}", f"ae_{kind}", f"ae_{kind}_recon.png", root=tmp_path)
     run = _Run()
     report = train_first_stage(params, kind, run=run, device=CPU, paths=paths, progress=False)
 

@@ -28,12 +28,12 @@ from pipeline.prior_task import (
     GRID_LEVELS,
     CodeSet,
     PriorEvaluator,
-    PriorPaths,
     PriorTask,
     nll_bits_per_code,
     train_prior,
 )
 from pipeline.sampling import file_sha256, load_generator, sample
+from pipeline.stage import StagePaths
 from pipeline.training import fit
 
 CPU = torch.device("cpu")
@@ -207,7 +207,7 @@ def _latents_dir(tmp_path: Path) -> Path:
 
 def test_stage_trains_exports_and_the_model_file_samples(tmp_path: Path) -> None:
     latents = _latents_dir(tmp_path)
-    paths = PriorPaths(
+    paths = StagePaths(
         latents=latents,
         model=tmp_path / "models" / "pixelcnn.pt",
         report=tmp_path / "reports" / "prior.json",

@@ -23,12 +23,13 @@ from pipeline.config import (
     VQConfig,
 )
 from pipeline.first_stage import export_autoencoder
-from pipeline.ldm_task import LDMPaths, export_ldm, train_ldm
+from pipeline.ldm_task import export_ldm, train_ldm
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.prior_task import export_prior
 from pipeline.sampling import StaleModelError, file_sha256, load_generator, sample
+from pipeline.stage import StagePaths
 
 COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
 AE = AutoencoderConfig(
@@ -187,7 +188,7 @@ def _latents(root: Path, ae: Path, scale: float) -> None:
 
 def test_train_ldm_writes_model_report_and_grid(tmp_path) -> None:
     ae = _autoencoder(tmp_path / "models" / "ae_vaegan.pt", "vaegan")
-    paths = LDMPaths.standard("vaegan", tmp_path)
+    paths = StagePaths.standard("ldm", "ldm", "ldm_samples.png", "vaegan", tmp_path)
     _latents(paths.latents, ae, scale=0.5)
     params = Params(conditioning=COND, ldm=LDM, prepare=PrepareConfig(n_slices=4))
     run = _Run()
@@ -205,7 +206,7 @@ def test_train_ldm_rerun_after_kill_before_export_still_writes_everything(
     import pipeline.ldm_task as ldm_task
 
     ae = _autoencoder(tmp_path / "models" / "ae_vaegan.pt", "vaegan")
-    paths = LDMPaths.standard("vaegan", tmp_path)
+    paths = StagePaths.standard("ldm", "ldm", "ldm_samples.png", "vaegan", tmp_path)
     _latents(paths.latents, ae, scale=0.5)
     params = Params(conditioning=COND, ldm=LDM, prepare=PrepareConfig(n_slices=4))
 
