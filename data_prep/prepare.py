@@ -8,7 +8,10 @@ Outputs, under ``prepared_dir``::
 
 and under ``report_dir``: ``prepare_report.json`` (counts, subjects and skipped files) and
 ``prepare_preview.png`` (train split, rows subjects, columns z). Every file is written to a
-temporary name and renamed; each split's manifest is written after its arrays.
+temporary name and renamed. The manifests are the commit marker: all old manifests are
+removed before the first array is written and the new ones are written after every split's
+arrays, so a killed run leaves each split either without a manifest (refused by
+:class:`~pipeline.data.SliceDataset`) or complete, and never mixes two runs.
 
 Bad input never raises: each bad file becomes one ``{"file", "reason"}`` entry of the
 report. :class:`~data_prep.errors.PrepareError` is raised only when nothing usable is left
@@ -70,6 +73,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "mask_source",
     *DEMOGRAPHICS,
 )
+MANIFEST_NAME = "manifest.csv"
 REPORT_NAME = "prepare_report.json"
 PREVIEW_NAME = "prepare_preview.png"
 
@@ -277,6 +281,8 @@ def prepare_dataset(
     counts: dict[str, dict[str, int]] = {}
     subjects: dict[str, list[str]] = {}
     written: dict[str, tuple[np.ndarray, pd.DataFrame]] = {}
+    for split in SPLITS:  # from here on no split of the previous run is trusted
+        (prepared_dir / split / MANIFEST_NAME).unlink(missing_ok=True)
     for split in SPLITS:
         members = sorted(
             (r for r in results if splits[(r.subject, r.session)] == split),
@@ -290,6 +296,11 @@ def prepare_dataset(
             "subjects": len(subjects[split]),
         }
         logger.info("%s: %d slices from %d volumes", split, counts[split]["slices"], len(members))
+    for split in SPLITS:  # last: each manifest vouches for the arrays beside it
+        manifest = written[split][1]
+        atomic_write(
+            prepared_dir / split / MANIFEST_NAME, lambda tmp, m=manifest: m.to_csv(tmp, index=False)
+        )
 
     preview = preview_grid(*written["train"])
     preview_path = atomic_write(
@@ -364,7 +375,7 @@ def _assign_splits(
 def _write_split(
     folder: Path, members: list[CaseResult], split: str, image_size: int
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """Write one split's arrays, then its manifest. Returns (images (N, 1, S, S), manifest)."""
+    """Write one split's arrays; return (images (N, 1, S, S), manifest) (written later)."""
     shape = (0, 1, image_size, image_size)
     images = (
         np.concatenate([r.slices.images for r in members])[:, None]  # type: ignore[union-attr]
@@ -400,5 +411,4 @@ def _write_split(
     manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
     atomic_write(folder / "slices.npy", lambda tmp: np.save(tmp, images))
     atomic_write(folder / "masks.npy", lambda tmp: np.save(tmp, masks))
-    atomic_write(folder / "manifest.csv", lambda tmp: manifest.to_csv(tmp, index=False))
     return images, manifest

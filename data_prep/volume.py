@@ -17,6 +17,7 @@ the brain mask (clipped), slices are zero-padded to square and resized to
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 #: Largest volume accepted (voxels); bigger header dims are treated as a corrupt header.
 MAX_VOXELS = 512**3
+#: Largest ratio of the in-plane voxel sizes (x, y); slices are resampled to square pixels,
+#: so a corrupt header claiming e.g. 0.001 x 1 mm voxels would ask for a huge image.
+MAX_ANISOTROPY = 20.0
 #: Foreground threshold, as a fraction of the robust intensity range above the minimum.
 FOREGROUND_FRACTION = 0.05
 #: Axial slices whose mask area is below this fraction of the largest one are left out of the
@@ -75,7 +79,7 @@ class SliceSet:
     z_mm: np.ndarray
 
 
-def load_volume(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Volume:
+def load_volume(path: str | Path, *, max_voxels: int | None = None) -> Volume:
     """Read a NIfTI or Analyze volume and reorient it to RAS.
 
     A singleton 4th axis (as in OASIS-1's ``176x208x176x1`` files) is dropped. The
@@ -83,21 +87,22 @@ def load_volume(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Volume:
 
     Args:
         path: ``.nii``, ``.nii.gz``, ``.hdr`` or ``.img`` file.
-        max_voxels: larger header dims are rejected as implausible.
+        max_voxels: larger header dims are rejected as implausible (default
+            :data:`MAX_VOXELS`), before any voxel is read.
 
     Returns:
         The volume.
 
     Raises:
         BadInputError: unreadable, truncated, header-only, 2D, true 4D, implausibly large,
-            all-zero or all-NaN volume; the reason names the problem.
+            invalid voxel sizes, all-zero or all-NaN volume; the reason names the problem.
     """
     try:
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises many types for corrupt input
         raise BadInputError(f"unreadable ({describe(err)})") from None
     shape = tuple(int(s) for s in img.shape)
-    _check_shape(shape, max_voxels)
+    _check_shape(shape, MAX_VOXELS if max_voxels is None else max_voxels)
     _check_file_size(img)
     try:
         if len(shape) > 3:
@@ -106,6 +111,7 @@ def load_volume(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Volume:
         data = np.asarray(canonical.get_fdata(dtype=np.float32))
     except Exception as err:  # truncated gzip streams, bad affines, ...
         raise BadInputError(f"corrupt or truncated data ({describe(err)})") from None
+    _check_zooms(canonical.affine)
     finite = np.isfinite(data)
     n_bad = int(data.size - np.count_nonzero(finite))
     if n_bad == data.size:
@@ -123,13 +129,25 @@ def _check_shape(shape: tuple[int, ...], max_voxels: int) -> None:
         raise BadInputError(f"invalid dims {dims} in the header")
     if len(shape) < 3 or min(shape[:3]) == 1:
         raise BadInputError(f"2D image ({dims}); a 3D volume is needed")
-    extra = int(np.prod(shape[3:], dtype=np.int64))
+    extra = math.prod(shape[3:])  # Python ints: no overflow for hostile dims
     if extra > 1:
         raise BadInputError(f"true 4D volume ({dims}, {extra} volumes); pass one 3D volume")
-    n_voxels = int(np.prod(shape[:3], dtype=np.int64))
+    n_voxels = math.prod(shape[:3])
     if n_voxels > max_voxels:
         raise BadInputError(
             f"header dims {dims} imply {n_voxels} voxels (> {max_voxels}); corrupt header?"
+        )
+
+
+def _check_zooms(affine: np.ndarray) -> None:
+    """Voxel sizes must be finite and positive, with an in-plane ratio below MAX_ANISOTROPY."""
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    shown = "x".join(f"{z:.3g}" for z in zooms)
+    if not (np.all(np.isfinite(zooms)) and zooms.min() > 0):
+        raise BadInputError(f"invalid voxel sizes {shown} mm in the header")
+    if zooms[:2].max() / zooms[:2].min() > MAX_ANISOTROPY:
+        raise BadInputError(
+            f"voxel sizes {shown} mm: in-plane ratio above {MAX_ANISOTROPY:g}; corrupt header?"
         )
 
 

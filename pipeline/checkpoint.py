@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -41,18 +41,43 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    writer = None
     try:
         with tmp.open("wb") as fh:
-            torch.save({"version": CHECKPOINT_VERSION, **payload}, fh)
+            writer = _Writer(fh)
+            torch.save({"version": CHECKPOINT_VERSION, **payload}, writer)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
         tmp.unlink(missing_ok=True)
+        cause = writer.error if writer is not None and writer.error is not None else err
         raise CheckpointError(
-            f"could not write checkpoint {path}: {err}; the previous checkpoint is intact "
+            f"could not write checkpoint {path}: {cause}; the previous checkpoint is intact "
             f"(free disk space in {path.parent} and re-run the stage)"
         ) from None
+
+
+class _Writer:
+    """A binary file for ``torch.save`` that remembers the first failed write.
+
+    torch reports a failed write (e.g. ENOSPC, EFBIG) only as a file-position mismatch; the
+    remembered ``OSError`` names the real cause.
+    """
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -138,6 +138,8 @@ class TrainConfig(_Section):
         num_workers: DataLoader worker processes.
         max_bad_steps: consecutive non-finite steps tolerated before restoring the last
             checkpoint with a lower learning rate.
+        compile: run the training forward passes through ``torch.compile`` (worth it on
+            CUDA for long runs; the first steps pay the compilation).
     """
 
     steps: int = Field(1000, ge=1)
@@ -153,6 +155,7 @@ class TrainConfig(_Section):
     log_every: int = Field(20, ge=1)
     num_workers: int = Field(0, ge=0)
     max_bad_steps: int = Field(5, ge=1)
+    compile: bool = False
 
 
 class VQConfig(_Section):
@@ -358,6 +361,52 @@ class ZProbeConfig(_Section):
     train: TrainConfig = TrainConfig(steps=800, batch_size=64, lr=1e-3, eval_every=400)
 
 
+class EvaluateConfig(_Section):
+    """The ``evaluate`` stage: figures of every trained model on the test split.
+
+    Generators are sampled with their own default settings, as many slices per z level as
+    the test split holds, and compared with the real test slices of the same levels.
+
+    Attributes:
+        blur_sigma: Gaussian sigma in pixels of the ``blurred_real`` reference set.
+        knn_k: neighbour rank of the improved precision/recall manifolds.
+        kid_subsets: KID subsets averaged.
+        kid_subset_size: slices per KID subset (capped at the set sizes).
+        ms_ssim_pairs: at most this many sample pairs enter the MS-SSIM diversity.
+        intensity_threshold: foreground threshold of the per-z intensity histograms.
+    """
+
+    blur_sigma: float = Field(1.5, gt=0)
+    knn_k: int = Field(3, ge=1)
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    ms_ssim_pairs: int = Field(1000, ge=1)
+    intensity_threshold: float = Field(0.05, ge=0, lt=1)
+
+
+class GenerateConfig(_Section):
+    """The ``generate`` stage's default request (``braingen generate`` takes the same options).
+
+    The seed is this section's own, so a different synthetic set does not retrain anything.
+
+    Attributes:
+        model: which generator samples (``models/<model>.pt``).
+        z: ``--z`` request: slice indices (``17``), inclusive ranges (``0:31``) or fractions
+            (``0.25``), comma-separated; ``null`` = every level.
+        per_z: slices per level.
+        seed: sampling seed (>= 0).
+        format: ``png`` (16-bit), ``nifti`` or ``both``.
+        out_dir: output folder (``manifest.csv`` + one file per slice).
+    """
+
+    model: Literal["ldm", "pixelcnn"] = "ldm"
+    z: str | None = None
+    per_z: int = Field(4, ge=1)
+    seed: int = Field(0, ge=0)
+    format: Literal["png", "nifti", "both"] = "png"
+    out_dir: str = "synthetic"
+
+
 class Params(_Section):
     """Everything in ``params.yaml`` after the active profile is applied."""
 
@@ -372,6 +421,8 @@ class Params(_Section):
     prior: PriorConfig = PriorConfig()
     ldm: LDMConfig = LDMConfig()
     zprobe: ZProbeConfig = ZProbeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    generate: GenerateConfig = GenerateConfig()
 
     def tracked(self, *sections: str) -> dict[str, Any]:
         """The seed and the named sections as JSON-able dicts: what determines a stage's run.

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from pydantic import ValidationError
 from torch import nn
 
+from pipeline import distributed
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.config import AutoencoderConfig, ConditioningConfig, Params
 from pipeline.data import EVAL_BATCH, EvalData, SliceDataset
@@ -162,7 +163,7 @@ class AutoencoderTask(TrainingTask):
         """
         cfg = self.cfg
         x, z = batch["image"], batch["z"]
-        out = self.model(x, z)
+        out = self.net("model")(x, z)
         rec = (out.recon - x).abs().mean()
         perc = (
             self.perceptual(out.recon, x).mean()
@@ -206,8 +207,9 @@ class AutoencoderTask(TrainingTask):
         d_loss = torch.zeros(())
         if adv_on:
             self.disc.requires_grad_(True)
+            disc = self.net("disc")
             d_loss = discriminator_loss(
-                self.disc(x, z), self.disc(out.recon.detach(), z), cfg.discriminator.loss
+                disc(x, z), disc(out.recon.detach(), z), cfg.discriminator.loss
             )
             optim.step("disc", d_loss)
         logs.update(
@@ -565,6 +567,8 @@ def train_first_stage(
         config_for_hash=stage_params(params, kind),
         progress=progress,
     )
+    if not distributed.is_main():  # under torchrun rank 0 alone exports and reports
+        return {}
     data_meta = {
         "image_size": int(test.image.shape[-1]),
         "n_slices": params.prepare.n_slices,

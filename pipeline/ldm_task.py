@@ -4,7 +4,8 @@
   target); the loop keeps an EMA of the UNet, which is what gets sampled and exported.
 - :class:`Evaluator`: the ``evaluate`` callback: validation loss, a sample grid with one row
   per z level decoded through the first stage, the nearest-training-latent z error of those
-  samples, and at the last step the DDIM trajectory as a GIF and a strip image.
+  samples, and at the last step the DDIM trajectory as a GIF and a strip image (logged to
+  MLflow and saved beside the sample grid as ``reports/ldm_trajectory.{gif,png}``).
 - :func:`export_ldm`: the final model file ``models/ldm.pt`` (read by
   :func:`pipeline.sampling.load_generator`).
 - :func:`train_ldm`: the whole stage.
@@ -27,6 +28,7 @@ from monai.networks.schedulers import Scheduler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline import distributed
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ConditioningConfig, LDMConfig, Params
 from pipeline.diffusion import (
@@ -37,7 +39,7 @@ from pipeline.diffusion import (
     scheduler_config,
 )
 from pipeline.images import grid, rows_by_z, save_png
-from pipeline.io import write_json
+from pipeline.io import atomic_write, write_json
 from pipeline.latents import LatentDataset, read_latent_meta
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.sampling import decode_latents, load_generator, sample
@@ -56,6 +58,8 @@ TRAJECTORY_LEVELS = (0.2, 0.4, 0.6, 0.8)
 STRIP_COLUMNS = 8
 #: Slices generated (per 8 levels) when measuring the sampling speed.
 SPEED_PER_LEVEL = 4
+#: File names of the final trajectory, written beside the sample grid.
+TRAJECTORY_PNG, TRAJECTORY_GIF = "ldm_trajectory.png", "ldm_trajectory.gif"
 
 Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -89,7 +93,7 @@ class LDMTask(TrainingTask):
         noise = torch.randn_like(latent)
         t = torch.randint(0, self.scheduler.num_train_timesteps, (n,), device=latent.device)
         drop = torch.rand(n, device=latent.device) < self.cond_dropout
-        loss = diffusion_loss(self.unet, self.scheduler, latent, z, noise, t, drop)
+        loss = diffusion_loss(self.net("unet"), self.scheduler, latent, z, noise, t, drop)
         optim.step("unet", loss)
         return {"loss": loss.item()}
 
@@ -175,6 +179,12 @@ def trajectory_images(
     return frames, strip
 
 
+def save_gif(frames: list[np.ndarray], path: str | Path) -> Path:
+    """Save (H', W') frames in [0, 1] as a looping GIF (120 ms per frame), atomically."""
+    images = [to_uint8_image(f) for f in frames]
+    return atomic_write(path, lambda tmp: iio.imwrite(tmp, images, duration=120, loop=0))
+
+
 class Evaluator:
     """``evaluate(step, ema)`` callback of :func:`~pipeline.training.fit` for :class:`LDMTask`.
 
@@ -213,6 +223,8 @@ class Evaluator:
         self.device, self.seed = device, seed
         self.sampler = build_scheduler(scheduler_config(config), "ddim")
         self.last_grid: np.ndarray | None = None
+        #: (GIF frames, strip) of the final step's sampling run, set by the last evaluation.
+        self.trajectory: tuple[list[np.ndarray], np.ndarray] | None = None
 
     def _sample(self, unet: nn.Module, z: torch.Tensor, trajectory: bool = False) -> Any:
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
@@ -255,10 +267,9 @@ class Evaluator:
         z = torch.tensor(TRAJECTORY_LEVELS)
         _, trajectory = self._sample(unet, z, trajectory=True)
         frames, strip = trajectory_images(trajectory, z.to(self.device), self.decode)
+        self.trajectory = (frames, strip)
         with tempfile.TemporaryDirectory() as tmp:
-            gif = Path(tmp) / "ldm_trajectory.gif"
-            iio.imwrite(gif, [to_uint8_image(f) for f in frames], duration=120, loop=0)
-            self.run.log_artifact(gif, "samples")
+            self.run.log_artifact(save_gif(frames, Path(tmp) / TRAJECTORY_GIF), "samples")
         self.run.log_image(strip, "samples/ldm_trajectory_strip.png")
 
 
@@ -370,6 +381,8 @@ def train_ldm(
         config_for_hash=params.tracked("conditioning", "ldm"),
         progress=progress,
     )
+    if not distributed.is_main():  # under torchrun rank 0 alone exports and reports
+        return {}
     if evaluator.last_grid is None:  # resumed after the last step: nothing was evaluated
         result.history.update(evaluator(result.step, result.ema))
     export_ldm(
@@ -398,6 +411,9 @@ def train_ldm(
     write_json(paths.report, report)
     save_png(evaluator.last_grid, paths.grid)
     run.log_image(evaluator.last_grid, f"reports/{paths.grid.name}")
+    if evaluator.trajectory is not None:
+        save_gif(evaluator.trajectory[0], paths.grid.with_name(TRAJECTORY_GIF))
+        save_png(evaluator.trajectory[1], paths.grid.with_name(TRAJECTORY_PNG))
     run.log_artifact(paths.model, "model")
     run.log_dict(report, f"reports/{paths.report.name}")
     run.log_metrics({"sampling_slices_per_s": report["sampling"]["slices_per_s"]}, result.step)

@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from pipeline import distributed
+
 AdversarialLoss = Literal["hinge", "lsq"]
 
 
@@ -122,7 +124,8 @@ def adaptive_weight(
     """VQGAN adaptive weight ||grad rec|| / (||grad adv|| + 1e-4) at the decoder's last layer.
 
     Both gradients are taken with ``retain_graph=True`` so the caller can still backpropagate
-    the total loss.
+    the total loss. Under torchrun they are averaged over the ranks first, so the weight is
+    the global batch's (and the same on every rank).
 
     Args:
         rec_loss: scalar reconstruction loss (L1 + perceptual) of the generator.
@@ -135,5 +138,7 @@ def adaptive_weight(
     """
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     adv_grad = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
+    rec_grad = distributed.sum_(rec_grad.contiguous()) / distributed.world_size()
+    adv_grad = distributed.sum_(adv_grad.contiguous()) / distributed.world_size()
     ratio = rec_grad.norm() / (adv_grad.norm() + 1e-4)
     return ratio.clamp(0.0, max_weight).detach()

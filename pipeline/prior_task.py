@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from pipeline import distributed
 from pipeline.autoregressive import sample_codes
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ConditioningConfig, Params, PriorConfig, TrainConfig
@@ -83,7 +84,7 @@ class PriorTask(TrainingTask):
         self, batch: dict[str, torch.Tensor], step: int, optim: Optimization
     ) -> dict[str, float]:
         """One step on a batch with ``codes`` (B, h, w) int64 and ``z`` (B,)."""
-        loss = code_nll(self.modules["prior"], batch["codes"], batch["z"])
+        loss = code_nll(self.net("prior"), batch["codes"], batch["z"])
         optim.step("prior", loss)
         return {"loss": loss.item(), "bits_per_code": loss.item() / math.log(2)}
 
@@ -314,6 +315,8 @@ def train_prior(
         },
         progress=progress,
     )
+    if not distributed.is_main():  # under torchrun rank 0 alone exports and reports
+        return {}
     train_seconds = time.perf_counter() - started
     final = result.ema if result.ema is not None else prior
     export_prior(

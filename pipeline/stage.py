@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
+from pipeline.training import TrainingDivergedError
 
 logger = logging.getLogger("braingen")
 
@@ -21,6 +22,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError,
     FileNotFoundError,
     ValueError,
+    TrainingDivergedError,
 )
 
 

@@ -4,12 +4,22 @@ A stage builds a :class:`TrainingTask` (its modules, optimizers and ``train_step
 dataset and a :class:`~pipeline.tracking.StageRun`, then calls :func:`fit`. The loop reads
 top to bottom: learning rate → batch → ``train_step`` (forward/backward/step through
 :class:`Optimization`) → non-finite guard → EMA → log → evaluate → checkpoint.
+Under torchrun the same loop runs on every rank (:mod:`pipeline.distributed`): each rank
+trains on its slice of the global batch through DDP wrappers (:meth:`TrainingTask.net`), and
+rank 0 alone evaluates, logs, writes checkpoints and shows progress.
 
 Resume: a checkpoint ``<resume_dir>/last.pt`` holds the modules, optimizers, EMA, step,
-RNG state and a hash of the stage's config. A killed stage that is re-run with the same
-config continues from it; the batch order is a pure function of (seed, step), so the
-resumed run sees the same batches an uninterrupted run would. After the final checkpoint is
-written, the resume file is removed so that a later re-run starts afresh.
+RNG state, the last logged values and a hash of the stage's config. A killed stage that is
+re-run with the same config continues from it; the batch order is a pure function of
+(seed, step), so the resumed run sees the same batches an uninterrupted run would. After the
+final checkpoint is written, the resume file is removed so that a later re-run starts afresh.
+
+Numerical faults: a step whose batch, loss or gradient holds NaN/inf is skipped and counted
+(logged as ``skipped_steps``); a non-finite batch never reaches the model, so buffers updated
+in the forward pass (VQ codebook, norm statistics) stay clean. ``max_bad_steps`` skipped steps
+in a row restore ``last.pt`` with half the learning rate (no checkpoint is written during such
+a streak); with nothing to restore, or after three restores, :class:`TrainingDivergedError`
+stops the stage with one line.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from pipeline import distributed
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.tracking import StageRun, params_hash
@@ -102,7 +113,8 @@ class Optimization:
         opt = self.optimizers[name]
         params = [p for group in opt.param_groups for p in group["params"]]
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss.detach()).all():
+        # Under DDP backward is collective: every rank skips, or none does.
+        if not distributed.all_true(torch.isfinite(loss.detach()).all()):
             self.skipped.append(name)
             return False
         loss.backward()
@@ -137,6 +149,16 @@ class TrainingTask(ABC):
         self, batch: dict[str, torch.Tensor], step: int, optim: Optimization
     ) -> dict[str, float]:
         """Run one optimisation step on ``batch`` and return scalar losses to log."""
+
+    def net(self, name: str) -> nn.Module:
+        """The module ``train_step`` calls for ``modules[name]``.
+
+        Inside :func:`fit` this is the module's training wrapper (DDP under torchrun, compiled
+        when ``TrainConfig.compile`` is set), elsewhere the module itself. Modules called only
+        without gradients (e.g. a frozen discriminator scoring the generator) can stay direct.
+        """
+        nets: dict[str, nn.Module] = getattr(self, "_nets", {})
+        return nets[name] if name in nets else self.modules[name]
 
     def train(self, mode: bool = True) -> None:
         """Put every module in train (or eval) mode."""
@@ -196,10 +218,14 @@ def batch_indices(n_items: int, batch_size: int, seed: int, start_step: int) -> 
 def _batches(
     dataset: Dataset, cfg: TrainConfig, seed: int, start_step: int, device: torch.device
 ) -> Iterator[dict[str, Any]]:
-    """Batches for steps ``start_step, ...``; a private generator keeps the global RNG untouched."""
+    """Batches for steps ``start_step, ...``; a private generator keeps the global RNG untouched.
+
+    Under torchrun each rank loads its own slice of the step's global batch.
+    """
+    global_batches = batch_indices(len(dataset), cfg.batch_size, seed, start_step)
     loader = DataLoader(
         dataset,
-        batch_sampler=batch_indices(len(dataset), cfg.batch_size, seed, start_step),  # type: ignore[arg-type]
+        batch_sampler=(distributed.shard(b) for b in global_batches),  # type: ignore[arg-type]
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),
@@ -208,9 +234,36 @@ def _batches(
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
-    }
+    """Move tensors to ``device``; on CUDA 4-D float batches become channels_last."""
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v) and device.type == "cuda" and v.ndim == 4 and v.is_floating_point():
+            v = v.to(device, non_blocking=True, memory_format=torch.channels_last)
+        elif torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+        out[k] = v
+    return out
+
+
+def _training_nets(
+    task: TrainingTask, cfg: TrainConfig, device: torch.device
+) -> dict[str, nn.Module]:
+    """What ``train_step`` calls through :meth:`TrainingTask.net` during :func:`fit`.
+
+    Every module with trainable parameters gets a DDP wrapper under torchrun
+    (:func:`pipeline.distributed.wrap`) and is compiled when ``cfg.compile`` is set. On CUDA,
+    convolutional modules are switched to channels_last first (faster bf16 convolutions);
+    the parameters stay the same objects, so optimizers and checkpoints are unaffected.
+    """
+    nets: dict[str, nn.Module] = {}
+    for name, module in task.modules.items():
+        if not any(p.requires_grad for p in module.parameters()):
+            continue
+        if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in module.modules()):
+            module.to(memory_format=torch.channels_last)
+        net = distributed.wrap(module, device)
+        nets[name] = torch.compile(net) if cfg.compile else net
+    return nets
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -241,23 +294,32 @@ class _Checkpointer:
     ) -> None:
         self.task, self.ema, self.path, self.config_hash = task, ema, path, config_hash
 
-    def save(self, step: int, lr_scale: float) -> None:
-        save_checkpoint(
-            self.path,
-            {
-                "kind": "resume",
-                "step": step,
-                "config_hash": self.config_hash,
-                "lr_scale": lr_scale,
-                "modules": {k: m.state_dict() for k, m in self.task.modules.items()},
-                "optimizers": {k: o.state_dict() for k, o in self.task.optimizers.items()},
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "rng": _rng_state(),
-            },
-        )
+    def save(self, step: int, lr_scale: float, history: Mapping[str, float]) -> None:
+        """Write the resume file; under torchrun every rank calls this and rank 0 writes.
 
-    def restore(self, device: torch.device) -> tuple[int, float] | None:
-        """Load the resume file if it belongs to this config; return (step, lr_scale)."""
+        Each rank's RNG state goes in (``rng_by_rank``), so every rank resumes its own stream.
+        """
+        rng_by_rank = distributed.gather_objects(_rng_state())
+        if distributed.is_main():
+            save_checkpoint(
+                self.path,
+                {
+                    "kind": "resume",
+                    "step": step,
+                    "config_hash": self.config_hash,
+                    "lr_scale": lr_scale,
+                    "history": {k: float(v) for k, v in history.items()},  # plain floats
+                    "modules": {k: m.state_dict() for k, m in self.task.modules.items()},
+                    "optimizers": {k: o.state_dict() for k, o in self.task.optimizers.items()},
+                    "ema": self.ema.state_dict() if self.ema is not None else None,
+                    "rng": rng_by_rank[0],
+                    **({"rng_by_rank": rng_by_rank} if len(rng_by_rank) > 1 else {}),
+                },
+            )
+        distributed.barrier()
+
+    def restore(self, device: torch.device) -> tuple[int, float, dict[str, float]] | None:
+        """Load the resume file if it belongs to this config; return (step, lr_scale, history)."""
         if not self.path.is_file():
             return None
         try:
@@ -276,8 +338,10 @@ class _Checkpointer:
             opt.load_state_dict(ckpt["optimizers"][name])
         if self.ema is not None and ckpt["ema"] is not None:
             self.ema.load_state_dict(ckpt["ema"])
-        _set_rng_state(ckpt["rng"])
-        return int(ckpt["step"]), float(ckpt["lr_scale"])
+        states = ckpt.get("rng_by_rank") or [ckpt["rng"]]
+        if distributed.rank() < len(states):  # else keep this rank's fresh seed
+            _set_rng_state(states[distributed.rank()])
+        return int(ckpt["step"]), float(ckpt["lr_scale"]), dict(ckpt.get("history", {}))
 
 
 def fit(
@@ -312,7 +376,8 @@ def fit(
         A :class:`FitResult` (the EMA module, when enabled, holds the weights to export).
 
     Raises:
-        TrainingDivergedError: non-finite steps persisted after three restores.
+        TrainingDivergedError: ``cfg.max_bad_steps`` non-finite steps in a row (NaN/inf
+            batch, loss or gradient) with no checkpoint to restore, or after three restores.
     """
     resume_path = Path(resume_dir) / "last.pt"
     ema = None
@@ -322,18 +387,24 @@ def fit(
         )
     ckpt = _Checkpointer(task, ema, resume_path, params_hash(dict(config_for_hash or {})))
 
-    seed_everything(seed)
-    start, lr_scale = ckpt.restore(device) or (0, 1.0)
+    seed_everything(seed + distributed.rank())  # ranks draw different noise
+    start, lr_scale, history = ckpt.restore(device) or (0, 1.0, {})
     if start:
         logger.info("resuming from step %d (%s)", start, resume_path)
-    result = FitResult(step=start, resumed_from=start, ema=ema.module if ema else None)
+    result = FitResult(
+        step=start, resumed_from=start, ema=ema.module if ema else None, history=history
+    )
     for opt in task.optimizers.values():
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])
 
     batches = _batches(dataset, cfg, seed, start, device)
+    task._nets = _training_nets(task, cfg, device)  # type: ignore[attr-defined]
+    if not distributed.is_main():
+        evaluate = None  # rank 0 evaluates; the others wait at the barrier below
     bad_in_row = 0
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=run.run_name)
+    show = progress and distributed.is_main()
+    bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=run.run_name)
     step = start
     task.train()
     while step < cfg.steps:
@@ -344,23 +415,27 @@ def fit(
 
         batch = _to_device(next(batches), device)
         optim = Optimization(task.optimizers, cfg.grad_clip)
-        with _autocast(device):
-            losses = task.train_step(batch, step, optim)
+        if distributed.all_true(_finite_batch(batch)):
+            with _autocast(device):
+                losses = task.train_step(batch, step, optim)
+        else:  # never forwarded: it would poison buffers (VQ codebook, norm statistics)
+            optim.skipped.append("batch")
+            losses = {}
 
         if optim.skipped:
             result.skipped_steps += 1
             bad_in_row += 1
-            logger.warning(
-                "step %d: non-finite loss or gradient in %s; step skipped", step, optim.skipped
-            )
+            logger.warning("step %d: non-finite values in %s; step skipped", step, optim.skipped)
             if bad_in_row >= cfg.max_bad_steps:
-                if result.restores >= 3 or not resume_path.is_file():
+                restored = ckpt.restore(device) if result.restores < 3 else None
+                if restored is None:
                     raise TrainingDivergedError(
                         f"{run.run_name}: {bad_in_row} non-finite steps in a row at step {step}"
-                        f" and no usable checkpoint left; lower the learning rate ({cfg.lr})"
+                        f" (last in {'/'.join(optim.skipped)}) and no usable checkpoint left;"
+                        f" lower the learning rate ({cfg.lr}) or check the data"
                     )
                 result.restores += 1
-                step, lr_scale = ckpt.restore(device) or (0, 1.0)
+                step, lr_scale, result.history = restored
                 lr_scale *= 0.5
                 logger.warning("restored step %d, learning rate scaled by %.3g", step, lr_scale)
                 batches = _batches(dataset, cfg, seed, step, device)
@@ -375,23 +450,54 @@ def fit(
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
+            losses = distributed.mean_over_ranks(losses)  # the global batch's means
             logged = {**losses, "lr": cfg.lr * lr_now, "skipped_steps": result.skipped_steps}
             logged.update({f"grad_norm_{k}": v for k, v in optim.grad_norms.items()})
             run.log_metrics(logged, step=step)
             result.history.update(logged)
             bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]})
-        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            task.train(False)
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                metrics = evaluate(step, ema.module if ema else None)
-            task.train()
-            run.log_metrics(dict(metrics), step=step)
-            result.history.update(metrics)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            ckpt.save(step, lr_scale)
+        evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+        if evaluate is not None and evaluating:
+            _evaluate(task, evaluate, step, ema, device, run, result)
+        if evaluating:
+            distributed.barrier()
+        if (step % cfg.ckpt_every == 0 or step == cfg.steps) and not bad_in_row:
+            ckpt.save(step, lr_scale, result.history)  # never a state mid-way through a streak
+    if start >= cfg.steps:  # killed after the last checkpoint: the caller needs the metrics
+        if evaluate is not None:
+            _evaluate(task, evaluate, step, ema, device, run, result)
+        distributed.barrier()
     bar.close()
+    task._nets = {}  # type: ignore[attr-defined]
     result.step = step
     return result
+
+
+def _finite_batch(batch: Mapping[str, Any]) -> bool:
+    """True if every floating-point tensor of the batch is finite."""
+    return all(
+        bool(torch.isfinite(v).all())
+        for v in batch.values()
+        if torch.is_tensor(v) and v.is_floating_point()
+    )
+
+
+def _evaluate(
+    task: TrainingTask,
+    evaluate: Callable[[int, nn.Module | None], Mapping[str, float]],
+    step: int,
+    ema: AveragedModel | None,
+    device: torch.device,
+    run: StageRun,
+    result: FitResult,
+) -> None:
+    """Call ``evaluate`` in eval mode with the RNG forked; log and keep its metrics."""
+    task.train(False)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        metrics = evaluate(step, ema.module if ema else None)
+    task.train()
+    run.log_metrics(dict(metrics), step=step)
+    result.history.update(metrics)
 
 
 def finish_resume(resume_dir: str | Path) -> None:

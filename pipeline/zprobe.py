@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from pipeline import distributed
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import Params, ZProbeConfig
 from pipeline.data import EvalData, SliceDataset
@@ -43,7 +44,7 @@ class ZProbeTask(TrainingTask):
     def train_step(
         self, batch: dict[str, torch.Tensor], step: int, optim: Optimization
     ) -> dict[str, float]:
-        pred = self.modules["probe"](batch["image"])
+        pred = self.net("probe")(batch["image"])
         loss = F.l1_loss(pred, batch["z"])
         optim.step("probe", loss)
         return {"l1_z": loss.item()}
@@ -150,6 +151,8 @@ def train_zprobe(
         config_for_hash={"zprobe": cfg.model_dump(), "n_slices": n_slices},
         progress=progress,
     )
+    if not distributed.is_main():  # under torchrun rank 0 alone exports and reports
+        return {}
     probe = task.modules["probe"]
     save_probe(paths.model, probe, cfg, n_slices)
     train_z = torch.as_tensor(np.asarray(train.manifest["z"], dtype=np.float32))

@@ -3,6 +3,8 @@
 Usage::
 
     python -m stages.train_ldm
+    torchrun --standalone --nproc_per_node N -m stages.train_ldm
+    BRAINGEN_NPROC=N python -m stages.train_ldm   # the same, via torchrun
 
 Reads ``params.yaml`` (ldm, conditioning, prepare.n_slices, seed, device),
 ``data/latents/<ldm.latent_source>`` and the autoencoder named in its meta.json; writes
@@ -12,20 +14,23 @@ Reads ``params.yaml`` (ldm, conditioning, prepare.n_slices, seed, device),
 
 from __future__ import annotations
 
+from pipeline import distributed
 from pipeline.config import load_params
 from pipeline.ldm_task import train_ldm
 from pipeline.stage import StagePaths, main
 from pipeline.tracking import StageRun
-from pipeline.training import resolve_device
 
 
 def run() -> None:
     """Train, export and time the latent diffusion model."""
+    distributed.relaunch_with_torchrun("stages.train_ldm", [])
     params = load_params()
-    device = resolve_device(params.device)
     paths = StagePaths.standard("ldm", "ldm", "ldm_samples.png", params.ldm.latent_source)
     tracked = params.tracked("conditioning", "ldm")
-    with StageRun("train_ldm", tracked, run_name="ldm") as tracking:
+    with (
+        distributed.session(params.device) as device,
+        StageRun("train_ldm", tracked, run_name="ldm", enabled=distributed.is_main()) as tracking,
+    ):
         train_ldm(params, run=tracking, device=device, paths=paths)
 
 

@@ -3,6 +3,8 @@
 Usage::
 
     python -m stages.train_prior
+    torchrun --standalone --nproc_per_node N -m stages.train_prior
+    BRAINGEN_NPROC=N python -m stages.train_prior   # the same, via torchrun
 
 Reads ``params.yaml`` (prior, conditioning, seed, device), ``data/latents/vqvae`` and the
 autoencoder named in its meta.json; writes ``models/pixelcnn.pt``, ``reports/prior.json``
@@ -11,20 +13,25 @@ autoencoder named in its meta.json; writes ``models/pixelcnn.pt``, ``reports/pri
 
 from __future__ import annotations
 
+from pipeline import distributed
 from pipeline.config import load_params
 from pipeline.prior_task import train_prior
 from pipeline.stage import StagePaths, main
 from pipeline.tracking import StageRun
-from pipeline.training import resolve_device
 
 
 def run() -> None:
     """Train, export and evaluate the prior."""
+    distributed.relaunch_with_torchrun("stages.train_prior", [])
     params = load_params()
-    device = resolve_device(params.device)
     paths = StagePaths.standard("pixelcnn", "prior", "prior_samples.png", latents="vqvae")
     tracked = params.tracked("conditioning", "prior")
-    with StageRun("train_prior", tracked, run_name="prior") as tracking:
+    with (
+        distributed.session(params.device) as device,
+        StageRun(
+            "train_prior", tracked, run_name="prior", enabled=distributed.is_main()
+        ) as tracking,
+    ):
         train_prior(params, run=tracking, device=device, paths=paths)
 
 

@@ -3,6 +3,8 @@
 Usage::
 
     python -m stages.train_zprobe
+    torchrun --standalone --nproc_per_node N -m stages.train_zprobe
+    BRAINGEN_NPROC=N python -m stages.train_zprobe   # the same, via torchrun
 
 Reads ``params.yaml`` (zprobe, prepare.n_slices, seed, device) and ``data/prepared``; writes
 ``models/zprobe.pt``, ``reports/zprobe.json`` (test MAE in slice units: the floor that
@@ -11,19 +13,25 @@ generated slices are compared with) and ``reports/zprobe_scatter.png``.
 
 from __future__ import annotations
 
+from pipeline import distributed
 from pipeline.config import load_params
 from pipeline.stage import StagePaths, main
 from pipeline.tracking import StageRun
-from pipeline.training import resolve_device
 from pipeline.zprobe import train_zprobe
 
 
 def run() -> None:
     """Train the probe and report its floor."""
+    distributed.relaunch_with_torchrun("stages.train_zprobe", [])
     params = load_params()
-    device = resolve_device(params.device)
     paths = StagePaths.standard("zprobe", "zprobe", "zprobe_scatter.png")
-    with StageRun("train_zprobe", params.tracked("zprobe"), run_name="zprobe") as tracking:
+    tracked = params.tracked("zprobe")
+    with (
+        distributed.session(params.device) as device,
+        StageRun(
+            "train_zprobe", tracked, run_name="zprobe", enabled=distributed.is_main()
+        ) as tracking,
+    ):
         train_zprobe(params, run=tracking, device=device, paths=paths)
 
 

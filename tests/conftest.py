@@ -85,3 +85,68 @@ def write_nifti() -> Callable[..., None]:
 def write_png_release() -> Callable[..., None]:
     """``write_png_release(root, {split: {case: K}}, size=32)``: the 2D PNG release layout."""
     return _write_png_release
+
+
+def _tiny_generator_files(root: Path) -> dict[str, Path]:
+    """Untrained but complete model files: tiny autoencoders, ``ldm.pt`` and ``pixelcnn.pt``.
+
+    32x32 slices, K = 4 levels (``n_slices`` in the metadata), latents (3, 8, 8).
+    """
+    import torch
+
+    from pipeline.config import (
+        AutoencoderConfig,
+        ConditioningConfig,
+        KLConfig,
+        LDMConfig,
+        PriorConfig,
+        VQConfig,
+    )
+    from pipeline.first_stage import export_autoencoder
+    from pipeline.ldm_task import export_ldm
+    from pipeline.models.autoencoder import Autoencoder
+    from pipeline.models.pixelcnn import GatedPixelCNN
+    from pipeline.models.unet import ZConditionedUNet
+    from pipeline.prior_task import export_prior
+    from pipeline.sampling import file_sha256
+
+    cond = ConditioningConfig(sinusoidal_dim=16, dim=16)
+    ae_cfg = AutoencoderConfig(
+        channels=(8, 16, 16),
+        norm_groups=4,
+        vq=VQConfig(num_codes=16, code_dim=3),
+        kl=KLConfig(latent_channels=3),
+    )
+    ldm_cfg = LDMConfig(
+        channels=(16, 32),
+        attention_levels=(False, True),
+        num_head_channels=8,
+        norm_groups=8,
+        sample_steps=2,
+    )
+    prior_cfg = PriorConfig(channels=8, n_layers=2, kernel_size=3)
+    data = {"image_size": 32, "n_slices": 4}
+    ae = {}
+    for kind in ("vqvae", "vaegan"):
+        torch.manual_seed(0)
+        ae[kind] = root / f"ae_{kind}.pt"
+        export_autoencoder(ae[kind], Autoencoder(ae_cfg, cond, kind), ae_cfg, cond, kind, data)
+    torch.manual_seed(0)
+    unet = ZConditionedUNet(ldm_cfg, cond, 3)
+    meta = {"autoencoder": str(ae["vaegan"]), "autoencoder_sha256": file_sha256(ae["vaegan"])}
+    ldm_meta = {**meta, "scale_factor": 0.5, "latent_shape": [3, 8, 8], "n_slices": 4}
+    export_ldm(root / "ldm.pt", unet, ldm_cfg, cond, ldm_meta)
+    meta = {"autoencoder": str(ae["vqvae"]), "autoencoder_sha256": file_sha256(ae["vqvae"])}
+    prior_meta = {**meta, "num_codes": 16, "code_shape": [8, 8], "n_slices": 4}
+    prior = GatedPixelCNN(16, prior_cfg, cond)
+    export_prior(root / "pixelcnn.pt", prior, prior_cfg, cond, prior_meta)
+    return {"ldm": root / "ldm.pt", "pixelcnn": root / "pixelcnn.pt", **ae}
+
+
+@pytest.fixture(scope="session")
+def tiny_generators(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``{"ldm", "pixelcnn", "vqvae", "vaegan"}`` → untrained tiny model files (read-only).
+
+    32x32 slices, K = 4 slice levels; the LDM samples with 2 DDIM steps by default.
+    """
+    return _tiny_generator_files(tmp_path_factory.mktemp("tiny_models"))

@@ -86,5 +86,17 @@ def test_dvc_repro_whole_pipeline_on_tiny_profile(project: Path) -> None:
         assert (project / "models" / f"{model}.pt").is_file(), model
     for report in ("ae_vqvae", "ae_vaegan", "prior", "ldm", "zprobe"):
         assert json.loads((project / "reports" / f"{report}.json").read_text()), report
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert set(metrics) == {"real", "blurred_real", "ldm", "pixelcnn", "ae_vqvae", "ae_vaegan"}
+    generator = {"fd_alex", "kid", "kid_std", "ms_ssim", "precision", "recall", "zprobe_mae"}
+    for name in ("blurred_real", "ldm", "pixelcnn"):
+        assert generator <= set(metrics[name]), name
+        assert metrics[name]["n_samples"] == metrics["real"]["n_samples"], name
+    for name in ("ae_vqvae", "ae_vaegan"):
+        assert {"ssim", "ssim_brain", "psnr", "lpips", "checkpoint_sha256"} <= set(metrics[name])
+    assert metrics["real"]["zprobe_mae"] >= 0
+    page = (project / "reports" / "index.html").read_text()
+    assert "not produced" not in page
+    assert page.count('src="data:image/') >= 15  # 10 figures + curves of 5 training runs
     status = subprocess.run([str(DVC), "status"], cwd=project, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout

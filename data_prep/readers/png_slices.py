@@ -14,6 +14,7 @@ threshold mask for all its slices.
 
 from __future__ import annotations
 
+import io
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.errors import describe
+from data_prep.errors import BadInputError, describe
 from data_prep.readers.base import FileIndex, PngCase, PngSlice, Scan, Skip, rel_str
 
 NAME = "png"
@@ -30,6 +31,9 @@ DIR_RE = re.compile(r"^keras_png_slices_(?P<seg>seg_)?(?P<split>train|validate|t
 IMAGE_RE = re.compile(r"^case_(?P<case>\d+)_slice_(?P<z>\d+)\.nii\.png$")
 SEG_RE = re.compile(r"^seg_(?P<case>\d+)_slice_(?P<z>\d+)\.nii\.png$")
 _SPLIT = {"train": "train", "validate": "val", "test": "test"}
+#: Largest slice accepted (pixels); the release's slices are 256x256. Checked on the header,
+#: before any pixel is decoded, so a corrupt or hostile file cannot claim gigabytes.
+MAX_PIXELS = 4096**2
 
 
 def matches(index: FileIndex) -> bool:
@@ -117,8 +121,8 @@ def load_case(case: PngCase) -> PngStack:
     for item in case.slices:
         try:
             image = _read_gray(case.root / item.image)
-        except (OSError, ValueError) as err:
-            skipped.append(Skip(item.image, f"unreadable PNG ({describe(err)})"))
+        except BadInputError as err:
+            skipped.append(Skip(item.image, err.reason))
             continue
         if images and image.shape != images[0].shape:
             shape = "x".join(map(str, images[0].shape))
@@ -129,7 +133,7 @@ def load_case(case: PngCase) -> PngStack:
             try:
                 seg = _read_gray(case.root / item.seg)
                 mask = seg > 0 if seg.shape == image.shape else None
-            except (OSError, ValueError):
+            except BadInputError:
                 mask = None
         images.append(image)
         masks.append(mask)
@@ -145,5 +149,27 @@ def load_case(case: PngCase) -> PngStack:
 
 
 def _read_gray(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("L"))
+    """A slice as (H, W) uint8; file and image size are checked before any pixel is decoded.
+
+    The file is read into memory first (at most ``8 * MAX_PIXELS`` bytes): Pillow reading
+    from a file object trusts chunk lengths and may reserve whatever a corrupt length claims.
+
+    Raises:
+        BadInputError: unreadable, truncated or corrupt file, or more than
+            :data:`MAX_PIXELS` pixels.
+    """
+    try:
+        n_bytes = path.stat().st_size
+        if n_bytes > 8 * MAX_PIXELS:
+            raise BadInputError(f"{n_bytes} bytes, too large for a slice of <= {MAX_PIXELS} px")
+        with Image.open(io.BytesIO(path.read_bytes())) as img:
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise BadInputError(
+                    f"{width}x{height} pixels (> {MAX_PIXELS}); corrupt header or not a slice"
+                )
+            return np.asarray(img.convert("L"))
+    except BadInputError:
+        raise
+    except Exception as err:  # Pillow raises many types for corrupt input
+        raise BadInputError(f"unreadable PNG ({describe(err)})") from None

@@ -25,6 +25,7 @@ from monai.networks.blocks import SpatialAttentionBlock, Upsample
 from monai.networks.nets.autoencoderkl import AEKLDownsample
 from torch import nn
 
+from pipeline import distributed
 from pipeline.conditioning import ZEmbedding
 from pipeline.config import AutoencoderConfig, ConditioningConfig, VQConfig
 from pipeline.losses import gaussian_kl
@@ -248,6 +249,10 @@ class EMAVectorQuantizer(nn.Module):
     from encoder outputs. Codebook and statistics are buffers (no gradients; MONAI's
     ``EMAQuantizer`` has no dead-code restart).
 
+    Under torchrun the batch statistics are summed over the ranks (as MONAI's ``ddp_sync``
+    does) and restarted codes come from rank 0's batch, so every rank keeps the same codebook
+    and it follows the global batch, as in a one-process run.
+
     Args:
         cfg: codebook size, code length, EMA decay, commitment β, dead-code threshold.
     """
@@ -302,8 +307,11 @@ class EMAVectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
-        """EMA k-means step on ``flat`` (N, d) assigned to ``indices`` (N,); restart dead codes."""
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, indices, flat)
+        """EMA k-means step on ``flat`` (N, d) assigned to ``indices`` (N,); restart dead codes.
+
+        ``counts`` (K,) are the global batch's code counts (already summed over the ranks).
+        """
+        sums = distributed.sum_(torch.zeros_like(self.embed_sum).index_add_(0, indices, flat))
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.cluster_size.sum()
@@ -314,6 +322,7 @@ class EMAVectorQuantizer(nn.Module):
         n_dead = int(dead.sum())
         if n_dead:
             picks = flat[torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)]
+            distributed.broadcast_(picks)
             self.codebook[dead] = picks
             self.cluster_size[dead] = self.dead_code_threshold
             self.embed_sum[dead] = picks * self.dead_code_threshold
@@ -333,6 +342,7 @@ class EMAVectorQuantizer(nn.Module):
             quantized = self.lookup(indices)
             counts = torch.bincount(indices.flatten(), minlength=self.num_codes).float()
             if self.training:
+                distributed.sum_(counts)
                 self._update(self._flatten(x.detach()), indices.flatten(), counts)
             commitment = self.commitment * F.mse_loss(x, quantized.detach())
             probs = counts / counts.sum()

@@ -1,0 +1,261 @@
+"""The ``braingen`` command: the pipeline's stages, synthetic slices for augmentation,
+SDEdit and inpainting.
+
+Examples::
+
+    braingen make-demo && braingen prepare      # what `dvc repro` runs first
+    braingen train-autoencoder vqvae
+    braingen generate --model ldm --z 0:31 --per-z 8 --seed 1 --out synthetic/
+    braingen generate --checkpoint models/ldm.pt --z 0.25,0.5 --format both --volume
+    braingen sdedit my_slice.png --z 17 --strength 0.4 --out edited.png
+    braingen inpaint my_slice.nii.gz --mask lesion.png --z 0.55 --out filled.png
+
+A user error (unknown model, missing checkpoint, z out of range, existing output, bad
+file) prints one ``error: ...`` line on stderr and exits with code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from pipeline.stage import USER_ERRORS
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="z-conditioned synthetic brain MRI slices (braingen).",
+)
+
+#: ``--model`` names and the model files they stand for (relative to the working directory).
+MODELS = {"ldm": Path("models/ldm.pt"), "pixelcnn": Path("models/pixelcnn.pt")}
+FORMATS = ("png", "nifti", "both")
+DEVICES = ("auto", "cpu", "cuda")
+
+T = TypeVar("T")
+
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="ldm or pixelcnn (models/<name>.pt); default ldm.")
+]
+CheckpointOpt = Annotated[
+    Path | None, typer.Option("--checkpoint", help="A generator model file (instead of --model).")
+]
+StepsOpt = Annotated[
+    int | None, typer.Option("--steps", help="DDIM steps (ldm; default from the model).")
+]
+GuidanceOpt = Annotated[
+    float | None,
+    typer.Option("--guidance", help="Classifier-free guidance weight (ldm; default from model)."),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (>= 0).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Call ``fn``; a user error becomes one stderr line and exit code 1."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return fn()
+    except (*USER_ERRORS, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def resolve_model(model: str | None, checkpoint: Path | None) -> Path:
+    """The model file for ``--model`` / ``--checkpoint`` (default ``models/ldm.pt``).
+
+    Raises:
+        ValueError: both given, or an unknown model name.
+    """
+    if checkpoint is not None:
+        if model is not None:
+            raise ValueError("give --model or --checkpoint, not both")
+        return checkpoint
+    name = model or "ldm"
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose {' or '.join(MODELS)} or --checkpoint")
+    return MODELS[name]
+
+
+@app.command()
+def generate(
+    z: Annotated[
+        str,
+        typer.Option(
+            "--z",
+            help="Slice indices (17), inclusive ranges (0:31) or fractions (0.25), "
+            "comma-separated; 'all' = every level of the model.",
+        ),
+    ] = "all",
+    per_z: Annotated[int, typer.Option("--per-z", help="Slices per z level.")] = 4,
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("synthetic"),
+    fmt: Annotated[str, typer.Option("--format", help="png (16-bit), nifti or both.")] = "png",
+    volume: Annotated[
+        bool, typer.Option("--volume", help="Also stack the levels of each sample into a NIfTI.")
+    ] = False,
+    prefix: Annotated[
+        str | None, typer.Option("--prefix", help="File-name prefix (default: model kind).")
+    ] = None,
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    seed: SeedOpt = 0,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Generate slices at the requested z levels: one file per slice plus manifest.csv."""
+    from pipeline.generate import generate as run_generate
+
+    def body() -> None:
+        result = run_generate(
+            resolve_model(model, checkpoint),
+            z,
+            per_z=per_z,
+            seed=seed,
+            out_dir=out,
+            fmt=_choice(fmt, FORMATS, "--format"),  # type: ignore[arg-type]
+            steps=steps,
+            guidance=guidance,
+            volume=volume,
+            overwrite=overwrite,
+            device=_choice(device, DEVICES, "--device"),
+            prefix=prefix,
+            progress=sys.stderr.isatty(),
+        )
+        typer.echo(
+            f"wrote {result.slices} slices ({len(result.files)} files) to {out} in "
+            f"{result.seconds:.1f} s; manifest: {result.manifest}"
+        )
+
+    _run(body)
+
+
+@app.command()
+def sdedit(
+    image: Annotated[Path, typer.Argument(help="Your slice: PNG or single-slice NIfTI.")],
+    z: Annotated[str, typer.Option("--z", help="Target slice index (17) or fraction (0.55).")],
+    out: Annotated[Path, typer.Option("--out", help="Output .png (16-bit).")],
+    strength: Annotated[
+        float, typer.Option("--strength", help="0 keeps the input, 1 ignores it.")
+    ] = 0.5,
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    seed: SeedOpt = 0,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Re-imagine your slice at position z with the latent diffusion model (SDEdit)."""
+    from pipeline.edit import sdedit_file
+
+    def body() -> None:
+        path = sdedit_file(
+            resolve_model(model, checkpoint),
+            image,
+            out,
+            z,
+            strength=strength,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            device=_choice(device, DEVICES, "--device"),
+            overwrite=overwrite,
+        )
+        typer.echo(f"wrote {path}")
+
+    _run(body)
+
+
+@app.command()
+def inpaint(
+    image: Annotated[Path, typer.Argument(help="Your slice: PNG or single-slice NIfTI.")],
+    mask: Annotated[
+        Path, typer.Option("--mask", help="Same size as the image; non-zero = regenerate.")
+    ],
+    z: Annotated[str, typer.Option("--z", help="Slice index (17) or fraction (0.55).")],
+    out: Annotated[Path, typer.Option("--out", help="Output .png (16-bit).")],
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    seed: SeedOpt = 0,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Regenerate the masked region of your slice, keeping the rest (latent diffusion)."""
+    from pipeline.edit import inpaint_file
+
+    def body() -> None:
+        path = inpaint_file(
+            resolve_model(model, checkpoint),
+            image,
+            mask,
+            out,
+            z,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            device=_choice(device, DEVICES, "--device"),
+            overwrite=overwrite,
+        )
+        typer.echo(f"wrote {path}")
+
+    _run(body)
+
+
+if __name__ == "__main__":
+    app()
+
+
+#: Pipeline stages the CLI exposes: command name → (module under ``stages/``, help).
+#: Each runs the same code as its DVC stage (params from ./params.yaml); ``dvc repro`` runs
+#: them in order and skips what is up to date.
+STAGES = {
+    "make-demo": ("make_demo", "Synthesise the demo stand-in cohort (OASIS-1 layout)."),
+    "prepare": ("prepare", "Volumes or PNG release -> axial slices with z, split by subject."),
+    "encode-latents": ("encode_latents", "Encode the slices with the trained autoencoders."),
+    "train-prior": ("train_prior", "Train the z-conditioned PixelCNN prior over VQ codes."),
+    "train-ldm": ("train_ldm", "Train the z-conditioned latent diffusion UNet."),
+    "train-zprobe": ("train_zprobe", "Train the z-index probe (judge of z-conditioning)."),
+    "evaluate": ("evaluate", "Test-split metrics of every model -> reports/metrics.json."),
+    "report": ("report", "Write reports/index.html."),
+}
+
+
+def _stage_command(module: str) -> Callable[[], None]:
+    def command() -> None:
+        from importlib import import_module
+
+        _run(import_module(f"stages.{module}").run)
+
+    return command
+
+
+for _name, (_module, _help) in STAGES.items():
+    app.command(_name, help=_help)(_stage_command(_module))
+
+
+@app.command("train-autoencoder")
+def train_autoencoder(
+    kind: Annotated[str, typer.Argument(help="vqvae or vaegan.")],
+) -> None:
+    """Train one z-conditioned first stage (VQ-VAE or VAE-GAN)."""
+    from pipeline.models.autoencoder import KINDS
+    from stages.train_autoencoder import run
+
+    _run(lambda: run(_choice(kind, KINDS, "kind")))

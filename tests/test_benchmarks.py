@@ -1,0 +1,97 @@
+"""benchmarks.run: the table's arithmetic and a smoke run on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.measure import PeakMemory, Row, interleaved
+from benchmarks.monai_models import closest_width
+from benchmarks.run import fmt, main, markdown
+
+
+def test_ratio_is_in_our_favour_above_one() -> None:
+    assert Row("a", "slices/s", 30.0, 10.0).ratio == pytest.approx(3.0)
+    assert Row("a", "LPIPS", 0.1, 0.2, better="lower").ratio == pytest.approx(2.0)
+    assert math.isnan(Row("a", "x", 1.0, 0.0).ratio)
+    assert Row("a", "x", 2.0, 1.0).as_dict()["ratio"] == pytest.approx(2.0)
+    assert (fmt(math.nan), fmt(0.12345), fmt(12345.0)) == ("-", "0.123", "12,345")
+
+
+def test_markdown_lists_every_row_with_its_note() -> None:
+    meta = {
+        "date": "d",
+        "machine": "m",
+        "device": "cpu",
+        "torch_threads": 1,
+        "load_average": "0.0",
+        "data": "x",
+        "profile": "tiny",
+        "mode": "quick",
+        "budget_s": 1.0,
+    }
+    text = markdown([Row("LDM", "slices/s", 2.0, 1.0, note="why")], meta)
+    assert "| 1 | LDM | slices/s | 2 | 1 | 2 |" in text and "1. why" in text
+
+
+def test_closest_width_matches_parameter_count() -> None:
+    width, net = closest_width(lambda w: nn.Linear(w, w), target=1100, widths=range(8, 200, 8))
+    assert width == 32 and isinstance(net, nn.Linear)
+
+
+def test_peak_memory_and_interleaved_budget() -> None:
+    with PeakMemory(torch.device("cpu")).measure() as mem:
+        block = torch.ones(4 * 2**20)  # 16 MiB
+        block += 1
+    assert mem.mib >= 0 and mem.method in ("rss", "ru_maxrss")
+    calls: list[tuple[str, int]] = []
+
+    def step(name: str) -> Callable[[int], int]:
+        return lambda i: calls.append((name, i)) or 2
+
+    out = interleaved({"a": step("a"), "b": step("b")}, seconds=0.0, device=torch.device("cpu"))
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("b", 3)]
+    assert out["a"].iterations == 3 and out["a"].slices == 6 and out["a"].slices_per_s > 0
+
+
+def _tiny_prepared(root: Path) -> Path:
+    """32x32 synthetic slices (8 levels) in the prepared layout."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    disc = ((yy - 16) ** 2 + (xx - 16) ** 2 < 100).astype(np.float32)
+    for split, n in (("train", 16), ("test", 8)):
+        folder = root / split
+        folder.mkdir(parents=True)
+        x = (disc * rng.uniform(0.3, 1.0, (n, 1, 32, 32))).astype(np.float16)
+        np.save(folder / "slices.npy", x)
+        np.save(folder / "masks.npy", (x > 0).astype(np.uint8))
+        z_index = np.arange(n) % 8
+        pd.DataFrame({"z_index": z_index, "z": z_index / 7}).to_csv(
+            folder / "manifest.csv", index=False
+        )
+    return root
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_the_table(tmp_path: Path) -> None:
+    data = _tiny_prepared(tmp_path / "prepared")
+    out = tmp_path / "out"
+    args = ["--profile", "tiny", "--data", str(data), "--budget", "0.5", "--samples", "2"]
+    report = main([*args, "--rows", "first_stage,ldm,prior", "--out", str(out), "--device", "cpu"])
+    names = [(r["benchmark"], r["metric"]) for r in report["rows"]]
+    assert ("VQ-VAE training", "slices/s") in names
+    assert ("KL autoencoder reconstruction", "test LPIPS") in names
+    assert ("LDM guided DDIM sampling", "slices/s") in names
+    assert ("prior sampling", "slices/s") in names
+    for row in report["rows"]:
+        assert row["ours"] > 0 and row["reference"] > 0 and math.isfinite(row["ratio"]), row
+    assert json.loads((out / "benchmarks.json").read_text())["meta"]["profile"] == "tiny"
+    assert "| prior sampling |" in (out / "benchmarks.md").read_text()

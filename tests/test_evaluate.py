@@ -1,0 +1,275 @@
+"""The evaluate stage: metric sanity on real/identical/blurred sets and the metrics.json layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.checkpoint import CheckpointError
+from pipeline.config import (
+    AutoencoderConfig,
+    ConditioningConfig,
+    EvaluateConfig,
+    KLConfig,
+    LDMConfig,
+    PriorConfig,
+    VQConfig,
+    ZProbeConfig,
+    params_from_dict,
+)
+from pipeline.data import EvalData, SliceDataset
+from pipeline.evaluate import (
+    EvaluatePaths,
+    evaluate,
+    gaussian_blur,
+    real_figures,
+    set_figures,
+    split_halves,
+)
+from pipeline.first_stage import export_autoencoder
+from pipeline.ldm_task import export_ldm
+from pipeline.models.autoencoder import Autoencoder
+from pipeline.models.pixelcnn import GatedPixelCNN
+from pipeline.models.unet import ZConditionedUNet
+from pipeline.models.zprobe import ZProbe
+from pipeline.prior_task import export_prior
+from pipeline.sampling import file_sha256
+from pipeline.tracking import StageRun
+from pipeline.zprobe import save_probe
+
+K, SIZE, VOLUMES = 8, 32, 5
+COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
+AE = AutoencoderConfig(
+    channels=(8, 16, 16),
+    norm_groups=4,
+    vq=VQConfig(num_codes=16, code_dim=3),
+    kl=KLConfig(latent_channels=3),
+)
+LDM = LDMConfig(
+    channels=(16, 32),
+    attention_levels=(False, True),
+    num_head_channels=8,
+    norm_groups=8,
+    sample_steps=2,
+)
+PRIOR = PriorConfig(channels=8, n_layers=2, kernel_size=3)
+PROBE = ZProbeConfig(channels=(8, 16))
+EVAL = EvaluateConfig(kid_subsets=5, ms_ssim_pairs=20)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _slice(volume: int, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """A textured ellipse whose size follows the level, its texture the volume."""
+    rng = np.random.default_rng(100 * volume + level)
+    yy, xx = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
+    radius = SIZE * (0.2 + 0.25 * np.sin(np.pi * (level + 0.5) / K))
+    inside = (yy / radius) ** 2 + (xx / (0.8 * radius)) ** 2 < 1
+    texture = 0.55 + 0.3 * np.sin(xx / (1.5 + volume % 3)) * np.cos(yy / 2.0)
+    image = inside * np.clip(texture + rng.normal(0, 0.08, inside.shape), 0, 1)
+    return image.astype(np.float16), inside.astype(np.uint8)
+
+
+def _write_split(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    items = [(v, z) for v in range(VOLUMES) for z in range(K)]
+    pairs = [_slice(v, z) for v, z in items]
+    np.save(folder / "slices.npy", np.stack([p[0] for p in pairs])[:, None])
+    np.save(folder / "masks.npy", np.stack([p[1] for p in pairs])[:, None])
+    pd.DataFrame(
+        {
+            "subject": [f"S{v}" for v, _ in items],
+            "z_index": [z for _, z in items],
+            "z": [z / (K - 1) for _, z in items],
+        }
+    ).to_csv(folder / "manifest.csv", index=False)
+    return folder
+
+
+def _write_models(models: Path) -> None:
+    """Untrained but loadable model files of every kind (numbers are meaningless)."""
+    models.mkdir(parents=True)
+    torch.manual_seed(0)
+    for kind in ("vqvae", "vaegan"):
+        export_autoencoder(
+            models / f"ae_{kind}.pt",
+            Autoencoder(AE, COND, kind),  # type: ignore[arg-type]
+            AE,
+            COND,
+            kind,  # type: ignore[arg-type]
+            {"image_size": SIZE, "n_slices": K},
+        )
+    vaegan, vqvae = models / "ae_vaegan.pt", models / "ae_vqvae.pt"
+    export_ldm(
+        models / "ldm.pt",
+        ZConditionedUNet(LDM, COND, 3),
+        LDM,
+        COND,
+        {
+            "autoencoder": str(vaegan),
+            "autoencoder_sha256": file_sha256(vaegan),
+            "scale_factor": 1.0,
+            "latent_shape": [3, 8, 8],
+        },
+    )
+    export_prior(
+        models / "pixelcnn.pt",
+        GatedPixelCNN(16, PRIOR, COND),
+        PRIOR,
+        COND,
+        {
+            "autoencoder": str(vqvae),
+            "autoencoder_sha256": file_sha256(vqvae),
+            "num_codes": 16,
+            "code_shape": [8, 8],
+        },
+    )
+    save_probe(models / "zprobe.pt", ZProbe(PROBE.channels), PROBE, K)
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> EvalData:
+    folder = _write_split(tmp_path_factory.mktemp("prepared") / "test")
+    return EvalData.from_dataset(SliceDataset(folder))
+
+
+def _score(real: EvalData, fake: torch.Tensor) -> dict[str, float]:
+    torch.manual_seed(0)
+    probe = ZProbe(PROBE.channels)
+    figures, curves = set_figures(
+        real, fake, real.z_index, probe=probe, n_slices=K, cfg=EVAL, device="cpu", seed=0
+    )
+    assert set(curves["intensity_distance"]) == set(range(K))
+    return figures
+
+
+def test_identical_set_scores_perfectly_and_blurred_set_worse(real: EvalData) -> None:
+    same = _score(real, real.image.clone())
+    assert same["fd_alex"] == pytest.approx(0.0, abs=1e-6)
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
+    assert same["intensity_distance"] == pytest.approx(0.0, abs=1e-9)
+    assert same["n_samples"] == len(real.image)
+
+    blurred = _score(real, gaussian_blur(real.image, 1.5))
+    assert blurred["fd_alex"] > 1e-3
+    assert blurred["kid"] > same["kid"]
+    assert blurred["intensity_distance"] > 1e-3
+    assert blurred["ms_ssim"] > same["ms_ssim"]  # blurring removes the texture that differs
+
+
+def test_gaussian_blur_and_split_halves() -> None:
+    x = torch.zeros(1, 1, 15, 15)
+    x[..., 7, 7] = 1.0
+    out = gaussian_blur(x, 1.5)
+    assert out.shape == x.shape and 0 < float(out.max()) < 1
+    assert float(out.sum()) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_blur(x, 0.0)
+    z = torch.tensor([2, 0, 1, 0, 2, 1, 0])
+    a, b = split_halves(z)
+    assert sorted(torch.cat([a, b]).tolist()) == list(range(7))
+    assert set(z[a].tolist()) == set(z[b].tolist()) == {0, 1, 2}
+
+
+def test_real_figures_skip_split_halves_that_share_no_level(real: EvalData) -> None:
+    one_volume = EvalData(*(t[:K] for t in (real.image, real.mask, real.z, real.z_index)))
+    probe = ZProbe(PROBE.channels)
+    kwargs = {"probe": probe, "n_slices": K, "cfg": EVAL, "device": "cpu", "seed": 0}
+    figures, curves = real_figures(one_volume, **kwargs)
+    assert figures["split_halves"] is None and figures["n_samples"] == K
+    assert set(curves["zprobe_mae"]) == set(range(K))
+    figures, _ = real_figures(real, **kwargs)
+    assert figures["split_halves"]["n_samples"] == len(real.z) // 2
+
+
+class _Recorder(StageRun):
+    """A tracking run that records calls instead of talking to MLflow."""
+
+    def __init__(self) -> None:
+        super().__init__("evaluate", {}, enabled=False)
+        self.metrics: list[tuple[dict[str, float], int | None]] = []
+        self.artifacts: list[str] = []
+
+    def log_metrics(self, metrics, step=None) -> None:  # type: ignore[no-untyped-def]
+        self.metrics.append((dict(metrics), step))
+
+    def log_artifact(self, path, artifact_path=None) -> None:  # type: ignore[no-untyped-def]
+        self.artifacts.append(f"{artifact_path}/{Path(path).name}")
+
+    def log_image(self, image, name) -> None:  # type: ignore[no-untyped-def]
+        self.artifacts.append(name)
+
+    def log_dict(self, data, name) -> None:  # type: ignore[no-untyped-def]
+        self.artifacts.append(name)
+
+
+def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> None:
+    _write_split(tmp_path / "data" / "prepared" / "test")
+    _write_models(tmp_path / "models")
+    params = params_from_dict(
+        {
+            "device": "cpu",
+            "prepare": {"n_slices": K, "image_size": SIZE},
+            "evaluate": EVAL.model_dump(),
+        }
+    )
+    paths = EvaluatePaths.standard("data/prepared", root=tmp_path)
+    run = _Recorder()
+    metrics = evaluate(params, run=run, device=torch.device("cpu"), paths=paths)
+
+    saved = json.loads(paths.metrics.read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert set(saved) == {"real", "blurred_real", "ldm", "pixelcnn", "ae_vqvae", "ae_vaegan"}
+    n = VOLUMES * K
+    generated = {"fd_alex", "kid", "kid_std", "ms_ssim", "precision", "recall", "zprobe_mae"}
+    for name in ("blurred_real", "ldm", "pixelcnn"):
+        assert generated | {"intensity_distance", "n_samples", "seed"} <= set(saved[name]), name
+        assert saved[name]["n_samples"] == n
+        assert saved[name]["zprobe_sha256"] == file_sha256(tmp_path / "models" / "zprobe.pt")
+    for name in ("ldm", "pixelcnn"):
+        assert saved[name]["checkpoint_sha256"] == file_sha256(tmp_path / "models" / f"{name}.pt")
+    assert saved["ldm"]["sampling"] == {"steps": 2, "guidance": LDM.guidance}
+    assert saved["blurred_real"]["sigma_px"] == 1.5
+    assert saved["real"]["zprobe_mae"] >= 0 and saved["real"]["n_samples"] == n
+    assert {"fd_alex", "precision", "recall"} <= set(saved["real"]["split_halves"])
+    for kind in ("vqvae", "vaegan"):
+        section = saved[f"ae_{kind}"]
+        expected = {"ssim", "ssim_brain", "psnr", "lpips", "checkpoint_sha256", "n_samples"}
+        assert expected <= set(section), kind
+
+    zprobe = pd.read_csv(paths.per_z / "zprobe_mae.csv")
+    assert list(zprobe.columns) == ["z_index", "real", "blurred_real", "ldm", "pixelcnn"]
+    assert zprobe["z_index"].tolist() == list(range(K))
+    ssim = pd.read_csv(paths.per_z / "ssim.csv")
+    assert list(ssim.columns) == ["z_index", "ae_vqvae", "ae_vaegan"]
+    assert paths.per_z_png.stat().st_size > 0
+
+    summary = next(m for m, step in run.metrics if step is None)
+    assert summary["ldm.fd_alex"] == pytest.approx(saved["ldm"]["fd_alex"])
+    steps = [step for m, step in run.metrics if "per_z.zprobe_mae.ldm" in m]
+    assert steps == list(range(K))
+    assert {"per_z/zprobe_mae.csv", "reports/eval_per_z.png", "reports/metrics.json"} <= set(
+        run.artifacts
+    )
+
+
+def test_stage_refuses_a_probe_for_other_slice_levels(tmp_path: Path) -> None:
+    _write_split(tmp_path / "data" / "prepared" / "test")
+    models = tmp_path / "models"
+    models.mkdir()
+    save_probe(models / "zprobe.pt", ZProbe(PROBE.channels), PROBE, K + 1)
+    params = params_from_dict({"prepare": {"n_slices": K, "image_size": SIZE}})
+    paths = EvaluatePaths.standard("data/prepared", root=tmp_path)
+    with pytest.raises(CheckpointError, match="re-run train_zprobe"):
+        evaluate(params, run=_Recorder(), device=torch.device("cpu"), paths=paths)

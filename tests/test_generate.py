@@ -1,0 +1,345 @@
+"""Synthetic-slice files: z parsing, determinism, manifest, overwrite and path safety, NIfTI,
+atomic writes and concurrent writers into one folder."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.generate import (
+    MANIFEST_COLUMNS,
+    ZLevel,
+    generate,
+    level_seed,
+    output_spacing,
+    parse_z,
+    read_manifest,
+)
+from pipeline.sampling import file_sha256
+from pipeline.slice_files import OutputExistsError, check_token, publish, read_slice
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _png(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        assert img.mode == "I;16"
+        return np.asarray(img)
+
+
+# --- z parsing --------------------------------------------------------------------------
+
+
+def test_parse_z_ranges_indices_fractions_and_all() -> None:
+    levels = parse_z("0:3", 32)
+    assert [lv.z_index for lv in levels] == [0, 1, 2, 3]
+    assert levels[1] == ZLevel(1 / 31, 1, "z001")
+    assert [lv.z for lv in parse_z("all", 4)] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert len(parse_z(None, 32)) == 32
+    frac = parse_z("0.25, 0.5", 33)
+    assert [(lv.z, lv.z_index, lv.name) for lv in frac] == [
+        (0.25, 8, "f02500"),
+        (0.5, 16, "f05000"),
+    ]
+    mixed = parse_z("30,0:1,1.0", 32)
+    assert [lv.name for lv in mixed] == ["z030", "z000", "z001", "f10000"]
+    assert parse_z("0.5", None)[0].z_index is None  # fractions need no K
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("0:32", r"slice index 32 is outside 0\.\.31"),
+        ("40", r"slice index 40 is outside 0\.\.31"),
+        ("-1", "slice index -1"),
+        ("1.5", r"must lie in \[0, 1\]"),
+        ("-0.2", r"must lie in \[0, 1\]"),
+        ("nan", r"must lie in \[0, 1\]"),
+        ("5:2", "start 5 is above its end 2"),
+        ("a:3", "a range needs two slice indices"),
+        ("abc", "expected a slice index"),
+        ("1,,2", "expected a slice index"),
+        ("0.123456", "at most 4 decimals"),
+        ("3,3", "requested twice"),
+        ("0:3,0.0", "requested twice"),
+    ],
+)
+def test_parse_z_rejects_bad_requests_with_a_clear_message(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_z(spec, 32)
+
+
+def test_parse_z_index_needs_k() -> None:
+    with pytest.raises(ValueError, match="give z as fractions"):
+        parse_z("0:3", None)
+
+
+def test_level_seed_depends_on_seed_and_z_only() -> None:
+    assert level_seed(0, 0.5) == level_seed(0, 0.5)
+    assert len({level_seed(0, 0.5), level_seed(1, 0.5), level_seed(0, 0.25)}) == 3
+
+
+# --- generate ---------------------------------------------------------------------------
+
+
+def test_generate_is_deterministic_per_seed_and_level(tiny_generators, tmp_path) -> None:
+    model = tiny_generators["ldm"]
+    a = generate(model, "0:3", 2, 5, tmp_path / "a", progress=False, device="cpu")
+    b = generate(model, "0:3", 2, 5, tmp_path / "b", progress=False, device="cpu")
+    assert [p.name for p in a.files] == [p.name for p in b.files]
+    for pa, pb in zip(a.files, b.files, strict=True):
+        np.testing.assert_array_equal(_png(pa), _png(pb))
+    # one level alone gives the same slices as inside the full request
+    c = generate(model, "2", 2, 5, tmp_path / "c", progress=False, device="cpu")
+    np.testing.assert_array_equal(_png(c.files[1]), _png(tmp_path / "a" / c.files[1].name))
+    d = generate(model, "2", 2, 6, tmp_path / "d", progress=False, device="cpu")
+    assert not np.array_equal(_png(d.files[0]), _png(c.files[0]))
+
+
+def test_manifest_lists_every_file_with_its_provenance(tiny_generators, tmp_path) -> None:
+    model = tiny_generators["ldm"]
+    result = generate(
+        model, "1,0.5", 3, 7, tmp_path, steps=3, guidance=1.5, progress=False, device="cpu"
+    )
+    assert result.slices == 6 and len(result.files) == 6
+    with (tmp_path / "manifest.csv").open(newline="") as fh:
+        assert tuple(next(csv.reader(fh))) == MANIFEST_COLUMNS
+    rows = read_manifest(result.manifest)
+    assert [r["file"] for r in rows] == [p.name for p in result.files]
+    sha = file_sha256(model)
+    for row in rows:
+        assert row["model"] == "ldm" and row["checkpoint_sha256"] == sha
+        assert (row["seed"], row["steps"], row["guidance"], row["type"]) == (
+            "7",
+            "3",
+            "1.5",
+            "slice",
+        )
+        assert row["timestamp"].endswith("+00:00")
+        assert (tmp_path / row["file"]).is_file()
+    assert [(r["z_index"], float(r["z"]), r["sample"]) for r in rows[:4]] == [
+        ("1", pytest.approx(1 / 3), "0"),
+        ("1", pytest.approx(1 / 3), "1"),
+        ("1", pytest.approx(1 / 3), "2"),
+        ("1.5", 0.5, "0"),
+    ]
+    assert rows[0]["file"] == "ldm_s7_z001_0000.png" and rows[3]["file"] == "ldm_s7_f05000_0000.png"
+    image = _png(tmp_path / rows[0]["file"])
+    assert image.shape == (32, 32) and image.dtype == np.uint16
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_pixelcnn_generates_and_refuses_ldm_settings(tiny_generators, tmp_path) -> None:
+    model = tiny_generators["pixelcnn"]
+    result = generate(model, "0,3", 1, 0, tmp_path, progress=False, device="cpu")
+    rows = read_manifest(result.manifest)
+    assert [r["file"] for r in rows] == ["pixelcnn_s0_z000_0000.png", "pixelcnn_s0_z003_0000.png"]
+    assert rows[0]["steps"] == "" and rows[0]["guidance"] == ""
+    with pytest.raises(ValueError, match="steps"):
+        generate(model, "0", 1, 0, tmp_path / "x", steps=3, progress=False, device="cpu")
+
+
+def test_existing_output_is_refused_unless_overwrite(tiny_generators, tmp_path) -> None:
+    model = tiny_generators["ldm"]
+    first = generate(model, "0:1", 1, 0, tmp_path, progress=False, device="cpu")
+    before = {p: p.stat().st_mtime_ns for p in first.files}
+    with pytest.raises(OutputExistsError, match=r"already exists .*--overwrite"):
+        generate(model, "0:2", 1, 0, tmp_path, progress=False, device="cpu")
+    assert not (tmp_path / "ldm_s0_z002_0000.png").exists()  # nothing written at all
+    assert {p: p.stat().st_mtime_ns for p in first.files} == before
+    generate(model, "0:2", 1, 0, tmp_path, overwrite=True, progress=False, device="cpu")
+    files = [r["file"] for r in read_manifest(tmp_path / "manifest.csv")]
+    assert sorted(files) == [f"ldm_s0_z00{i}_0000.png" for i in range(3)]  # no duplicates
+
+
+@pytest.mark.parametrize("prefix", ["../evil", "a/b", ".hidden", "x..y", "", "/abs", "a b"])
+def test_prefix_cannot_escape_the_folder(tiny_generators, tmp_path, prefix) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="prefix must be"):
+        generate(tiny_generators["ldm"], "0", 1, 0, out, prefix=prefix, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert check_token("my-set_2", "prefix") == "my-set_2"
+
+
+def test_bad_requests_fail_before_writing(tiny_generators, tmp_path) -> None:
+    model = tiny_generators["ldm"]
+    cases = [
+        ({"z_levels": "0:9"}, r"outside 0\.\.3"),
+        ({"fmt": "jpeg"}, "format must be one of"),
+        ({"per_z": 0}, "per_z must be"),
+        ({"seed": -1}, "seed must be"),
+        ({"z_levels": "1", "volume": True}, "at least two z levels"),
+    ]
+    for kwargs, message in cases:
+        args = {"z_levels": "0", "per_z": 1, "seed": 0, "progress": False, "device": "cpu"}
+        with pytest.raises(ValueError, match=message):
+            generate(model, out_dir=tmp_path / "out", **{**args, **kwargs})
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        generate(model, "0", 1, 0, tmp_path / "file", progress=False)
+
+
+def test_nifti_slices_and_volumes_match_the_pngs(tiny_generators, tmp_path) -> None:
+    result = generate(
+        tiny_generators["ldm"],
+        "2,0:1",
+        2,
+        0,
+        tmp_path,
+        "both",
+        volume=True,
+        progress=False,
+        device="cpu",
+    )
+    rows = read_manifest(result.manifest)
+    assert len(rows) == 3 * 2 * 2 + 2 and [r["type"] for r in rows[-2:]] == ["volume"] * 2
+    png = read_slice(tmp_path / "ldm_s0_z001_0001.png")
+    nii = nib.load(tmp_path / "ldm_s0_z001_0001.nii.gz")
+    assert nii.shape == (32, 32, 1) and nii.header.get_zooms() == (1.0, 1.0, 1.0)
+    np.testing.assert_allclose(read_slice(tmp_path / "ldm_s0_z001_0001.nii.gz"), png, atol=1e-4)
+    vol = nib.load(tmp_path / "ldm_s0_vol_0001.nii.gz").get_fdata()
+    assert vol.shape == (32, 32, 3)  # levels stacked bottom (z=0) to top (z=2)
+    for k in range(3):
+        level = read_slice(tmp_path / f"ldm_s0_z00{k}_0001.nii.gz")
+        np.testing.assert_allclose(np.rot90(vol[:, :, k]), level, atol=1e-6)
+
+
+def test_output_spacing_comes_from_metadata_when_recorded() -> None:
+    assert output_spacing({}) == (1.0, 1.0)
+    assert output_spacing({"pixel_mm": 3.25, "slice_mm": 4.5}) == (3.25, 4.5)
+    assert output_spacing({"data": {"pixel_mm": 2.0}}) == (2.0, 1.0)
+
+
+def test_publish_never_leaves_a_half_written_file(tmp_path) -> None:
+    def broken(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt  # killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        publish(tmp_path / "x.png", broken, overwrite=False)
+    assert list(tmp_path.iterdir()) == []
+    publish(tmp_path / "x.png", lambda tmp: tmp.write_bytes(b"one"), overwrite=False)
+    with pytest.raises(OutputExistsError):
+        publish(tmp_path / "x.png", lambda tmp: tmp.write_bytes(b"two"), overwrite=False)
+    assert (tmp_path / "x.png").read_bytes() == b"one" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_foreign_manifest_is_not_merged(tiny_generators, tmp_path) -> None:
+    (tmp_path / "manifest.csv").write_text("subject,z\ns1,0.5\n")
+    with pytest.raises(ValueError, match="not a braingen generate manifest"):
+        generate(tiny_generators["ldm"], "0", 1, 0, tmp_path, progress=False, device="cpu")
+
+
+# --- concurrency ------------------------------------------------------------------------
+
+
+def _concurrent(targets: list[dict]) -> list[BaseException | None]:
+    errors: list[BaseException | None] = [None] * len(targets)
+    barrier = threading.Barrier(len(targets))
+
+    def work(i: int) -> None:
+        barrier.wait()
+        try:
+            generate(**targets[i])
+        except BaseException as err:  # collected for the assertion
+            errors[i] = err
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(targets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_concurrent_runs_into_one_folder_keep_every_file_and_row(tiny_generators, tmp_path) -> None:
+    common = {
+        "model_path": tiny_generators["ldm"],
+        "z_levels": "0:3",
+        "per_z": 2,
+        "out_dir": tmp_path,
+        "progress": False,
+        "device": "cpu",
+    }
+    errors = _concurrent([{**common, "seed": s} for s in range(4)])
+    assert errors == [None] * 4
+    rows = read_manifest(tmp_path / "manifest.csv")
+    files = sorted(r["file"] for r in rows)
+    expected = sorted(
+        f"ldm_s{s}_z00{k}_000{j}.png" for s in range(4) for k in range(4) for j in (0, 1)
+    )
+    assert files == expected  # every run's rows, exactly once
+    on_disk = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png")
+    assert on_disk == expected
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_concurrent_identical_runs_one_wins_the_other_refuses(tiny_generators, tmp_path) -> None:
+    common = {
+        "model_path": tiny_generators["ldm"],
+        "z_levels": "0:3",
+        "per_z": 1,
+        "seed": 0,
+        "out_dir": tmp_path,
+        "progress": False,
+        "device": "cpu",
+    }
+    errors = _concurrent([common, common])
+    assert sorted(type(e).__name__ for e in errors) == ["NoneType", "OutputExistsError"]
+    files = [r["file"] for r in read_manifest(tmp_path / "manifest.csv")]
+    assert sorted(files) == [f"ldm_s0_z00{k}_0000.png" for k in range(4)]
+
+
+@pytest.mark.slow
+def test_two_cli_processes_write_into_one_folder(tiny_generators, tmp_path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "generate",
+                "--checkpoint",
+                str(tiny_generators["ldm"]),
+                "--z",
+                "0:3",
+                "--per-z",
+                "3",
+                "--seed",
+                str(seed),
+                "--out",
+                str(tmp_path),
+                "--device",
+                "cpu",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (0, 1)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    rows = read_manifest(tmp_path / "manifest.csv")
+    assert len(rows) == len({r["file"] for r in rows}) == 2 * 4 * 3
+    assert all((tmp_path / r["file"]).is_file() for r in rows)

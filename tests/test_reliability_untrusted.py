@@ -1,0 +1,179 @@
+"""Untrusted files: a checkpoint can never run code; file names cannot leave their folder."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.config import TrainConfig
+from pipeline.first_stage import load_autoencoder
+from pipeline.io import safe_child
+from pipeline.sampling import load_generator
+from pipeline.training import Optimization, TrainingTask, fit
+from pipeline.zprobe import load_probe
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+class _Payload:
+    """Unpickling this runs a shell command that creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _evil_checkpoint(path: Path, marker: Path) -> Path:
+    """A file shaped like a braingen checkpoint with a pickled callable inside."""
+    torch.save(
+        {
+            "version": 1,
+            "kind": "ae_vqvae",
+            "step": 4,
+            "modules": {"model": {"w": torch.zeros(2)}},
+            "metadata": {"note": _Payload(marker)},
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture
+def evil(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "pwned"
+    return _evil_checkpoint(tmp_path / "evil.pt", marker), marker
+
+
+def test_the_payload_really_runs_when_unpickled_unsafely(evil: tuple[Path, Path]) -> None:
+    """Control: the file is a real exploit (so the refusals below mean something)."""
+    path, marker = evil
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        load_checkpoint,
+        load_autoencoder,
+        load_generator,
+        lambda p: load_probe(p, CPU),
+    ],
+    ids=["load_checkpoint", "load_autoencoder", "load_generator", "load_probe"],
+)
+def test_every_loader_refuses_a_pickled_callable(evil: tuple[Path, Path], loader) -> None:
+    path, marker = evil
+    with pytest.raises(CheckpointError, match="refused") as err:
+        loader(path)
+    assert not marker.exists()
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+class _Tiny(TrainingTask):
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.modules = {"model": nn.Linear(2, 1)}
+        self.optimizers = {"model": torch.optim.SGD(self.modules["model"].parameters(), lr=0.1)}
+
+    def train_step(self, batch, step, optim: Optimization) -> dict[str, float]:
+        loss = self.modules["model"](batch["x"]).pow(2).mean()
+        optim.step("model", loss)
+        return {"loss": loss.item()}
+
+
+class _Run:
+    run_name = "test"
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+
+def test_a_planted_resume_file_is_ignored_not_executed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = tmp_path / "pwned"
+    _evil_checkpoint(tmp_path / "last.pt", marker)
+    data = [{"x": torch.randn(2)} for _ in range(8)]
+    cfg = TrainConfig(steps=4, batch_size=2, warmup_steps=0, ckpt_every=2, log_every=2)
+    result = fit(
+        _Tiny(), data, cfg, run=_Run(), resume_dir=tmp_path, seed=0, device=CPU, progress=False
+    )  # type: ignore[arg-type]
+    assert not marker.exists()
+    assert result.resumed_from == 0 and result.step == 4
+    assert any("refused" in r.getMessage() for r in caplog.records)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 4  # replaced by a clean one
+
+
+def test_checkpoints_hold_only_plain_values(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "c.pt", {"step": 1, "w": torch.ones(2), "meta": {"a": [1, "b"]}})
+    assert load_checkpoint(tmp_path / "c.pt")["meta"] == {"a": [1, "b"]}
+    with pytest.raises(CheckpointError, match="refused"):
+        save_checkpoint(tmp_path / "d.pt", {"obj": _Payload(tmp_path / "x")})
+        load_checkpoint(tmp_path / "d.pt")
+    assert not (tmp_path / "x").exists()
+
+
+def _calls(tree: ast.AST, dotted: str) -> list[ast.Call]:
+    owner, attr = dotted.split(".")
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == attr
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == owner
+    ]
+
+
+def test_no_code_path_unpickles_without_restriction() -> None:
+    """Every torch.load passes weights_only=True; no np.load allows pickles."""
+    offenders = []
+    for folder in ("pipeline", "data_prep", "stages"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            for call in _calls(tree, "torch.load"):
+                kw = {k.arg: k.value for k in call.keywords}
+                value = kw.get("weights_only")
+                if not (isinstance(value, ast.Constant) and value.value is True):
+                    offenders.append(f"{path.relative_to(ROOT)}:{call.lineno} torch.load")
+            for call in _calls(tree, "np.load") + _calls(tree, "pickle.load"):
+                kw = {k.arg: k.value for k in call.keywords}
+                value = kw.get("allow_pickle")
+                if call.func.value.id == "pickle" or (  # type: ignore[attr-defined]
+                    isinstance(value, ast.Constant) and value.value is True
+                ):
+                    offenders.append(f"{path.relative_to(ROOT)}:{call.lineno} unpickles")
+    assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../x.png", "a/../../x.png", "/etc/passwd", "", ".", "a/..", "x\0.png", "../out2/x.png"],
+)
+def test_safe_child_refuses_escapes(tmp_path: Path, name: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"file name"):
+        safe_child(out, name)
+
+
+def test_safe_child_refuses_symlinks_out(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "link").symlink_to(tmp_path)
+    with pytest.raises(ValueError, match="outside"):
+        safe_child(out, "link/x.png")
+
+
+@pytest.mark.parametrize("name", ["x.png", "z_05/s001.png", "a/../b.png", "..x.png", "sub-01_T1w"])
+def test_safe_child_accepts_names_below_root(tmp_path: Path, name: str) -> None:
+    assert safe_child(tmp_path / "out", name) == tmp_path / "out" / name
