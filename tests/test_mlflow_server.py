@@ -3,98 +3,26 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import yaml
+from support import mlflow_server, write_ellipse_splits
 
 ROOT = Path(__file__).resolve().parents[1]
-MLFLOW = Path(sys.executable).with_name("mlflow")
 K, SIZE = 8, 32
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1 with a sqlite store and proxied artifacts in tmp_path."""
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(MLFLOW),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the workers stop with it
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
-
-
-def _write_prepared(root: Path) -> None:
-    """Tiny prepared splits: textured ellipses whose size follows z, 32x32, K=8 levels."""
-    yy, xx = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
-    for split, volumes in (("train", 3), ("val", 1), ("test", 1)):
-        folder = root / split
-        folder.mkdir(parents=True)
-        images, masks, rows = [], [], []
-        for v in range(volumes):
-            for z in range(K):
-                radius = SIZE * (0.2 + 0.25 * np.sin(np.pi * (z + 0.5) / K))
-                inside = (yy / radius) ** 2 + (xx / (0.8 * radius)) ** 2 < 1
-                images.append(inside * (0.6 + 0.3 * np.sin(xx / (2 + v)) * np.cos(yy / 2)))
-                masks.append(inside)
-                rows.append({"subject": f"{split}{v}", "z_index": z, "z": z / (K - 1)})
-        np.save(folder / "slices.npy", np.stack(images)[:, None].astype(np.float16))
-        np.save(folder / "masks.npy", np.stack(masks)[:, None].astype(np.uint8))
-        pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    with mlflow_server(tmp_path) as running:
+        yield running.url
 
 
 def test_tiny_stage_logs_metrics_grids_and_checkpoint_to_a_server(
@@ -103,7 +31,7 @@ def test_tiny_stage_logs_metrics_grids_and_checkpoint_to_a_server(
     from mlflow.tracking import MlflowClient
 
     project = tmp_path / "project"
-    _write_prepared(project / "prepared")
+    write_ellipse_splits(project / "prepared", SIZE, K)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params |= {"profile": "tiny", "device": "cpu"}
     params["data"]["prepared_dir"] = "prepared"

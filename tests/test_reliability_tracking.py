@@ -16,15 +16,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 import yaml
+from support import free_port, mlflow_server, write_ellipse_splits
 from torch import nn
 
 from pipeline.checkpoint import load_checkpoint
@@ -33,14 +31,7 @@ from pipeline.tracking import HTTP_DEFAULTS, StageRun, iter_offline
 from pipeline.training import Optimization, TrainingTask, fit
 
 ROOT = Path(__file__).resolve().parents[1]
-MLFLOW = Path(sys.executable).with_name("mlflow")
 CPU = torch.device("cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class _Line(TrainingTask):
@@ -100,7 +91,7 @@ def _offline_steps(project: Path, run_name: str) -> list[int]:
 def test_server_down_from_the_start_fails_fast_and_records_locally(
     project: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with caplog.at_level(logging.WARNING):
         run, seconds = _train(project)
     assert run.offline and len(_warnings(caplog)) == 1
@@ -130,47 +121,8 @@ def test_server_that_never_answers_is_bounded_by_the_timeout(
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen, Path]]:
     """``(url, process, sqlite file)`` of an ``mlflow server`` on a free 127.0.0.1 port."""
-    port = _free_port()
-    store = tmp_path / "server.db"
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(MLFLOW),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{store}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: killed with its workers
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.3)
-        yield url, proc, store
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        log.close()
+    with mlflow_server(tmp_path) as running:
+        yield running.url, running.proc, running.store
 
 
 def _stage_project(root: Path, size: int = 32, k: int = 8) -> Path:
@@ -178,21 +130,7 @@ def _stage_project(root: Path, size: int = 32, k: int = 8) -> Path:
     root.mkdir(parents=True)
     for folder in ("pipeline", "data_prep", "stages"):
         shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
-    for split, volumes in (("train", 3), ("val", 1), ("test", 1)):
-        folder = root / "data" / "prepared" / split
-        folder.mkdir(parents=True)
-        images, rows = [], []
-        for v in range(volumes):
-            for z in range(k):
-                radius = size * (0.2 + 0.25 * np.sin(np.pi * (z + 0.5) / k))
-                inside = (yy / radius) ** 2 + (xx / (0.8 * radius)) ** 2 < 1
-                images.append(inside * (0.6 + 0.3 * np.sin(xx / (2 + v))))
-                rows.append({"subject": f"{split}{v}", "z_index": z, "z": z / (k - 1)})
-        stack = np.stack(images)[:, None]
-        np.save(folder / "slices.npy", stack.astype(np.float16))
-        np.save(folder / "masks.npy", (stack > 0).astype(np.uint8))
-        pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    write_ellipse_splits(root / "data" / "prepared", size, k)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params |= {"profile": "tiny", "device": "cpu"}
     tiny = params["profiles"]["tiny"]["autoencoder"]["train"]
