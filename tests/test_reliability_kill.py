@@ -322,10 +322,22 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Ha
     tiny = params["profiles"]["tiny"]
     tiny["autoencoder"]["train"] |= {"steps": 12, "ckpt_every": 3, "eval_every": 6}
     tiny["prior"]["train"] |= {"steps": 12, "ckpt_every": 3, "eval_every": 6}
+    tiny["ldm"]["train"] |= {"steps": 12, "ckpt_every": 3, "eval_every": 6}
+    tiny["zprobe"]["train"] |= {"steps": 12, "ckpt_every": 3, "eval_every": 6}
+    params["ldm"]["latent_source"] = "vqvae"  # the only kind trained here
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     harness = Harness(
-        dest, ["make_demo", "prepare", "train_autoencoder", "encode_latents", "train_prior"]
+        dest,
+        [
+            "make_demo",
+            "prepare",
+            "train_autoencoder",
+            "encode_latents",
+            "train_prior",
+            "train_ldm",
+            "train_zprobe",
+        ],
     )
     reference: dict = {}
     try:
@@ -336,6 +348,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Ha
             (("train_autoencoder", "vqvae"), ["models/ae_vqvae.pt", "reports/ae_vqvae.json"]),
             (("encode_latents",), ["data/latents/vqvae/meta.json"]),
             (("train_prior",), ["models/pixelcnn.pt", "reports/prior.json"]),
+            (("train_ldm",), ["models/ldm.pt", "reports/ldm.json"]),
+            (("train_zprobe",), ["models/zprobe.pt", "reports/zprobe.json"]),
         ):
             reply = harness.ok(*argv)
             reference[argv[0]] = {
@@ -474,6 +488,25 @@ def test_killed_prior_resumes_to_the_same_weights(project, seed: int) -> None:
     )
     KILLS[f"train_prior seed {seed}"] = points
     assert (project[0] / "reports" / "prior_samples.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "model", "report"),
+    [("train_ldm", "ldm", "ldm"), ("train_zprobe", "zprobe", "zprobe")],
+)
+def test_killed_second_stage_and_probe_resume_to_the_same_weights(
+    project, stage: str, model: str, report: str
+) -> None:
+    points = _kill_chain(
+        project,
+        (stage,),
+        f"models/{model}.pt",
+        f"reports/{report}.json",
+        f"checkpoints/{report}",
+        seed=20,
+    )
+    KILLS[f"{stage} seed 20"] = points
 
 
 @pytest.mark.slow
