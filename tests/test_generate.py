@@ -343,3 +343,41 @@ def test_two_cli_processes_write_into_one_folder(tiny_generators, tmp_path) -> N
     rows = read_manifest(tmp_path / "manifest.csv")
     assert len(rows) == len({r["file"] for r in rows}) == 2 * 4 * 3
     assert all((tmp_path / r["file"]).is_file() for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after_files", [1, 40])
+def test_killed_generate_leaves_only_complete_files_and_a_rerun_finishes(
+    tiny_generators, tmp_path, kill_after_files: int
+) -> None:
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "pipeline.cli", "generate", "--checkpoint",
+           str(tiny_generators["ldm"]), "--z", "0:3", "--per-z", "100", "--out",
+           str(tmp_path), "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if len(list(tmp_path.glob("ldm_*.png"))) >= kill_after_files:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "generate finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    # every file under a final name is complete; the manifest (written last) is absent
+    finals = sorted(tmp_path.glob("ldm_*.png"))
+    assert finals and not (tmp_path / "manifest.csv").exists()
+    for path in finals:
+        with Image.open(path) as image:
+            image.load()  # a truncated PNG raises here
+    assert all(p.name.startswith(".") for p in tmp_path.iterdir() if ".tmp" in p.name)
+
+    rerun = subprocess.run([*cmd, "--overwrite"], env=env, capture_output=True, text=True,
+                           timeout=600)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rows = read_manifest(tmp_path / "manifest.csv")
+    assert len(rows) == len({r["file"] for r in rows}) == 4 * 100
+    assert sorted(r["file"] for r in rows) == sorted(p.name for p in tmp_path.glob("ldm_*.png"))
