@@ -3,6 +3,7 @@ the standard file layout of a training stage."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -26,13 +27,32 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+#: ``OSError`` numbers of a full disk or quota (and a file-size limit): the user's to fix.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
 def main(fn: Callable[[], None]) -> None:
-    """Run a stage's body: INFO logging to stderr; a user error ends in one line and exit 1."""
+    """Run a stage's body: INFO logging to stderr; a user error ends in one line and exit 1.
+
+    A full disk (or quota, or file-size limit) is a user error too: every writer goes
+    through a temporary file and a rename, so what was finished before stays intact and
+    re-running the stage after freeing space resumes or redoes only the rest.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         fn()
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:
+        if err.errno not in STORAGE_ERRNOS:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(
+            f"error: {err.strerror or err}{where}; free space and re-run the stage "
+            "(finished outputs are kept)",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

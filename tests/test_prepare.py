@@ -348,3 +348,39 @@ def test_stage_logs_counts_report_and_preview(stage_project: Path, phantom, writ
     assert logged["prepare/prepare_report.json"]["status"] == "ok"
     assert logged["prepare/prepare_preview.png"].ndim == 2
     assert (stage_project / "reports" / "prepare_preview.png").is_file()
+
+
+def test_full_disk_during_prepare_ends_in_one_line_and_keeps_nothing_half_written(
+    stage_project: Path,
+    phantom,
+    write_nifti,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    import numpy as np
+
+    from pipeline.stage import main
+    from stages.prepare import run as stage_run
+
+    nifti_folder(stage_project / "raw", phantom, write_nifti, 3)
+    real_save = np.save
+
+    def save_until_full(file, arr, *args, **kwargs):
+        if "slices" in str(file) and "val" in str(file):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_save(file, arr, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", save_until_full)
+    with pytest.raises(SystemExit) as exit_info:
+        main(stage_run)
+    assert exit_info.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: No space left on device writing ") and "re-run" in last
+    # no split is published without its manifest, and no manifest without its arrays
+    for split in ("train", "val", "test"):
+        folder = stage_project / "prepared" / split
+        if (folder / "manifest.csv").exists():
+            assert (folder / "slices.npy").exists()
+    assert not (stage_project / "prepared" / "val" / "manifest.csv").exists()
