@@ -42,7 +42,12 @@ from pipeline.data import EvalData, SliceDataset
 from pipeline.first_stage import load_autoencoder, reconstruction_report
 from pipeline.images import figure_image, save_png
 from pipeline.io import atomic_write, write_json
-from pipeline.metrics import distribution_metrics, intensity_distance_per_z, ms_ssim_diversity
+from pipeline.metrics import (
+    alex_features,
+    feature_metrics,
+    intensity_distance_per_z,
+    ms_ssim_diversity,
+)
 from pipeline.models.zprobe import ZProbe
 from pipeline.sampling import file_sha256, load_generator, sample
 from pipeline.tracking import StageRun, flatten
@@ -196,6 +201,7 @@ def set_figures(
     cfg: EvaluateConfig,
     device: torch.device,
     seed: int,
+    real_features: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], Curves]:
     """Score a generated (or reference) set against the real slices.
 
@@ -208,16 +214,19 @@ def set_figures(
         cfg: the ``evaluate`` section.
         device: where AlexNet runs.
         seed: seed of the KID subsets and MS-SSIM pairs.
+        real_features: :func:`~pipeline.metrics.alex_features` of ``real.image`` when the
+            caller scores several sets against the same real slices (extracted here if None).
 
     Returns:
         (``{fd_alex, kid, kid_std, precision, recall, ms_ssim, zprobe_mae,
         intensity_distance, n_samples, seed}``, per-z curves of ``zprobe_mae`` and
         ``intensity_distance``).
     """
-    dist = distribution_metrics(
-        real.image,
-        fake,
-        device=device,
+    if real_features is None:
+        real_features = alex_features(real.image, device=device)
+    dist = feature_metrics(
+        real_features,
+        alex_features(fake, device=device),
         k=cfg.knn_k,
         kid_subsets=cfg.kid_subsets,
         kid_subset_size=cfg.kid_subset_size,
@@ -415,6 +424,7 @@ def evaluate(
     metrics["real"], new = real_figures(real, **scoring)
     metrics["real"] |= probe_sha
     _merge(curves, "real", new)
+    scoring["real_features"] = alex_features(real.image, device=device)  # once for every set
     blurred = gaussian_blur(real.image, cfg.blur_sigma)
     metrics["blurred_real"], new = set_figures(real, blurred, real.z_index, **scoring)
     metrics["blurred_real"] |= {"sigma_px": cfg.blur_sigma} | probe_sha

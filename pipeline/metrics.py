@@ -561,14 +561,36 @@ def distribution_metrics(
     Returns:
         ``{"fd_alex", "kid_mean", "kid_std", "precision", "recall"}``.
     """
-    real_f = alex_features(real, device=device, batch_size=batch_size)
-    fake_f = alex_features(fake, device=device, batch_size=batch_size)
-    kid_mean, kid_std = kid(
-        real_f, fake_f, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
+    return feature_metrics(
+        alex_features(real, device=device, batch_size=batch_size),
+        alex_features(fake, device=device, batch_size=batch_size),
+        k=k,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        seed=seed,
     )
-    precision, recall = precision_recall(real_f, fake_f, k=k)
+
+
+def feature_metrics(
+    real_feats: np.ndarray,
+    fake_feats: np.ndarray,
+    *,
+    k: int = 3,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """:func:`distribution_metrics` on features already extracted with :func:`alex_features`.
+
+    Lets a caller that scores several sets against the same real set extract its features
+    once. Arguments and result as :func:`distribution_metrics`; features are (N, 256).
+    """
+    kid_mean, kid_std = kid(
+        real_feats, fake_feats, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
+    )
+    precision, recall = precision_recall(real_feats, fake_feats, k=k)
     return {
-        "fd_alex": fd_alex(real_f, fake_f),
+        "fd_alex": fd_alex(real_feats, fake_feats),
         "kid_mean": kid_mean,
         "kid_std": kid_std,
         "precision": precision,
