@@ -112,11 +112,12 @@ def sample_codes(
     """
     z = check_z(z).flatten()
     _check_sampling_args(shape, temperature, top_k, model.num_codes)
-    device = model.embedding.weight.device
+    device = model.output_bias.device
     with _single_threaded_on_cpu(device):
         return _sample(model, z.to(device), shape, temperature, top_k, generator)
 
 
+@torch.no_grad()
 def _sample(
     model: GatedPixelCNN,
     z: torch.Tensor,
@@ -126,16 +127,16 @@ def _sample(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """The sampling loop of :func:`sample_codes` (arguments already checked)."""
-    device = model.embedding.weight.device
-    dtype = model.embedding.weight.dtype
+    device, dtype = model.output_bias.device, model.output_bias.dtype
     rows, cols = shape
-    batch, channels = z.shape[0], model.embedding.embedding_dim
+    batch, channels = z.shape[0], model.channels
+    input_table, output_table = model.input_codes(), model.output_codes()
     p = model.kernel_size // 2
     layers = list(model.layers)
     n = len(layers)
 
-    emb = model.z_embedding(z)
-    biases = [layer.conditional_bias(emb) for layer in layers]
+    cond = model.condition(model.z_embedding(z), shape)
+    biases = [layer.conditional_bias(cond) for layer in layers]  # per layer (B, 2C, h, w) x 2
     # Per layer: the vertical-stack inputs of the last p + 1 rows (zero-padded p columns each
     # side; rows above the grid are zeros) and what the row above contributes to the
     # horizontal stack of the current row.
@@ -145,7 +146,7 @@ def _sample(
     ]
     no_row = torch.zeros(batch, 2 * channels, 1, cols, device=device, dtype=dtype)
     v_term = [
-        layer.vertical_to_horizontal(no_row, bias_h)[:, :, 0]
+        layer.vertical_to_horizontal(no_row, bias_h[:, :, :1])[:, :, 0]
         for layer, (_, bias_h) in zip(layers, biases, strict=True)
     ]
     codes = torch.zeros(batch, rows, cols, dtype=torch.long, device=device)
@@ -162,15 +163,17 @@ def _sample(
                 )
                 if i + 1 < n:
                     h_row[i + 1][:, :, c + p] = out
-            codes[:, r, c] = draw(model.head_step(out), temperature, top_k, generator)
-            h_row[0][:, :, c + p] = model.embedding(codes[:, r, c])
+            logits = model.head_step(out, output_table)
+            codes[:, r, c] = draw(logits, temperature, top_k, generator)
+            h_row[0][:, :, c + p] = input_table[codes[:, r, c]]
         if r + 1 == rows:
             break
         new_row = h_row[0][:, :, p:]
         for i, layer in enumerate(layers):
             padded = F.pad(new_row, (p, p))[:, :, None]
             v_window[i] = torch.cat([v_window[i][:, :, 1:], padded], dim=2)
-            pre, out_v = layer.vertical(v_window[i], biases[i][0])
-            v_term[i] = layer.vertical_to_horizontal(pre, biases[i][1])[:, :, 0]
+            bias_v, bias_h = biases[i]
+            pre, out_v = layer.vertical(v_window[i], bias_v[:, :, r : r + 1])
+            v_term[i] = layer.vertical_to_horizontal(pre, bias_h[:, :, r + 1 : r + 2])[:, :, 0]
             new_row = out_v[:, :, 0]
     return codes

@@ -37,6 +37,7 @@ app = typer.Typer(
 MODELS = {"ldm": Path("models/ldm.pt"), "pixelcnn": Path("models/pixelcnn.pt")}
 FORMATS = ("png", "nifti", "both")
 DEVICES = ("auto", "cpu", "cuda")
+SAMPLERS = ("ddim", "pndm")
 
 T = TypeVar("T")
 
@@ -47,7 +48,11 @@ CheckpointOpt = Annotated[
     Path | None, typer.Option("--checkpoint", help="A generator model file (instead of --model).")
 ]
 StepsOpt = Annotated[
-    int | None, typer.Option("--steps", help="DDIM steps (ldm; default from the model).")
+    int | None, typer.Option("--steps", help="Sampling steps (ldm; default from the model).")
+]
+SamplerOpt = Annotated[
+    str | None,
+    typer.Option("--sampler", help="ddim or pndm (ldm; default from the model)."),
 ]
 GuidanceOpt = Annotated[
     float | None,
@@ -114,6 +119,7 @@ def generate(
     seed: SeedOpt = 0,
     steps: StepsOpt = None,
     guidance: GuidanceOpt = None,
+    sampler: SamplerOpt = None,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -130,6 +136,7 @@ def generate(
             fmt=_choice(fmt, FORMATS, "--format"),  # type: ignore[arg-type]
             steps=steps,
             guidance=guidance,
+            sampler=None if sampler is None else _choice(sampler, SAMPLERS, "--sampler"),  # type: ignore[arg-type]
             volume=volume,
             overwrite=overwrite,
             device=_choice(device, DEVICES, "--device"),

@@ -197,6 +197,8 @@ class DiscriminatorConfig(_Section):
     """PatchGAN discriminator and the adversarial loss.
 
     Attributes:
+        kinds: autoencoder kinds trained against the discriminator; the others (by default
+            the VQ-VAE, whose bar is fidelity: SSIM) train on L1, SSIM and LPIPS alone.
         channels: width of the first conv layer (doubled per layer, capped at 8×).
         n_layers: number of strided conv layers.
         loss: ``hinge`` or least squares (``lsq``).
@@ -207,6 +209,7 @@ class DiscriminatorConfig(_Section):
         adaptive_weight_max: upper clamp of the adaptive weight before ``weight`` multiplies it.
     """
 
+    kinds: tuple[Literal["vqvae", "vaegan"], ...] = ("vaegan",)
     channels: int = Field(64, ge=1)
     n_layers: int = Field(3, ge=1)
     loss: Literal["hinge", "lsq"] = "hinge"
@@ -236,6 +239,7 @@ class AutoencoderConfig(_Section):
         attention: self-attention in the middle block.
         norm_groups: GroupNorm groups of every residual block (divides every channel count).
         l1_weight: weight of the L1 reconstruction loss.
+        ssim_weight: weight of the ``1 - SSIM`` loss (:func:`pipeline.losses.ssim_loss`).
         perceptual_weight: weight of the LPIPS loss.
         vq: vector quantiser settings.
         kl: Gaussian latent settings.
@@ -249,6 +253,7 @@ class AutoencoderConfig(_Section):
     attention: bool = True
     norm_groups: int = Field(8, ge=1)
     l1_weight: float = Field(1.0, ge=0)
+    ssim_weight: float = Field(0.0, ge=0)
     perceptual_weight: float = Field(0.5, ge=0)
     vq: VQConfig = VQConfig()
     kl: KLConfig = KLConfig()
@@ -277,12 +282,19 @@ class PriorConfig(_Section):
         kernel_size: receptive-field kernel size (odd).
         temperature: default sampling temperature.
         top_k: default top-k (``null`` samples from the full distribution).
+        mirror_augment: also train on the code grids of the left-right mirrored training
+            slices (encoded by the same VQ-VAE): twice the grids, all plausible anatomy.
+        shift_augment_px: also train on copies shifted by this many pixels up, down, left
+            and right (of the slices and, with ``mirror_augment``, of the mirrored ones);
+            0 turns shifts off.
         train: training-loop settings.
     """
 
     channels: int = Field(128, ge=1)
     n_layers: int = Field(12, ge=1)
     kernel_size: int = Field(5, ge=3)
+    mirror_augment: bool = True
+    shift_augment_px: int = Field(0, ge=0)
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)
     train: TrainConfig = TrainConfig()
@@ -307,7 +319,10 @@ class LDMConfig(_Section):
         cond_dropout: probability of replacing z by the learned null condition.
         guidance: default classifier-free guidance weight w (1 = conditional only, no
             unconditional pass).
-        sample_steps: default DDIM steps at sampling time.
+        sampler: default sampler: ``ddim`` (the guided DDIM loop of
+            :mod:`pipeline.diffusion`) or ``pndm`` (MONAI's ``PNDMScheduler``, PLMS steps);
+            ``python -m benchmarks.sampling_steps`` compares them.
+        sample_steps: default sampling steps.
         grid_levels: z levels (rows) of the sample grid logged at each evaluation.
         grid_samples: samples per z level in that grid.
         train: training-loop settings.
@@ -326,6 +341,7 @@ class LDMConfig(_Section):
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     cond_dropout: float = Field(0.15, ge=0, lt=1)
     guidance: float = Field(2.0, ge=0)
+    sampler: Literal["ddim", "pndm"] = "ddim"
     sample_steps: int = Field(50, ge=1)
     grid_levels: int = Field(8, ge=1)
     grid_samples: int = Field(8, ge=1)

@@ -120,7 +120,7 @@ def sdedit_file(
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     inp = _load(Path(model_path), Path(image_path), z, device)
     gm = inp.gm
-    steps, guidance = sampling_settings(gm, steps, guidance)
+    _, steps, guidance = sampling_settings(gm, "ddim", steps, guidance)  # DDIM: partial schedules
     gen = torch.Generator(device=gm.device).manual_seed(seed)
     latent = sdedit(gm.network, gm.scheduler, inp.latent, inp.z, strength, steps, guidance, gen)
     return _save(
@@ -184,7 +184,7 @@ def inpaint_file(
     if not bool(mask.any()):
         raise ValueError(f"mask {mask_path} vanishes at the model's {size}x{size} resolution")
     latent_mask = F.adaptive_max_pool2d(mask, inp.latent.shape[-2:])
-    steps, guidance = sampling_settings(gm, steps, guidance)
+    _, steps, guidance = sampling_settings(gm, "ddim", steps, guidance)  # DDIM: partial schedules
     gen = torch.Generator(device=gm.device).manual_seed(seed)
     latent = inpaint(gm.network, gm.scheduler, inp.latent, latent_mask, inp.z, steps, guidance, gen)
     decoded = decode_latents(gm.autoencoder, latent, inp.z, gm.scale_factor)

@@ -178,7 +178,7 @@ def generate_like(
     keep = (torch.arange(len(z)) % n_max) < counts[fake_index]
     cfg = generator.config
     settings = (
-        {"steps": cfg.sample_steps, "guidance": cfg.guidance}
+        {"sampler": cfg.sampler, "steps": cfg.sample_steps, "guidance": cfg.guidance}
         if generator.kind == "ldm"
         else {"temperature": cfg.temperature, "top_k": cfg.top_k}
     )

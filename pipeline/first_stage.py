@@ -34,6 +34,7 @@ from pipeline.losses import (
     discriminator_loss,
     generator_loss,
     kl_weight,
+    ssim_loss,
 )
 from pipeline.metrics import reconstruction_metrics
 from pipeline.models.autoencoder import KINDS, Autoencoder, AutoencoderKind
@@ -143,10 +144,11 @@ class AutoencoderTask(TrainingTask):
             step: global step.
 
         Returns:
-            True from ``discriminator.start_step`` on, unless ``discriminator.weight`` is 0.
+            True from ``discriminator.start_step`` on, for the kinds in
+            ``discriminator.kinds`` and unless ``discriminator.weight`` is 0.
         """
         d = self.cfg.discriminator
-        return d.weight > 0 and step >= d.start_step
+        return self.kind in d.kinds and d.weight > 0 and step >= d.start_step
 
     def train_step(
         self, batch: dict[str, torch.Tensor], step: int, optim: Optimization
@@ -172,6 +174,10 @@ class AutoencoderTask(TrainingTask):
         )
         nll = cfg.l1_weight * rec + cfg.perceptual_weight * perc
         logs: dict[str, float] = {"rec": rec.item(), "perceptual": perc.item()}
+        if cfg.ssim_weight > 0:
+            structure = ssim_loss(out.recon, x)
+            nll = nll + cfg.ssim_weight * structure
+            logs["ssim_loss"] = structure.item()
         if out.vq_loss is not None:
             latent_loss = out.vq_loss
             logs.update(

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.diffusion import Sampler
 from pipeline.sampling import GeneratorModel, file_sha256, load_generator, sample
 from pipeline.slice_files import (
     OutputExistsError,
@@ -69,6 +70,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "model",
     "checkpoint_sha256",
     "seed",
+    "sampler",
     "steps",
     "guidance",
     "timestamp",
@@ -260,16 +262,17 @@ def merge_manifest(out_dir: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def sampling_settings(
-    gm: GeneratorModel, steps: int | None, guidance: float | None
-) -> tuple[int | None, float | None]:
-    """The DDIM steps and guidance to use: the given values, else the ldm model's defaults.
+    gm: GeneratorModel, sampler: Sampler | None, steps: int | None, guidance: float | None
+) -> tuple[Sampler | None, int | None, float | None]:
+    """The sampler, steps and guidance to use: the given values, else the ldm model's defaults.
 
     For a pixelcnn model they are returned unchanged (``sample`` refuses them if set).
     """
     if gm.kind != "ldm":
-        return steps, guidance
+        return sampler, steps, guidance
     cfg = gm.config
     return (
+        cfg.sampler if sampler is None else sampler,  # type: ignore[union-attr]
         cfg.sample_steps if steps is None else steps,  # type: ignore[union-attr]
         cfg.guidance if guidance is None else guidance,  # type: ignore[union-attr]
     )
@@ -295,6 +298,7 @@ def generate(
     fmt: Format = "png",
     steps: int | None = None,
     guidance: float | None = None,
+    sampler: Sampler | None = None,
     volume: bool = False,
     overwrite: bool = False,
     device: str | torch.device = "auto",
@@ -313,8 +317,9 @@ def generate(
         fmt: ``png`` (16-bit greyscale, intensities [0, 1] → 0..65535), ``nifti``
             (``.nii.gz`` float32 in [0, 1], RAS, spacing from :func:`output_spacing`) or
             ``both``.
-        steps: DDIM steps (ldm; default the model's ``sample_steps``).
+        steps: sampling steps (ldm; default the model's ``sample_steps``).
         guidance: classifier-free guidance weight (ldm; default the model's ``guidance``).
+        sampler: ``ddim`` or ``pndm`` (ldm; default the model's ``sampler``).
         volume: also write, for each sample index, the requested levels stacked bottom to
             top as one pseudo-volume NIfTI (slices of different samples are unrelated
             anatomically; the stack is for browsing, not a real volume).
@@ -343,7 +348,7 @@ def generate(
     if volume and len(levels) < 2:
         raise ValueError("--volume needs at least two z levels to stack")
     prefix = prefix or gm.kind
-    steps, guidance = sampling_settings(gm, steps, guidance)
+    sampler, steps, guidance = sampling_settings(gm, sampler, steps, guidance)
 
     def slice_names(level: ZLevel, j: int) -> list[str]:
         return [f"{prefix}_s{seed}_{level.name}_{j:04d}{sfx}" for sfx in SUFFIXES[fmt]]
@@ -363,6 +368,7 @@ def generate(
         "model": gm.kind,
         "checkpoint_sha256": file_sha256(model_path),
         "seed": seed,
+        "sampler": sampler or "",
         "steps": "" if steps is None else steps,
         "guidance": "" if guidance is None else guidance,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -386,7 +392,13 @@ def generate(
     with tqdm(total=total, unit="slice", desc=f"generate {gm.kind}", disable=not progress) as bar:
         for level in levels:
             images, _ = sample(
-                gm, [level.z], per_z, level_seed(seed, level.z), steps=steps, guidance=guidance
+                gm,
+                [level.z],
+                per_z,
+                level_seed(seed, level.z),
+                steps=steps,
+                guidance=guidance,
+                sampler=sampler,
             )
             arrays = images[:, 0].numpy()
             z_index = "" if level.z_index is None else level.z_index

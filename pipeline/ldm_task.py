@@ -317,6 +317,7 @@ def sampling_speed(model_path: Path, device: torch.device, seed: int) -> dict[st
     return {
         "slices_per_s": len(images) / seconds,
         "slices": len(images),
+        "sampler": cfg.sampler,
         "steps": cfg.sample_steps,
         "guidance": cfg.guidance,
     }

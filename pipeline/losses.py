@@ -8,7 +8,8 @@ The perceptual (LPIPS) term lives in :mod:`pipeline.perceptual`; this module hol
 - :func:`discriminator_loss` / :func:`generator_loss`: hinge or least-squares GAN losses on
   PatchGAN logits;
 - :func:`adaptive_weight`: the VQGAN (Esser et al., CVPR 2021) balance between the
-  reconstruction and the adversarial gradient at the decoder's last layer.
+  reconstruction and the adversarial gradient at the decoder's last layer;
+- :func:`ssim_loss`: ``1 - SSIM`` with the window the evaluation's SSIM uses.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from monai.metrics.regression import compute_ssim_and_cs
 
 from pipeline import distributed
+from pipeline.metrics import SSIM_SIGMA, ssim_kernel_size
 
 AdversarialLoss = Literal["hinge", "lsq"]
 
@@ -142,3 +145,29 @@ def adaptive_weight(
     adv_grad = distributed.sum_(adv_grad.contiguous()) / distributed.world_size()
     ratio = rec_grad.norm() / (adv_grad.norm() + 1e-4)
     return ratio.clamp(0.0, max_weight).detach()
+
+
+def ssim_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``1 - SSIM``, averaged over pixels and samples; differentiable in ``recon``.
+
+    The same local SSIM (Gaussian window of :func:`~pipeline.metrics.ssim_kernel_size`,
+    sigma 1.5, data range 1, valid convolution) as the reported test figure, so the term
+    optimises what is measured. ``recon`` may leave [0, 1] during training.
+
+    Args:
+        recon: (B, 1, H, W) reconstructions.
+        target: (B, 1, H, W) images in [0, 1].
+
+    Returns:
+        Scalar in [0, 2]; 0 for identical images.
+    """
+    k = ssim_kernel_size(*target.shape[-2:])
+    ssim_map, _ = compute_ssim_and_cs(
+        recon.float(),
+        target.float(),
+        spatial_dims=2,
+        kernel_size=(k, k),
+        kernel_sigma=(SSIM_SIGMA, SSIM_SIGMA),
+        data_range=1.0,
+    )
+    return 1 - ssim_map.mean()

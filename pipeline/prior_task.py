@@ -30,10 +30,12 @@ from pipeline import distributed
 from pipeline.autoregressive import sample_codes
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ConditioningConfig, Params, PriorConfig, TrainConfig
+from pipeline.data import EvalData, SliceDataset
 from pipeline.first_stage import code_version, load_autoencoder
 from pipeline.images import grid, save_png
 from pipeline.io import write_json
 from pipeline.latents import SPLITS, LatentDataset, read_latent_meta
+from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.stage import StagePaths
 from pipeline.tracking import StageRun
@@ -121,6 +123,58 @@ class CodeSet(Dataset):
             )
         codes = torch.from_numpy(np.asarray(dataset.codes, dtype=np.int64))
         return cls(codes, torch.from_numpy(dataset.z))
+
+
+def augmentations(mirror: bool, shift_px: int) -> list[tuple[bool, int, int]]:
+    """The (mirrored, dy, dx) variants of each training slice, the identity excluded.
+
+    Args:
+        mirror: include the left-right mirrored slice (and its shifted copies).
+        shift_px: also shift by this many pixels up, down, left and right (0: no shifts).
+
+    Returns:
+        Variants in a fixed order; ``[]`` when neither is asked for.
+    """
+    shifts = [(0, 0)]
+    if shift_px:
+        shifts += [(shift_px, 0), (-shift_px, 0), (0, shift_px), (0, -shift_px)]
+    flips = [False, True] if mirror else [False]
+    return [(m, dy, dx) for m in flips for dy, dx in shifts if (m, dy, dx) != (False, 0, 0)]
+
+
+@torch.no_grad()
+def augmented_codes(
+    autoencoder: Autoencoder,
+    slices: EvalData,
+    device: torch.device,
+    variants: list[tuple[bool, int, int]],
+) -> CodeSet:
+    """Code grids of mirrored and shifted copies of the slices, for the prior's training set.
+
+    A mirrored or slightly shifted axial slice is plausible anatomy, but its codes are not
+    the mirrored or shifted codes (each code is a patch with its own orientation, and a
+    shift by less than a code's footprint changes every patch), so the copies are encoded
+    again. Shifts roll the image; the slices' borders are background.
+
+    Args:
+        autoencoder: the VQ-VAE the prior's codes come from, in eval mode.
+        slices: the training slices (image (N, 1, H, W), z (N,)).
+        device: where the autoencoder lives.
+        variants: (mirrored, dy, dx) per copy, from :func:`augmentations` (not empty).
+
+    Returns:
+        (N * len(variants), h, w) codes, variant by variant, and their (unchanged) z.
+    """
+    codes, zs = [], []
+    for mirrored, dy, dx in variants:
+        for image, z in zip(
+            slices.image.split(EVAL_BATCH), slices.z.split(EVAL_BATCH), strict=True
+        ):
+            image = image.flip(-1) if mirrored else image
+            image = image.roll((dy, dx), dims=(-2, -1))
+            codes.append(autoencoder.encode_to_indices(image.to(device), z.to(device)).cpu())
+            zs.append(z.float())
+    return CodeSet(torch.cat(codes).long(), torch.cat(zs))
 
 
 @torch.no_grad()
@@ -292,9 +346,16 @@ def train_prior(
     num_codes = int(meta["num_codes"])
     code_shape = (int(val.codes.shape[1]), int(val.codes.shape[2]))
     autoencoder, _ = load_autoencoder(meta["autoencoder"], device)
+    variants = augmentations(cfg.mirror_augment, cfg.shift_augment_px)
+    if variants:
+        slices = EvalData.from_dataset(SliceDataset(Path(params.data.prepared_dir) / "train"))
+        extra = augmented_codes(autoencoder, slices, device, variants)
+        train = CodeSet(torch.cat([train.codes, extra.codes]), torch.cat([train.z, extra.z]))
+        logger.info("training on %d code grids (%d augmented copies)", len(train), len(extra))
 
     torch.manual_seed(params.seed)
-    prior = GatedPixelCNN(num_codes, cfg, cond_cfg).to(device)
+    codebook = autoencoder.quantizer.codebook
+    prior = GatedPixelCNN(num_codes, cfg, cond_cfg, codebook).to(device)
     task = PriorTask(prior, cfg.train)
     evaluator = PriorEvaluator(
         task, val, autoencoder.decode_indices, run, cfg, code_shape, device, params.seed

@@ -33,7 +33,7 @@ from torch import nn
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.conditioning import check_z
 from pipeline.config import ConditioningConfig, LDMConfig, PriorConfig
-from pipeline.diffusion import build_scheduler, ddim_sample
+from pipeline.diffusion import Sampler, build_scheduler, guided_sample
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.unet import ZConditionedUNet
 
@@ -140,8 +140,10 @@ def _load_pixelcnn(ckpt: dict[str, Any]) -> dict[str, Any]:
     meta = ckpt["metadata"]
     config = PriorConfig.model_validate(ckpt["config"])
     conditioning = ConditioningConfig.model_validate(meta["conditioning"])
-    prior = GatedPixelCNN(int(meta["num_codes"]), config, conditioning)
-    prior.load_state_dict(ckpt["modules"]["prior"])
+    state = ckpt["modules"]["prior"]
+    codebook = torch.zeros_like(state["input_codes.codebook"])  # the state dict fills it
+    prior = GatedPixelCNN(int(meta["num_codes"]), config, conditioning, codebook)
+    prior.load_state_dict(state)
     return {
         "network": prior,
         "latent_shape": tuple(int(s) for s in meta["code_shape"]),
@@ -207,6 +209,7 @@ def sample(
     guidance: float | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
+    sampler: Sampler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generate slices at the requested positions.
 
@@ -215,10 +218,11 @@ def sample(
         z: slice positions in [0, 1] (fractional values interpolate between levels).
         n_per_z: samples per position (>= 1).
         seed: seeds every random draw; the same arguments give the same slices.
-        steps: DDIM steps (ldm; default ``ldm.sample_steps`` of the model's config).
+        steps: sampling steps (ldm; default ``ldm.sample_steps`` of the model's config).
         guidance: classifier-free guidance weight (ldm; default ``ldm.guidance``).
         temperature: sampling temperature > 0 (pixelcnn; default ``prior.temperature``).
         top_k: sample among the k most likely codes (pixelcnn; default ``prior.top_k``).
+        sampler: ``ddim`` or ``pndm`` (ldm; default ``ldm.sampler``).
 
     Returns:
         ``(images, z)``: (N, 1, H, W) slices in [0, 1] on the CPU with N = len(z) * n_per_z
@@ -230,8 +234,14 @@ def sample(
     levels = check_z(z).flatten()
     if n_per_z < 1:
         raise ValueError(f"n_per_z must be >= 1, got {n_per_z}")
-    foreign = {"ldm": ("temperature", "top_k"), "pixelcnn": ("steps", "guidance")}
-    given = {"steps": steps, "guidance": guidance, "temperature": temperature, "top_k": top_k}
+    foreign = {"ldm": ("temperature", "top_k"), "pixelcnn": ("steps", "guidance", "sampler")}
+    given = {
+        "steps": steps,
+        "guidance": guidance,
+        "temperature": temperature,
+        "top_k": top_k,
+        "sampler": sampler,
+    }
     for name in foreign[generator_model.kind]:
         if given[name] is not None:
             raise ValueError(
@@ -247,11 +257,12 @@ def sample(
     for zb in all_z.split(CHUNK):
         zb = zb.to(gm.device)
         if gm.kind == "ldm":
-            latent = ddim_sample(
+            latent = guided_sample(
                 gm.network,
-                gm.scheduler,
+                gm.metadata["scheduler"],
                 zb,
                 gm.latent_shape,
+                sampler=cfg.sampler if sampler is None else sampler,
                 steps=cfg.sample_steps if steps is None else steps,
                 guidance=cfg.guidance if guidance is None else guidance,
                 generator=gen,

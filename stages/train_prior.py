@@ -6,9 +6,11 @@ Usage::
     torchrun --standalone --nproc_per_node N -m stages.train_prior
     BRAINGEN_NPROC=N python -m stages.train_prior   # the same, via torchrun
 
-Reads ``params.yaml`` (prior, conditioning, seed, device), ``data/latents/vqvae`` and the
-autoencoder named in its meta.json; writes ``models/pixelcnn.pt``, ``reports/prior.json``
-(test NLL in bits per code, sampling speed) and ``reports/prior_samples.png``.
+Reads ``params.yaml`` (prior, conditioning, seed, device), ``data/latents/vqvae``, the
+autoencoder named in its meta.json and (for ``prior.mirror_augment`` and
+``prior.shift_augment_px``) the prepared training slices; writes ``models/pixelcnn.pt``,
+``reports/prior.json`` (test NLL in bits per code, sampling speed) and
+``reports/prior_samples.png``.
 """
 
 from __future__ import annotations

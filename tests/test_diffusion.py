@@ -17,7 +17,9 @@ from pipeline.diffusion import (
     ddim_sample,
     diffusion_loss,
     guided_output,
+    guided_sample,
     inpaint,
+    pndm_sample,
     scheduler_config,
     sdedit,
 )
@@ -130,6 +132,35 @@ def test_ddim_reaches_the_clean_latent_of_an_exact_model(prediction_type: str) -
     assert traj.x_t.shape == traj.x0.shape == (7, 2, *SHAPE)
     assert traj.timesteps[0] == 999 and traj.timesteps[-1] == 0
     torch.testing.assert_close(traj.x0[-1], target, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_pndm_reaches_the_clean_latent_of_an_exact_model(prediction_type: str) -> None:
+    config = scheduler_config(_cfg(prediction_type=prediction_type))
+    target = torch.randn(2, *SHAPE, generator=_gen(5))
+    oracle = _Oracle(target, build_scheduler(config, "ddpm"))
+    out = pndm_sample(oracle, config, torch.tensor([0.2, 0.7]), SHAPE, 10, 2.5, _gen())
+    torch.testing.assert_close(out, target, atol=1e-3, rtol=1e-3)
+
+
+def test_guided_sample_runs_the_named_sampler_with_one_forward_per_step() -> None:
+    unet, config = _unet(), scheduler_config(_cfg())
+    z = torch.tensor([0.0, 0.5, 1.0])
+    batches: list[int] = []
+    unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    kwargs = {"steps": 5, "guidance": 2.0}
+    pndm = guided_sample(unet, config, z, SHAPE, sampler="pndm", generator=_gen(1), **kwargs)
+    assert batches == [6] * 6  # PLMS: one extra forward for its warm-up (corrector) step
+    again = guided_sample(unet, config, z, SHAPE, sampler="pndm", generator=_gen(1), **kwargs)
+    torch.testing.assert_close(pndm, again, atol=0, rtol=0)  # the scheduler state is reset
+    ddim = guided_sample(unet, config, z, SHAPE, sampler="ddim", generator=_gen(1), **kwargs)
+    expected = ddim_sample(unet, build_scheduler(config, "ddim"), z, SHAPE, 5, 2.0, _gen(1))
+    torch.testing.assert_close(ddim, expected, atol=0, rtol=0)
+    assert (pndm - ddim).abs().mean() > 1e-4  # a different sampler, not a renamed one
+    with pytest.raises(ValueError, match="sampler"):
+        guided_sample(unet, config, z, SHAPE, sampler="euler", generator=_gen(), **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="steps"):
+        guided_sample(unet, config, z, SHAPE, sampler="pndm", steps=0, guidance=2.0, generator=None)
 
 
 def test_ddim_is_deterministic_under_a_seed() -> None:

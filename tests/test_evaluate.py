@@ -239,7 +239,7 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> No
         assert saved[name]["zprobe_sha256"] == file_sha256(tmp_path / "models" / "zprobe.pt")
     for name in ("ldm", "pixelcnn"):
         assert saved[name]["checkpoint_sha256"] == file_sha256(tmp_path / "models" / f"{name}.pt")
-    assert saved["ldm"]["sampling"] == {"steps": 2, "guidance": LDM.guidance}
+    assert saved["ldm"]["sampling"] == {"sampler": "ddim", "steps": 2, "guidance": LDM.guidance}
     assert saved["blurred_real"]["sigma_px"] == 1.5
     assert saved["real"]["zprobe_mae"] >= 0 and saved["real"]["n_samples"] == n
     assert {"fd_alex", "precision", "recall"} <= set(saved["real"]["split_halves"])

@@ -149,6 +149,33 @@ def test_discriminator_starts_at_start_step() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("kinds", "kind", "adversarial"),
+    [(("vaegan",), "vqvae", False), (("vaegan",), "vaegan", True), (("vqvae",), "vqvae", True)],
+)
+def test_only_the_listed_kinds_train_against_the_discriminator(
+    kinds: tuple[str, ...], kind: str, adversarial: bool
+) -> None:
+    cfg = _cfg()
+    disc = cfg.discriminator.model_copy(update={"kinds": kinds})
+    cfg = cfg.model_copy(update={"discriminator": disc})
+    task = _task(kind, cfg)
+    logs = task.train_step(_fixed_batch(), 10, Optimization(task.optimizers, 1.0))
+    assert (logs["d_loss"] != 0) is adversarial
+    assert (logs["adaptive_weight"] > 0) is adversarial
+
+
+def test_ssim_weight_adds_the_ssim_term_to_the_loss() -> None:
+    batch = _fixed_batch()
+    base = _task("vqvae")
+    plain = base.train_step(batch, 0, Optimization(base.optimizers, 1.0))
+    assert "ssim_loss" not in plain
+    task = _task("vqvae", _cfg().model_copy(update={"ssim_weight": 2.0}))
+    logs = task.train_step(batch, 0, Optimization(task.optimizers, 1.0))
+    assert 0 < logs["ssim_loss"] < 2
+    assert logs["loss"] == pytest.approx(plain["loss"] + 2.0 * logs["ssim_loss"], rel=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["vqvae", "vaegan"])
 def test_resume_after_kill_matches_uninterrupted_run(kind: str, tmp_path) -> None:
     data, cfg = _Slices(), _cfg(ema_decay=0.9)

@@ -115,7 +115,16 @@ def test_generate_is_deterministic_per_seed_and_level(tiny_generators, tmp_path)
 def test_manifest_lists_every_file_with_its_provenance(tiny_generators, tmp_path) -> None:
     model = tiny_generators["ldm"]
     result = generate(
-        model, "1,0.5", 3, 7, tmp_path, steps=3, guidance=1.5, progress=False, device="cpu"
+        model,
+        "1,0.5",
+        3,
+        7,
+        tmp_path,
+        steps=3,
+        guidance=1.5,
+        sampler="pndm",
+        progress=False,
+        device="cpu",
     )
     assert result.slices == 6 and len(result.files) == 6
     with (tmp_path / "manifest.csv").open(newline="") as fh:
@@ -125,8 +134,9 @@ def test_manifest_lists_every_file_with_its_provenance(tiny_generators, tmp_path
     sha = file_sha256(model)
     for row in rows:
         assert row["model"] == "ldm" and row["checkpoint_sha256"] == sha
-        assert (row["seed"], row["steps"], row["guidance"], row["type"]) == (
+        assert (row["seed"], row["sampler"], row["steps"], row["guidance"], row["type"]) == (
             "7",
+            "pndm",
             "3",
             "1.5",
             "slice",
@@ -150,9 +160,11 @@ def test_pixelcnn_generates_and_refuses_ldm_settings(tiny_generators, tmp_path) 
     result = generate(model, "0,3", 1, 0, tmp_path, progress=False, device="cpu")
     rows = read_manifest(result.manifest)
     assert [r["file"] for r in rows] == ["pixelcnn_s0_z000_0000.png", "pixelcnn_s0_z003_0000.png"]
-    assert rows[0]["steps"] == "" and rows[0]["guidance"] == ""
+    assert rows[0]["steps"] == rows[0]["guidance"] == rows[0]["sampler"] == ""
     with pytest.raises(ValueError, match="steps"):
         generate(model, "0", 1, 0, tmp_path / "x", steps=3, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="sampler"):
+        generate(model, "0", 1, 0, tmp_path / "x", sampler="ddim", progress=False, device="cpu")
 
 
 def test_existing_output_is_refused_unless_overwrite(tiny_generators, tmp_path) -> None:

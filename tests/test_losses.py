@@ -11,7 +11,9 @@ from pipeline.losses import (
     gaussian_kl,
     generator_loss,
     kl_weight,
+    ssim_loss,
 )
+from pipeline.metrics import ssim
 
 
 @pytest.mark.parametrize(
@@ -86,3 +88,14 @@ def test_adaptive_weight_is_gradient_norm_ratio() -> None:
     assert not w.requires_grad
     (rec + w * adv).backward()  # the graph was retained for the real backward pass
     assert adaptive_weight(2.0 * last.sum(), 1e-9 * last.sum(), last, max_weight=7.0).item() == 7.0
+
+
+def test_ssim_loss_is_one_minus_the_reported_ssim_and_differentiable() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 64, 64, generator=gen)
+    y = (x + 0.1 * torch.randn(3, 1, 64, 64, generator=gen)).clamp(0, 1).requires_grad_()
+    loss = ssim_loss(y, x)
+    assert loss.item() == pytest.approx(1 - ssim(x, y.detach()).mean().item(), abs=1e-6)
+    assert ssim_loss(x, x).item() == pytest.approx(0, abs=1e-6)
+    loss.backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from support import write_ellipse_splits
 
 from pipeline.autoregressive import sample_codes
 from pipeline.checkpoint import load_checkpoint
@@ -21,6 +22,7 @@ from pipeline.config import (
     TrainConfig,
     VQConfig,
 )
+from pipeline.data import EvalData
 from pipeline.first_stage import export_autoencoder
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.pixelcnn import GatedPixelCNN
@@ -29,6 +31,8 @@ from pipeline.prior_task import (
     CodeSet,
     PriorEvaluator,
     PriorTask,
+    augmentations,
+    augmented_codes,
     nll_bits_per_code,
     train_prior,
 )
@@ -175,6 +179,34 @@ def test_evaluator_reports_bits_per_code_and_logs_a_grid_per_z_level() -> None:
     np.testing.assert_array_equal(run.images["samples/prior_000008.png"], image)
 
 
+def test_augmentations_list_every_variant_but_the_identity() -> None:
+    assert augmentations(False, 0) == []
+    assert augmentations(True, 0) == [(True, 0, 0)]
+    shifted = augmentations(True, 2)
+    assert len(shifted) == 9 and len(set(shifted)) == 9 and (False, 0, 0) not in shifted
+    assert (False, -2, 0) in shifted and (True, 0, 2) in shifted
+
+
+def test_augmented_codes_encode_mirrored_and_shifted_slices() -> None:
+    cfg = AutoencoderConfig(
+        channels=(8, 8), norm_groups=4, attention=False, vq=VQConfig(num_codes=16, code_dim=3)
+    )
+    torch.manual_seed(0)
+    autoencoder = Autoencoder(cfg, COND, "vqvae").eval()
+    image = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    z = torch.linspace(0, 1, 6)
+    slices = EvalData(image, torch.ones_like(image), z, torch.arange(6))
+    out = augmented_codes(autoencoder, slices, CPU, [(True, 0, 0), (False, 2, 0), (True, 0, -2)])
+    with torch.no_grad():
+        expected = [
+            autoencoder.encode_to_indices(image.flip(-1), z),
+            autoencoder.encode_to_indices(image.roll(2, dims=-2), z),
+            autoencoder.encode_to_indices(image.flip(-1).roll(-2, dims=-1), z),
+        ]
+    torch.testing.assert_close(out.codes, torch.cat(expected).long())
+    torch.testing.assert_close(out.z, z.repeat(3))
+
+
 def _latents_dir(tmp_path: Path) -> Path:
     """A real (untrained) VQ-VAE and code grids laid out as encode_latents writes them."""
     ae_cfg = AutoencoderConfig(
@@ -214,7 +246,14 @@ def test_stage_trains_exports_and_the_model_file_samples(tmp_path: Path) -> None
         grid=tmp_path / "reports" / "prior_samples.png",
         resume_dir=tmp_path / "checkpoints" / "prior",
     )
-    params = Params(conditioning=COND, prior=_cfg(steps=6, eval_every=3, ckpt_every=3))
+    prepared = write_ellipse_splits(tmp_path / "prepared", size=8)
+    params = Params.model_validate(
+        {
+            "conditioning": COND.model_dump(),
+            "prior": _cfg(steps=6, eval_every=3, ckpt_every=3).model_dump(),
+            "data": {"prepared_dir": str(prepared)},
+        }
+    )
     run = _Run()
     report = train_prior(params, run=run, device=CPU, paths=paths, progress=False)  # type: ignore[arg-type]
 

@@ -9,8 +9,14 @@ van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders":
   (excludes the current position), later layers type 'B' (include it; it is causal already);
 - gated units ``tanh(a) * sigmoid(b)``; residual connections on the horizontal stack
   (except the first layer, whose input is the current code itself);
-- a conditional bias ``V e`` from the shared :class:`~pipeline.conditioning.ZEmbedding`
-  added to both stacks' pre-activations in every layer.
+- a conditional bias added to both stacks' pre-activations in every layer: a 1x1
+  convolution of a (B, C, h, w) map of the z embedding (the shared
+  :class:`~pipeline.conditioning.ZEmbedding`) combined with each position's coordinates
+  (:class:`PositionAndZ`), since convolutions alone cannot tell the centre of a slice from
+  its edge (the spatial-conditioning form ``V * s`` of the paper);
+- code features tied to the VQ-VAE's codebook (:class:`CodeTable`), at the input (code ->
+  feature) and at the output (logit = feature . table[k] + b_k), so that what is learnt about
+  one code carries over to codes with similar codebook vectors.
 
 The target is the input itself; correctness comes from causality: the logits at raster
 position i depend only on codes at positions < i.
@@ -31,6 +37,9 @@ from torch import nn
 
 from pipeline.conditioning import ZEmbedding
 from pipeline.config import ConditioningConfig, PriorConfig
+
+#: Code length of the random codebook a prior without a VQ-VAE is tied to.
+RANDOM_CODE_DIM = 8
 
 
 def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -59,6 +68,87 @@ def gate(x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(a) * torch.sigmoid(b)
 
 
+def grid_features(shape: tuple[int, int], n_freqs: int, device: torch.device) -> torch.Tensor:
+    """Fourier features of every grid position's fractional coordinates.
+
+    Args:
+        shape: (h, w) of the code grid.
+        n_freqs: F, frequencies ``pi * 2**k`` (k < F) per axis; coordinates are
+            ``row / (h - 1)`` and ``col / (w - 1)`` in [0, 1], so any grid size works.
+        device: where to build them.
+
+    Returns:
+        (4F, h, w) ``[sin, cos]`` of each frequency times each coordinate.
+    """
+    rows, cols = (torch.linspace(0, 1, n, device=device) for n in shape)
+    coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # (2, h, w)
+    freqs = torch.pi * 2.0 ** torch.arange(n_freqs, device=device)
+    args = coords[:, None] * freqs[None, :, None, None]  # (2, F, h, w)
+    return torch.cat([args.sin(), args.cos()]).flatten(0, 1)
+
+
+class PositionAndZ(nn.Module):
+    """The conditioning map: which slice level, and where in the grid, for every position.
+
+    ``SiLU(W_p pos(r, c) + W_z e(z))`` followed by a 1x1 convolution, so position and level
+    interact (the ventricles sit at the centre of mid-level slices only).
+
+    Args:
+        cond_dim: width of the z embedding e(z).
+        channels: C, width of the map.
+        n_freqs: Fourier frequencies per axis (:func:`grid_features`).
+    """
+
+    def __init__(self, cond_dim: int, channels: int, n_freqs: int = 4) -> None:
+        super().__init__()
+        self.n_freqs = n_freqs
+        self.position = nn.Conv2d(4 * n_freqs, channels, 1)
+        self.level = nn.Linear(cond_dim, channels)
+        self.mix = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, emb: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """Conditioning map of a batch.
+
+        Args:
+            emb: (B, cond_dim) z embedding.
+            shape: (h, w) of the code grid.
+
+        Returns:
+            (B, C, h, w) map.
+        """
+        pos = self.position(grid_features(shape, self.n_freqs, emb.device)[None])
+        return self.mix(F.silu(pos + self.level(emb)[:, :, None, None]))
+
+
+class CodeTable(nn.Module):
+    """A feature vector for every code: an MLP of its codebook vector plus a free offset.
+
+    With 1024 codes and a few hundred training grids most codes occur too rarely for a
+    free embedding to be learnt alone; through the MLP, codes whose codebook vectors are
+    close (similar patches) start with close features and share what is learnt. The
+    per-code offset (zero at initialisation) keeps the table as expressive as a free one.
+
+    Args:
+        codebook: (K, D) VQ codebook; standardised (zero mean, unit variance per dimension)
+            and kept as a buffer, so it is saved with the prior.
+        channels: C, feature width.
+    """
+
+    def __init__(self, codebook: torch.Tensor, channels: int) -> None:
+        super().__init__()
+        codebook = codebook.detach().float()
+        std = codebook.std(dim=0, keepdim=True) if len(codebook) > 1 else torch.ones(1)
+        self.register_buffer("codebook", (codebook - codebook.mean(dim=0)) / std.clamp_min(1e-6))
+        self.mlp = nn.Sequential(
+            nn.Linear(codebook.shape[1], channels), nn.SiLU(), nn.Linear(channels, channels)
+        )
+        self.offset = nn.Parameter(torch.zeros(len(codebook), channels))
+
+    def forward(self) -> torch.Tensor:
+        """(K, C) features of all codes."""
+        return self.mlp(self.codebook) + self.offset
+
+
 class GatedLayer(nn.Module):
     """One gated layer with a vertical and a horizontal stack.
 
@@ -70,11 +160,13 @@ class GatedLayer(nn.Module):
     Args:
         channels: C, width of both stacks.
         kernel_size: k, odd, >= 3.
-        cond_dim: width of the z embedding.
+        cond_channels: width of the conditioning map (:class:`PositionAndZ`).
         mask_type: ``"A"`` for the first layer (excludes the current position), else ``"B"``.
     """
 
-    def __init__(self, channels: int, kernel_size: int, cond_dim: int, mask_type: str) -> None:
+    def __init__(
+        self, channels: int, kernel_size: int, cond_channels: int, mask_type: str
+    ) -> None:
         super().__init__()
         if mask_type not in ("A", "B"):
             raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
@@ -89,18 +181,18 @@ class GatedLayer(nn.Module):
         self.h_conv = nn.Conv2d(channels, 2 * channels, (1, self.h_width))
         self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.h_out = nn.Conv2d(channels, channels, 1)
-        self.cond = nn.Linear(cond_dim, 4 * channels)
+        self.cond = nn.Conv2d(cond_channels, 4 * channels, 1)
 
-    def conditional_bias(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Project the z embedding to the two stacks' biases.
+    def conditional_bias(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project the conditioning map to the two stacks' biases.
 
         Args:
-            emb: (B, cond_dim) z embedding.
+            cond: (B, cond_channels, H, W) conditioning map.
 
         Returns:
-            ``(bias_v, bias_h)``, each (B, 2C).
+            ``(bias_v, bias_h)``, each (B, 2C, H, W).
         """
-        bias_v, bias_h = self.cond(emb).chunk(2, dim=1)
+        bias_v, bias_h = self.cond(cond).chunk(2, dim=1)
         return bias_v, bias_h
 
     def vertical(
@@ -111,12 +203,12 @@ class GatedLayer(nn.Module):
         Args:
             v_padded: (B, C, R + k//2, W + 2*(k//2)) input rows, zero-padded k//2 rows on top
                 and k//2 columns on each side.
-            bias_v: (B, 2C) conditional bias.
+            bias_v: (B, 2C, R, W) conditional bias of the R rows.
 
         Returns:
             ``(pre, out)``: pre-activations (B, 2C, R, W) and the gated output (B, C, R, W).
         """
-        pre = self.v_conv(v_padded) + bias_v[:, :, None, None]
+        pre = self.v_conv(v_padded) + bias_v
         return pre, gate(pre)
 
     def vertical_to_horizontal(
@@ -127,12 +219,12 @@ class GatedLayer(nn.Module):
         Args:
             v_pre_above: (B, 2C, R, W) vertical pre-activations of the row above each
                 position (zeros for the first row).
-            bias_h: (B, 2C) conditional bias.
+            bias_h: (B, 2C, R, W) conditional bias of the R rows.
 
         Returns:
             (B, 2C, R, W) term added to the horizontal pre-activations.
         """
-        return self.v_to_h(v_pre_above) + bias_h[:, :, None, None]
+        return self.v_to_h(v_pre_above) + bias_h
 
     def horizontal(
         self, h_padded: torch.Tensor, h_in: torch.Tensor, v_term: torch.Tensor
@@ -174,19 +266,19 @@ class GatedLayer(nn.Module):
         return h_in + out if self.residual else out
 
     def forward(
-        self, v: torch.Tensor, h: torch.Tensor, emb: torch.Tensor
+        self, v: torch.Tensor, h: torch.Tensor, cond: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both stacks on a whole grid.
 
         Args:
             v: (B, C, H, W) vertical stack input.
             h: (B, C, H, W) horizontal stack input.
-            emb: (B, cond_dim) z embedding.
+            cond: (B, cond_channels, H, W) conditioning map.
 
         Returns:
             ``(v_out, h_out)``, each (B, C, H, W).
         """
-        bias_v, bias_h = self.conditional_bias(emb)
+        bias_v, bias_h = self.conditional_bias(cond)
         p = self.half
         v_pre, v_out = self.vertical(F.pad(v, (p, p, p, 0)), bias_v)
         v_term = self.vertical_to_horizontal(F.pad(v_pre, (0, 0, 1, 0))[:, :, :-1], bias_h)
@@ -202,25 +294,43 @@ class GatedPixelCNN(nn.Module):
         num_codes: K, the VQ codebook size.
         config: architecture (``channels``, ``n_layers``, ``kernel_size``).
         conditioning: z-embedding sizes (shared convention of all conditioned networks).
+        codebook: (K, D) the VQ-VAE's codebook the code features are tied to
+            (:class:`CodeTable`); zeros of the right shape when a saved prior is loaded
+            (the state dict holds it); None draws a random one (priors without a VQ-VAE).
+
+    Raises:
+        ValueError: fewer than 2 codes, or a codebook with other than ``num_codes`` rows.
     """
 
     def __init__(
-        self, num_codes: int, config: PriorConfig, conditioning: ConditioningConfig
+        self,
+        num_codes: int,
+        config: PriorConfig,
+        conditioning: ConditioningConfig,
+        codebook: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if num_codes < 2:
             raise ValueError(f"num_codes must be >= 2, got {num_codes}")
+        if codebook is None:
+            codebook = torch.randn(num_codes, RANDOM_CODE_DIM)
+        if codebook.ndim != 2 or len(codebook) != num_codes:
+            raise ValueError(
+                f"codebook must be ({num_codes}, D), got {tuple(codebook.shape)}"
+            )
         self.num_codes = num_codes
         self.kernel_size = config.kernel_size
-        c = config.channels
-        self.embedding = nn.Embedding(num_codes, c)
+        self.channels = c = config.channels
+        self.input_codes = CodeTable(codebook, c)
+        self.output_codes = CodeTable(codebook, c)
+        self.output_bias = nn.Parameter(torch.zeros(num_codes))
         self.z_embedding = ZEmbedding(conditioning)
+        self.condition = PositionAndZ(conditioning.dim, c)
         self.layers = nn.ModuleList(
-            GatedLayer(c, config.kernel_size, conditioning.dim, "A" if i == 0 else "B")
+            GatedLayer(c, config.kernel_size, c, "A" if i == 0 else "B")
             for i in range(config.n_layers + 1)
         )
         self.head_hidden = nn.Conv2d(c, c, 1)
-        self.head_out = nn.Conv2d(c, num_codes, 1)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from the last horizontal stack output.
@@ -229,13 +339,24 @@ class GatedPixelCNN(nn.Module):
             h: (B, C, H, W) features.
 
         Returns:
-            (B, K, H, W) logits.
+            (B, K, H, W) logits: the hidden features dotted with every code's output feature.
         """
-        return self.head_out(F.relu(self.head_hidden(F.relu(h))))
+        hidden = F.relu(self.head_hidden(F.relu(h)))
+        logits = torch.einsum("bchw,kc->bkhw", hidden, self.output_codes())
+        return logits + self.output_bias[:, None, None]
 
-    def head_step(self, h: torch.Tensor) -> torch.Tensor:
-        """:meth:`head` at a single position per sample: (B, C) features -> (B, K) logits."""
-        return pointwise(self.head_out, F.relu(pointwise(self.head_hidden, F.relu(h))))
+    def head_step(self, h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """:meth:`head` at a single position per sample.
+
+        Args:
+            h: (B, C) features.
+            table: (K, C) ``self.output_codes()``, computed once per sampling call.
+
+        Returns:
+            (B, K) logits.
+        """
+        hidden = F.relu(pointwise(self.head_hidden, F.relu(h)))
+        return F.linear(hidden, table, self.output_bias)
 
     def forward(self, codes: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Logits of every code given the codes before it in raster order.
@@ -248,9 +369,9 @@ class GatedPixelCNN(nn.Module):
             (B, K, h, w) logits; position (r, c) depends only on codes before it in raster
             order (rows above, and the current row to the left).
         """
-        x = self.embedding(codes).permute(0, 3, 1, 2)
-        emb = self.z_embedding(z)
+        x = F.embedding(codes, self.input_codes()).permute(0, 3, 1, 2)
+        cond = self.condition(self.z_embedding(z), (codes.shape[1], codes.shape[2]))
         v, h = x, x
         for layer in self.layers:
-            v, h = layer(v, h, emb)
+            v, h = layer(v, h, cond)
         return self.head(h)
