@@ -36,6 +36,7 @@ from pipeline.diffusion import (
     build_scheduler,
     ddim_sample,
     diffusion_loss,
+    guided_sample,
     scheduler_config,
 )
 from pipeline.images import grid, rows_by_z, save_png
@@ -221,22 +222,35 @@ class Evaluator:
         self.val, self.reference, self.latent_shape = val, reference, latent_shape
         self.n_slices, self.final_step = n_slices, final_step
         self.device, self.seed = device, seed
-        self.sampler = build_scheduler(scheduler_config(config), "ddim")
+        self.ddim = build_scheduler(scheduler_config(config), "ddim")
         self.last_grid: np.ndarray | None = None
         #: (GIF frames, strip) of the final step's sampling run, set by the last evaluation.
         self.trajectory: tuple[list[np.ndarray], np.ndarray] | None = None
 
     def _sample(self, unet: nn.Module, z: torch.Tensor, trajectory: bool = False) -> Any:
+        """Latents from the default sampler; DDIM for a trajectory (its x0 at every step)."""
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        return ddim_sample(
+        cfg, z = self.config, z.to(self.device)
+        if trajectory:
+            return ddim_sample(
+                unet,
+                self.ddim,
+                z,
+                self.latent_shape,
+                steps=cfg.sample_steps,
+                guidance=cfg.guidance,
+                generator=gen,
+                return_trajectory=True,
+            )
+        return guided_sample(
             unet,
-            self.sampler,
-            z.to(self.device),
+            scheduler_config(cfg),
+            z,
             self.latent_shape,
-            steps=self.config.sample_steps,
-            guidance=self.config.guidance,
+            sampler=cfg.sampler,
+            steps=cfg.sample_steps,
+            guidance=cfg.guidance,
             generator=gen,
-            return_trajectory=trajectory,
         )
 
     def __call__(self, step: int, ema: nn.Module | None) -> dict[str, float]:
@@ -420,10 +434,11 @@ def train_ldm(
     run.log_metrics({"sampling_slices_per_s": report["sampling"]["slices_per_s"]}, result.step)
     finish_resume(paths.resume_dir)
     logger.info(
-        "ldm: final loss %.4f, %.1f slices/s at %d DDIM steps (guidance %.2g)",
+        "ldm: final loss %.4f, %.1f slices/s at %d %s steps (guidance %.2g)",
         report["final_loss"] or float("nan"),
         report["sampling"]["slices_per_s"],
         report["sampling"]["steps"],
+        report["sampling"]["sampler"],
         report["sampling"]["guidance"],
     )
     return report
