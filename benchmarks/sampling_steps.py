@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import load_params
+from pipeline.config import SAMPLERS, load_params
 from pipeline.data import EvalData, SliceDataset
 from pipeline.evaluate import zprobe_errors
 from pipeline.io import write_json, write_text
@@ -39,8 +39,6 @@ from pipeline.metrics import alex_features, fd_alex
 from pipeline.sampling import GeneratorModel, load_generator, sample
 from pipeline.training import resolve_device
 from pipeline.zprobe import load_probe
-
-SAMPLERS = ("ddim", "pndm")
 
 
 def generate(

@@ -24,6 +24,7 @@ from typing import Annotated, TypeVar
 
 import typer
 
+from pipeline.config import SAMPLERS
 from pipeline.stage import USER_ERRORS
 
 app = typer.Typer(
@@ -37,7 +38,6 @@ app = typer.Typer(
 MODELS = {"ldm": Path("models/ldm.pt"), "pixelcnn": Path("models/pixelcnn.pt")}
 FORMATS = ("png", "nifti", "both")
 DEVICES = ("auto", "cpu", "cuda")
-SAMPLERS = ("ddim", "pndm")
 
 T = TypeVar("T")
 

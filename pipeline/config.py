@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -300,6 +300,11 @@ class PriorConfig(_Section):
     train: TrainConfig = TrainConfig()
 
 
+#: LDM samplers (:func:`pipeline.diffusion.guided_sample`).
+Sampler = Literal["ddim", "pndm"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+
+
 class LDMConfig(_Section):
     """Latent-diffusion UNet and its scheduler.
 
@@ -341,7 +346,7 @@ class LDMConfig(_Section):
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     cond_dropout: float = Field(0.15, ge=0, lt=1)
     guidance: float = Field(2.0, ge=0)
-    sampler: Literal["ddim", "pndm"] = "ddim"
+    sampler: Sampler = "ddim"
     sample_steps: int = Field(50, ge=1)
     grid_levels: int = Field(8, ge=1)
     grid_samples: int = Field(8, ge=1)

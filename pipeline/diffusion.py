@@ -30,9 +30,7 @@ import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler, Scheduler
 from torch import nn
 
-from pipeline.config import LDMConfig
-
-Sampler = Literal["ddim", "pndm"]
+from pipeline.config import LDMConfig, Sampler
 
 
 @dataclass
@@ -291,8 +289,8 @@ def pndm_sample(
         **{**schedule, "prediction_type": "epsilon"}, skip_prk_steps=True, set_alpha_to_one=True
     )
     _check_steps(steps, scheduler)
-    alphas = scheduler.alphas_cumprod.to(device=z.device)
     x = _noise((z.shape[0], *shape), z.float(), generator)
+    alphas = scheduler.alphas_cumprod.to(device=x.device, dtype=x.dtype)
     scheduler.set_timesteps(steps, device=z.device)
     timesteps = scheduler.timesteps.tolist()
     # PLMS warm-up (as diffusers' skip_prk_steps): the second timestep comes twice, the first
@@ -300,7 +298,7 @@ def pndm_sample(
     # skip_prk_steps schedule leaves it out, which ends sampling one step short of clean.
     for t in timesteps[:2] + timesteps[1:]:
         out = guided_output(unet, x, torch.full((x.shape[0],), t, device=x.device), z, guidance)
-        _, eps = _x0_and_eps(out, x, alphas[t].to(x.dtype), schedule["prediction_type"])
+        _, eps = _x0_and_eps(out, x, alphas[t], schedule["prediction_type"])
         x, _ = scheduler.step(eps, t, x)
     return x
 

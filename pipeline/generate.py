@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.diffusion import Sampler
+from pipeline.config import Sampler
 from pipeline.sampling import GeneratorModel, file_sha256, load_generator, sample
 from pipeline.slice_files import (
     OutputExistsError,

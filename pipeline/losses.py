@@ -18,10 +18,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.metrics.regression import compute_ssim_and_cs
 
 from pipeline import distributed
-from pipeline.metrics import SSIM_SIGMA, ssim_kernel_size
+from pipeline.metrics import local_ssim
 
 AdversarialLoss = Literal["hinge", "lsq"]
 
@@ -150,9 +149,8 @@ def adaptive_weight(
 def ssim_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``1 - SSIM``, averaged over pixels and samples; differentiable in ``recon``.
 
-    The same local SSIM (Gaussian window of :func:`~pipeline.metrics.ssim_kernel_size`,
-    sigma 1.5, data range 1, valid convolution) as the reported test figure, so the term
-    optimises what is measured. ``recon`` may leave [0, 1] during training.
+    The same local SSIM (:func:`pipeline.metrics.local_ssim`) as the reported test figure,
+    so the term optimises what is measured. ``recon`` may leave [0, 1] during training.
 
     Args:
         recon: (B, 1, H, W) reconstructions.
@@ -161,13 +159,4 @@ def ssim_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Returns:
         Scalar in [0, 2]; 0 for identical images.
     """
-    k = ssim_kernel_size(*target.shape[-2:])
-    ssim_map, _ = compute_ssim_and_cs(
-        recon.float(),
-        target.float(),
-        spatial_dims=2,
-        kernel_size=(k, k),
-        kernel_sigma=(SSIM_SIGMA, SSIM_SIGMA),
-        data_range=1.0,
-    )
-    return 1 - ssim_map.mean()
+    return 1 - local_ssim(target, recon).mean()

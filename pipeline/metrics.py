@@ -101,6 +101,33 @@ def ssim_kernel_size(height: int, width: int) -> int:
     return 11 if side >= 64 else 7
 
 
+def local_ssim(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Local SSIM map of two image batches, unchecked and differentiable.
+
+    Gaussian window from :func:`ssim_kernel_size`, sigma 1.5, data range 1, valid
+    convolution (the map is ``kernel_size - 1`` pixels smaller than the image per side).
+    :func:`ssim_map` checks its inputs and batches; the training loss
+    (:func:`pipeline.losses.ssim_loss`) calls this directly, since a reconstruction may
+    leave [0, 1] during training.
+
+    Args:
+        real: (N, 1, H, W) reference images.
+        fake: (N, 1, H, W) images to compare.
+
+    Returns:
+        (N, 1, H - k + 1, W - k + 1) local SSIM values.
+    """
+    k = ssim_kernel_size(*real.shape[-2:])
+    return compute_ssim_and_cs(
+        fake.float(),
+        real.float(),
+        spatial_dims=2,
+        kernel_size=(k, k),
+        kernel_sigma=(SSIM_SIGMA, SSIM_SIGMA),
+        data_range=1.0,
+    )[0]
+
+
 def ssim_map(real: Images, fake: Images, *, batch_size: int = 256) -> torch.Tensor:
     """Local SSIM map (Gaussian window from :func:`ssim_kernel_size`, sigma 1.5, data range 1).
 
@@ -120,19 +147,12 @@ def ssim_map(real: Images, fake: Images, *, batch_size: int = 256) -> torch.Tens
     """
     real, fake = _as_images(real, "real"), _as_images(fake, "fake")
     _check_same_shape(real, fake, "real", "fake")
-    k = ssim_kernel_size(*real.shape[-2:])
-    maps = [
-        compute_ssim_and_cs(
-            f,
-            r,
-            spatial_dims=2,
-            kernel_size=(k, k),
-            kernel_sigma=(SSIM_SIGMA, SSIM_SIGMA),
-            data_range=1.0,
-        )[0]
-        for r, f in zip(real.split(batch_size), fake.split(batch_size), strict=True)
-    ]
-    return torch.cat(maps)
+    return torch.cat(
+        [
+            local_ssim(r, f)
+            for r, f in zip(real.split(batch_size), fake.split(batch_size), strict=True)
+        ]
+    )
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

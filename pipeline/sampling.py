@@ -32,8 +32,8 @@ from torch import nn
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.conditioning import check_z
-from pipeline.config import ConditioningConfig, LDMConfig, PriorConfig
-from pipeline.diffusion import Sampler, build_scheduler, guided_sample
+from pipeline.config import ConditioningConfig, LDMConfig, PriorConfig, Sampler
+from pipeline.diffusion import build_scheduler, guided_sample
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.unet import ZConditionedUNet
 

@@ -129,16 +129,16 @@ class CodeTable(nn.Module):
     per-code offset (zero at initialisation) keeps the table as expressive as a free one.
 
     Args:
-        codebook: (K, D) VQ codebook; standardised (zero mean, unit variance per dimension)
-            and kept as a buffer, so it is saved with the prior.
+        codebook: (K, D) VQ codebook, K >= 2; standardised (zero mean, unit variance per
+            dimension) and kept as a buffer, so it is saved with the prior.
         channels: C, feature width.
     """
 
     def __init__(self, codebook: torch.Tensor, channels: int) -> None:
         super().__init__()
         codebook = codebook.detach().float()
-        std = codebook.std(dim=0, keepdim=True) if len(codebook) > 1 else torch.ones(1)
-        self.register_buffer("codebook", (codebook - codebook.mean(dim=0)) / std.clamp_min(1e-6))
+        std = codebook.std(dim=0).clamp_min(1e-6)
+        self.register_buffer("codebook", (codebook - codebook.mean(dim=0)) / std)
         self.mlp = nn.Sequential(
             nn.Linear(codebook.shape[1], channels), nn.SiLU(), nn.Linear(channels, channels)
         )
