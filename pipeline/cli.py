@@ -259,10 +259,12 @@ for _name, (_module, _help) in STAGES.items():
 
 @app.command("train-autoencoder")
 def train_autoencoder(
-    kind: Annotated[str, typer.Argument(help="vqvae or vaegan.")],
+    kind: Annotated[
+        str | None, typer.Argument(help="vqvae or vaegan (default: every kind, side by side).")
+    ] = None,
 ) -> None:
-    """Train one z-conditioned first stage (VQ-VAE or VAE-GAN)."""
-    from pipeline.models.autoencoder import KINDS
-    from stages.train_autoencoder import run
+    """Train the z-conditioned first stage: the VQ-VAE and/or the VAE-GAN."""
+    from pipeline.config import KINDS
+    from stages.train_autoencoder import run, run_all
 
-    _run(lambda: run(_choice(kind, KINDS, "kind")))
+    _run(lambda: run(_choice(kind, KINDS, "kind")) if kind else run_all())

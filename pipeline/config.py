@@ -228,11 +228,17 @@ class DiscriminatorConfig(_Section):
         return self
 
 
+#: The first-stage kinds: a VQ-VAE (codes for the PixelCNN) and a VAE-GAN (latents for the LDM).
+AutoencoderKind = Literal["vqvae", "vaegan"]
+KINDS: tuple[AutoencoderKind, ...] = get_args(AutoencoderKind)
+
+
 class AutoencoderConfig(_Section):
     """First stage (VQ-VAE or VAE-GAN) architecture and losses.
 
     Attributes:
-        kinds: which kinds the ``train_autoencoder`` foreach stage builds.
+        kinds: the kinds ``python -m stages.train_autoencoder`` trains; the DVC pipeline needs
+            both (the prior reads VQ-VAE codes, the LDM VAE-GAN latents).
         channels: encoder widths per level; ``len(channels) - 1`` downsamplings, so
             ``[c, c, c]`` gives factor 4 and four entries give factor 8.
         num_res_blocks: residual blocks per level.
@@ -247,7 +253,7 @@ class AutoencoderConfig(_Section):
         train: training-loop settings.
     """
 
-    kinds: tuple[Literal["vqvae", "vaegan"], ...] = ("vqvae", "vaegan")
+    kinds: tuple[AutoencoderKind, ...] = KINDS
     channels: tuple[int, ...] = (32, 64, 128)
     num_res_blocks: int = Field(1, ge=1)
     attention: bool = True

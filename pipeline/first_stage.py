@@ -42,7 +42,7 @@ from pipeline.models.discriminator import ZPatchDiscriminator
 from pipeline.perceptual import get_lpips
 from pipeline.stage import StagePaths
 from pipeline.tracking import StageRun, git_commit
-from pipeline.training import Optimization, TrainingTask, finish_resume, fit
+from pipeline.training import Optimization, TrainingTask, adamw, finish_resume, fit
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +129,8 @@ class AutoencoderTask(TrainingTask):
         betas = (0.5, 0.9)
         wd = cfg.train.weight_decay
         self.optimizers = {
-            "model": torch.optim.AdamW(
-                self.model.parameters(), lr=cfg.train.lr, betas=betas, weight_decay=wd
-            ),
-            "disc": torch.optim.AdamW(
-                self.disc.parameters(), lr=cfg.discriminator.lr, betas=betas, weight_decay=wd
-            ),
+            "model": adamw(self.model.parameters(), cfg.train.lr, wd, betas),
+            "disc": adamw(self.disc.parameters(), cfg.discriminator.lr, wd, betas),
         }
 
     def adversarial_on(self, step: int) -> bool:

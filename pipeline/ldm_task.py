@@ -46,7 +46,7 @@ from pipeline.models.unet import ZConditionedUNet
 from pipeline.sampling import decode_latents, load_generator, sample
 from pipeline.stage import StagePaths
 from pipeline.tracking import StageRun, to_uint8_image
-from pipeline.training import Optimization, TrainingTask, finish_resume, fit
+from pipeline.training import Optimization, TrainingTask, adamw, finish_resume, fit
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,7 @@ class LDMTask(TrainingTask):
         self.unet, self.scheduler, self.cond_dropout = unet, scheduler, config.cond_dropout
         self.modules: dict[str, nn.Module] = {"unet": unet}
         self.optimizers = {
-            "unet": torch.optim.AdamW(
-                unet.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
-            )
+            "unet": adamw(unet.parameters(), config.train.lr, config.train.weight_decay)
         }
 
     def train_step(

@@ -39,7 +39,7 @@ from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.stage import StagePaths
 from pipeline.tracking import StageRun
-from pipeline.training import Optimization, TrainingTask, finish_resume, fit
+from pipeline.training import Optimization, TrainingTask, adamw, finish_resume, fit
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +52,27 @@ EVAL_BATCH = 64
 Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def code_nll(prior: nn.Module, codes: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood per code, in nats.
+def code_nll(
+    prior: nn.Module, codes: torch.Tensor, z: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Negative log-likelihood of the codes, in nats.
+
+    The prior's logits are laid out channels-last, so the softmax over the K codes runs on
+    contiguous rows (several times faster on the CPU than over the channel axis).
 
     Args:
         prior: the PixelCNN.
         codes: (B, h, w) int64 code indices.
         z: (B,) slice positions in [0, 1].
+        reduction: ``"mean"`` (per code) or ``"sum"`` (over every code of the batch).
 
     Returns:
         Scalar cross-entropy of the logits at every position against the code there.
     """
-    return F.cross_entropy(prior(codes, z), codes)
+    logits = prior(codes, z).permute(0, 2, 3, 1)  # (B, h, w, K), contiguous
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), codes.reshape(-1), reduction=reduction
+    )
 
 
 class PriorTask(TrainingTask):
@@ -78,9 +87,7 @@ class PriorTask(TrainingTask):
 
     def __init__(self, prior: GatedPixelCNN, cfg: TrainConfig) -> None:
         self.modules = {"prior": prior}
-        self.optimizers = {
-            "prior": torch.optim.AdamW(prior.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        }
+        self.optimizers = {"prior": adamw(prior.parameters(), cfg.lr, cfg.weight_decay)}
 
     def train_step(
         self, batch: dict[str, torch.Tensor], step: int, optim: Optimization
@@ -192,7 +199,7 @@ def nll_bits_per_code(prior: nn.Module, data: CodeSet, device: torch.device) -> 
     total = 0.0
     for codes, z in zip(data.codes.split(EVAL_BATCH), data.z.split(EVAL_BATCH), strict=True):
         codes, z = codes.to(device), z.to(device)
-        total += F.cross_entropy(prior(codes, z), codes, reduction="sum").item()
+        total += code_nll(prior, codes, z, reduction="sum").item()
     return total / data.codes.numel() / math.log(2)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.checkpoint import CheckpointError
+from pipeline.concurrency import ChildFailedError
 from pipeline.config import ConfigError
 from pipeline.training import TrainingDivergedError
 
@@ -24,6 +25,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     FileNotFoundError,
     ValueError,
     TrainingDivergedError,
+    ChildFailedError,
 )
 
 

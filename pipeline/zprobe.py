@@ -19,7 +19,7 @@ from pipeline.io import write_json
 from pipeline.models.zprobe import ZProbe
 from pipeline.stage import StagePaths
 from pipeline.tracking import StageRun
-from pipeline.training import Optimization, TrainingTask, finish_resume, fit
+from pipeline.training import Optimization, TrainingTask, adamw, finish_resume, fit
 
 
 class ZProbeTask(TrainingTask):
@@ -35,11 +35,7 @@ class ZProbeTask(TrainingTask):
     def __init__(self, cfg: ZProbeConfig, device: torch.device) -> None:
         probe = ZProbe(cfg.channels).to(device)
         self.modules = {"probe": probe}
-        self.optimizers = {
-            "probe": torch.optim.AdamW(
-                probe.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-            )
-        }
+        self.optimizers = {"probe": adamw(probe.parameters(), cfg.train.lr, cfg.train.weight_decay)}
 
     def train_step(
         self, batch: dict[str, torch.Tensor], step: int, optim: Optimization

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +26,9 @@ from torch import nn
 
 from pipeline import distributed
 from pipeline.conditioning import ZEmbedding
-from pipeline.config import AutoencoderConfig, ConditioningConfig, VQConfig
+from pipeline.config import KINDS, AutoencoderConfig, AutoencoderKind, ConditioningConfig, VQConfig
 from pipeline.losses import gaussian_kl
 
-AutoencoderKind = Literal["vqvae", "vaegan"]
-KINDS: tuple[AutoencoderKind, ...] = ("vqvae", "vaegan")
 # Posterior log-variances are clamped to this range for numerical safety (as in LDM).
 LOGVAR_RANGE = (-30.0, 20.0)
 

@@ -339,11 +339,12 @@ class GatedPixelCNN(nn.Module):
             h: (B, C, H, W) features.
 
         Returns:
-            (B, K, H, W) logits: the hidden features dotted with every code's output feature.
+            (B, K, H, W) logits: the hidden features dotted with every code's output feature,
+            stored channels-last (``permute(0, 2, 3, 1)`` gives contiguous (B, H, W, K)).
         """
         hidden = F.relu(self.head_hidden(F.relu(h)))
-        logits = torch.einsum("bchw,kc->bkhw", hidden, self.output_codes())
-        return logits + self.output_bias[:, None, None]
+        logits = F.linear(hidden.permute(0, 2, 3, 1), self.output_codes(), self.output_bias)
+        return logits.permute(0, 3, 1, 2)
 
     def head_step(self, h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """:meth:`head` at a single position per sample.

@@ -1,0 +1,105 @@
+"""Side-by-side child trainings: who gets which resources, and failure handling."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import torch
+
+from pipeline.concurrency import (
+    ChildFailedError,
+    Job,
+    parallel_setting,
+    run_jobs,
+    side_by_side_envs,
+)
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def python(code: str, label: str) -> Job:
+    return Job(label, [sys.executable, "-c", code])
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("auto", None), ("", None), ("1", True), ("on", True), ("0", False)]
+)
+def test_parallel_setting(raw: str, expected: bool | None) -> None:
+    assert parallel_setting({"BRAINGEN_PARALLEL": raw}) is expected
+    assert parallel_setting({}) is None
+
+
+def test_parallel_setting_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="BRAINGEN_PARALLEL must be auto, 1 or 0"):
+        parallel_setting({"BRAINGEN_PARALLEL": "maybe"})
+
+
+def test_cpu_cores_are_split_between_jobs() -> None:
+    envs = side_by_side_envs(2, CPU, cores=2)
+    assert envs == [{"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}] * 2
+    assert side_by_side_envs(2, CPU, cores=9)[0]["OMP_NUM_THREADS"] == "4"  # type: ignore[index]
+
+
+def test_one_after_the_other_when_resources_are_short_or_asked() -> None:
+    assert side_by_side_envs(2, CPU, cores=1) is None
+    assert side_by_side_envs(1, CPU, cores=8) is None
+    assert side_by_side_envs(2, CPU, cores=8, forced=False) is None
+    assert side_by_side_envs(2, CPU, cores=8, nproc=4) is None  # torchrun spans the machine
+    assert side_by_side_envs(2, CUDA, gpus=["0"]) is None  # one GPU: take turns
+
+
+def test_forced_side_by_side_shares_what_there_is() -> None:
+    assert side_by_side_envs(2, CPU, cores=1, forced=True)[0]["OMP_NUM_THREADS"] == "1"  # type: ignore[index]
+    assert side_by_side_envs(2, CUDA, gpus=["0"], forced=True) == [{}, {}]
+
+
+def test_each_job_gets_its_own_gpu() -> None:
+    envs = side_by_side_envs(2, CUDA, gpus=["2", "3", "5"])
+    assert envs == [{"CUDA_VISIBLE_DEVICES": "2"}, {"CUDA_VISIBLE_DEVICES": "3"}]
+
+
+def test_side_by_side_jobs_run_at_once_with_their_env(tmp_path) -> None:
+    code = (
+        "import os, pathlib, time; time.sleep(1); "
+        f"pathlib.Path(r'{tmp_path}', os.environ['NAME']).write_text("
+        "os.environ['TQDM_POSITION'] + ' ' + os.environ['OMP_NUM_THREADS'])"
+    )
+    jobs = [
+        Job(name, [sys.executable, "-c", code], {"NAME": name, "OMP_NUM_THREADS": "1"})
+        for name in ("a", "b")
+    ]
+    started = time.monotonic()
+    run_jobs(jobs, side_by_side=True)
+    assert time.monotonic() - started < 1.9  # both slept their second at the same time
+    assert (tmp_path / "a").read_text() == "0 1"
+    assert (tmp_path / "b").read_text() == "1 1"
+
+
+def test_a_failure_stops_the_others(tmp_path) -> None:
+    survivor = tmp_path / "survivor"
+    jobs = [
+        python("import sys; sys.exit(3)", "ae_vqvae"),
+        python(f"import time, pathlib; time.sleep(60); pathlib.Path(r'{survivor}').touch()", "b"),
+    ]
+    started = time.monotonic()
+    with pytest.raises(
+        ChildFailedError, match=r"ae_vqvae failed \(exit code 3\); stopped the others \(b\)"
+    ):
+        run_jobs(jobs, side_by_side=True)
+    assert time.monotonic() - started < 30
+    assert not survivor.exists()
+
+
+def test_one_after_the_other_stops_at_the_first_failure(tmp_path) -> None:
+    later = tmp_path / "later"
+    jobs = [
+        python("import sys; sys.exit(2)", "first"),
+        python(f"import pathlib; pathlib.Path(r'{later}').touch()", "second"),
+    ]
+    with pytest.raises(ChildFailedError, match="first failed"):
+        run_jobs(jobs, side_by_side=False)
+    assert not later.exists()
+    run_jobs(jobs[1:], side_by_side=False)
+    assert later.exists()
