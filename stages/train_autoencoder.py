@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from pipeline import distributed
-from pipeline.concurrency import Job, run_side_by_side
+from pipeline.concurrency import Job, accept_freed_cores, run_side_by_side
 from pipeline.config import KINDS, load_params
 from pipeline.stage import StagePaths, main
 from pipeline.tracking import StageRun
@@ -34,6 +34,7 @@ def run(kind: str) -> None:
     from pipeline.first_stage import stage_params, train_first_stage
 
     distributed.relaunch_with_torchrun("stages.train_autoencoder", [kind])
+    accept_freed_cores()
     params = load_params()
     paths = StagePaths.standard(f"ae_{kind}", f"ae_{kind}", f"ae_{kind}_recon.png")
     tracked = stage_params(params, kind)

@@ -14,6 +14,7 @@ from pipeline.concurrency import (
     parallel_setting,
     run_jobs,
     side_by_side_envs,
+    usable_cores,
 )
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -103,3 +104,28 @@ def test_one_after_the_other_stops_at_the_first_failure(tmp_path) -> None:
     assert not later.exists()
     run_jobs(jobs[1:], side_by_side=False)
     assert later.exists()
+
+
+@pytest.mark.parametrize("quick_seconds", [0, 6], ids=["before-handler", "after-handler"])
+def test_the_last_child_running_takes_the_freed_cores(tmp_path, quick_seconds: int) -> None:
+    threads = tmp_path / "threads"
+    alone = (
+        "from pipeline.concurrency import accept_freed_cores; accept_freed_cores(); "
+        f"import time, torch, pathlib; time.sleep({quick_seconds} + 3); "
+        f"pathlib.Path(r'{threads}').write_text(str(torch.get_num_threads()))"
+    )
+    quick = f"import time; time.sleep({quick_seconds})"
+    jobs = [
+        Job("quick", [sys.executable, "-c", quick], {"OMP_NUM_THREADS": "1"}),
+        Job("slow", [sys.executable, "-c", alone], {"OMP_NUM_THREADS": "1"}),
+    ]
+    run_jobs(jobs, side_by_side=True)
+    assert threads.read_text() == str(usable_cores())
+
+
+def test_a_child_without_a_handler_survives_the_handoff_signal() -> None:
+    jobs = [
+        Job("quick", [sys.executable, "-c", "pass"]),
+        Job("plain", [sys.executable, "-c", "import time; time.sleep(2)"]),
+    ]
+    run_jobs(jobs, side_by_side=True)  # would raise ChildFailedError if SIGUSR1 killed it

@@ -33,6 +33,7 @@ from pipeline.prior_task import (
     PriorTask,
     augmentations,
     augmented_codes,
+    code_nll,
     nll_bits_per_code,
     train_prior,
 )
@@ -90,6 +91,17 @@ def _cfg(**train) -> PriorConfig:
 def _fraction_matching(codes: torch.Tensor, patterns: list[torch.Tensor]) -> float:
     hits = torch.stack([(codes == p).flatten(1).all(1) for p in patterns]).any(0)
     return float(hits.float().mean())
+
+
+def test_code_nll_is_the_cross_entropy_of_the_logits() -> None:
+    prior = GatedPixelCNN(4, _cfg(), COND).eval()
+    data = toy_codes(6, seed=1)
+    logits = prior(data.codes, data.z)  # (B, K, h, w), stored channels-last
+    assert logits.shape == (6, 4, 4, 4)
+    expected = torch.nn.functional.cross_entropy(logits.contiguous(), data.codes)
+    assert torch.allclose(code_nll(prior, data.codes, data.z), expected, atol=1e-6)
+    total = code_nll(prior, data.codes, data.z, reduction="sum")
+    assert torch.allclose(total, expected * data.codes.numel(), rtol=1e-5)
 
 
 def test_prior_learns_a_z_dependent_toy_distribution(tmp_path: Path) -> None:
