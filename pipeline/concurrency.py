@@ -26,6 +26,7 @@ this process is interrupted or terminated, so are they.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -157,6 +158,9 @@ def accept_freed_cores() -> None:
     if not flag or ALONE_SIGNAL is None:
         return
     signal.signal(ALONE_SIGNAL, _take_all_cores)
+    # At shutdown Python resets its handlers to the default action, which for SIGUSR1 is to
+    # die: ignore the signal from the exit handlers on, in case a sibling ends just then.
+    atexit.register(signal.signal, ALONE_SIGNAL, signal.SIG_IGN)
     if os.path.exists(flag):
         _take_all_cores(ALONE_SIGNAL, None)
 

@@ -129,3 +129,14 @@ def test_a_child_without_a_handler_survives_the_handoff_signal() -> None:
         Job("plain", [sys.executable, "-c", "import time; time.sleep(2)"]),
     ]
     run_jobs(jobs, side_by_side=True)  # would raise ChildFailedError if SIGUSR1 killed it
+
+
+def test_a_child_ignores_the_handoff_signal_once_it_is_exiting(tmp_path) -> None:
+    """Python restores the default (fatal) action at shutdown; the exit handler ignores it."""
+    code = (
+        "import atexit, signal; from pipeline.concurrency import accept_freed_cores; "
+        "accept_freed_cores(); assert signal.getsignal(signal.SIGUSR1) is not signal.SIG_IGN; "
+        "atexit._run_exitfuncs(); assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN"
+    )
+    env = {"BRAINGEN_ALONE_FILE": str(tmp_path / "alone")}
+    run_jobs([Job("child", [sys.executable, "-c", code], env)], side_by_side=False)
