@@ -29,13 +29,13 @@ from benchmarks import prepare_throughput
 from benchmarks.measure import PeakMemory, Row, interleaved, n_params, timed
 from pipeline.autoregressive import sample_codes
 from pipeline.conditioning import ZEmbedding
-from pipeline.config import AutoencoderConfig, Params
+from pipeline.config import AutoencoderConfig, AutoencoderKind, Params
 from pipeline.data import EVAL_BATCH, EvalData
 from pipeline.diffusion import build_scheduler, ddim_sample, scheduler_config
 from pipeline.first_stage import AutoencoderTask
 from pipeline.ldm_task import LDMTask
 from pipeline.metrics import reconstruction_metrics
-from pipeline.models.autoencoder import Autoencoder, AutoencoderKind
+from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.perceptual import get_lpips

@@ -41,7 +41,7 @@ from types import FrameType
 
 import torch
 
-from pipeline.distributed import NPROC_ENV
+from pipeline.distributed import requested_processes
 
 logger = logging.getLogger(__name__)
 
@@ -253,10 +253,9 @@ def run_side_by_side(jobs: Sequence[Job], device: torch.device) -> None:
         ChildFailedError: a child failed.
         ValueError: ``BRAINGEN_PARALLEL`` or ``BRAINGEN_NPROC`` is malformed.
     """
-    nproc_raw = os.environ.get(NPROC_ENV, "1").strip() or "1"
-    if not nproc_raw.isdigit():
-        raise ValueError(f"{NPROC_ENV} must be a positive integer; got {nproc_raw!r}")
-    envs = side_by_side_envs(len(jobs), device, forced=parallel_setting(), nproc=int(nproc_raw))
+    envs = side_by_side_envs(
+        len(jobs), device, forced=parallel_setting(), nproc=requested_processes()
+    )
     if envs is None:
         run_jobs(jobs, side_by_side=False)
         return

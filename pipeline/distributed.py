@@ -119,6 +119,20 @@ def session(device_name: str) -> Iterator[torch.device]:
         dist.destroy_process_group()
 
 
+def requested_processes() -> int:
+    """Processes per training stage that ``BRAINGEN_NPROC`` asks for (1 when it is unset).
+
+    Raises:
+        ValueError: ``BRAINGEN_NPROC`` is not a positive integer.
+    """
+    raw = os.environ.get(NPROC_ENV, "").strip()
+    if not raw:
+        return 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{NPROC_ENV} must be a positive integer; got {raw!r}")
+    return int(raw)
+
+
 def relaunch_with_torchrun(module: str, argv: Sequence[str] | None = None) -> None:
     """Re-run this stage under torchrun when ``BRAINGEN_NPROC`` asks for more than one process.
 
@@ -134,17 +148,15 @@ def relaunch_with_torchrun(module: str, argv: Sequence[str] | None = None) -> No
     Raises:
         ValueError: ``BRAINGEN_NPROC`` is not a positive integer.
     """
-    raw = os.environ.get(NPROC_ENV, "").strip()
-    if not raw or "LOCAL_RANK" in os.environ:
+    if "LOCAL_RANK" in os.environ:
         return
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{NPROC_ENV} must be a positive integer; got {raw!r}")
-    if int(raw) == 1:
+    nproc = requested_processes()
+    if nproc == 1:
         return
     args = list(sys.argv[1:] if argv is None else argv)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += ["--nproc_per_node", raw, "-m", module, *args]
-    logger.info("%s=%s: %s", NPROC_ENV, raw, " ".join(cmd))
+    cmd += ["--nproc_per_node", str(nproc), "-m", module, *args]
+    logger.info("%s=%d: %s", NPROC_ENV, nproc, " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, cmd)

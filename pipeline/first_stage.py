@@ -25,7 +25,7 @@ from torch import nn
 
 from pipeline import distributed
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline.config import AutoencoderConfig, ConditioningConfig, Params
+from pipeline.config import KINDS, AutoencoderConfig, AutoencoderKind, ConditioningConfig, Params
 from pipeline.data import EVAL_BATCH, EvalData, SliceDataset
 from pipeline.images import figure_image, rows_by_z, save_png
 from pipeline.io import write_json
@@ -37,7 +37,7 @@ from pipeline.losses import (
     ssim_loss,
 )
 from pipeline.metrics import reconstruction_metrics
-from pipeline.models.autoencoder import KINDS, Autoencoder, AutoencoderKind
+from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.discriminator import ZPatchDiscriminator
 from pipeline.perceptual import get_lpips
 from pipeline.stage import StagePaths
