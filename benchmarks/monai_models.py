@@ -38,7 +38,7 @@ from monai.networks.nets import (
 from torch import nn
 
 from benchmarks.measure import n_params
-from pipeline.config import LDMConfig
+from pipeline.core.config import LDMConfig
 
 #: Loss weights and learning rates of the AutoencoderKL tutorial.
 PERCEPTUAL_WEIGHT, KL_WEIGHT, ADV_WEIGHT = 1e-3, 1e-6, 1e-2

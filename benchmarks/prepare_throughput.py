@@ -19,7 +19,7 @@ from time import perf_counter
 
 from data_prep.demo_cohort import build_demo_cohort
 from data_prep.prepare import prepare_dataset
-from pipeline.config import DemoConfig, PrepareConfig
+from pipeline.core.config import DemoConfig, PrepareConfig
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -27,19 +27,19 @@ from torch import nn
 from benchmarks import monai_models as mm
 from benchmarks import prepare_throughput
 from benchmarks.measure import PeakMemory, Row, interleaved, n_params, timed
-from pipeline.autoregressive import sample_codes
-from pipeline.conditioning import ZEmbedding
-from pipeline.config import AutoencoderConfig, AutoencoderKind, Params
-from pipeline.data import EVAL_BATCH, EvalData
-from pipeline.diffusion import build_scheduler, ddim_sample, scheduler_config
-from pipeline.first_stage import AutoencoderTask
-from pipeline.ldm_task import LDMTask
-from pipeline.metrics import reconstruction_metrics
+from pipeline.core.config import AutoencoderConfig, AutoencoderKind, Params
+from pipeline.data.datasets import EVAL_BATCH, EvalData
+from pipeline.inference.autoregressive import sample_codes
+from pipeline.inference.diffusion import build_scheduler, ddim_sample, scheduler_config
+from pipeline.metrics.perceptual import get_lpips
+from pipeline.metrics.quality import reconstruction_metrics
 from pipeline.models.autoencoder import Autoencoder
+from pipeline.models.conditioning import ZEmbedding
 from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.models.unet import ZConditionedUNet
-from pipeline.perceptual import get_lpips
-from pipeline.training import Optimization, batch_indices
+from pipeline.training.autoencoder import AutoencoderTask
+from pipeline.training.ldm import LDMTask
+from pipeline.training.loop import Optimization, batch_indices
 
 logger = logging.getLogger(__name__)
 

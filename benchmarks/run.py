@@ -39,10 +39,10 @@ from rich.table import Table
 
 from benchmarks.measure import Row
 from benchmarks.rows import ROWS, Bench
-from pipeline.config import Params, load_params
-from pipeline.data import EvalData, SliceDataset
-from pipeline.io import write_json, write_text
-from pipeline.training import resolve_device
+from pipeline.core.config import Params, load_params
+from pipeline.core.device import resolve_device
+from pipeline.core.io import write_json, write_text
+from pipeline.data.datasets import EvalData, SliceDataset
 
 logger = logging.getLogger(__name__)
 

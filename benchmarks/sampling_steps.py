@@ -7,8 +7,8 @@ The reference is guided DDIM with the most steps (50). Per sampler, the study fi
 fewest steps whose ``fd_alex`` and z-probe MAE are both within ``--tolerance`` (5 %) of the
 reference's, and recommends the fastest of those settings as the default.
 
-Samplers: our guided DDIM (:func:`pipeline.diffusion.ddim_sample`) and MONAI's
-``PNDMScheduler`` (PLMS, :func:`pipeline.diffusion.pndm_sample`) driven by the same
+Samplers: our guided DDIM (:func:`pipeline.inference.diffusion.ddim_sample`) and MONAI's
+``PNDMScheduler`` (PLMS, :func:`pipeline.inference.diffusion.pndm_sample`) driven by the same
 one-forward guided output; the default of ``ldm.sampler`` comes from this table.
 
 Usage::
@@ -31,14 +31,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import SAMPLERS, load_params
-from pipeline.data import EvalData, SliceDataset
-from pipeline.evaluate import zprobe_errors
-from pipeline.io import write_json, write_text
-from pipeline.metrics import alex_features, fd_alex
-from pipeline.sampling import GeneratorModel, load_generator, sample
-from pipeline.training import resolve_device
-from pipeline.zprobe import load_probe
+from pipeline.core.config import SAMPLERS, load_params
+from pipeline.core.device import resolve_device
+from pipeline.core.io import write_json, write_text
+from pipeline.data.datasets import EvalData, SliceDataset
+from pipeline.evaluation.evaluate import zprobe_errors
+from pipeline.inference.sampling import GeneratorModel, load_generator, sample
+from pipeline.metrics.quality import alex_features, fd_alex
+from pipeline.models.files import load_probe
 
 
 def generate(

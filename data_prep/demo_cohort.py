@@ -40,7 +40,7 @@ from scipy import ndimage as ndi
 from skimage.measure import block_reduce
 
 from data_prep.parallel import ordered_map
-from pipeline.config import DemoConfig
+from pipeline.core.config import DemoConfig
 
 logger = logging.getLogger(__name__)
 

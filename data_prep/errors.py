@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pipeline.core.errors import InputError
 
-class PrepareError(ValueError):
+
+class PrepareError(InputError):
     """``prepare`` cannot produce a dataset (nothing usable left, or ``strict`` and a bad file).
 
     The message is one line naming the folder or file and the fix; the stage prints it and
@@ -11,7 +13,7 @@ class PrepareError(ValueError):
     """
 
 
-class BadInputError(ValueError):
+class BadInputError(InputError):
     """One input file cannot be used; it is skipped and reported with this reason.
 
     Args:

@@ -11,7 +11,7 @@ and under ``report_dir``: ``prepare_report.json`` (counts, subjects and skipped 
 temporary name and renamed. The manifests are the commit marker: all old manifests are
 removed before the first array is written and the new ones are written after every split's
 arrays, so a killed run leaves each split either without a manifest (refused by
-:class:`~pipeline.data.SliceDataset`) or complete, and never mixes two runs.
+:class:`~pipeline.data.datasets.SliceDataset`) or complete, and never mixes two runs.
 
 Bad input never raises: each bad file becomes one ``{"file", "reason"}`` entry of the
 report. :class:`~data_prep.errors.PrepareError` is raised only when nothing usable is left
@@ -55,9 +55,10 @@ from data_prep.volume import (
     threshold_mask,
     volume_slices,
 )
-from pipeline.config import PrepareConfig
-from pipeline.io import atomic_write, write_json
-from pipeline.tracking import to_uint8_image
+from pipeline.core.config import PrepareConfig
+from pipeline.core.io import atomic_write, write_json
+from pipeline.core.tracking import to_uint8_image
+from pipeline.models.conditioning import z_from_index
 
 logger = logging.getLogger(__name__)
 
@@ -393,7 +394,7 @@ def _write_split(
             "session": r.session,
             "split": split,
             "z_index": int(z_index),
-            "z": z_index / (r.n_slices - 1),
+            "z": z_from_index(z_index, r.n_slices),
             "z_mm": z_mm,
             "n_slices": r.n_slices,
             "source": source,

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from data_prep.readers.base import SPLITS
-from pipeline.config import SplitConfig
+from pipeline.core.config import SplitConfig
 
 
 def split_sizes(n_subjects: int, ratios: SplitConfig) -> dict[str, int]:

@@ -17,6 +17,7 @@ file) prints one ``error: ...`` line on stderr and exits with code 1.
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +25,9 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from pipeline.config import SAMPLERS
-from pipeline.stage import USER_ERRORS
+from pipeline.core.config import DEVICES, GENERATORS, KINDS, OUTPUT_FORMATS, SAMPLERS
+from pipeline.core.errors import InputError
+from pipeline.core.stage import user_error_message
 
 app = typer.Typer(
     add_completion=False,
@@ -35,9 +37,7 @@ app = typer.Typer(
 )
 
 #: ``--model`` names and the model files they stand for (relative to the working directory).
-MODELS = {"ldm": Path("models/ldm.pt"), "pixelcnn": Path("models/pixelcnn.pt")}
-FORMATS = ("png", "nifti", "both")
-DEVICES = ("auto", "cpu", "cuda")
+MODELS = {name: Path("models") / f"{name}.pt" for name in GENERATORS}
 
 T = TypeVar("T")
 
@@ -68,14 +68,17 @@ def _run(fn: Callable[[], T]) -> T:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return fn()
-    except (*USER_ERRORS, OSError) as err:
-        typer.echo(f"error: {err}", err=True)
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None:
+            raise
+        typer.echo(message, err=True)
         raise typer.Exit(1) from None
 
 
 def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
     if value not in allowed:
-        raise ValueError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
+        raise InputError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
     return value
 
 
@@ -87,11 +90,11 @@ def resolve_model(model: str | None, checkpoint: Path | None) -> Path:
     """
     if checkpoint is not None:
         if model is not None:
-            raise ValueError("give --model or --checkpoint, not both")
+            raise InputError("give --model or --checkpoint, not both")
         return checkpoint
     name = model or "ldm"
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose {' or '.join(MODELS)} or --checkpoint")
+        raise InputError(f"unknown model {name!r}; choose {' or '.join(MODELS)} or --checkpoint")
     return MODELS[name]
 
 
@@ -124,7 +127,7 @@ def generate(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Generate slices at the requested z levels: one file per slice plus manifest.csv."""
-    from pipeline.generate import generate as run_generate
+    from pipeline.inference.generate import generate as run_generate
 
     def body() -> None:
         result = run_generate(
@@ -133,7 +136,7 @@ def generate(
             per_z=per_z,
             seed=seed,
             out_dir=out,
-            fmt=_choice(fmt, FORMATS, "--format"),  # type: ignore[arg-type]
+            fmt=_choice(fmt, OUTPUT_FORMATS, "--format"),  # type: ignore[arg-type]
             steps=steps,
             guidance=guidance,
             sampler=None if sampler is None else _choice(sampler, SAMPLERS, "--sampler"),  # type: ignore[arg-type]
@@ -168,7 +171,7 @@ def sdedit(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Re-imagine your slice at position z with the latent diffusion model (SDEdit)."""
-    from pipeline.edit import sdedit_file
+    from pipeline.inference.edit import sdedit_file
 
     def body() -> None:
         path = sdedit_file(
@@ -205,7 +208,7 @@ def inpaint(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Regenerate the masked region of your slice, keeping the rest (latent diffusion)."""
-    from pipeline.edit import inpaint_file
+    from pipeline.inference.edit import inpaint_file
 
     def body() -> None:
         path = inpaint_file(
@@ -225,10 +228,6 @@ def inpaint(
     _run(body)
 
 
-if __name__ == "__main__":
-    app()
-
-
 #: Pipeline stages the CLI exposes: command name → (module under ``stages/``, help).
 #: Each runs the same code as its DVC stage (params from ./params.yaml); ``dvc repro`` runs
 #: them in order and skips what is up to date.
@@ -244,11 +243,20 @@ STAGES = {
 }
 
 
+def _run_stage(module: str, args: list[str]) -> None:
+    """Run ``python -m stages.<module> <args>`` (what ``dvc repro`` runs) and exit with its code.
+
+    The stage runs in a child process of the same interpreter, so the library never imports
+    ``stages`` and a stage behaves exactly as under DVC (its own error lines and exit code).
+    """
+    code = subprocess.call([sys.executable, "-m", f"stages.{module}", *args])
+    if code:
+        raise typer.Exit(code)
+
+
 def _stage_command(module: str) -> Callable[[], None]:
     def command() -> None:
-        from importlib import import_module
-
-        _run(import_module(f"stages.{module}").run)
+        _run_stage(module, [])
 
     return command
 
@@ -264,7 +272,9 @@ def train_autoencoder(
     ] = None,
 ) -> None:
     """Train the z-conditioned first stage: the VQ-VAE and/or the VAE-GAN."""
-    from pipeline.config import KINDS
-    from stages.train_autoencoder import run, run_all
+    _run(lambda: _choice(kind, KINDS, "kind") if kind else None)
+    _run_stage("train_autoencoder", [kind] if kind else [])
 
-    _run(lambda: run(_choice(kind, KINDS, "kind")) if kind else run_all())
+
+if __name__ == "__main__":
+    app()

@@ -12,19 +12,19 @@ factor).
 
 from __future__ import annotations
 
-from pipeline.config import load_params
-from pipeline.latents import encode_all
-from pipeline.stage import main
-from pipeline.tracking import StageRun
-from pipeline.training import resolve_device
+from pipeline.core.config import load_params
+from pipeline.core.device import resolve_device
+from pipeline.core.identity import stage_identity
+from pipeline.core.stage import main
+from pipeline.core.tracking import StageRun
+from pipeline.inference.encode import encode_all
 
 
 def run() -> None:
     """Encode every available autoencoder kind and log the meta files."""
     params = load_params()
     device = resolve_device(params.device)
-    stage = {"autoencoder_kinds": list(params.autoencoder.kinds), "data": params.data.model_dump()}
-    with StageRun("encode_latents", stage) as tracking:
+    with StageRun("encode_latents", stage_identity(params, "encode_latents")) as tracking:
         for kind, meta in encode_all(params, device).items():
             tracking.log_dict(meta, f"latents/{kind}_meta.json")
 

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import load_params
-from pipeline.generate import generate
-from pipeline.stage import main
-from pipeline.tracking import StageRun
+from pipeline.core.config import load_params
+from pipeline.core.identity import stage_identity
+from pipeline.core.stage import main
+from pipeline.core.tracking import StageRun
+from pipeline.inference.generate import generate
 
 
 def run() -> None:
     """Generate the default request and log its size and speed."""
     params = load_params()
     cfg = params.generate
-    with StageRun("generate", {"generate": cfg.model_dump(mode="json")}) as tracking:
+    with StageRun("generate", stage_identity(params, "generate")) as tracking:
         result = generate(
             Path("models") / f"{cfg.model}.pt",
             cfg.z,

@@ -6,8 +6,8 @@ Reads ``params.yaml`` (``seed``, ``demo``); writes ``demo.out_dir`` in the OASIS
 from __future__ import annotations
 
 from data_prep.demo_cohort import build_demo_cohort
-from pipeline.config import load_params
-from pipeline.stage import main
+from pipeline.core.config import load_params
+from pipeline.core.stage import main
 
 
 def run() -> None:

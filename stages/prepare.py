@@ -10,9 +10,9 @@ or ``prepare.strict`` is set.
 from __future__ import annotations
 
 from data_prep.prepare import prepare_dataset
-from pipeline.config import load_params
-from pipeline.stage import main
-from pipeline.tracking import StageRun
+from pipeline.core.config import load_params
+from pipeline.core.stage import main
+from pipeline.core.tracking import StageRun
 
 
 def run() -> None:

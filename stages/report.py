@@ -6,7 +6,7 @@ Usage::
 
 Reads every stage's report and images under ``reports/``, the prepared test split (for a
 grid of real slices by z) and the MLflow store (training curves and run ids; see
-:func:`pipeline.tracking.tracking_uri`); writes ``reports/index.html`` with every image
+:func:`pipeline.core.tracking.tracking_uri`); writes ``reports/index.html`` with every image
 embedded. Missing inputs leave their section saying "not produced".
 """
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.config import load_params
-from pipeline.report import ReportPaths, write_report
-from pipeline.stage import main
-from pipeline.tracking import tracking_uri
+from pipeline.core.config import load_params
+from pipeline.core.stage import main
+from pipeline.core.tracking import tracking_uri
+from pipeline.evaluation.report import ReportPaths, write_report
 
 logger = logging.getLogger("braingen")
 

@@ -8,7 +8,7 @@ Usage::
     BRAINGEN_NPROC=N python -m stages.train_autoencoder vqvae|vaegan   # same, via torchrun
 
 Without a kind, each kind trains in a child process of its own, side by side when the
-machine has a core (or GPU) per kind (:mod:`pipeline.concurrency`, ``BRAINGEN_PARALLEL``).
+machine has a core (or GPU) per kind (:mod:`pipeline.training.concurrency`, ``BRAINGEN_PARALLEL``).
 
 Reads ``params.yaml`` (autoencoder, conditioning, data, prepare, seed, device) and
 ``data/prepared/{train,val,test}``; writes ``models/ae_<kind>.pt``, ``reports/ae_<kind>.json``
@@ -20,31 +20,32 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import distributed
-from pipeline.concurrency import Job, accept_freed_cores, run_side_by_side
-from pipeline.config import KINDS, load_params
-from pipeline.stage import StagePaths, main
-from pipeline.tracking import StageRun
-from pipeline.training import resolve_device
+from pipeline.core import distributed
+from pipeline.core.config import KINDS, load_params
+from pipeline.core.device import resolve_device
+from pipeline.core.identity import stage_identity
+from pipeline.core.stage import StagePaths, main
+from pipeline.core.tracking import StageRun
+from pipeline.training.concurrency import Job, accept_freed_cores, run_side_by_side
 
 
 def run(kind: str) -> None:
     """Train, export and evaluate the autoencoder of ``kind`` (``vqvae`` or ``vaegan``)."""
     # Imported here: the parent of run_all() only starts children, 7 s sooner without MONAI.
-    from pipeline.first_stage import stage_params, train_first_stage
+    from pipeline.training.autoencoder import train_first_stage
 
     distributed.relaunch_with_torchrun("stages.train_autoencoder", [kind])
     accept_freed_cores()
     params = load_params()
     paths = StagePaths.standard(f"ae_{kind}", f"ae_{kind}", f"ae_{kind}_recon.png")
-    tracked = stage_params(params, kind)
+    identity = stage_identity(params, "train_autoencoder", kind=kind)
     with (
         distributed.session(params.device) as device,
         StageRun(
-            "train_autoencoder", tracked, run_name=f"ae_{kind}", enabled=distributed.is_main()
+            "train_autoencoder", identity, run_name=f"ae_{kind}", enabled=distributed.is_main()
         ) as tracking,
     ):
-        train_first_stage(params, kind, run=tracking, device=device, paths=paths)
+        train_first_stage(params, kind, run=tracking, device=device, paths=paths, identity=identity)
 
 
 def run_all() -> None:

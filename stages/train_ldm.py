@@ -14,11 +14,13 @@ Reads ``params.yaml`` (ldm, conditioning, prepare.n_slices, seed, device),
 
 from __future__ import annotations
 
-from pipeline import distributed
-from pipeline.config import load_params
-from pipeline.ldm_task import train_ldm
-from pipeline.stage import StagePaths, main
-from pipeline.tracking import StageRun
+from pipeline.core import distributed
+from pipeline.core.config import load_params
+from pipeline.core.identity import stage_identity
+from pipeline.core.stage import StagePaths, main
+from pipeline.core.tracking import StageRun
+from pipeline.data.latents import latents_identity
+from pipeline.training.ldm import train_ldm
 
 
 def run() -> None:
@@ -26,12 +28,12 @@ def run() -> None:
     distributed.relaunch_with_torchrun("stages.train_ldm", [])
     params = load_params()
     paths = StagePaths.standard("ldm", "ldm", "ldm_samples.png", params.ldm.latent_source)
-    tracked = params.tracked("conditioning", "ldm")
+    identity = stage_identity(params, "train_ldm", **latents_identity(paths.latents))
     with (
         distributed.session(params.device) as device,
-        StageRun("train_ldm", tracked, run_name="ldm", enabled=distributed.is_main()) as tracking,
+        StageRun("train_ldm", identity, run_name="ldm", enabled=distributed.is_main()) as tracking,
     ):
-        train_ldm(params, run=tracking, device=device, paths=paths)
+        train_ldm(params, run=tracking, device=device, paths=paths, identity=identity)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ autoencoder named in its meta.json and (for ``prior.mirror_augment`` and
 
 from __future__ import annotations
 
-from pipeline import distributed
-from pipeline.config import load_params
-from pipeline.prior_task import train_prior
-from pipeline.stage import StagePaths, main
-from pipeline.tracking import StageRun
+from pipeline.core import distributed
+from pipeline.core.config import load_params
+from pipeline.core.identity import stage_identity
+from pipeline.core.stage import StagePaths, main
+from pipeline.core.tracking import StageRun
+from pipeline.data.latents import latents_identity
+from pipeline.training.prior import train_prior
 
 
 def run() -> None:
@@ -27,14 +29,14 @@ def run() -> None:
     distributed.relaunch_with_torchrun("stages.train_prior", [])
     params = load_params()
     paths = StagePaths.standard("pixelcnn", "prior", "prior_samples.png", latents="vqvae")
-    tracked = params.tracked("conditioning", "prior")
+    identity = stage_identity(params, "train_prior", **latents_identity(paths.latents))
     with (
         distributed.session(params.device) as device,
         StageRun(
-            "train_prior", tracked, run_name="prior", enabled=distributed.is_main()
+            "train_prior", identity, run_name="prior", enabled=distributed.is_main()
         ) as tracking,
     ):
-        train_prior(params, run=tracking, device=device, paths=paths)
+        train_prior(params, run=tracking, device=device, paths=paths, identity=identity)
 
 
 if __name__ == "__main__":

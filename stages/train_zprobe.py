@@ -13,11 +13,12 @@ generated slices are compared with) and ``reports/zprobe_scatter.png``.
 
 from __future__ import annotations
 
-from pipeline import distributed
-from pipeline.config import load_params
-from pipeline.stage import StagePaths, main
-from pipeline.tracking import StageRun
-from pipeline.zprobe import train_zprobe
+from pipeline.core import distributed
+from pipeline.core.config import load_params
+from pipeline.core.identity import stage_identity
+from pipeline.core.stage import StagePaths, main
+from pipeline.core.tracking import StageRun
+from pipeline.training.zprobe import train_zprobe
 
 
 def run() -> None:
@@ -25,14 +26,14 @@ def run() -> None:
     distributed.relaunch_with_torchrun("stages.train_zprobe", [])
     params = load_params()
     paths = StagePaths.standard("zprobe", "zprobe", "zprobe_scatter.png")
-    tracked = params.tracked("zprobe")
+    identity = stage_identity(params, "train_zprobe")
     with (
         distributed.session(params.device) as device,
         StageRun(
-            "train_zprobe", tracked, run_name="zprobe", enabled=distributed.is_main()
+            "train_zprobe", identity, run_name="zprobe", enabled=distributed.is_main()
         ) as tracking,
     ):
-        train_zprobe(params, run=tracking, device=device, paths=paths)
+        train_zprobe(params, run=tracking, device=device, paths=paths, identity=identity)
 
 
 if __name__ == "__main__":

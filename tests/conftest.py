@@ -94,7 +94,7 @@ def _tiny_generator_files(root: Path) -> dict[str, Path]:
     """
     import torch
 
-    from pipeline.config import (
+    from pipeline.core.config import (
         AutoencoderConfig,
         ConditioningConfig,
         KLConfig,
@@ -102,13 +102,12 @@ def _tiny_generator_files(root: Path) -> dict[str, Path]:
         PriorConfig,
         VQConfig,
     )
-    from pipeline.first_stage import export_autoencoder
-    from pipeline.ldm_task import export_ldm
+    from pipeline.core.identity import file_sha256
+    from pipeline.inference.diffusion import scheduler_config
     from pipeline.models.autoencoder import Autoencoder
+    from pipeline.models.files import save_model
     from pipeline.models.pixelcnn import GatedPixelCNN
     from pipeline.models.unet import ZConditionedUNet
-    from pipeline.prior_task import export_prior
-    from pipeline.sampling import file_sha256
 
     cond = ConditioningConfig(sinusoidal_dim=16, dim=16)
     ae_cfg = AutoencoderConfig(
@@ -130,16 +129,18 @@ def _tiny_generator_files(root: Path) -> dict[str, Path]:
     for kind in ("vqvae", "vaegan"):
         torch.manual_seed(0)
         ae[kind] = root / f"ae_{kind}.pt"
-        export_autoencoder(ae[kind], Autoencoder(ae_cfg, cond, kind), ae_cfg, cond, kind, data)
+        model = Autoencoder(ae_cfg, cond, kind)
+        save_model(ae[kind], f"ae_{kind}", model, ae_cfg, {"data": data}, cond)
     torch.manual_seed(0)
     unet = ZConditionedUNet(ldm_cfg, cond, 3)
     meta = {"autoencoder": str(ae["vaegan"]), "autoencoder_sha256": file_sha256(ae["vaegan"])}
     ldm_meta = {**meta, "scale_factor": 0.5, "latent_shape": [3, 8, 8], "n_slices": 4}
-    export_ldm(root / "ldm.pt", unet, ldm_cfg, cond, ldm_meta)
+    ldm_meta["scheduler"] = scheduler_config(ldm_cfg)
+    save_model(root / "ldm.pt", "ldm", unet, ldm_cfg, ldm_meta, cond)
     meta = {"autoencoder": str(ae["vqvae"]), "autoencoder_sha256": file_sha256(ae["vqvae"])}
     prior_meta = {**meta, "num_codes": 16, "code_shape": [8, 8], "n_slices": 4}
     prior = GatedPixelCNN(16, prior_cfg, cond)
-    export_prior(root / "pixelcnn.pt", prior, prior_cfg, cond, prior_meta)
+    save_model(root / "pixelcnn.pt", "pixelcnn", prior, prior_cfg, prior_meta, cond)
     return {"ldm": root / "ldm.pt", "pixelcnn": root / "pixelcnn.pt", **ae}
 
 

@@ -1,7 +1,7 @@
 """Training script for tests/test_distributed.py: run directly (one process) or under torchrun.
 
 Trains a tiny z-conditioned VQ-VAE with its PatchGAN (adversarial loss and VQGAN adaptive
-weight from step 2, weight EMA) on fixed random slices through :func:`pipeline.training.fit`.
+weight from step 2, weight EMA) on fixed random slices through :func:`pipeline.training.loop.fit`.
 Every rank writes ``rank<r>.pt`` (its parameters and codebook buffers) and the ranks that
 evaluate write ``evaluated_rank<r>``; rank 0 writes ``result.json``.
 
@@ -20,17 +20,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from pipeline import distributed
-from pipeline.config import (
+from pipeline.core import distributed
+from pipeline.core.config import (
     AutoencoderConfig,
     ConditioningConfig,
     DiscriminatorConfig,
     TrainConfig,
     VQConfig,
 )
-from pipeline.first_stage import AutoencoderTask
-from pipeline.tracking import StageRun
-from pipeline.training import fit
+from pipeline.core.tracking import StageRun
+from pipeline.training.autoencoder import AutoencoderTask
+from pipeline.training.loop import fit
 
 
 class Slices(Dataset):

@@ -97,3 +97,45 @@ def write_ellipse_splits(root: Path, size: int = 32, k: int = 8) -> Path:
         np.save(folder / "masks.npy", np.stack(masks)[:, None].astype(np.uint8))
         pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
     return root
+
+
+class RecordingRun:
+    """A stand-in for :class:`pipeline.core.tracking.StageRun` that records what is logged.
+
+    Attributes:
+        metrics: every ``(step, {name: value})`` logged.
+        images: names of logged images; ``artifacts``: file names of logged artifacts;
+        dicts: names of logged dicts.
+    """
+
+    def __init__(self, run_name: str = "test") -> None:
+        self.run_name = run_name
+        self.metrics: list[tuple[int | None, dict]] = []
+        self.images: list[str] = []
+        self.artifacts: list[str] = []
+        self.dicts: list[str] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_image(self, image, name) -> None:
+        self.images.append(name)
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        self.artifacts.append(Path(path).name)
+
+    def log_dict(self, data, name) -> None:
+        self.dicts.append(name)
+
+
+def stage_kwargs(paths, run: RecordingRun | None = None, identity: dict | None = None) -> dict:
+    """Keyword arguments of a ``train_*`` stage function for a quiet CPU test run."""
+    import torch
+
+    return {
+        "run": run or RecordingRun(),
+        "device": torch.device("cpu"),
+        "paths": paths,
+        "identity": identity or {},
+        "progress": False,
+    }

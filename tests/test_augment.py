@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.augment import AugmentedDataset
-from pipeline.data import PreparedDataError, SliceDataset
-from pipeline.generate import generate
+from pipeline.data.augment import AugmentedDataset
+from pipeline.data.datasets import PreparedDataError, SliceDataset
+from pipeline.inference.generate import generate
 
 
 def _split(root: Path, n: int = 12, size: int = 32) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import AutoencoderConfig, ConditioningConfig, VQConfig
+from pipeline.core.config import AutoencoderConfig, ConditioningConfig, VQConfig
 from pipeline.models.autoencoder import Autoencoder, EMAVectorQuantizer, ZResBlock
 
 COND = ConditioningConfig(sinusoidal_dim=16, dim=16)

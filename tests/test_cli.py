@@ -12,8 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.generate import read_manifest
-from pipeline.slice_files import read_slice
+from pipeline.data.manifests import read_manifest
+from pipeline.data.slice_files import read_slice
 
 runner = CliRunner()
 

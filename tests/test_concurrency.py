@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from pipeline.concurrency import (
+from pipeline.training.concurrency import (
     ChildFailedError,
     Job,
     parallel_setting,
@@ -110,7 +110,7 @@ def test_one_after_the_other_stops_at_the_first_failure(tmp_path) -> None:
 def test_the_last_child_running_takes_the_freed_cores(tmp_path, quick_seconds: int) -> None:
     threads = tmp_path / "threads"
     alone = (
-        "from pipeline.concurrency import accept_freed_cores; accept_freed_cores(); "
+        "from pipeline.training.concurrency import accept_freed_cores; accept_freed_cores(); "
         f"import time, torch, pathlib; time.sleep({quick_seconds} + 3); "
         f"pathlib.Path(r'{threads}').write_text(str(torch.get_num_threads()))"
     )
@@ -134,7 +134,7 @@ def test_a_child_without_a_handler_survives_the_handoff_signal() -> None:
 def test_a_child_ignores_the_handoff_signal_once_it_is_exiting(tmp_path) -> None:
     """Python restores the default (fatal) action at shutdown; the exit handler ignores it."""
     code = (
-        "import atexit, signal; from pipeline.concurrency import accept_freed_cores; "
+        "import atexit, signal; from pipeline.training.concurrency import accept_freed_cores; "
         "accept_freed_cores(); assert signal.getsignal(signal.SIGUSR1) is not signal.SIG_IGN; "
         "atexit._run_exitfuncs(); assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN"
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.conditioning import ZEmbedding, check_z, sinusoidal_embedding
-from pipeline.config import ConditioningConfig
+from pipeline.core.config import ConditioningConfig
+from pipeline.models.conditioning import ZEmbedding, check_z, sinusoidal_embedding
 
 
 def test_check_z_accepts_fractions_and_rejects_out_of_range() -> None:

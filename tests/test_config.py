@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_params, params_from_dict
+from pipeline.core.config import ConfigError, load_params, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.data import PreparedDataError, SliceDataset, make_loader
+from pipeline.data.datasets import PreparedDataError, SliceDataset, make_loader
 
 
 def write_split(folder: Path, n: int = 10, size: int = 8, masks: bool = True) -> None:

@@ -19,7 +19,7 @@ from data_prep.demo_cohort import (
     synthesise_session,
 )
 from data_prep.readers import scan_folder
-from pipeline.config import DemoConfig
+from pipeline.core.config import DemoConfig
 
 TINY = DemoConfig(n_subjects=3, n_discs=2, grid_scale=0.25, workers=1)
 

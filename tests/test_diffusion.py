@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import ConditioningConfig, LDMConfig, TrainConfig
-from pipeline.diffusion import (
+from pipeline.core.checkpoint import load_checkpoint
+from pipeline.core.config import ConditioningConfig, LDMConfig, TrainConfig
+from pipeline.inference.diffusion import (
     build_scheduler,
     ddim_sample,
     diffusion_loss,
@@ -23,9 +23,9 @@ from pipeline.diffusion import (
     scheduler_config,
     sdedit,
 )
-from pipeline.ldm_task import Evaluator, LatentSet, LDMTask
 from pipeline.models.unet import ZConditionedUNet
-from pipeline.training import fit
+from pipeline.training.ldm import Evaluator, LatentSet, LDMTask
+from pipeline.training.loop import fit
 
 COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
 SHAPE = (3, 8, 8)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ConditioningConfig, DiscriminatorConfig
-from pipeline.losses import discriminator_loss
+from pipeline.core.config import ConditioningConfig, DiscriminatorConfig
 from pipeline.models.discriminator import ZPatchDiscriminator
+from pipeline.training.losses import discriminator_loss
 
 COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
 

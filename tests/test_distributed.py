@@ -1,7 +1,7 @@
 """Multi-process training: torchrun + DDP on the CPU (gloo) against a one-process run.
 
 The slow test launches ``tests/ddp_worker.py`` (a tiny VQ-VAE with its PatchGAN, adaptive
-weight, EMA codebook and weight EMA through :func:`pipeline.training.fit`) once in one process
+weight, EMA codebook and weight EMA through :func:`pipeline.training.loop.fit`) once in one process
 and several times under ``torchrun --nproc_per_node 2``.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import distributed
+from pipeline.core import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "ddp_worker.py"

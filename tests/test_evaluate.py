@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointError
-from pipeline.config import (
+from pipeline.core.checkpoint import CheckpointError
+from pipeline.core.config import (
     AutoencoderConfig,
     ConditioningConfig,
     EvaluateConfig,
@@ -22,8 +22,10 @@ from pipeline.config import (
     ZProbeConfig,
     params_from_dict,
 )
-from pipeline.data import EvalData, SliceDataset
-from pipeline.evaluate import (
+from pipeline.core.identity import file_sha256
+from pipeline.core.tracking import StageRun
+from pipeline.data.datasets import EvalData, SliceDataset
+from pipeline.evaluation.evaluate import (
     EvaluatePaths,
     evaluate,
     gaussian_blur,
@@ -31,16 +33,12 @@ from pipeline.evaluate import (
     set_figures,
     split_halves,
 )
-from pipeline.first_stage import export_autoencoder
-from pipeline.ldm_task import export_ldm
+from pipeline.inference.diffusion import scheduler_config
 from pipeline.models.autoencoder import Autoencoder
+from pipeline.models.files import save_model
 from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.models.zprobe import ZProbe
-from pipeline.prior_task import export_prior
-from pipeline.sampling import file_sha256
-from pipeline.tracking import StageRun
-from pipeline.zprobe import save_probe
 
 K, SIZE, VOLUMES = 8, 32, 5
 COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
@@ -102,40 +100,43 @@ def _write_models(models: Path) -> None:
     models.mkdir(parents=True)
     torch.manual_seed(0)
     for kind in ("vqvae", "vaegan"):
-        export_autoencoder(
+        save_model(
             models / f"ae_{kind}.pt",
+            f"ae_{kind}",
             Autoencoder(AE, COND, kind),  # type: ignore[arg-type]
             AE,
+            {"data": {"image_size": SIZE, "n_slices": K}},
             COND,
-            kind,  # type: ignore[arg-type]
-            {"image_size": SIZE, "n_slices": K},
         )
     vaegan, vqvae = models / "ae_vaegan.pt", models / "ae_vqvae.pt"
-    export_ldm(
+    save_model(
         models / "ldm.pt",
+        "ldm",
         ZConditionedUNet(LDM, COND, 3),
         LDM,
-        COND,
         {
             "autoencoder": str(vaegan),
             "autoencoder_sha256": file_sha256(vaegan),
             "scale_factor": 1.0,
             "latent_shape": [3, 8, 8],
+            "scheduler": scheduler_config(LDM),
         },
+        COND,
     )
-    export_prior(
+    save_model(
         models / "pixelcnn.pt",
+        "pixelcnn",
         GatedPixelCNN(16, PRIOR, COND),
         PRIOR,
-        COND,
         {
             "autoencoder": str(vqvae),
             "autoencoder_sha256": file_sha256(vqvae),
             "num_codes": 16,
             "code_shape": [8, 8],
         },
+        COND,
     )
-    save_probe(models / "zprobe.pt", ZProbe(PROBE.channels), PROBE, K)
+    save_model(models / "zprobe.pt", "zprobe", ZProbe(PROBE.channels), PROBE, {"n_slices": K})
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +269,7 @@ def test_stage_refuses_a_probe_for_other_slice_levels(tmp_path: Path) -> None:
     _write_split(tmp_path / "data" / "prepared" / "test")
     models = tmp_path / "models"
     models.mkdir()
-    save_probe(models / "zprobe.pt", ZProbe(PROBE.channels), PROBE, K + 1)
+    save_model(models / "zprobe.pt", "zprobe", ZProbe(PROBE.channels), PROBE, {"n_slices": K + 1})
     params = params_from_dict({"prepare": {"n_slices": K, "image_size": SIZE}})
     paths = EvaluatePaths.standard("data/prepared", root=tmp_path)
     with pytest.raises(CheckpointError, match="re-run train_zprobe"):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.checkpoint import CheckpointError, save_checkpoint
-from pipeline.config import (
+from pipeline.core.checkpoint import CheckpointError, save_checkpoint
+from pipeline.core.config import (
     AutoencoderConfig,
     ConditioningConfig,
     DiscriminatorConfig,
@@ -20,18 +20,17 @@ from pipeline.config import (
     VQConfig,
     params_from_dict,
 )
-from pipeline.first_stage import (
+from pipeline.core.stage import StagePaths
+from pipeline.metrics.perceptual import get_lpips
+from pipeline.models.files import load_autoencoder, save_model
+from pipeline.training.autoencoder import (
     AutoencoderTask,
     EvalData,
     Evaluator,
-    export_autoencoder,
-    load_autoencoder,
     reconstruction_report,
     train_first_stage,
 )
-from pipeline.perceptual import get_lpips
-from pipeline.stage import StagePaths
-from pipeline.training import Optimization, fit
+from pipeline.training.loop import Optimization, fit
 
 COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
 CPU = torch.device("cpu")
@@ -243,7 +242,8 @@ def test_export_and_load_round_trip(kind: str, tmp_path, monkeypatch) -> None:
     task = _task(kind, cfg)
     task.train_step(_fixed_batch(), 0, Optimization(task.optimizers, 1.0))  # moves the codebook
     path = tmp_path / f"ae_{kind}.pt"
-    export_autoencoder(path, task.model, cfg, COND, kind, {"image_size": SIZE, "n_slices": 4})
+    data = {"image_size": SIZE, "n_slices": 4}
+    save_model(path, f"ae_{kind}", task.model, cfg, {"data": data}, COND)
 
     calls = []
     real_load = torch.load
@@ -269,7 +269,7 @@ def test_missing_corrupt_or_foreign_files_give_clear_errors(tmp_path) -> None:
         load_autoencoder(tmp_path / "nope.pt")
     cfg = _cfg()
     path = tmp_path / "ae.pt"
-    export_autoencoder(path, _task("vaegan", cfg).model, cfg, COND, "vaegan", {})
+    save_model(path, "ae_vaegan", _task("vaegan", cfg).model, cfg, {"data": {}}, COND)
     blob = path.read_bytes()
     (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(CheckpointError, match="corrupt"):
@@ -317,7 +317,9 @@ def test_train_first_stage_writes_model_report_and_grid(kind: str, tmp_path) -> 
     )
     paths = StagePaths.standard(f"ae_{kind}", f"ae_{kind}", f"ae_{kind}_recon.png", root=tmp_path)
     run = _Run()
-    report = train_first_stage(params, kind, run=run, device=CPU, paths=paths, progress=False)
+    report = train_first_stage(
+        params, kind, run=run, device=CPU, paths=paths, identity={}, progress=False
+    )
 
     assert json.loads(paths.report.read_text())["ssim"] == pytest.approx(report["ssim"])
     assert set(report["per_z"]) == {0, 1, 2, 3} and "shuffled_z" in report

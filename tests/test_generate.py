@@ -16,17 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.generate import (
-    MANIFEST_COLUMNS,
+from pipeline.core.identity import file_sha256
+from pipeline.data.manifests import MANIFEST_COLUMNS, read_manifest
+from pipeline.data.slice_files import OutputExistsError, check_token, publish, read_slice
+from pipeline.inference.generate import (
     ZLevel,
     generate,
     level_seed,
     output_spacing,
     parse_z,
-    read_manifest,
 )
-from pipeline.sampling import file_sha256
-from pipeline.slice_files import OutputExistsError, check_token, publish, read_slice
 
 
 @pytest.fixture(autouse=True)

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import AutoencoderConfig, ConditioningConfig, Params, VQConfig
-from pipeline.first_stage import export_autoencoder
-from pipeline.latents import LatentDataset, encode_all, encode_latents, read_latent_meta
+from pipeline.core.config import AutoencoderConfig, ConditioningConfig, Params, VQConfig
+from pipeline.data.latents import LatentDataset, read_latent_meta
+from pipeline.inference.encode import encode_all, encode_latents
 from pipeline.models.autoencoder import Autoencoder
+from pipeline.models.files import save_model
 
 CPU = torch.device("cpu")
 COND = ConditioningConfig(sinusoidal_dim=8, dim=8)
@@ -42,7 +43,7 @@ def prepared(tmp_path: Path) -> Path:
 def _export(path: Path, kind: str, seed: int = 0) -> Autoencoder:
     torch.manual_seed(seed)
     model = Autoencoder(AE_CFG, COND, kind).eval()  # type: ignore[arg-type]
-    export_autoencoder(path, model, AE_CFG, COND, kind, {"image_size": 16})  # type: ignore[arg-type]
+    save_model(path, f"ae_{kind}", model, AE_CFG, {"data": {"image_size": 16}}, COND)
     return model
 
 
@@ -74,28 +75,33 @@ def test_vqvae_codes_latents_manifest_and_meta(tmp_path: Path, prepared: Path) -
         x, z = _images(prepared, split)
         with torch.no_grad():
             np.testing.assert_array_equal(codes, model.encode_to_indices(x, z).numpy())
-            np.testing.assert_allclose(latents, model.pre_quant(x, z).numpy(), atol=1e-5)
+            # the codec's stage-2 inputs: the quantised latent the decoder reads, scaled
+            quantised = model.encode_to_latent(x, z).numpy() * meta["scale_factor"]
+            np.testing.assert_allclose(latents, quantised, atol=1e-4)
         pd.testing.assert_frame_equal(
             pd.read_csv(out / split / "manifest.csv"),
             pd.read_csv(prepared / split / "manifest.csv"),
         )
+    x, z = _images(prepared, "train")
+    with torch.no_grad():
+        unscaled = model.encode_to_latent(x, z).numpy()
+    assert meta["scale_factor"] == pytest.approx(1 / unscaled.std(dtype=np.float64), rel=1e-5)
     train = np.load(out / "train" / "latents.npy")
-    assert meta["scale_factor"] == pytest.approx(1 / train.std(dtype=np.float64))
+    assert train.std(dtype=np.float64) == pytest.approx(1.0, rel=1e-4)
 
 
-def test_scale_factor_survives_meta_json_into_latent_dataset(
-    tmp_path: Path, prepared: Path
-) -> None:
+def test_latent_dataset_serves_the_stored_stage_2_inputs(tmp_path: Path, prepared: Path) -> None:
     _export(tmp_path / "ae_vqvae.pt", "vqvae")
     out = tmp_path / "latents" / "vqvae"
     encode_latents(tmp_path / "ae_vqvae.pt", prepared, out, CPU, progress=False)
 
     meta = read_latent_meta(out)
-    data = LatentDataset(out / "train", scale_factor=meta["scale_factor"])
+    data = LatentDataset(out / "train")
     raw = np.load(out / "train" / "latents.npy")
     item = data[3]
     assert set(item) == {"latent", "codes", "z", "z_index"}
-    torch.testing.assert_close(item["latent"], torch.from_numpy(raw[3]) * meta["scale_factor"])
+    torch.testing.assert_close(item["latent"], torch.from_numpy(raw[3]))
+    assert meta["scale_factor"] > 0
     assert item["codes"].dtype == torch.int64 and item["codes"].shape == (8, 8)
     assert item["z"].dtype == torch.float32 and float(item["z"]) == pytest.approx(1.0)
     assert int(item["z_index"]) == 3
@@ -113,7 +119,9 @@ def test_vaegan_posterior_mean_without_codes(tmp_path: Path, prepared: Path) -> 
     x, z = _images(prepared, "val")
     with torch.no_grad():
         mean = model.encode_to_latent(x, z).numpy()
-    np.testing.assert_allclose(np.load(out / "val" / "latents.npy"), mean, atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(out / "val" / "latents.npy"), mean * meta["scale_factor"], atol=1e-4
+    )
     assert "codes" not in LatentDataset(out / "val")[0]
 
 
@@ -124,7 +132,7 @@ def test_killed_encoding_leaves_no_meta_and_no_temp_files(
     out = tmp_path / "latents" / "vqvae"
     encode_latents(tmp_path / "ae_vqvae.pt", prepared, out, CPU, progress=False)
 
-    import pipeline.latents as latents
+    import pipeline.inference.encode as latents
 
     real = latents.encode_dataset
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.losses import (
+from pipeline.metrics.quality import ssim
+from pipeline.models.autoencoder import gaussian_kl
+from pipeline.training.losses import (
     adaptive_weight,
     discriminator_loss,
-    gaussian_kl,
     generator_loss,
     kl_weight,
     ssim_loss,
 )
-from pipeline.metrics import ssim
 
 
 @pytest.mark.parametrize(

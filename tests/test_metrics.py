@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from pipeline import metrics
+from pipeline.metrics import quality as metrics
 
 SIZE = 64
 

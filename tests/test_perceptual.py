@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import perceptual
-from pipeline.perceptual import (
+from pipeline.metrics import perceptual
+from pipeline.metrics.perceptual import (
     NumpyOnlyUnpickler,
     PerceptualLoss,
     PerceptualWeightsError,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.autoregressive import sample_codes
-from pipeline.config import ConditioningConfig, PriorConfig
+from pipeline.core.config import ConditioningConfig, PriorConfig
+from pipeline.inference.autoregressive import sample_codes
 from pipeline.models.pixelcnn import GatedPixelCNN
 
 COND = ConditioningConfig(sinusoidal_dim=8, dim=16)

@@ -18,7 +18,7 @@ from data_prep.prepare import MANIFEST_COLUMNS, prepare_dataset
 from data_prep.readers.base import SPLITS
 from data_prep.split import split_sizes, split_subjects
 from data_prep.volume import load_volume, threshold_mask, volume_slices
-from pipeline.config import DemoConfig, PrepareConfig, SplitConfig
+from pipeline.core.config import DemoConfig, PrepareConfig, SplitConfig
 
 SMALL = PrepareConfig(n_slices=5, image_size=24, workers=1)
 OUTPUTS = ("slices.npy", "masks.npy", "manifest.csv")
@@ -326,7 +326,7 @@ def stage_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_stage_exits_with_one_line(stage_project: Path, capsys: pytest.CaptureFixture) -> None:
-    from pipeline.stage import main
+    from pipeline.core.stage import main
     from stages.prepare import run as stage_run
 
     with pytest.raises(SystemExit) as exit_info:
@@ -361,7 +361,7 @@ def test_full_disk_during_prepare_ends_in_one_line_and_keeps_nothing_half_writte
 
     import numpy as np
 
-    from pipeline.stage import main
+    from pipeline.core.stage import main
     from stages.prepare import run as stage_run
 
     nifti_folder(stage_project / "raw", phantom, write_nifti, 3)

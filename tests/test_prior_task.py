@@ -12,9 +12,8 @@ import pytest
 import torch
 from support import write_ellipse_splits
 
-from pipeline.autoregressive import sample_codes
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import (
+from pipeline.core.checkpoint import load_checkpoint
+from pipeline.core.config import (
     AutoencoderConfig,
     ConditioningConfig,
     Params,
@@ -22,11 +21,16 @@ from pipeline.config import (
     TrainConfig,
     VQConfig,
 )
-from pipeline.data import EvalData
-from pipeline.first_stage import export_autoencoder
+from pipeline.core.identity import file_sha256
+from pipeline.core.stage import StagePaths
+from pipeline.data.datasets import EvalData
+from pipeline.inference.autoregressive import sample_codes
+from pipeline.inference.sampling import load_generator, sample
 from pipeline.models.autoencoder import Autoencoder
+from pipeline.models.files import save_model
 from pipeline.models.pixelcnn import GatedPixelCNN
-from pipeline.prior_task import (
+from pipeline.training.loop import fit
+from pipeline.training.prior import (
     GRID_LEVELS,
     CodeSet,
     PriorEvaluator,
@@ -37,9 +41,6 @@ from pipeline.prior_task import (
     nll_bits_per_code,
     train_prior,
 )
-from pipeline.sampling import file_sha256, load_generator, sample
-from pipeline.stage import StagePaths
-from pipeline.training import fit
 
 CPU = torch.device("cpu")
 COND = ConditioningConfig(sinusoidal_dim=16, dim=32)
@@ -226,7 +227,7 @@ def _latents_dir(tmp_path: Path) -> Path:
     )
     torch.manual_seed(0)
     ae_path = tmp_path / "models" / "ae_vqvae.pt"
-    export_autoencoder(ae_path, Autoencoder(ae_cfg, COND, "vqvae"), ae_cfg, COND, "vqvae", {})
+    save_model(ae_path, "ae_vqvae", Autoencoder(ae_cfg, COND, "vqvae"), ae_cfg, {"data": {}}, COND)
     root = tmp_path / "latents" / "vqvae"
     for split, n, seed in (("train", 256, 0), ("val", 32, 1), ("test", 32, 2)):
         data = toy_codes(n, seed)
@@ -267,7 +268,7 @@ def test_stage_trains_exports_and_the_model_file_samples(tmp_path: Path) -> None
         }
     )
     run = _Run()
-    report = train_prior(params, run=run, device=CPU, paths=paths, progress=False)  # type: ignore[arg-type]
+    report = train_prior(params, run=run, device=CPU, paths=paths, identity={}, progress=False)  # type: ignore[arg-type]
 
     assert json.loads(paths.report.read_text()) == report
     assert 0 < report["test_bits_per_code"] < 4 and report["steps"] == 6

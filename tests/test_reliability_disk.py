@@ -19,11 +19,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import checkpoint as checkpoint_mod
-from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline.config import TrainConfig
-from pipeline.stage import main as stage_main
-from pipeline.training import Optimization, TrainingTask, fit
+from pipeline.core import checkpoint as checkpoint_mod
+from pipeline.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.core.config import TrainConfig
+from pipeline.core.stage import main as stage_main
+from pipeline.training.loop import Optimization, TrainingTask, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -138,7 +138,7 @@ def test_disk_full_during_training_stops_with_one_line_then_resumes(
             disk_full_after(100)
         return real_save(path, payload)
 
-    monkeypatch.setattr("pipeline.training.save_checkpoint", second_save_fails)
+    monkeypatch.setattr("pipeline.training.loop.save_checkpoint", second_save_fails)
     with pytest.raises(SystemExit) as exit_:
         stage_main(lambda: _fit(_Line(), tmp_path / "run"))
     assert exit_.value.code == 1
@@ -158,7 +158,7 @@ _FSIZE_CHILD = textwrap.dedent(
     """
     import json, resource, signal, sys
     import torch
-    from pipeline.checkpoint import CheckpointError, save_checkpoint
+    from pipeline.core.checkpoint import CheckpointError, save_checkpoint
 
     folder, limit = sys.argv[1], int(sys.argv[2])
     save_checkpoint(f"{folder}/last.pt", {"step": 1, "w": torch.zeros(1000)})

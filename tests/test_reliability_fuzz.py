@@ -30,7 +30,7 @@ from data_prep import volume as volume_mod
 from data_prep.prepare import prepare_dataset, process_case
 from data_prep.readers import PngCase, PngSlice, VolumeCase
 from data_prep.readers import png_slices as png_mod
-from pipeline.config import PrepareConfig
+from pipeline.core.config import PrepareConfig
 
 FUZZ = settings(
     max_examples=40,

@@ -33,9 +33,9 @@ import yaml
 
 from data_prep import prepare as prepare_mod
 from data_prep.readers.base import SPLITS
-from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.config import PrepareConfig
-from pipeline.data import PreparedDataError, SliceDataset
+from pipeline.core.checkpoint import CheckpointError, load_checkpoint
+from pipeline.core.config import PrepareConfig
+from pipeline.data.datasets import PreparedDataError, SliceDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ARRAYS = ("slices.npy", "masks.npy")
@@ -185,8 +185,8 @@ def test_resumed_at_the_end_still_gets_final_metrics(tmp_path: Path) -> None:
     """Killed after the last checkpoint, before the outputs: the re-run evaluates again."""
     from torch import nn
 
-    from pipeline.config import TrainConfig
-    from pipeline.training import Optimization, TrainingTask, fit
+    from pipeline.core.config import TrainConfig
+    from pipeline.training.loop import Optimization, TrainingTask, fit
 
     class Task(TrainingTask):
         def __init__(self) -> None:

@@ -1,10 +1,10 @@
 """Numerical faults: NaN/Inf batches, losses and gradients in the one training loop.
 
-Faults are injected into :func:`pipeline.training.fit` through the data (a NaN item), the
+Faults are injected into :func:`pipeline.training.loop.fit` through the data (a NaN item), the
 loss (a task that returns NaN at chosen steps) and the gradient (a NaN-gradient op). Each
 faulty step must be skipped at once and counted in the logged ``skipped_steps``; a streak
 of ``max_bad_steps`` restores the last good checkpoint with half the learning rate; a fault
-that persists ends in :class:`TrainingDivergedError`, one line through ``pipeline.stage.main``.
+that persists ends in :class:`TrainingDivergedError`, one line through ``pipeline.core.stage.main``.
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline import training
-from pipeline.config import (
+from pipeline.core.config import (
     AutoencoderConfig,
     ConditioningConfig,
     DiscriminatorConfig,
     TrainConfig,
     VQConfig,
 )
-from pipeline.first_stage import AutoencoderTask
-from pipeline.stage import main as stage_main
-from pipeline.training import (
+from pipeline.core.stage import main as stage_main
+from pipeline.training import loop as training
+from pipeline.training.autoencoder import AutoencoderTask
+from pipeline.training.loop import (
     Optimization,
     TrainingDivergedError,
     TrainingTask,
@@ -191,7 +191,7 @@ def test_streak_restores_last_good_checkpoint_with_half_lr(
     cfg = _cfg(max_bad_steps=3)
     task = _Regression({9: "loss", 10: "grad", 11: "loss"})
     run = _Run()
-    with caplog.at_level(logging.WARNING, logger="pipeline.training"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.training.loop"):
         result = _fit(task, _Points(), cfg, tmp_path, run)
     assert result.restores == 1 and result.skipped_steps == 3 and result.step == cfg.steps
     assert any("restored step 8" in r.getMessage() for r in caplog.records)

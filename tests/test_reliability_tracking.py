@@ -25,10 +25,10 @@ import yaml
 from support import free_port, mlflow_server, write_ellipse_splits
 from torch import nn
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.config import TrainConfig
-from pipeline.tracking import HTTP_DEFAULTS, StageRun, iter_offline
-from pipeline.training import Optimization, TrainingTask, fit
+from pipeline.core.checkpoint import load_checkpoint
+from pipeline.core.config import TrainConfig
+from pipeline.core.tracking import HTTP_DEFAULTS, StageRun, iter_offline
+from pipeline.training.loop import Optimization, TrainingTask, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -10,13 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline.config import TrainConfig
-from pipeline.first_stage import load_autoencoder
-from pipeline.io import safe_child
-from pipeline.sampling import load_generator
-from pipeline.training import Optimization, TrainingTask, fit
-from pipeline.zprobe import load_probe
+from pipeline.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.core.config import TrainConfig
+from pipeline.core.io import safe_child
+from pipeline.inference.sampling import load_generator
+from pipeline.models.files import load_autoencoder, load_probe
+from pipeline.training.loop import Optimization, TrainingTask, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import tracking
-from pipeline.images import save_png
-from pipeline.io import write_json
-from pipeline.ldm_task import save_gif
-from pipeline.report import ReportPaths, build_report, write_report
-from pipeline.tracking import StageRun
+from pipeline.core import tracking
+from pipeline.core.figures import save_png
+from pipeline.core.io import write_json
+from pipeline.core.tracking import StageRun
+from pipeline.evaluation.report import ReportPaths, build_report, write_report
+from pipeline.training.ldm import save_gif
 
 CHROMIUM = next(
     filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None

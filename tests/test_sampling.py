@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from support import RecordingRun, stage_kwargs
 
-from pipeline.checkpoint import CheckpointError
-from pipeline.config import (
+from pipeline.core.checkpoint import CheckpointError
+from pipeline.core.config import (
     AutoencoderConfig,
     ConditioningConfig,
     KLConfig,
@@ -22,14 +23,15 @@ from pipeline.config import (
     TrainConfig,
     VQConfig,
 )
-from pipeline.first_stage import export_autoencoder
-from pipeline.ldm_task import export_ldm, train_ldm
+from pipeline.core.identity import file_sha256
+from pipeline.core.stage import StagePaths
+from pipeline.inference.diffusion import build_scheduler, scheduler_config
+from pipeline.inference.sampling import StaleModelError, load_generator, sample
 from pipeline.models.autoencoder import Autoencoder
+from pipeline.models.files import save_model
 from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.models.unet import ZConditionedUNet
-from pipeline.prior_task import export_prior
-from pipeline.sampling import StaleModelError, file_sha256, load_generator, sample
-from pipeline.stage import StagePaths
+from pipeline.training.ldm import train_ldm
 
 COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
 AE = AutoencoderConfig(
@@ -63,7 +65,7 @@ def _one_thread():
 def _autoencoder(path: Path, kind: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Autoencoder(AE, COND, kind)  # type: ignore[arg-type]
-    export_autoencoder(path, model, AE, COND, kind, {"image_size": 32, "n_slices": 4})  # type: ignore[arg-type]
+    save_model(path, f"ae_{kind}", model, AE, {"data": {"image_size": 32, "n_slices": 4}}, COND)
     return path
 
 
@@ -75,16 +77,17 @@ def _ldm_file(tmp_path: Path, scale: float = 0.37) -> Path:
         "autoencoder_sha256": file_sha256(ae),
         "scale_factor": scale,
         "latent_shape": list(SHAPE),
+        "scheduler": scheduler_config(LDM),
     }
-    export_ldm(tmp_path / "ldm.pt", ZConditionedUNet(LDM, COND, SHAPE[0]), LDM, COND, meta)
+    save_model(tmp_path / "ldm.pt", "ldm", ZConditionedUNet(LDM, COND, SHAPE[0]), LDM, meta, COND)
     return tmp_path / "ldm.pt"
 
 
 def test_ldm_file_round_trip_keeps_scale_factor_and_schedule(tmp_path) -> None:
     gen = load_generator(_ldm_file(tmp_path, scale=0.37))
-    assert gen.kind == "ldm" and gen.scale_factor == pytest.approx(0.37)
+    assert gen.kind == "ldm" and gen.codec.scale_factor == pytest.approx(0.37)
     assert gen.latent_shape == SHAPE
-    assert not gen.scheduler.clip_sample
+    assert not build_scheduler(gen.schedule, "ddim").clip_sample
     assert gen.metadata["scheduler"]["beta_start"] == LDM.beta_start
     assert not gen.network.training
 
@@ -134,9 +137,8 @@ def test_pixelcnn_file_samples_through_the_same_entry_point(tmp_path) -> None:
         "num_codes": 16,
         "code_shape": [8, 8],
     }
-    export_prior(
-        tmp_path / "pixelcnn.pt", GatedPixelCNN(16, prior_cfg, COND), prior_cfg, COND, meta
-    )
+    prior = GatedPixelCNN(16, prior_cfg, COND)
+    save_model(tmp_path / "pixelcnn.pt", "pixelcnn", prior, prior_cfg, meta, COND)
     gen = load_generator(tmp_path / "pixelcnn.pt")
     assert gen.kind == "pixelcnn" and gen.latent_shape == (8, 8)
     images, z = sample(gen, [0.0, 1.0], n_per_z=2, seed=3, top_k=4)
@@ -147,32 +149,12 @@ def test_pixelcnn_file_samples_through_the_same_entry_point(tmp_path) -> None:
         sample(gen, 0.5, n_per_z=1, seed=0, steps=10)
 
 
-class _Run:
-    run_name = "ldm"
-
-    def __init__(self) -> None:
-        self.images: list[str] = []
-        self.artifacts: list[str] = []
-
-    def log_metrics(self, metrics, step=None) -> None:
-        pass
-
-    def log_image(self, image, name) -> None:
-        self.images.append(name)
-
-    def log_artifact(self, path, artifact_path=None) -> None:
-        self.artifacts.append(Path(path).name)
-
-    def log_dict(self, data, name) -> None:
-        pass
-
-
 def _latents(root: Path, ae: Path, scale: float) -> None:
     rng = np.random.default_rng(0)
     for split, n in (("train", 12), ("val", 4)):
         (root / split).mkdir(parents=True)
         z_index = np.arange(n) % 4
-        np.save(root / split / "latents.npy", rng.normal(0, 1 / scale, (n, *SHAPE)).astype("f4"))
+        np.save(root / split / "latents.npy", rng.normal(0, 1, (n, *SHAPE)).astype("f4"))
         pd.DataFrame({"z_index": z_index, "z": z_index / 3, "subject": "s"}).to_csv(
             root / split / "manifest.csv", index=False
         )
@@ -191,19 +173,19 @@ def test_train_ldm_writes_model_report_and_grid(tmp_path) -> None:
     paths = StagePaths.standard("ldm", "ldm", "ldm_samples.png", "vaegan", tmp_path)
     _latents(paths.latents, ae, scale=0.5)
     params = Params(conditioning=COND, ldm=LDM, prepare=PrepareConfig(n_slices=4))
-    run = _Run()
-    report = train_ldm(params, run=run, device=torch.device("cpu"), paths=paths, progress=False)
+    run = RecordingRun("ldm")
+    report = train_ldm(params, **stage_kwargs(paths, run))
     assert report["steps"] == 4 and report["sampling"]["slices_per_s"] > 0
     assert json.loads(paths.report.read_text())["final_loss"] == pytest.approx(report["final_loss"])
     assert paths.grid.is_file() and "ldm.pt" in run.artifacts
-    assert load_generator(paths.model).scale_factor == pytest.approx(0.5)
+    assert load_generator(paths.model).codec.scale_factor == pytest.approx(0.5)
     assert not (paths.resume_dir / "last.pt").exists()
 
 
 def test_train_ldm_rerun_after_kill_before_export_still_writes_everything(
     tmp_path, monkeypatch
 ) -> None:
-    import pipeline.ldm_task as ldm_task
+    import pipeline.training.ldm as ldm_task
 
     ae = _autoencoder(tmp_path / "models" / "ae_vaegan.pt", "vaegan")
     paths = StagePaths.standard("ldm", "ldm", "ldm_samples.png", "vaegan", tmp_path)
@@ -214,9 +196,9 @@ def test_train_ldm_rerun_after_kill_before_export_still_writes_everything(
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(ldm_task, "export_ldm", killed)
+        patch.setattr(ldm_task, "save_model", killed)
         with pytest.raises(KeyboardInterrupt):
-            train_ldm(params, run=_Run(), device=torch.device("cpu"), paths=paths, progress=False)
-    report = train_ldm(params, run=_Run(), device=torch.device("cpu"), paths=paths, progress=False)
+            train_ldm(params, **stage_kwargs(paths))
+    report = train_ldm(params, **stage_kwargs(paths))
     assert report["steps"] == 4 and report["val_loss"] is not None
     assert paths.grid.is_file() and paths.model.is_file()

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import tracking
-from pipeline.tracking import StageRun, flatten, iter_offline, pipeline_id
+from pipeline.core import tracking
+from pipeline.core.tracking import StageRun, flatten, iter_offline, pipeline_id
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline.config import TrainConfig
-from pipeline.training import (
+from pipeline.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.core.config import TrainConfig
+from pipeline.training.loop import (
     Optimization,
     TrainingDivergedError,
     TrainingTask,

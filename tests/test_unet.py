@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ConditioningConfig, LDMConfig
+from pipeline.core.config import ConditioningConfig, LDMConfig
 from pipeline.models.unet import ZConditionedUNet
 
 COND = ConditioningConfig(sinusoidal_dim=16, dim=16)

@@ -23,6 +23,7 @@ from data_prep.readers.base import (
     Skip,
     VolumeCase,
 )
+from pipeline.core.errors import InputError
 
 __all__ = [
     "DEMOGRAPHICS",
@@ -74,7 +75,7 @@ def scan_folder(root: str | Path, fmt: str = "auto") -> Scan:
         ValueError: ``fmt`` is not one of :data:`FORMATS`.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"data.format must be one of {list(FORMATS)}, got {fmt!r}")
+        raise InputError(f"data.format must be one of {list(FORMATS)}, got {fmt!r}")
     root = Path(root)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"

@@ -1,1 +1,2 @@
-"""Networks of braingen; each module holds ``nn.Module``s only (no training, no weight loading)."""
+"""Networks of braingen (``nn.Module``\ s only: no training, no weight loading in constructors),
+the one conditioning module, the model-file format (``files``) and the first-stage codec."""

@@ -5,7 +5,7 @@ block in the middle (MONAI's ``SpatialAttentionBlock``, torch's scaled-dot-produ
 MONAI's strided-conv downsampling and nearest-neighbour + conv upsampling. The decoder
 changes width before upsampling (1x1 conv at the low resolution), so its convs at the full
 resolution run at the narrowest width ``channels[0]``, which keeps CPU training cheap. One
-:class:`~pipeline.conditioning.ZEmbedding` per autoencoder feeds every residual block of both
+:class:`~pipeline.models.conditioning.ZEmbedding` per autoencoder feeds every residual block of both
 encoder and decoder through FiLM (a per-channel scale and shift after the second GroupNorm).
 
 The named stage-1 interface used by later stages: :meth:`Autoencoder.encode_to_latent`,
@@ -24,13 +24,35 @@ from monai.networks.blocks import SpatialAttentionBlock, Upsample
 from monai.networks.nets.autoencoderkl import AEKLDownsample
 from torch import nn
 
-from pipeline import distributed
-from pipeline.conditioning import ZEmbedding
-from pipeline.config import KINDS, AutoencoderConfig, AutoencoderKind, ConditioningConfig, VQConfig
-from pipeline.losses import gaussian_kl
+from pipeline.core import distributed
+from pipeline.core.config import (
+    KINDS,
+    AutoencoderConfig,
+    AutoencoderKind,
+    ConditioningConfig,
+    VQConfig,
+)
+from pipeline.core.errors import InputError
+from pipeline.models.conditioning import ZEmbedding
 
 # Posterior log-variances are clamped to this range for numerical safety (as in LDM).
 LOGVAR_RANGE = (-30.0, 20.0)
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)), averaged over every latent element.
+
+    The mean (not the sum) over latent elements keeps the weight independent of the latent
+    size; it is comparable with the per-pixel mean of the L1 loss.
+
+    Args:
+        mean: (B, C, h, w) posterior means.
+        logvar: (B, C, h, w) posterior log-variances.
+
+    Returns:
+        Scalar tensor, >= 0.
+    """
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
 
 
 class ZResBlock(nn.Module):
@@ -296,7 +318,7 @@ class EMAVectorQuantizer(nn.Module):
             (B, d, h, w) quantised latent.
         """
         if indices.min() < 0 or indices.max() >= self.num_codes:
-            raise ValueError(
+            raise InputError(
                 f"code indices must lie in [0, {self.num_codes}); "
                 f"got range [{int(indices.min())}, {int(indices.max())}]"
             )
@@ -388,7 +410,7 @@ class Autoencoder(nn.Module):
     ) -> None:
         super().__init__()
         if kind not in KINDS:
-            raise ValueError(f"autoencoder kind must be one of {KINDS}; got {kind!r}")
+            raise InputError(f"autoencoder kind must be one of {KINDS}; got {kind!r}")
         self.kind: AutoencoderKind = kind
         self.downsample_factor = 2 ** (len(cfg.channels) - 1)
         self.latent_channels = cfg.vq.code_dim if kind == "vqvae" else cfg.kl.latent_channels
@@ -401,16 +423,16 @@ class Autoencoder(nn.Module):
     def _check_input(self, x: torch.Tensor, z: torch.Tensor) -> None:
         f = self.downsample_factor
         if x.ndim != 4 or x.shape[1] != 1 or x.shape[-1] % f or x.shape[-2] % f:
-            raise ValueError(
+            raise InputError(
                 f"x must have shape (B, 1, H, W) with H and W multiples of {f}; "
                 f"got {tuple(x.shape)}"
             )
         if z.shape != (x.shape[0],):
-            raise ValueError(f"z must have shape ({x.shape[0]},) matching x; got {tuple(z.shape)}")
+            raise InputError(f"z must have shape ({x.shape[0]},) matching x; got {tuple(z.shape)}")
 
     def _require_vq(self, method: str) -> EMAVectorQuantizer:
         if self.quantizer is None:
-            raise ValueError(f"{method} needs a vqvae autoencoder; this one is {self.kind!r}")
+            raise InputError(f"{method} needs a vqvae autoencoder; this one is {self.kind!r}")
         return self.quantizer
 
     def _encode(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -491,7 +513,7 @@ class Autoencoder(nn.Module):
             (B, 1, h*f, w*f) images, roughly in [0, 1] (not clamped).
         """
         if latent.ndim != 4 or latent.shape[1] != self.latent_channels:
-            raise ValueError(
+            raise InputError(
                 f"latent must have shape (B, {self.latent_channels}, h, w); "
                 f"got {tuple(latent.shape)}"
             )

@@ -2,7 +2,7 @@
 
 MONAI supplies the conv stack (strided 4x4 convs, normalisation, LeakyReLU); this module adds
 the condition: after every conv block except the final logit conv, a per-channel bias
-projected from the discriminator's own :class:`~pipeline.conditioning.ZEmbedding` is added.
+projected from the discriminator's own :class:`~pipeline.models.conditioning.ZEmbedding` is added.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
-from pipeline.conditioning import ZEmbedding
-from pipeline.config import ConditioningConfig, DiscriminatorConfig
+from pipeline.models.conditioning import ZEmbedding
+from pipeline.core.config import ConditioningConfig, DiscriminatorConfig
 
 
 class ZPatchDiscriminator(nn.Module):

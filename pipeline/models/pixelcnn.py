@@ -11,7 +11,7 @@ van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders":
   (except the first layer, whose input is the current code itself);
 - a conditional bias added to both stacks' pre-activations in every layer: a 1x1
   convolution of a (B, C, h, w) map of the z embedding (the shared
-  :class:`~pipeline.conditioning.ZEmbedding`) combined with each position's coordinates
+  :class:`~pipeline.models.conditioning.ZEmbedding`) combined with each position's coordinates
   (:class:`PositionAndZ`), since convolutions alone cannot tell the centre of a slice from
   its edge (the spatial-conditioning form ``V * s`` of the paper);
 - code features tied to the VQ-VAE's codebook (:class:`CodeTable`), at the input (code ->
@@ -24,7 +24,7 @@ position i depend only on codes at positions < i.
 Every layer is split into :meth:`GatedLayer.vertical`,
 :meth:`GatedLayer.vertical_to_horizontal` and :meth:`GatedLayer.horizontal`, which work on
 already padded windows; :meth:`GatedLayer.forward` pads the whole grid and calls them. The
-incremental sampler in :mod:`pipeline.autoregressive` calls the first two on one row at a
+incremental sampler in :mod:`pipeline.inference.autoregressive` calls the first two on one row at a
 time and :meth:`GatedLayer.horizontal_step` (the same weights as matrix products) on one
 position at a time; tests check that its logits equal the full forward pass.
 """
@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.conditioning import ZEmbedding
-from pipeline.config import ConditioningConfig, PriorConfig
+from pipeline.models.conditioning import ZEmbedding
+from pipeline.core.config import ConditioningConfig, PriorConfig
+from pipeline.core.errors import InputError
 
 #: Code length of the random codebook a prior without a VQ-VAE is tied to.
 RANDOM_CODE_DIM = 8
@@ -169,9 +170,9 @@ class GatedLayer(nn.Module):
     ) -> None:
         super().__init__()
         if mask_type not in ("A", "B"):
-            raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
+            raise InputError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
         if kernel_size < 3 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
+            raise InputError(f"kernel_size must be odd and >= 3, got {kernel_size}")
         half = kernel_size // 2
         self.half = half
         self.residual = mask_type == "B"
@@ -311,11 +312,11 @@ class GatedPixelCNN(nn.Module):
     ) -> None:
         super().__init__()
         if num_codes < 2:
-            raise ValueError(f"num_codes must be >= 2, got {num_codes}")
+            raise InputError(f"num_codes must be >= 2, got {num_codes}")
         if codebook is None:
             codebook = torch.randn(num_codes, RANDOM_CODE_DIM)
         if codebook.ndim != 2 or len(codebook) != num_codes:
-            raise ValueError(
+            raise InputError(
                 f"codebook must be ({num_codes}, D), got {tuple(codebook.shape)}"
             )
         self.num_codes = num_codes

@@ -1,6 +1,6 @@
 """The z-conditioned denoising UNet of the latent diffusion model (wraps MONAI).
 
-z reaches the network twice, both from one :class:`~pipeline.conditioning.ZEmbedding`:
+z reaches the network twice, both from one :class:`~pipeline.models.conditioning.ZEmbedding`:
 
 - added to the timestep embedding, so every residual block is modulated by the slice level
   (the strong path; cross-attention alone conditioned too weakly on a small training budget);
@@ -18,8 +18,9 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from pipeline.conditioning import ZEmbedding
-from pipeline.config import ConditioningConfig, LDMConfig
+from pipeline.models.conditioning import ZEmbedding
+from pipeline.core.config import ConditioningConfig, LDMConfig
+from pipeline.core.errors import InputError
 
 
 class ZConditionedUNet(nn.Module):
@@ -36,7 +37,7 @@ class ZConditionedUNet(nn.Module):
     ) -> None:
         super().__init__()
         if latent_channels < 1:
-            raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
+            raise InputError(f"latent_channels must be >= 1, got {latent_channels}")
         self.z_embed = ZEmbedding(conditioning, null_token=True)
         self.unet = DiffusionModelUNet(
             spatial_dims=2,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.core.errors import InputError
+
 
 class ZProbe(nn.Module):
     """Strided conv stack → global average → z.
@@ -18,7 +20,7 @@ class ZProbe(nn.Module):
     def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 128)) -> None:
         super().__init__()
         if not channels:
-            raise ValueError("channels must name at least one layer")
+            raise InputError("channels must name at least one layer")
         layers: list[nn.Module] = []
         c_in = 1
         for c_out in channels:

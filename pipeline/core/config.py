@@ -1,0 +1,539 @@
+"""Typed parameters for every stage, loaded from ``params.yaml``.
+
+``params.yaml`` holds the base values (the ``demo`` profile) and a ``profiles`` block whose
+entries override any part of them. The active profile is the ``profile`` key, so a user
+switches with ``dvc exp run -S profile=workstation`` or by editing that one line.
+
+Unknown keys are rejected everywhere (``extra="forbid"``), so a typo in ``params.yaml``
+fails at load time with the dotted path of the offending key instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.core.errors import InputError
+
+
+class ConfigError(InputError):
+    """A problem with ``params.yaml`` a user can fix; the message names the key."""
+
+
+#: Allowed values, each defined once: a ``Literal`` for the typed params and its tuple for
+#: checks and help texts elsewhere (the CLI, ``resolve_device``, ``generate``).
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = get_args(Device)
+#: Input layouts ``prepare`` reads (``auto`` detects).
+DataFormat = Literal["auto", "oasis1", "bids", "nifti", "png"]
+DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
+#: File formats ``generate`` writes.
+OutputFormat = Literal["png", "nifti", "both"]
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+#: Generators ``generate`` samples from (``models/<name>.pt``).
+GeneratorName = Literal["ldm", "pixelcnn"]
+GENERATORS: tuple[str, ...] = get_args(GeneratorName)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where the raw volumes are and where prepared slices go.
+
+    Attributes:
+        raw_dir: folder with the user's data (OASIS-1 discs, BIDS, NIfTI folder or the PNG
+            slice release). The default is the demo stand-in cohort written by ``make_demo``.
+        format: reader to use; ``auto`` detects it from the folder's contents.
+        prepared_dir: output folder of ``prepare`` (one sub-folder per split).
+    """
+
+    raw_dir: str = "data/raw/demo"
+    format: DataFormat = "auto"
+    prepared_dir: str = "data/prepared"
+
+
+class DemoConfig(_Section):
+    """The stand-in cohort synthesised from nilearn's MNI152 template (not OASIS data).
+
+    Attributes:
+        n_subjects: number of distinct synthetic subjects.
+        n_discs: subjects are spread over this many ``oasis_cross-sectional_discN`` folders.
+        out_dir: where the OASIS-1 layout is written.
+        elastic_mm: standard deviation of the smooth elastic displacement, in mm.
+        rotation_deg: maximum random rotation about each axis, in degrees.
+        noise: Rician-like noise level relative to the white-matter intensity.
+        bias_field: peak relative amplitude of the multiplicative bias field.
+        workers: process-pool size for synthesising subjects.
+        grid_scale: 1.0 writes the OASIS-1 T88_111 grid (176×208×176, 1 mm); smaller values
+            write the same field of view on a coarser grid (fast smoke tests only: the
+            atrophy is sub-voxel there).
+    """
+
+    n_subjects: int = Field(24, ge=2)
+    n_discs: int = Field(2, ge=1)
+    out_dir: str = "data/raw/demo"
+    elastic_mm: float = Field(2.0, ge=0)
+    rotation_deg: float = Field(6.0, ge=0)
+    noise: float = Field(0.03, ge=0)
+    bias_field: float = Field(0.15, ge=0)
+    workers: int = Field(2, ge=1)
+    grid_scale: float = Field(1.0, gt=0, le=1)
+
+
+class SplitConfig(_Section):
+    """Subject-level split ratios (normalised to sum to one)."""
+
+    train: float = Field(0.7, gt=0)
+    val: float = Field(0.15, ge=0)
+    test: float = Field(0.15, gt=0)
+
+
+class PrepareConfig(_Section):
+    """Volume → axial slice conversion.
+
+    Attributes:
+        n_slices: K evenly spaced axial slices per volume across the brain's extent.
+        image_size: output side length in pixels (slices are padded to square, resized).
+        percentiles: intensity percentiles inside the brain mapped to 0 and 1.
+        split: subject-level split ratios.
+        workers: process-pool size for reading volumes.
+        strict: fail on the first unreadable file instead of skipping and reporting it.
+    """
+
+    n_slices: int = Field(32, ge=2)
+    image_size: int = Field(64, ge=16)
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    split: SplitConfig = SplitConfig()
+    workers: int = Field(2, ge=1)
+    strict: bool = False
+
+    @model_validator(mode="after")
+    def _check_percentiles(self) -> PrepareConfig:
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise InputError(
+                f"percentiles must satisfy 0 <= lo < hi <= 100, got {self.percentiles}"
+            )
+        return self
+
+
+class ConditioningConfig(_Section):
+    """z-index embedding shared by every conditioned network.
+
+    Attributes:
+        sinusoidal_dim: number of sinusoidal features of z (even).
+        dim: width of the MLP output each network receives.
+        max_period: longest sinusoid period, in units of z (z lies in [0, 1]).
+    """
+
+    sinusoidal_dim: int = Field(64, ge=2, multiple_of=2)
+    dim: int = Field(128, ge=1)
+    max_period: float = Field(10_000.0, gt=0)
+
+
+class TrainConfig(_Section):
+    """Settings of the one training loop, per stage.
+
+    Attributes:
+        steps: optimisation steps in total.
+        batch_size: slices per step (global batch; split across DDP processes).
+        lr: peak learning rate, the one actually used after warmup.
+        warmup_steps: linear warmup length; cosine decay to ``lr * min_lr_ratio`` after it.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        weight_decay: AdamW weight decay.
+        grad_clip: max global gradient norm (0 disables clipping).
+        ema_decay: decay of the weight EMA (``null`` disables it).
+        ckpt_every: steps between checkpoints (a checkpoint is also written at the end).
+        eval_every: steps between validation passes and image grids.
+        log_every: steps between logged training losses.
+        num_workers: DataLoader worker processes.
+        max_bad_steps: consecutive non-finite steps tolerated before restoring the last
+            checkpoint with a lower learning rate.
+        compile: run the training forward passes through ``torch.compile`` (worth it on
+            CUDA for long runs; the first steps pay the compilation).
+    """
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    ckpt_every: int = Field(200, ge=1)
+    eval_every: int = Field(500, ge=1)
+    log_every: int = Field(20, ge=1)
+    num_workers: int = Field(0, ge=0)
+    max_bad_steps: int = Field(5, ge=1)
+    compile: bool = False
+
+
+class VQConfig(_Section):
+    """Vector quantiser (VQ-VAE kind).
+
+    Attributes:
+        num_codes: codebook size K.
+        code_dim: code vector length d (the latent channels of the VQ-VAE).
+        decay: EMA decay of the codebook statistics.
+        commitment: β, weight of the commitment loss.
+        dead_code_threshold: a code whose EMA usage count falls below this is restarted
+            from a recent encoder output.
+    """
+
+    num_codes: int = Field(256, ge=2)
+    code_dim: int = Field(32, ge=1)
+    decay: float = Field(0.99, gt=0, lt=1)
+    commitment: float = Field(0.25, ge=0)
+    dead_code_threshold: float = Field(1.0, ge=0)
+
+
+class KLConfig(_Section):
+    """Gaussian latent with cyclical KL annealing (VAE-GAN kind, Fu et al. 2019).
+
+    Attributes:
+        latent_channels: channels of the Gaussian latent.
+        cycles: number of annealing cycles over the training steps.
+        ramp_ratio: fraction of each cycle during which the weight rises linearly.
+        max_weight: KL weight at the top of each cycle.
+    """
+
+    latent_channels: int = Field(4, ge=1)
+    cycles: int = Field(4, ge=1)
+    ramp_ratio: float = Field(0.5, gt=0, le=1)
+    max_weight: float = Field(1e-6, ge=0)
+
+
+class DiscriminatorConfig(_Section):
+    """PatchGAN discriminator and the adversarial loss.
+
+    Attributes:
+        kinds: autoencoder kinds trained against the discriminator; the others (by default
+            the VQ-VAE, whose bar is fidelity: SSIM) train on L1, SSIM and LPIPS alone.
+        channels: width of the first conv layer (doubled per layer, capped at 8×).
+        n_layers: number of strided conv layers.
+        loss: ``hinge`` or least squares (``lsq``).
+        weight: adversarial weight multiplied with the VQGAN adaptive weight.
+        start_step: generator step at which the adversarial loss is switched on.
+        lr: discriminator learning rate.
+        norm_groups: GroupNorm groups of the normalised conv layers (divides ``channels``).
+        adaptive_weight_max: upper clamp of the adaptive weight before ``weight`` multiplies it.
+    """
+
+    kinds: tuple[Literal["vqvae", "vaegan"], ...] = ("vaegan",)
+    channels: int = Field(64, ge=1)
+    n_layers: int = Field(3, ge=1)
+    loss: Literal["hinge", "lsq"] = "hinge"
+    weight: float = Field(0.1, ge=0)
+    start_step: int = Field(500, ge=0)
+    lr: float = Field(2e-4, gt=0)
+    norm_groups: int = Field(8, ge=1)
+    adaptive_weight_max: float = Field(1e4, gt=0)
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> DiscriminatorConfig:
+        if self.channels % self.norm_groups:
+            raise InputError(
+                f"channels ({self.channels}) must be divisible by norm_groups ({self.norm_groups})"
+            )
+        return self
+
+
+#: The first-stage kinds: a VQ-VAE (codes for the PixelCNN) and a VAE-GAN (latents for the LDM).
+AutoencoderKind = Literal["vqvae", "vaegan"]
+KINDS: tuple[AutoencoderKind, ...] = get_args(AutoencoderKind)
+
+
+class AutoencoderConfig(_Section):
+    """First stage (VQ-VAE or VAE-GAN) architecture and losses.
+
+    Attributes:
+        kinds: the kinds ``python -m stages.train_autoencoder`` trains; the DVC pipeline needs
+            both (the prior reads VQ-VAE codes, the LDM VAE-GAN latents).
+        channels: encoder widths per level; ``len(channels) - 1`` downsamplings, so
+            ``[c, c, c]`` gives factor 4 and four entries give factor 8.
+        num_res_blocks: residual blocks per level.
+        attention: self-attention in the middle block.
+        norm_groups: GroupNorm groups of every residual block (divides every channel count).
+        l1_weight: weight of the L1 reconstruction loss.
+        ssim_weight: weight of the ``1 - SSIM`` loss (:func:`pipeline.training.losses.ssim_loss`).
+        perceptual_weight: weight of the LPIPS loss.
+        vq: vector quantiser settings.
+        kl: Gaussian latent settings.
+        discriminator: PatchGAN settings.
+        train: training-loop settings.
+    """
+
+    kinds: tuple[AutoencoderKind, ...] = KINDS
+    channels: tuple[int, ...] = (32, 64, 128)
+    num_res_blocks: int = Field(1, ge=1)
+    attention: bool = True
+    norm_groups: int = Field(8, ge=1)
+    l1_weight: float = Field(1.0, ge=0)
+    ssim_weight: float = Field(0.0, ge=0)
+    perceptual_weight: float = Field(0.5, ge=0)
+    vq: VQConfig = VQConfig()
+    kl: KLConfig = KLConfig()
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check_channels(self) -> AutoencoderConfig:
+        if len(self.channels) < 2:
+            raise InputError(f"channels needs at least two levels, got {self.channels}")
+        bad = [c for c in self.channels if c % self.norm_groups]
+        if bad:
+            raise InputError(
+                f"every entry of channels must be divisible by norm_groups ({self.norm_groups}); "
+                f"got {bad}"
+            )
+        return self
+
+
+class PriorConfig(_Section):
+    """Gated PixelCNN prior over VQ codes.
+
+    Attributes:
+        channels: hidden channels of both stacks.
+        n_layers: gated layers after the first masked layer.
+        kernel_size: receptive-field kernel size (odd).
+        temperature: default sampling temperature.
+        top_k: default top-k (``null`` samples from the full distribution).
+        mirror_augment: also train on the code grids of the left-right mirrored training
+            slices (encoded by the same VQ-VAE): twice the grids, all plausible anatomy.
+        shift_augment_px: also train on copies shifted by this many pixels up, down, left
+            and right (of the slices and, with ``mirror_augment``, of the mirrored ones);
+            0 turns shifts off.
+        train: training-loop settings.
+    """
+
+    channels: int = Field(128, ge=1)
+    n_layers: int = Field(12, ge=1)
+    kernel_size: int = Field(5, ge=3)
+    mirror_augment: bool = True
+    shift_augment_px: int = Field(0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    train: TrainConfig = TrainConfig()
+
+
+#: LDM samplers (:func:`pipeline.inference.diffusion.guided_sample`).
+Sampler = Literal["ddim", "pndm"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+
+
+class LDMConfig(_Section):
+    """Latent-diffusion UNet and its scheduler.
+
+    Attributes:
+        latent_source: which autoencoder's latents are diffused.
+        channels: UNet widths per level.
+        attention_levels: self/cross-attention on/off per level.
+        num_res_blocks: residual blocks per level.
+        num_head_channels: channels per attention head.
+        norm_groups: GroupNorm groups in the UNet (every entry of ``channels`` must be a
+            multiple of it).
+        num_train_timesteps: DDPM steps T.
+        beta_schedule: MONAI schedule name.
+        beta_start: first beta of the linear schedules (ignored by ``cosine``).
+        beta_end: last beta of the linear schedules (ignored by ``cosine``).
+        prediction_type: ``epsilon`` or ``v_prediction``.
+        cond_dropout: probability of replacing z by the learned null condition.
+        guidance: default classifier-free guidance weight w (1 = conditional only, no
+            unconditional pass).
+        sampler: default sampler: ``ddim`` (the guided DDIM loop of
+            :mod:`pipeline.inference.diffusion`) or ``pndm`` (MONAI's ``PNDMScheduler``,
+            PLMS steps);
+            ``python -m benchmarks.sampling_steps`` compares them.
+        sample_steps: default sampling steps.
+        grid_levels: z levels (rows) of the sample grid logged at each evaluation.
+        grid_samples: samples per z level in that grid.
+        train: training-loop settings.
+    """
+
+    latent_source: Literal["vaegan", "vqvae"] = "vaegan"
+    channels: tuple[int, ...] = (64, 128, 128)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_res_blocks: int = Field(1, ge=1)
+    num_head_channels: int = Field(32, ge=1)
+    norm_groups: int = Field(32, ge=1)
+    num_train_timesteps: int = Field(1000, ge=1)
+    beta_schedule: Literal["linear_beta", "scaled_linear_beta", "cosine"] = "scaled_linear_beta"
+    beta_start: float = Field(0.0015, gt=0, lt=1)
+    beta_end: float = Field(0.0195, gt=0, lt=1)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    cond_dropout: float = Field(0.15, ge=0, lt=1)
+    guidance: float = Field(2.0, ge=0)
+    sampler: Sampler = "ddim"
+    sample_steps: int = Field(50, ge=1)
+    grid_levels: int = Field(8, ge=1)
+    grid_samples: int = Field(8, ge=1)
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> LDMConfig:
+        if len(self.channels) != len(self.attention_levels):
+            raise InputError(
+                f"attention_levels needs one entry per level of channels "
+                f"({len(self.channels)}), got {len(self.attention_levels)}"
+            )
+        if any(c % self.norm_groups for c in self.channels):
+            raise InputError(
+                f"every entry of channels {self.channels} must be a multiple of "
+                f"norm_groups={self.norm_groups}"
+            )
+        return self
+
+
+class ZProbeConfig(_Section):
+    """The z-index probe: an independent CNN that predicts a slice's position.
+
+    Its error on real test slices is the floor; its error on generated slices at the
+    requested z measures how well a generator follows its conditioning.
+
+    Attributes:
+        channels: widths of the strided conv layers (each halves the resolution).
+        train: training-loop settings.
+    """
+
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    train: TrainConfig = TrainConfig(steps=800, batch_size=64, lr=1e-3, eval_every=400)
+
+
+class EvaluateConfig(_Section):
+    """The ``evaluate`` stage: figures of every trained model on the test split.
+
+    Generators are sampled with their own default settings, as many slices per z level as
+    the test split holds, and compared with the real test slices of the same levels.
+
+    Attributes:
+        blur_sigma: Gaussian sigma in pixels of the ``blurred_real`` reference set.
+        knn_k: neighbour rank of the improved precision/recall manifolds.
+        kid_subsets: KID subsets averaged.
+        kid_subset_size: slices per KID subset (capped at the set sizes).
+        ms_ssim_pairs: at most this many sample pairs enter the MS-SSIM diversity.
+        intensity_threshold: foreground threshold of the per-z intensity histograms.
+    """
+
+    blur_sigma: float = Field(1.5, gt=0)
+    knn_k: int = Field(3, ge=1)
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    ms_ssim_pairs: int = Field(1000, ge=1)
+    intensity_threshold: float = Field(0.05, ge=0, lt=1)
+
+
+class GenerateConfig(_Section):
+    """The ``generate`` stage's default request (``braingen generate`` takes the same options).
+
+    The seed is this section's own, so a different synthetic set does not retrain anything.
+
+    Attributes:
+        model: which generator samples (``models/<model>.pt``).
+        z: ``--z`` request: slice indices (``17``), inclusive ranges (``0:31``) or fractions
+            (``0.25``), comma-separated; ``null`` = every level.
+        per_z: slices per level.
+        seed: sampling seed (>= 0).
+        format: ``png`` (16-bit), ``nifti`` or ``both``.
+        out_dir: output folder (``manifest.csv`` + one file per slice).
+    """
+
+    model: GeneratorName = "ldm"
+    z: str | None = None
+    per_z: int = Field(4, ge=1)
+    seed: int = Field(0, ge=0)
+    format: OutputFormat = "png"
+    out_dir: str = "synthetic"
+
+
+class Params(_Section):
+    """Everything in ``params.yaml`` after the active profile is applied."""
+
+    profile: str = "demo"
+    seed: int = 0
+    device: Device = "auto"
+    data: DataConfig = DataConfig()
+    demo: DemoConfig = DemoConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    conditioning: ConditioningConfig = ConditioningConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    prior: PriorConfig = PriorConfig()
+    ldm: LDMConfig = LDMConfig()
+    zprobe: ZProbeConfig = ZProbeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    generate: GenerateConfig = GenerateConfig()
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``override`` merged in recursively (mappings merge, rest replaces)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def params_from_dict(
+    raw: dict[str, Any], profile: str | None = None, source: str = "params"
+) -> Params:
+    """Validate a raw mapping (as read from ``params.yaml``) into :class:`Params`.
+
+    Args:
+        raw: the mapping, with an optional ``profiles`` block of overrides.
+        profile: profile to apply; defaults to ``raw["profile"]`` or ``"demo"``.
+        source: name used in error messages (usually the file path).
+
+    Raises:
+        ConfigError: unknown profile or invalid/unknown keys, naming each offending key.
+    """
+    raw = dict(raw or {})
+    profiles = raw.pop("profiles", {}) or {}
+    name = profile or raw.get("profile", "demo")
+    if name not in profiles and name != "demo":
+        raise ConfigError(
+            f"{source}: unknown profile {name!r}; known profiles: {sorted(profiles) or ['demo']}"
+        )
+    merged = deep_merge(raw, profiles.get(name, {}) or {})
+    merged["profile"] = name
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    """Read and validate ``params.yaml``.
+
+    Args:
+        path: the YAML file.
+        profile: override the file's ``profile`` key.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or holds invalid parameters.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return params_from_dict(raw, profile=profile, source=str(path))

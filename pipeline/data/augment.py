@@ -1,0 +1,134 @@
+"""Real prepared slices mixed with generated ones, for a downstream training script.
+
+Usage::
+
+    from pipeline.data.augment import AugmentedDataset
+    data = AugmentedDataset("data/prepared/train", "synthetic", synthetic_ratio=0.3, seed=0)
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+
+Every real slice of the split is used once; synthetic PNG slices listed in the generated
+folder's ``manifest.csv`` (written by ``braingen generate``) are drawn without replacement so
+that they make up ``synthetic_ratio`` of the items.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pipeline.core.errors import InputError
+from pipeline.data.datasets import SliceDataset
+from pipeline.data.manifests import MANIFEST, read_manifest
+
+
+class AugmentedDataset(Dataset):
+    """Real slices of one split plus generated slices at a given synthetic ratio.
+
+    Items are dicts:
+
+    * ``image``: (1, H, W) float32 intensities in [0, 1];
+    * ``z``: float32 scalar tensor, slice position in [0, 1];
+    * ``is_synthetic``: bool scalar tensor.
+
+    Items ``0 .. n_real-1`` are the real slices in split order, the rest the drawn synthetic
+    slices (shuffle with the DataLoader).
+
+    Args:
+        real: a :class:`~pipeline.data.SliceDataset` or its split folder
+            (e.g. ``data/prepared/train``).
+        synthetic_dir: folder written by ``braingen generate`` (``manifest.csv`` + PNGs).
+        synthetic_ratio: fraction of all items that are synthetic, in [0, 1):
+            ``n_synthetic = round(n_real * r / (1 - r))``.
+        seed: seeds which synthetic slices are drawn.
+
+    Raises:
+        PreparedDataError: the real split is missing or inconsistent.
+        FileNotFoundError: no ``manifest.csv`` in ``synthetic_dir`` or a listed PNG is missing.
+        ValueError: ratio outside [0, 1), a manifest without PNG slices or with a file name
+            that is not a plain name, fewer synthetic slices than the ratio needs, or
+            synthetic slices whose size differs from the real ones.
+    """
+
+    def __init__(
+        self,
+        real: SliceDataset | str | Path,
+        synthetic_dir: str | Path,
+        synthetic_ratio: float,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= synthetic_ratio < 1.0:
+            raise InputError(f"synthetic_ratio must be in [0, 1), got {synthetic_ratio}")
+        self.real = real if isinstance(real, SliceDataset) else SliceDataset(real)
+        self.synthetic_dir = Path(synthetic_dir)
+        pool = self._synthetic_pool()
+        r = synthetic_ratio
+        n_synthetic = round(len(self.real) * r / (1.0 - r))
+        if n_synthetic > len(pool):
+            raise InputError(
+                f"synthetic_ratio={r} needs {n_synthetic} synthetic slices for "
+                f"{len(self.real)} real ones, but {self.synthetic_dir} has {len(pool)}; "
+                "generate more (braingen generate --per-z) or lower the ratio"
+            )
+        picks = np.random.default_rng(seed).choice(len(pool), n_synthetic, replace=False)
+        self.synthetic = [pool[i] for i in np.sort(picks)]
+        self._check_size()
+
+    def _synthetic_pool(self) -> list[tuple[Path, float]]:
+        """(PNG path, z) of every generated slice listed in the manifest."""
+        manifest = self.synthetic_dir / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(
+                f"{manifest} not found; write the folder with `braingen generate --out "
+                f"{self.synthetic_dir}` first"
+            )
+        pool = []
+        for row in read_manifest(manifest):
+            if row["type"] != "slice" or not row["file"].endswith(".png"):
+                continue
+            if Path(row["file"]).name != row["file"] or row["file"].startswith("."):
+                raise InputError(f"{manifest}: file {row['file']!r} is not a plain file name")
+            path = self.synthetic_dir / row["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is listed in {manifest} but missing")
+            pool.append((path, float(row["z"])))
+        if not pool:
+            raise InputError(f"{manifest} lists no PNG slices; generate with --format png or both")
+        return pool
+
+    def _check_size(self) -> None:
+        if not self.synthetic:
+            return
+        with Image.open(self.synthetic[0][0]) as img:
+            width, height = img.size
+        size = self.real.image_size
+        if (height, width) != (size, size):
+            raise InputError(
+                f"synthetic slices in {self.synthetic_dir} are {height}x{width} but the real "
+                f"slices in {self.real.split_dir} are {size}x{size}; generate with a model "
+                "trained on this data"
+            )
+
+    def __len__(self) -> int:
+        return len(self.real) + len(self.synthetic)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        index %= len(self)
+        if index < len(self.real):
+            item = self.real[index]
+            return {"image": item["image"], "z": item["z"], "is_synthetic": torch.tensor(False)}
+        path, z = self.synthetic[index - len(self.real)]
+        with Image.open(path) as img:
+            array = np.asarray(img)
+        scale = 255.0 if array.dtype == np.uint8 else 65535.0
+        image = torch.from_numpy((array.astype(np.float32) / scale)[None])
+        return {
+            "image": image,
+            "z": torch.tensor(z, dtype=torch.float32),
+            "is_synthetic": torch.tensor(True),
+        }

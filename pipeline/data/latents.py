@@ -1,0 +1,123 @@
+"""Encoded latents and code grids of the prepared slices, as written by ``encode_latents``.
+
+Layout under ``data/latents/<source>/`` (``source`` is the autoencoder kind)::
+
+    {train,val,test}/latents.npy   float32 (N, C, h, w): the stage-2 inputs of
+                                   :class:`pipeline.models.codec.LatentCodec`, i.e. the
+                                   first stage's latent times ``scale_factor``
+    {train,val,test}/codes.npy     int16 (N, h, w) VQ code indices (vqvae only)
+    {train,val,test}/manifest.csv  the prepared manifest (z, z_index, subject, ...), row i ↔ item i
+    meta.json                      {"source", "autoencoder", "autoencoder_sha256",
+                                    "scale_factor", "latent_shape", "num_codes" (vqvae),
+                                    "splits": {split: N}}
+
+``meta.json`` is removed first and written last by the encoder, so its presence means a
+complete, consistent set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.core.errors import InputError
+from pipeline.core.identity import file_sha256
+
+SPLITS = ("train", "val", "test")
+
+
+def read_latent_meta(latents_dir: str | Path) -> dict[str, Any]:
+    """``meta.json`` of encoded latents, checked against the autoencoder file it names.
+
+    Args:
+        latents_dir: ``data/latents/<source>``.
+
+    Returns:
+        The meta dict (see the module docstring).
+
+    Raises:
+        FileNotFoundError: no ``meta.json`` (encode_latents has not run or was killed).
+        ValueError: the autoencoder file changed since the latents were encoded.
+    """
+    meta_path = Path(latents_dir) / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{meta_path} not found; run the encode_latents stage first (dvc repro encode_latents)"
+        )
+    meta: dict[str, Any] = json.loads(meta_path.read_text())
+    ae_path = Path(meta["autoencoder"])
+    if ae_path.is_file() and file_sha256(ae_path) != meta.get("autoencoder_sha256"):
+        raise InputError(
+            f"{ae_path} changed after the latents in {latents_dir} were encoded; "
+            f"re-run encode_latents (dvc repro)"
+        )
+    return meta
+
+
+def latents_identity(latents_dir: str | Path) -> dict[str, Any]:
+    """What a second stage's run depends on in the latents it trains on (part of its
+    :func:`~pipeline.core.identity.stage_identity`): the autoencoder's sha256 and the scale
+    factor, so a run killed before its latents were re-encoded never resumes onto new ones.
+
+    Raises:
+        FileNotFoundError: no ``meta.json`` (run ``encode_latents`` first).
+    """
+    meta = read_latent_meta(latents_dir)
+    return {"autoencoder_sha256": meta["autoencoder_sha256"], "scale_factor": meta["scale_factor"]}
+
+
+class LatentDataset(Dataset):
+    """One split of encoded latents (and code grids for the VQ-VAE).
+
+    Items are dicts: ``latent`` (C, h, w) float32, the stage-2 input as stored (already
+    multiplied by the codec's scale factor), ``codes`` (h, w) int64 (only if the split has
+    ``codes.npy``), ``z`` float32 scalar in [0, 1] and ``z_index`` int64.
+
+    Args:
+        split_dir: ``data/latents/<source>/<split>``.
+
+    Raises:
+        FileNotFoundError: the folder lacks ``latents.npy`` or ``manifest.csv``.
+        ValueError: the arrays and the manifest disagree in length.
+    """
+
+    def __init__(self, split_dir: str | Path) -> None:
+        self.split_dir = Path(split_dir)
+        for name in ("latents.npy", "manifest.csv"):
+            if not (self.split_dir / name).is_file():
+                raise FileNotFoundError(
+                    f"{self.split_dir / name} not found; run the encode_latents stage first"
+                )
+        self.latents = np.load(self.split_dir / "latents.npy", mmap_mode="r")
+        codes_path = self.split_dir / "codes.npy"
+        self.codes = np.load(codes_path, mmap_mode="r") if codes_path.is_file() else None
+        manifest = pd.read_csv(self.split_dir / "manifest.csv")
+        self.z = manifest["z"].to_numpy(np.float32)
+        self.z_index = manifest["z_index"].to_numpy(np.int64)
+        lengths = {len(self.latents), len(self.z)} | (
+            {len(self.codes)} if self.codes is not None else set()
+        )
+        if len(lengths) != 1:
+            raise InputError(
+                f"{self.split_dir}: latents.npy, codes.npy and manifest.csv disagree in length "
+                f"({sorted(lengths)}); re-run the encode_latents stage"
+            )
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {
+            "latent": torch.from_numpy(np.array(self.latents[i], dtype=np.float32)),
+            "z": torch.tensor(self.z[i]),
+            "z_index": torch.tensor(self.z_index[i]),
+        }
+        if self.codes is not None:
+            item["codes"] = torch.from_numpy(self.codes[i].astype(np.int64))
+        return item

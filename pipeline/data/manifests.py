@@ -1,0 +1,79 @@
+"""The manifest of a synthetic set: ``manifest.csv`` beside the files ``generate`` writes.
+
+One row per written file (slice or pseudo-volume) with its labels and provenance. Several
+``generate`` runs may share one folder: rows are merged under an exclusive ``fcntl.flock``
+on ``.manifest.lock`` and the result is renamed into place, so readers always see a
+complete manifest and every finished run's rows are in it exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import InputError
+from pipeline.data.slice_files import publish
+
+MANIFEST = "manifest.csv"
+LOCK = ".manifest.lock"
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "file",
+    "type",
+    "z_index",
+    "z",
+    "sample",
+    "model",
+    "checkpoint_sha256",
+    "seed",
+    "sampler",
+    "steps",
+    "guidance",
+    "timestamp",
+)
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """Rows of a ``manifest.csv`` written by :func:`generate`.
+
+    Raises:
+        ValueError: the file's header is not the generate manifest's.
+    """
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
+            raise InputError(
+                f"{path} is not a braingen generate manifest (columns {reader.fieldnames}); "
+                "write into another folder"
+            )
+        return list(reader)
+
+
+def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def merge_manifest(out_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    """Add this run's rows to ``out_dir/manifest.csv`` under an exclusive folder lock.
+
+    Rows already listing one of this run's files (an overwritten output) are replaced.
+
+    Args:
+        out_dir: the output folder (exists).
+        rows: this run's manifest rows (keys :data:`MANIFEST_COLUMNS`).
+
+    Returns:
+        The manifest path.
+    """
+    path = out_dir / MANIFEST
+    with (out_dir / LOCK).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        old = read_manifest(path) if path.is_file() else []
+        ours = {row["file"] for row in rows}
+        merged = [row for row in old if row["file"] not in ours] + rows
+        publish(path, lambda tmp: _write_manifest(tmp, merged), overwrite=True)
+    return path
+
+

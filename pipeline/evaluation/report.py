@@ -1,0 +1,394 @@
+"""The ``report`` stage: one self-contained HTML page over every stage's outputs.
+
+``reports/index.html`` embeds every image as a base64 data URI, so the file can be mailed or
+opened anywhere. Sections: evaluation figures (``reports/metrics.json``, one column per
+model) and per-z curves; real test slices against LDM and PixelCNN samples, rows by z;
+autoencoder reconstructions; the LDM denoising trajectory; the z-probe scatter; the table of
+every stage report; training curves read back from MLflow; the MLflow run ids; the prepared
+data. An input that is missing leaves its section saying "not produced" instead of failing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pipeline.core.figures import figure_image, grid
+from pipeline.core.io import write_text
+from pipeline.core.tracking import EXPERIMENT, flatten, to_uint8_image
+from pipeline.data.datasets import SliceDataset
+
+logger = logging.getLogger(__name__)
+
+#: Stage reports shown as key/value tables: (title, file name under reports/).
+STAGE_REPORTS = (
+    ("prepare", "prepare_report.json"),
+    ("autoencoder: VQ-VAE", "ae_vqvae.json"),
+    ("autoencoder: VAE-GAN", "ae_vaegan.json"),
+    ("PixelCNN prior", "prior.json"),
+    ("latent diffusion", "ldm.json"),
+    ("z-probe", "zprobe.json"),
+)
+#: Column order of the evaluation table (sections of ``reports/metrics.json``).
+SECTIONS = ("real", "blurred_real", "ldm", "pixelcnn", "ae_vqvae", "ae_vaegan")
+#: Rows (z levels) and columns (slices per level) of the real-slice grid.
+REAL_GRID_LEVELS, REAL_GRID_COLUMNS = 8, 8
+#: At most this many metric panels per training run.
+MAX_CURVES = 12
+#: Small images are magnified (by a whole factor, at most 4) to about this display width.
+DISPLAY_WIDTH = 360
+#: List values longer than this are shortened in tables.
+MAX_LIST_ITEMS = 8
+
+STYLE = """
+body { font-family: sans-serif; margin: 2em; max-width: 1400px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
+td.num { text-align: right; font-family: monospace; }
+.row { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
+figure { margin: 0; }
+figcaption { font-size: 0.85em; color: #555; max-width: 480px; }
+img { image-rendering: pixelated; max-width: 100%; }
+.missing { color: #a00; font-style: italic; }
+.note { background: #fff6d6; padding: 0.5em 1em; border-left: 4px solid #e0b000; }
+"""
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Inputs and output of the ``report`` stage.
+
+    Attributes:
+        reports: the folder of the stage reports and images, ``reports``.
+        test: the prepared test split (for the real-slice grid), ``data/prepared/test``.
+        out: the page, ``reports/index.html``.
+    """
+
+    reports: Path
+    test: Path
+    out: Path
+
+    @classmethod
+    def standard(cls, prepared_dir: str | Path, root: str | Path = ".") -> ReportPaths:
+        """The standard layout under ``root``."""
+        root = Path(root)
+        return cls(
+            reports=root / "reports",
+            test=root / prepared_dir / "test",
+            out=root / "reports" / "index.html",
+        )
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON report, or None (with a warning) when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        logger.warning("%s is unreadable (%s); its section says not produced", path, err)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def missing(what: str) -> str:
+    """The placeholder of a section whose input does not exist."""
+    return f'<p class="missing">not produced: {html.escape(what)}</p>'
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """Encode a (H, W) or (H, W, 3) array (values in [0, 1], or uint8) as PNG."""
+    arr = np.asarray(image)
+    buf = io.BytesIO()
+    Image.fromarray(arr if arr.dtype == np.uint8 else to_uint8_image(arr)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def figure_html(source: Path | np.ndarray | None, caption: str) -> str:
+    """An embedded image with its caption, or the "not produced" placeholder.
+
+    Images narrower than :data:`DISPLAY_WIDTH` are shown magnified by a whole factor (at
+    most 4; pixels stay sharp).
+
+    Args:
+        source: a PNG/GIF file, an image array, or None (not produced).
+        caption: text under the image (plain text).
+
+    Returns:
+        An HTML ``<figure>`` (or ``<p class="missing">``).
+    """
+    if source is None or (isinstance(source, Path) and not source.is_file()):
+        return missing(f"{caption} ({source})" if isinstance(source, Path) else caption)
+    if isinstance(source, Path):
+        data, mime = source.read_bytes(), "image/gif" if source.suffix == ".gif" else "image/png"
+        width = Image.open(io.BytesIO(data)).width
+    else:
+        data, mime, width = png_bytes(source), "image/png", np.asarray(source).shape[1]
+    uri = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+    scale = max(1, min(4, DISPLAY_WIDTH // width))
+    return (
+        f'<figure><img src="{uri}" width="{width * scale}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def format_value(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, long lists and hashes shortened."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        shown = ", ".join(format_value(v) for v in value[:MAX_LIST_ITEMS])
+        return shown + (f", … ({len(value)} items)" if len(value) > MAX_LIST_ITEMS else "")
+    text = str(value)
+    if len(text) > 24 and " " not in text:  # a hash or a path
+        return f'<span title="{html.escape(text)}">{html.escape(text[:16])}…</span>'
+    return html.escape(text)
+
+
+def flat_items(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys of a nested report, without the bulky ``per_z`` subtrees."""
+    return {k: v for k, v in flatten(report).items() if ".per_z." not in f".{k}."}
+
+
+def table_html(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A table: the first column is a label, the others formatted values."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr><td>"
+        + html.escape(str(row[0]))
+        + "</td>"
+        + "".join(
+            f'<td class="{"num" if isinstance(v, int | float) else ""}">{format_value(v)}</td>'
+            for v in row[1:]
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> str:
+    """``reports/metrics.json`` as one table: a row per figure, a column per model/reference."""
+    sections = [s for s in SECTIONS if s in metrics] + [s for s in metrics if s not in SECTIONS]
+    flat = {s: flat_items(metrics[s]) if isinstance(metrics[s], dict) else {} for s in sections}
+    keys = list(dict.fromkeys(k for s in sections for k in flat[s]))
+    return table_html(
+        ["figure", *sections], ([k, *(flat[s].get(k) for s in sections)] for k in keys)
+    )
+
+
+def real_grid(
+    test_dir: Path, levels: int = REAL_GRID_LEVELS, columns: int = REAL_GRID_COLUMNS
+) -> np.ndarray | None:
+    """Real test slices, one row per z level (evenly spaced, low z on top), or None if absent.
+
+    Args:
+        test_dir: the prepared test split.
+        levels: rows.
+        columns: at most this many slices per row (blank tiles when a level has fewer).
+
+    Returns:
+        (H', W') array in [0, 1], or None when the split is missing.
+    """
+    if not (test_dir / "slices.npy").is_file():
+        return None
+    data = SliceDataset(test_dir)
+    slices = np.load(test_dir / "slices.npy", mmap_mode="r")
+    present = np.unique(data.z_index)
+    rows = present[np.unique(np.linspace(0, len(present) - 1, levels).round().astype(int))]
+    columns = min(columns, int(np.bincount(data.z_index).max()))
+    tiles = torch.zeros(len(rows) * columns, 1, *slices.shape[-2:])
+    for r, level in enumerate(rows):
+        picks = np.flatnonzero(data.z_index == level)[:columns]
+        tiles[r * columns : r * columns + len(picks)] = torch.from_numpy(
+            np.asarray(slices[picks], dtype=np.float32)
+        )
+    return grid(tiles, ncol=columns)
+
+
+def latest_runs(client: Any) -> list[Any]:
+    """The newest MLflow run of every run name in the braingen experiment, by start time."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=5000
+    )
+    newest: dict[str, Any] = {}
+    for run in runs:
+        newest.setdefault(run.info.run_name, run)
+    return sorted(newest.values(), key=lambda r: r.info.start_time)
+
+
+def curves_image(client: Any, run: Any) -> np.ndarray | None:
+    """Training curves of one run: a panel per metric with more than one logged step.
+
+    Args:
+        client: an ``mlflow.tracking.MlflowClient``.
+        run: an MLflow run.
+
+    Returns:
+        (H, W, 3) uint8 image, or None when the run logged no history.
+    """
+    histories = {}
+    for key in sorted(run.data.metrics):
+        points = client.get_metric_history(run.info.run_id, key)
+        if len(points) > 1:
+            histories[key] = sorted((p.step, p.value) for p in points)
+        if len(histories) == MAX_CURVES:
+            break
+    if not histories:
+        return None
+    ncol = min(4, len(histories))
+    nrow = math.ceil(len(histories) / ncol)
+    fig = Figure(figsize=(3.4 * ncol, 2.4 * nrow), dpi=90)
+    axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False)).ravel()
+    for ax, (key, points) in zip(axes, histories.items(), strict=False):
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, linewidth=1)
+        ax.set_title(key, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(histories) :]:
+        ax.set_axis_off()
+    fig.suptitle(f"{run.info.run_name} (run {run.info.run_id[:8]})", fontsize=10)
+    fig.tight_layout()
+    return figure_image(fig)
+
+
+def mlflow_sections(tracking_uri: str) -> tuple[str, str]:
+    """(training-curves HTML, run-table HTML) read back from the MLflow store.
+
+    Training runs are those whose ``stage`` tag starts with ``train``. A missing sqlite
+    store, or a store that cannot be read, leaves both sections saying so.
+    """
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
+        note = missing(f"MLflow store {tracking_uri}")
+        return note, note
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        runs = latest_runs(client)
+        curves = [
+            figure_html(curves_image(client, r), f"training curves of {r.info.run_name}")
+            for r in runs
+            if r.data.tags.get("stage", "").startswith("train")
+        ]
+    except Exception as err:  # the page must still be written when the store is unreadable
+        note = missing(f"MLflow store {tracking_uri} unreadable ({type(err).__name__}: {err})")
+        return note, note
+    table = table_html(
+        ["run name", "stage", "run id", "status", "started (UTC)", "pipeline id"],
+        (
+            [
+                r.info.run_name,
+                r.data.tags.get("stage", ""),
+                r.info.run_id,
+                r.info.status,
+                datetime.fromtimestamp(r.info.start_time / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
+                r.data.tags.get("pipeline_id", ""),
+            ]
+            for r in runs
+        ),
+    )
+    runs_html = (
+        f"<p>Tracking store: <code>{html.escape(tracking_uri)}</code>, experiment "
+        f"<code>{EXPERIMENT}</code> (newest run of each name).</p>" + table
+        if runs
+        else missing(f"MLflow runs in {tracking_uri}")
+    )
+    return "".join(curves) or missing("training runs in MLflow"), runs_html
+
+
+def build_report(paths: ReportPaths, *, tracking_uri: str, stand_in: bool) -> str:
+    """The whole page.
+
+    Args:
+        paths: where the inputs are.
+        tracking_uri: the MLflow store to read training curves and run ids from.
+        stand_in: the data is the synthetic demo cohort (its numbers are labelled stand-in).
+
+    Returns:
+        The HTML text.
+    """
+    r = paths.reports
+    metrics = read_json(r / "metrics.json")
+    curves_html, runs_html = mlflow_sections(tracking_uri)
+    note = (
+        '<p class="note">Data: the synthetic stand-in cohort derived from the MNI152 template, '
+        "not OASIS. Every number on this page is a stand-in figure.</p>"
+        if stand_in
+        else ""
+    )
+    stage_tables = []
+    for title, name in STAGE_REPORTS:
+        report = read_json(r / name)
+        body = (
+            table_html(["key", "value"], flat_items(report).items())
+            if report
+            else missing(f"reports/{name}")
+        )
+        stage_tables.append(f"<h3>{html.escape(title)}</h3>{body}")
+    generated_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>braingen report</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>braingen report</h1><p>Written {generated_at}.</p>{note}",
+        "<h2>Evaluation on the test split</h2>",
+        "<p><code>fd_alex</code> is a Fréchet distance on AlexNet (LPIPS trunk) features, not "
+        "FID. <code>zprobe_mae</code> is in slice units; the <code>real</code> column is the "
+        "floor, <code>blurred_real</code> the reference a generator must beat. "
+        "<code>split_halves</code> compares two halves of the test split (half the size, so "
+        "only comparable with itself).</p>",
+        metrics_table(metrics) if metrics else missing("reports/metrics.json"),
+        figure_html(r / "eval_per_z.png", "per-z curves (x: slice index)"),
+        "<h2>Real and generated slices by z</h2><div class='row'>",
+        figure_html(
+            real_grid(paths.test),
+            "real test slices: rows are evenly spaced z levels, low z on top",
+        ),
+        figure_html(r / "ldm_samples.png", "latent diffusion samples, rows by z"),
+        figure_html(r / "prior_samples.png", "PixelCNN samples, rows by z"),
+        "</div><h2>Autoencoder reconstructions</h2><div class='row'>",
+        figure_html(r / "ae_vqvae_recon.png", "VQ-VAE: real | reconstruction | wrong z"),
+        figure_html(r / "ae_vaegan_recon.png", "VAE-GAN: real | reconstruction | wrong z"),
+        "</div><h2>Denoising trajectory (latent diffusion)</h2><div class='row'>",
+        figure_html(r / "ldm_trajectory.gif", "x_t (top) and predicted x0 (bottom) per DDIM step"),
+        figure_html(
+            r / "ldm_trajectory.png",
+            "predicted x0 along the run: rows by z, columns steps",
+        ),
+        "</div><h2>z-probe</h2>",
+        figure_html(r / "zprobe_scatter.png", "predicted against true slice index, test split"),
+        "<h2>Stage reports</h2>",
+        *stage_tables,
+        "<h2>Training curves (from MLflow)</h2>",
+        curves_html,
+        "<h2>MLflow runs</h2>",
+        runs_html,
+        "<h2>Prepared data</h2>",
+        figure_html(r / "prepare_preview.png", "prepared slices preview"),
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def write_report(paths: ReportPaths, *, tracking_uri: str, stand_in: bool) -> Path:
+    """Build the page and write it atomically to ``paths.out``; returns the path."""
+    return write_text(paths.out, build_report(paths, tracking_uri=tracking_uri, stand_in=stand_in))

@@ -1,0 +1,439 @@
+"""Diffusion schedules and the guided DDIM sampler: sampling, SDEdit, inpainting, trajectories.
+
+Schedules are MONAI's (``DDPMScheduler`` for training, ``DDIMScheduler`` for sampling), built
+from one JSON-able :func:`scheduler_config` that is saved with the model, so sampling uses the
+betas the model was trained with. ``clip_sample`` is off: latents are not bounded to [-1, 1].
+
+The DDIM update is written here rather than taken from ``DDIMScheduler.step``: MONAI's step
+assumes the previous timestep is ``t - T // steps``, which differs from the rounded
+``linspace`` timesteps of its own ``set_timesteps`` (and from the shortened schedule of
+SDEdit). Here every step goes exactly to the next timestep of the schedule, and the last one
+to the clean latent (ᾱ = 1).
+
+:func:`pndm_sample` drives MONAI's ``PNDMScheduler`` (pseudo linear multistep, Liu et al.
+ICLR 2022) with the same guided output: fewer steps for the same quality on our models
+(``python -m benchmarks.sampling_steps``). :func:`guided_sample` picks one by name.
+
+Classifier-free guidance runs the conditional and the null condition through the UNet in one
+batched forward per step and combines ``u + w (c - u)`` (Ho & Salimans 2022); guidance is
+linear in the model output, so it is the same for epsilon and v prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler, Scheduler
+from torch import nn
+
+from pipeline.core.config import LDMConfig, Sampler
+from pipeline.core.errors import InputError
+
+
+@dataclass
+class Trajectory:
+    """Intermediate states of one sampling run, for GIFs and strip images.
+
+    Attributes:
+        timesteps: (S,) timestep of each step, descending.
+        x_t: (S, B, C, h, w) latent entering each step.
+        x0: (S, B, C, h, w) clean latent predicted at each step.
+    """
+
+    timesteps: torch.Tensor
+    x_t: torch.Tensor
+    x0: torch.Tensor
+
+
+def scheduler_config(config: LDMConfig) -> dict[str, Any]:
+    """The noise schedule of ``config`` as a JSON-able dict (saved in ``models/ldm.pt``)."""
+    out: dict[str, Any] = {
+        "num_train_timesteps": config.num_train_timesteps,
+        "schedule": config.beta_schedule,
+        "prediction_type": config.prediction_type,
+    }
+    if config.beta_schedule != "cosine":
+        out.update(beta_start=config.beta_start, beta_end=config.beta_end)
+    return out
+
+
+def build_scheduler(config: Mapping[str, Any], kind: Literal["ddpm", "ddim"]) -> Scheduler:
+    """A MONAI scheduler for a saved :func:`scheduler_config`.
+
+    Args:
+        config: output of :func:`scheduler_config`.
+        kind: ``ddpm`` for training (``add_noise``, ``get_velocity``), ``ddim`` for sampling.
+
+    Returns:
+        The scheduler, with ``clip_sample=False``.
+    """
+    cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}.get(kind)
+    if cls is None:
+        raise InputError(f"kind must be 'ddpm' or 'ddim', got {kind!r}")
+    return cls(**dict(config), clip_sample=False)
+
+
+def diffusion_loss(
+    unet: nn.Module,
+    scheduler: Scheduler,
+    latent: torch.Tensor,
+    z: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    drop_mask: torch.Tensor,
+) -> torch.Tensor:
+    """DDPM training loss: MSE between the UNet output and the epsilon or v target.
+
+    Args:
+        unet: ``unet(x, t, z, drop_mask)``.
+        scheduler: the training schedule (its ``prediction_type`` picks the target).
+        latent: (B, C, h, w) clean scaled latents x_0.
+        z: (B,) slice positions in [0, 1].
+        noise: (B, C, h, w) standard normal noise.
+        t: (B,) integer timesteps in [0, T).
+        drop_mask: (B,) bool, True where z is replaced by the null condition.
+
+    Returns:
+        Scalar mean squared error.
+    """
+    noisy = scheduler.add_noise(latent, noise, t)
+    if scheduler.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latent, noise, t)
+    else:
+        target = noise
+    return F.mse_loss(unet(noisy, t, z, drop_mask).float(), target.float())
+
+
+def guided_output(
+    unet: nn.Module, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, guidance: float
+) -> torch.Tensor:
+    """Classifier-free guided model output from ONE UNet forward.
+
+    Args:
+        unet: ``unet(x, t, z, drop_mask)`` as in :class:`~pipeline.models.unet.ZConditionedUNet`.
+        x: (B, C, h, w) noisy latents.
+        t: (B,) integer timesteps.
+        z: (B,) slice positions in [0, 1].
+        guidance: weight w; 1 is the plain conditional output (the null pass is skipped),
+            0 the unconditional one.
+
+    Returns:
+        (B, C, h, w) ``u + w (c - u)`` with c, u the conditional and null-condition outputs.
+    """
+    batch = x.shape[0]
+    if guidance == 1.0:
+        return unet(x, t, z, torch.zeros(batch, dtype=torch.bool, device=x.device))
+    drop = torch.arange(2 * batch, device=x.device) >= batch
+    out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z]), drop)
+    cond, uncond = out.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+def _x0_and_eps(
+    output: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted clean latent and noise from the model output at ᾱ_t."""
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "epsilon":
+        return (x - s * output) / a, output
+    if prediction_type == "v_prediction":
+        return a * x - s * output, a * output + s * x
+    raise InputError(
+        f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}"
+    )
+
+
+def _noise(
+    shape: torch.Size | tuple[int, ...], like: torch.Tensor, gen: torch.Generator | None
+) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, device=like.device, dtype=like.dtype)
+
+
+def _renoise(
+    x0: torch.Tensor, alpha_bar: torch.Tensor, gen: torch.Generator | None
+) -> torch.Tensor:
+    """q(x_t | x_0): ``sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε``."""
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * _noise(x0.shape, x0, gen)
+
+
+def _check_steps(steps: int, scheduler: Scheduler) -> None:
+    if not 1 <= steps <= scheduler.num_train_timesteps:
+        raise InputError(
+            f"steps must be in [1, {scheduler.num_train_timesteps}] (the training timesteps), "
+            f"got {steps}"
+        )
+
+
+def _denoise(
+    unet: nn.Module,
+    scheduler: Scheduler,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    guidance: float,
+    generator: torch.Generator | None,
+    eta: float,
+    known: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    return_trajectory: bool = False,
+) -> tuple[torch.Tensor, Trajectory | None]:
+    """The one DDIM loop; ``known``/``mask`` re-impose the known region after each step."""
+    alphas = scheduler.alphas_cumprod.to(device=x.device, dtype=x.dtype)
+    one = torch.ones((), device=x.device, dtype=x.dtype)
+    xs, x0s = [], []
+    for i, t in enumerate(timesteps.tolist()):
+        a_t = alphas[t]
+        a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else one
+        out = guided_output(unet, x, torch.full((x.shape[0],), t, device=x.device), z, guidance)
+        x0, eps = _x0_and_eps(out, x, a_t, scheduler.prediction_type)
+        if return_trajectory:
+            xs.append(x)
+            x0s.append(x0)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            x = x + sigma * _noise(x.shape, x, generator)
+        if known is not None and mask is not None:
+            x = mask * x + (1 - mask) * _renoise(known, a_prev, generator)
+    trajectory = None
+    if return_trajectory:
+        trajectory = Trajectory(timesteps.cpu(), torch.stack(xs), torch.stack(x0s))
+    return x, trajectory
+
+
+def _schedule(start: int, steps: int, device: torch.device) -> torch.Tensor:
+    """``steps`` descending integer timesteps from ``start`` to 0 (MONAI's rounded linspace)."""
+    return torch.linspace(start, 0, steps, device=device).round().long()
+
+
+@torch.no_grad()
+def ddim_sample(
+    unet: nn.Module,
+    scheduler: Scheduler,
+    z: torch.Tensor,
+    shape: tuple[int, int, int],
+    steps: int,
+    guidance: float,
+    generator: torch.Generator | None,
+    eta: float = 0.0,
+    return_trajectory: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:
+    """Guided DDIM sampling from pure noise.
+
+    Args:
+        unet: the denoiser, in eval mode.
+        scheduler: the noise schedule the UNet was trained with (its ``prediction_type`` too).
+        z: (B,) slice positions in [0, 1], one per sample (validate user input with check_z).
+        shape: (C, h, w) latent shape.
+        steps: DDIM steps, in [1, T].
+        guidance: classifier-free guidance weight w (1 = conditional only).
+        generator: source of the initial noise (and of the step noise when ``eta > 0``);
+            with ``eta=0`` the result is a pure function of the initial noise.
+        eta: DDIM stochasticity, 0 (deterministic) to 1 (DDPM-like).
+        return_trajectory: also return every x_t and predicted x0.
+
+    Returns:
+        (B, C, h, w) sampled latents (in the scaled latent space the UNet was trained on),
+        and the :class:`Trajectory` when ``return_trajectory``.
+    """
+    _check_steps(steps, scheduler)
+    x = _noise((z.shape[0], *shape), z.float(), generator)
+    timesteps = _schedule(scheduler.num_train_timesteps - 1, steps, z.device)
+    out, traj = _denoise(
+        unet,
+        scheduler,
+        x,
+        z,
+        timesteps,
+        guidance=guidance,
+        generator=generator,
+        eta=eta,
+        return_trajectory=return_trajectory,
+    )
+    return (out, traj) if return_trajectory else out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def pndm_sample(
+    unet: nn.Module,
+    schedule: Mapping[str, Any],
+    z: torch.Tensor,
+    shape: tuple[int, int, int],
+    steps: int,
+    guidance: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Guided sampling from pure noise with MONAI's PNDM (PLMS) steps: ``steps + 1`` forwards.
+
+    The guided model output is turned into epsilon at its own timestep before MONAI's
+    ``PNDMScheduler`` combines the outputs of several steps: epsilon is what PLMS
+    extrapolates (constant along an exact trajectory), v is not.
+
+    Args:
+        unet: the denoiser, in eval mode.
+        schedule: the model's :func:`scheduler_config` (its ``prediction_type`` too).
+        z: (B,) slice positions in [0, 1].
+        shape: (C, h, w) latent shape.
+        steps: sampling steps, in [1, T].
+        guidance: classifier-free guidance weight w (1 = conditional only).
+        generator: source of the initial noise; the result is a pure function of it.
+
+    Returns:
+        (B, C, h, w) sampled latents in the scaled latent space.
+    """
+    scheduler = PNDMScheduler(
+        **{**schedule, "prediction_type": "epsilon"}, skip_prk_steps=True, set_alpha_to_one=True
+    )
+    _check_steps(steps, scheduler)
+    x = _noise((z.shape[0], *shape), z.float(), generator)
+    alphas = scheduler.alphas_cumprod.to(device=x.device, dtype=x.dtype)
+    scheduler.set_timesteps(steps, device=z.device)
+    timesteps = scheduler.timesteps.tolist()
+    # PLMS warm-up (as diffusers' skip_prk_steps): the second timestep comes twice, the first
+    # time as the corrector of the first step. MONAI's step counts on it, but its own
+    # skip_prk_steps schedule leaves it out, which ends sampling one step short of clean.
+    for t in timesteps[:2] + timesteps[1:]:
+        out = guided_output(unet, x, torch.full((x.shape[0],), t, device=x.device), z, guidance)
+        _, eps = _x0_and_eps(out, x, alphas[t], schedule["prediction_type"])
+        x, _ = scheduler.step(eps, t, x)
+    return x
+
+
+def guided_sample(
+    unet: nn.Module,
+    schedule: Mapping[str, Any],
+    z: torch.Tensor,
+    shape: tuple[int, int, int],
+    *,
+    sampler: Sampler,
+    steps: int,
+    guidance: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Guided sampling from pure noise with the sampler named: the one entry point.
+
+    Args:
+        unet: the denoiser, in eval mode.
+        schedule: the model's :func:`scheduler_config`.
+        z: (B,) slice positions in [0, 1].
+        shape: (C, h, w) latent shape.
+        sampler: ``ddim`` (:func:`ddim_sample`, eta 0) or ``pndm`` (:func:`pndm_sample`).
+        steps: sampling steps.
+        guidance: classifier-free guidance weight.
+        generator: source of the initial noise.
+
+    Returns:
+        (B, C, h, w) sampled latents.
+
+    Raises:
+        ValueError: an unknown sampler or steps outside [1, T].
+    """
+    if sampler == "ddim":
+        return ddim_sample(  # type: ignore[return-value]
+            unet, build_scheduler(schedule, "ddim"), z, shape, steps, guidance, generator
+        )
+    if sampler == "pndm":
+        return pndm_sample(unet, schedule, z, shape, steps, guidance, generator)
+    raise InputError(f"sampler must be 'ddim' or 'pndm', got {sampler!r}")
+
+
+@torch.no_grad()
+def sdedit(
+    unet: nn.Module,
+    scheduler: Scheduler,
+    latent: torch.Tensor,
+    z: torch.Tensor,
+    strength: float,
+    steps: int,
+    guidance: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Image-to-image (SDEdit, Meng et al. 2022): noise the latent to t = strength·T, denoise.
+
+    Args:
+        unet: the denoiser, in eval mode.
+        scheduler: the noise schedule the UNet was trained with.
+        latent: (B, C, h, w) scaled latents of the input slices.
+        z: (B,) target slice positions in [0, 1].
+        strength: in [0, 1]; 0 returns the input, 1 ignores it (pure sampling).
+        steps: DDIM steps of a full schedule; ``round(steps * strength)`` (at least 1) are run.
+        guidance: classifier-free guidance weight w.
+        generator: source of the added noise.
+
+    Returns:
+        (B, C, h, w) edited latents.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise InputError(f"strength must be in [0, 1], got {strength}")
+    _check_steps(steps, scheduler)
+    if strength == 0.0:
+        return latent.clone()
+    start = round(strength * (scheduler.num_train_timesteps - 1))
+    timesteps = _schedule(start, max(1, round(steps * strength)), latent.device)
+    alphas = scheduler.alphas_cumprod.to(device=latent.device, dtype=latent.dtype)
+    x = _renoise(latent, alphas[start], generator)
+    out, _ = _denoise(
+        unet, scheduler, x, z, timesteps, guidance=guidance, generator=generator, eta=0.0
+    )
+    return out
+
+
+@torch.no_grad()
+def inpaint(
+    unet: nn.Module,
+    scheduler: Scheduler,
+    latent: torch.Tensor,
+    mask: torch.Tensor,
+    z: torch.Tensor,
+    steps: int,
+    guidance: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Regenerate the region inside ``mask``; the rest follows the input (RePaint-style).
+
+    After every DDIM step the known region is replaced by the input latent noised to the
+    step's new timestep (no resampling), so the last step leaves it equal to the input.
+
+    Args:
+        unet: the denoiser, in eval mode.
+        scheduler: the noise schedule the UNet was trained with.
+        latent: (B, C, h, w) scaled latents of the input slices.
+        mask: (B, 1, h, w) or (B, C, h, w) at latent resolution, 1 inside the region to
+            generate and 0 where the input is kept (fractional values blend).
+        z: (B,) slice positions in [0, 1].
+        steps: DDIM steps.
+        guidance: classifier-free guidance weight w.
+        generator: source of the initial and re-noising noise.
+
+    Returns:
+        (B, C, h, w) latents equal to the input outside the mask.
+    """
+    _check_steps(steps, scheduler)
+    if mask.ndim != 4 or mask.shape[0] != latent.shape[0] or mask.shape[2:] != latent.shape[2:]:
+        raise InputError(
+            f"mask must have shape (B, 1, h, w) matching latent {tuple(latent.shape)}, "
+            f"got {tuple(mask.shape)}"
+        )
+    mask = mask.to(latent.dtype)
+    timesteps = _schedule(scheduler.num_train_timesteps - 1, steps, latent.device)
+    alphas = scheduler.alphas_cumprod.to(device=latent.device, dtype=latent.dtype)
+    start = _renoise(latent, alphas[timesteps[0]], generator)
+    x = mask * _noise(latent.shape, latent, generator) + (1 - mask) * start
+    out, _ = _denoise(
+        unet,
+        scheduler,
+        x,
+        z,
+        timesteps,
+        guidance=guidance,
+        generator=generator,
+        eta=0.0,
+        known=latent,
+        mask=mask,
+    )
+    return out

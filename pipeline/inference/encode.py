@@ -1,0 +1,196 @@
+"""Encode the prepared slices with a trained first stage (the ``encode_latents`` stage).
+
+Every prepared split goes through the :class:`~pipeline.models.codec.LatentCodec` of the
+autoencoder (in eval mode, under ``torch.no_grad``); the layout written is described in
+:mod:`pipeline.data.latents`. The training split is encoded first: its latents give the
+scale factor every split is stored with. Every file is written to a temporary name and
+renamed; ``meta.json`` is removed first and written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pipeline.core.config import Params
+from pipeline.core.identity import file_sha256
+from pipeline.core.io import atomic_write, write_json
+from pipeline.data.datasets import SliceDataset
+from pipeline.data.latents import SPLITS
+from pipeline.models.codec import LatentCodec
+from pipeline.models.files import load_autoencoder
+
+logger = logging.getLogger(__name__)
+
+#: Slices per encoder batch.
+ENCODE_BATCH = 64
+
+
+@torch.no_grad()
+def encode_dataset(
+    codec: LatentCodec,
+    dataset: Dataset,
+    device: torch.device,
+    *,
+    batch_size: int = ENCODE_BATCH,
+    progress: bool = True,
+    desc: str = "encode",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Encode every slice of a dataset, in order.
+
+    Args:
+        codec: the first stage and the scale factor to apply.
+        dataset: items with ``image`` (1, H, W) intensities in [0, 1] and ``z`` in [0, 1].
+        device: where the model runs.
+        batch_size: slices per batch.
+        progress: show a progress bar.
+        desc: progress bar label.
+
+    Returns:
+        ``(latents, codes)``: float32 (N, C, h, w) stage-2 inputs
+        (:meth:`~pipeline.models.codec.LatentCodec.encode_stage_2_inputs`) and, for a
+        VQ-VAE, int16 (N, h, w) code indices (else None).
+    """
+    latents: list[torch.Tensor] = []
+    codes: list[torch.Tensor] = []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for batch in tqdm(loader, desc=desc, disable=not progress):
+        x, z = batch["image"].to(device).float(), batch["z"].to(device).float()
+        latents.append(codec.encode_stage_2_inputs(x, z).float().cpu())
+        if codec.autoencoder.kind == "vqvae":
+            codes.append(codec.encode_codes(x, z).cpu())
+    lat = torch.cat(latents).numpy()
+    return lat, torch.cat(codes).numpy().astype(np.int16) if codes else None
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda tmp: np.save(tmp, array))
+
+
+def encode_latents(
+    autoencoder_path: str | Path,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    device: torch.device,
+    *,
+    batch_size: int = ENCODE_BATCH,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Encode all prepared splits with one autoencoder and write the latents layout.
+
+    Args:
+        autoencoder_path: ``models/ae_vqvae.pt`` or ``models/ae_vaegan.pt``.
+        prepared_dir: ``data/prepared`` (split folders with slices.npy and manifest.csv).
+        out_dir: ``data/latents/<kind>``.
+        device: where the autoencoder runs.
+        batch_size: slices per encoder batch.
+        progress: show progress bars.
+
+    Returns:
+        The meta dict written to ``out_dir/meta.json``.
+
+    Raises:
+        FileNotFoundError: no ``train`` split in ``prepared_dir``.
+        CheckpointError: the autoencoder file is missing or unreadable.
+        InputError: the training latents are constant (no scale factor can be computed).
+    """
+    prepared, out = Path(prepared_dir), Path(out_dir)
+    if not (prepared / "train" / "manifest.csv").is_file():
+        raise FileNotFoundError(
+            f"{prepared / 'train'} has no prepared slices; run the prepare stage first"
+        )
+    model, _ = load_autoencoder(autoencoder_path, device)
+    codec = LatentCodec(model)  # scale factor 1 until the training split has given it
+    sha256 = file_sha256(autoencoder_path)
+    (out / "meta.json").unlink(missing_ok=True)
+    counts: dict[str, int] = {}
+    latent_shape: list[int] = []
+    for split in SPLITS:  # train first: its latents give the scale factor
+        src = prepared / split
+        if not (src / "manifest.csv").is_file():
+            logger.warning("no prepared split %s; %s not written", src, out / split)
+            shutil.rmtree(out / split, ignore_errors=True)
+            continue
+        latents, codes = encode_dataset(
+            codec,
+            SliceDataset(src),
+            device,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"{model.kind}/{split}",
+        )
+        if split == "train":
+            codec.scale_factor = LatentCodec.fit_scale_factor(torch.from_numpy(latents))
+            latents = latents * np.float32(codec.scale_factor)
+            latent_shape = list(latents.shape[1:])
+        _save_npy(out / split / "latents.npy", latents)
+        if codes is not None:
+            _save_npy(out / split / "codes.npy", codes)
+        atomic_write(
+            out / split / "manifest.csv",
+            lambda tmp, src=src: shutil.copyfile(src / "manifest.csv", tmp),
+        )
+        counts[split] = len(latents)
+    meta: dict[str, Any] = {
+        "source": model.kind,
+        "autoencoder": str(autoencoder_path),
+        "autoencoder_sha256": sha256,
+        "scale_factor": codec.scale_factor,
+        "latent_shape": latent_shape,
+        "splits": counts,
+    }
+    if model.quantizer is not None:
+        meta["num_codes"] = int(model.quantizer.codebook.shape[0])
+    write_json(out / "meta.json", meta)
+    logger.info(
+        "%s latents %s -> %s (scale factor %.4g)", model.kind, counts, out, meta["scale_factor"]
+    )
+    return meta
+
+
+def encode_all(
+    params: Params,
+    device: torch.device,
+    *,
+    models_dir: str | Path = "models",
+    latents_root: str | Path = "data/latents",
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Encode with every kind in ``params.autoencoder.kinds`` whose model file exists.
+
+    Args:
+        params: all parameters (``autoencoder.kinds``, ``data.prepared_dir``).
+        device: where the autoencoders run.
+        models_dir: folder with ``ae_<kind>.pt``.
+        latents_root: output root; each kind goes to ``<latents_root>/<kind>``.
+        progress: show progress bars.
+
+    Returns:
+        The meta dict of each encoded kind.
+
+    Raises:
+        FileNotFoundError: none of the configured autoencoder files exists.
+    """
+    metas: dict[str, dict[str, Any]] = {}
+    for kind in params.autoencoder.kinds:
+        path = Path(models_dir) / f"ae_{kind}.pt"
+        if not path.is_file():
+            logger.warning("%s not found; no %s latents are written", path, kind)
+            continue
+        metas[kind] = encode_latents(
+            path, params.data.prepared_dir, Path(latents_root) / kind, device, progress=progress
+        )
+    if not metas:
+        missing = ", ".join(f"{models_dir}/ae_{k}.pt" for k in params.autoencoder.kinds)
+        raise FileNotFoundError(
+            f"no autoencoder to encode with ({missing} missing); "
+            f"run the train_autoencoder stage first"
+        )
+    return metas

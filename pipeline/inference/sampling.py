@@ -1,0 +1,278 @@
+"""The one sampling entry point for both generators (latent diffusion and PixelCNN prior).
+
+``load_generator(path)`` reads ``models/ldm.pt`` or ``models/pixelcnn.pt`` (see
+:mod:`pipeline.models.files`) together with the first-stage autoencoder named in its
+metadata; ``sample(generator, z, n_per_z, seed)`` returns decoded slices in [0, 1] and the z
+of each. The result is a pure function of (model files, z, n_per_z, seed and the sampling
+settings). Sampling settings are resolved in one place, :meth:`SamplingSettings.resolve`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from pipeline.core.checkpoint import CheckpointError
+from pipeline.core.config import GENERATORS, LDMConfig, PriorConfig, Sampler
+from pipeline.core.errors import InputError
+from pipeline.core.identity import file_sha256
+from pipeline.inference.autoregressive import sample_codes
+from pipeline.inference.diffusion import guided_sample
+from pipeline.models.codec import LatentCodec
+from pipeline.models.conditioning import check_z
+from pipeline.models.files import load_autoencoder, load_model
+
+logger = logging.getLogger(__name__)
+
+#: Slices generated per network batch (the guided UNet batch is twice this).
+CHUNK = 64
+#: DDIM steps when the model's own default steps are for another sampler: the reference of
+#: the sampling-steps study (``python -m benchmarks.sampling_steps``), 50 DDIM steps.
+REFERENCE_DDIM_STEPS = 50
+
+
+class StaleModelError(CheckpointError):
+    """The autoencoder file changed after the generator was trained on its latents."""
+
+
+@dataclass
+class GeneratorModel:
+    """A loaded generator: its network, the first-stage codec and default sampling settings.
+
+    Attributes:
+        kind: ``ldm`` or ``pixelcnn``.
+        network: the diffusion UNet or the PixelCNN prior (eval mode).
+        codec: the first stage whose latents/codes the network generates, with the latents'
+            scale factor (1.0 for the PixelCNN, which models codes).
+        latent_shape: (C, h, w) latent (ldm) or (h, w) code grid (pixelcnn).
+        device: where everything runs.
+        config: the model's config section (``LDMConfig`` or ``PriorConfig``), whose
+            sampling settings are the defaults.
+        metadata: the model file's metadata (``metadata["scheduler"]`` is the LDM's noise
+            schedule, the one representation samplers build their scheduler from).
+    """
+
+    kind: Literal["ldm", "pixelcnn"]
+    network: nn.Module
+    codec: LatentCodec
+    latent_shape: tuple[int, ...]
+    device: torch.device
+    config: LDMConfig | PriorConfig
+    metadata: dict[str, Any]
+
+    @property
+    def schedule(self) -> dict[str, Any]:
+        """The LDM's noise schedule (:func:`pipeline.inference.diffusion.scheduler_config`)."""
+        return self.metadata["scheduler"]
+
+    @property
+    def n_slices(self) -> int | None:
+        """K, the number of slice levels the model was trained on (None if not recorded)."""
+        k = self.metadata.get("n_slices")
+        return None if k is None else int(k)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Every sampling knob, resolved once against a model's defaults.
+
+    Attributes:
+        sampler: ``ddim`` or ``pndm`` (ldm; None for pixelcnn).
+        steps: sampling steps (ldm).
+        guidance: classifier-free guidance weight (ldm).
+        temperature: sampling temperature (pixelcnn).
+        top_k: sample among the k most likely codes, None for all (pixelcnn).
+    """
+
+    sampler: Sampler | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        model: GeneratorModel,
+        *,
+        sampler: Sampler | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+    ) -> SamplingSettings:
+        """The given values, else the model's defaults.
+
+        The model's ``sample_steps`` belong to its ``sampler``: asking for another sampler
+        without steps takes :data:`REFERENCE_DDIM_STEPS` (e.g. SDEdit, which runs partial
+        DDIM schedules, on a model whose default is 10 PNDM steps).
+
+        Raises:
+            InputError: a setting of the other generator kind, or an invalid value.
+        """
+        given = {
+            "sampler": sampler,
+            "steps": steps,
+            "guidance": guidance,
+            "temperature": temperature,
+            "top_k": top_k,
+        }
+        foreign = {"ldm": ("temperature", "top_k"), "pixelcnn": ("steps", "guidance", "sampler")}
+        for name in foreign[model.kind]:
+            if given[name] is not None:
+                raise InputError(
+                    f"{name}={given[name]!r} does not apply to a {model.kind} model; leave it unset"
+                )
+        if guidance is not None and guidance < 0:
+            raise InputError(f"guidance must be >= 0 (1 = conditional only), got {guidance}")
+        cfg = model.config
+        if isinstance(cfg, LDMConfig):
+            chosen = cfg.sampler if sampler is None else sampler
+            default_steps = cfg.sample_steps if chosen == cfg.sampler else REFERENCE_DDIM_STEPS
+            return cls(
+                sampler=chosen,
+                steps=default_steps if steps is None else steps,
+                guidance=cfg.guidance if guidance is None else guidance,
+            )
+        return cls(
+            temperature=cfg.temperature if temperature is None else temperature,
+            top_k=cfg.top_k if top_k is None else top_k,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings that apply (the others are None), e.g. for a manifest row."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _autoencoder_for(path: Path, metadata: dict[str, Any], device: torch.device) -> Any:
+    """Load the generator's first stage, checking it is the file the generator was trained on."""
+    ae_path = Path(metadata["autoencoder"])
+    if not ae_path.is_file() and (path.parent / ae_path.name).is_file():
+        ae_path = path.parent / ae_path.name
+    expected = metadata.get("autoencoder_sha256")
+    if expected and ae_path.is_file() and file_sha256(ae_path) != expected:
+        raise StaleModelError(
+            f"{ae_path} changed after {path} was trained on its latents (sha256 differs); "
+            f"re-run encode_latents and the generator's training stage (dvc repro)"
+        )
+    autoencoder, _ = load_autoencoder(ae_path, device)
+    return autoencoder
+
+
+def load_generator(path: str | Path, device: torch.device | str = "cpu") -> GeneratorModel:
+    """Load ``models/ldm.pt`` or ``models/pixelcnn.pt`` and its first-stage autoencoder.
+
+    The autoencoder path stored in the file is tried as given (relative to the working
+    directory), then next to the generator file.
+
+    Args:
+        path: the generator's model file.
+        device: where to put the networks.
+
+    Returns:
+        A :class:`GeneratorModel` in eval mode.
+
+    Raises:
+        CheckpointError: missing or corrupt file, not a generator file, a file that does not
+            match this code's architecture, or an autoencoder that changed since training
+            (:class:`StaleModelError`).
+    """
+    path, device = Path(path), torch.device(device)
+    loaded = load_model(path, device, GENERATORS, "a generator")
+    meta = loaded.metadata
+    try:
+        if loaded.kind == "ldm":
+            shape = tuple(int(s) for s in meta["latent_shape"])
+            scale = float(meta["scale_factor"])
+            if "scheduler" not in meta:
+                raise KeyError("scheduler")
+        else:
+            shape, scale = tuple(int(s) for s in meta["code_shape"]), 1.0
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} lacks its {loaded.kind} metadata ({err}); re-run its training stage"
+        ) from None
+    codec = LatentCodec(_autoencoder_for(path, meta, device), scale)
+    return GeneratorModel(
+        kind=loaded.kind,  # type: ignore[arg-type]
+        network=loaded.network,
+        codec=codec,
+        latent_shape=shape,
+        device=device,
+        config=loaded.config,  # type: ignore[arg-type]
+        metadata=meta,
+    )
+
+
+@torch.no_grad()
+def sample(
+    generator_model: GeneratorModel,
+    z: float | Sequence[float] | torch.Tensor,
+    n_per_z: int,
+    seed: int,
+    steps: int | None = None,
+    guidance: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    sampler: Sampler | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generate slices at the requested positions.
+
+    Args:
+        generator_model: from :func:`load_generator`.
+        z: slice positions in [0, 1] (fractional values interpolate between levels).
+        n_per_z: samples per position (>= 1).
+        seed: seeds every random draw; the same arguments give the same slices.
+        steps, guidance, temperature, top_k, sampler: overrides of the model's defaults,
+            resolved by :meth:`SamplingSettings.resolve` (steps, guidance and sampler for an
+            ldm; temperature and top_k for a pixelcnn).
+
+    Returns:
+        ``(images, z)``: (N, 1, H, W) slices in [0, 1] on the CPU with N = len(z) * n_per_z
+        (each position repeated ``n_per_z`` times, in order), and their (N,) positions.
+
+    Raises:
+        ValueError: z outside [0, 1], ``n_per_z < 1`` or an invalid sampling setting.
+    """
+    levels = check_z(z).flatten()
+    if n_per_z < 1:
+        raise InputError(f"n_per_z must be >= 1, got {n_per_z}")
+    gm = generator_model
+    s = SamplingSettings.resolve(
+        gm, sampler=sampler, steps=steps, guidance=guidance, temperature=temperature, top_k=top_k
+    )
+    all_z = levels.repeat_interleave(n_per_z)
+    gen = torch.Generator(device=gm.device).manual_seed(seed)
+    images = []
+    for zb in all_z.split(CHUNK):
+        zb = zb.to(gm.device)
+        if gm.kind == "ldm":
+            latent = guided_sample(
+                gm.network,
+                gm.schedule,
+                zb,
+                gm.latent_shape,  # type: ignore[arg-type]
+                sampler=s.sampler,  # type: ignore[arg-type]
+                steps=s.steps,  # type: ignore[arg-type]
+                guidance=s.guidance,  # type: ignore[arg-type]
+                generator=gen,
+            )
+            out = gm.codec.decode_stage_2_outputs(latent, zb)
+        else:
+            codes = sample_codes(
+                gm.network,
+                zb,
+                gm.latent_shape,  # type: ignore[arg-type]
+                temperature=s.temperature,  # type: ignore[arg-type]
+                top_k=s.top_k,
+                generator=gen,
+            )
+            out = gm.codec.decode_codes(codes, zb)
+        images.append(out.float().cpu())
+    return torch.cat(images), all_z

@@ -1,0 +1,408 @@
+"""Training, evaluation and export of the latent diffusion model (the ``train_ldm`` stage).
+
+- :class:`LDMTask`: DDPM training on scaled latents with condition dropout (epsilon or v
+  target); the loop keeps an EMA of the UNet, which is what gets sampled and exported.
+- :class:`Evaluator`: the ``evaluate`` callback: validation loss, a sample grid with one row
+  per z level decoded through the first stage, the nearest-training-latent z error of those
+  samples, and at the last step the DDIM trajectory as a GIF and a strip image (logged to
+  MLflow and saved beside the sample grid as ``reports/ldm_trajectory.{gif,png}``).
+- :func:`train_ldm`: the whole stage; the model file ``models/ldm.pt``
+  (:mod:`pipeline.models.files`) is read back by
+  :func:`pipeline.inference.sampling.load_generator`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+from monai.networks.schedulers import Scheduler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.core import distributed
+from pipeline.core.config import LDMConfig, Params
+from pipeline.core.figures import grid, rows_by_z, save_png
+from pipeline.core.io import atomic_write, write_json
+from pipeline.core.stage import StagePaths
+from pipeline.core.tracking import StageRun, to_uint8_image
+from pipeline.data.latents import LatentDataset, read_latent_meta
+from pipeline.inference.diffusion import (
+    Trajectory,
+    build_scheduler,
+    ddim_sample,
+    diffusion_loss,
+    guided_sample,
+    scheduler_config,
+)
+from pipeline.inference.sampling import load_generator, sample
+from pipeline.models.codec import LatentCodec
+from pipeline.models.conditioning import index_from_z
+from pipeline.models.files import load_autoencoder, save_model
+from pipeline.models.unet import ZConditionedUNet
+from pipeline.training.loop import Optimization, TrainingTask, adamw, finish_resume, fit
+
+logger = logging.getLogger(__name__)
+
+#: Latents per batch when computing the validation loss.
+EVAL_BATCH = 64
+#: At most this many validation latents enter the validation loss.
+VAL_LIMIT = 512
+#: z levels of the trajectory GIF and strip, and columns (steps) of the strip.
+TRAJECTORY_LEVELS = (0.2, 0.4, 0.6, 0.8)
+STRIP_COLUMNS = 8
+#: Slices generated (per 8 levels) when measuring the sampling speed.
+SPEED_PER_LEVEL = 4
+#: File names of the final trajectory, written beside the sample grid.
+TRAJECTORY_PNG, TRAJECTORY_GIF = "ldm_trajectory.png", "ldm_trajectory.gif"
+
+Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LDMTask(TrainingTask):
+    """DDPM training of a :class:`ZConditionedUNet` on scaled latents.
+
+    Args:
+        unet: the denoiser, already on its device.
+        scheduler: the training schedule (``DDPMScheduler``; its prediction type is the target).
+        config: ``ldm`` section (``cond_dropout``, ``train.lr``, ``train.weight_decay``).
+    """
+
+    ema_module = "unet"
+
+    def __init__(self, unet: ZConditionedUNet, scheduler: Scheduler, config: LDMConfig) -> None:
+        self.unet, self.scheduler, self.cond_dropout = unet, scheduler, config.cond_dropout
+        self.modules: dict[str, nn.Module] = {"unet": unet}
+        self.optimizers = {
+            "unet": adamw(unet.parameters(), config.train.lr, config.train.weight_decay)
+        }
+
+    def train_step(
+        self, batch: dict[str, torch.Tensor], step: int, optim: Optimization
+    ) -> dict[str, float]:
+        """One denoising step on a batch with ``latent`` (B, C, h, w) and ``z`` (B,)."""
+        latent, z = batch["latent"], batch["z"]
+        n = latent.shape[0]
+        noise = torch.randn_like(latent)
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (n,), device=latent.device)
+        drop = torch.rand(n, device=latent.device) < self.cond_dropout
+        loss = diffusion_loss(self.net("unet"), self.scheduler, latent, z, noise, t, drop)
+        optim.step("unet", loss)
+        return {"loss": loss.item()}
+
+
+@dataclass
+class LatentSet:
+    """A split of scaled latents held in memory.
+
+    Attributes:
+        latent: (N, C, h, w) scaled latents.
+        z: (N,) positions in [0, 1].
+    """
+
+    latent: torch.Tensor
+    z: torch.Tensor
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset, limit: int | None = None) -> LatentSet:
+        """Collect (the first ``limit``) items of a ``LatentDataset``-like dataset."""
+        latents, zs = [], []
+        for batch in DataLoader(dataset, batch_size=EVAL_BATCH, shuffle=False):
+            latents.append(batch["latent"].float())
+            zs.append(batch["z"].float())
+        latent, z = torch.cat(latents), torch.cat(zs)
+        return cls(latent[:limit], z[:limit])
+
+
+@torch.no_grad()
+def validation_loss(
+    unet: nn.Module, scheduler: Scheduler, data: LatentSet, device: torch.device, seed: int = 0
+) -> float:
+    """Conditional denoising loss on ``data`` with noise and timesteps fixed by ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for latent, z in zip(data.latent.split(EVAL_BATCH), data.z.split(EVAL_BATCH), strict=True):
+        noise = torch.randn(latent.shape, generator=gen)
+        t = torch.randint(0, scheduler.num_train_timesteps, (len(z),), generator=gen)
+        drop = torch.zeros(len(z), dtype=torch.bool)
+        loss = diffusion_loss(unet, scheduler, *(v.to(device) for v in (latent, z, noise, t, drop)))
+        total += float(loss) * len(z)
+        count += len(z)
+    return total / max(count, 1)
+
+
+def nearest_z_error(samples: torch.Tensor, z: torch.Tensor, reference: LatentSet) -> torch.Tensor:
+    """|z of the nearest reference latent - requested z| for each sample (L2 in latent space).
+
+    Args:
+        samples: (B, C, h, w) generated scaled latents.
+        z: (B,) requested positions.
+        reference: training latents and their positions.
+
+    Returns:
+        (B,) absolute z errors in [0, 1].
+    """
+    dist = torch.cdist(samples.flatten(1).cpu().float(), reference.latent.flatten(1))
+    return (reference.z[dist.argmin(dim=1)] - z.cpu()).abs()
+
+
+def trajectory_images(
+    trajectory: Trajectory, z: torch.Tensor, decode: Decode, columns: int = STRIP_COLUMNS
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """GIF frames and a strip image of one sampling run.
+
+    Args:
+        trajectory: from ``ddim_sample(..., return_trajectory=True)``.
+        z: (B,) positions of the samples.
+        decode: scaled latent, z -> (B, 1, H, W) in [0, 1].
+        columns: steps shown in the strip (evenly spaced, the last included).
+
+    Returns:
+        Frames (one (H', W') array in [0, 1] per step: top row x_t, bottom row predicted
+        x0, one column per sample) and the strip (rows by z, columns = predicted x0 at
+        ``columns`` steps).
+    """
+    frames, x0_images = [], []
+    for x_t, x0 in zip(trajectory.x_t, trajectory.x0, strict=True):
+        noisy, clean = decode(x_t, z).cpu(), decode(x0, z).cpu()
+        frames.append(grid(torch.cat([noisy, clean]), ncol=len(z)))
+        x0_images.append(clean)
+    picks = torch.linspace(0, len(x0_images) - 1, min(columns, len(x0_images))).round().long()
+    strip = rows_by_z([x0_images[i] for i in picks.tolist()], z.cpu())
+    return frames, strip
+
+
+def save_gif(frames: list[np.ndarray], path: str | Path) -> Path:
+    """Save (H', W') frames in [0, 1] as a looping GIF (120 ms per frame), atomically."""
+    images = [to_uint8_image(f) for f in frames]
+    return atomic_write(path, lambda tmp: iio.imwrite(tmp, images, duration=120, loop=0))
+
+
+class Evaluator:
+    """``evaluate(step, ema)`` callback of :func:`~pipeline.training.loop.fit` for :class:`LDMTask`.
+
+    Args:
+        task: the task (its UNet is sampled when no EMA is kept).
+        decode: scaled latent, z -> (B, 1, H, W) slices in [0, 1].
+        run: tracking run for grids and the trajectory GIF.
+        config: ``ldm`` section (sampling steps, guidance, grid size).
+        val: validation latents for the validation loss.
+        reference: training latents for the nearest-neighbour z error.
+        latent_shape: (C, h, w).
+        n_slices: K slice levels (converts z errors to levels).
+        final_step: the last training step (the trajectory is logged there).
+        device: where sampling runs.
+        seed: seed of the grid's noise (the same at every evaluation).
+    """
+
+    def __init__(
+        self,
+        task: LDMTask,
+        decode: Decode,
+        run: StageRun,
+        *,
+        config: LDMConfig,
+        val: LatentSet,
+        reference: LatentSet,
+        latent_shape: tuple[int, int, int],
+        n_slices: int,
+        final_step: int,
+        device: torch.device,
+        seed: int = 0,
+    ) -> None:
+        self.task, self.decode, self.run, self.config = task, decode, run, config
+        self.val, self.reference, self.latent_shape = val, reference, latent_shape
+        self.n_slices, self.final_step = n_slices, final_step
+        self.device, self.seed = device, seed
+        self.ddim = build_scheduler(scheduler_config(config), "ddim")
+        self.last_grid: np.ndarray | None = None
+        #: (GIF frames, strip) of the final step's sampling run, set by the last evaluation.
+        self.trajectory: tuple[list[np.ndarray], np.ndarray] | None = None
+
+    def _sample(self, unet: nn.Module, z: torch.Tensor, trajectory: bool = False) -> Any:
+        """Latents from the default sampler; DDIM for a trajectory (its x0 at every step)."""
+        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        cfg, z = self.config, z.to(self.device)
+        if trajectory:
+            return ddim_sample(
+                unet,
+                self.ddim,
+                z,
+                self.latent_shape,
+                steps=cfg.sample_steps,
+                guidance=cfg.guidance,
+                generator=gen,
+                return_trajectory=True,
+            )
+        return guided_sample(
+            unet,
+            scheduler_config(cfg),
+            z,
+            self.latent_shape,
+            sampler=cfg.sampler,
+            steps=cfg.sample_steps,
+            guidance=cfg.guidance,
+            generator=gen,
+        )
+
+    def __call__(self, step: int, ema: nn.Module | None) -> dict[str, float]:
+        """Validation loss, sample grid and z error (and the trajectory at the last step)."""
+        unet = ema if ema is not None else self.task.unet
+        cfg = self.config
+        z = torch.linspace(0, 1, cfg.grid_levels).repeat_interleave(cfg.grid_samples)
+        latents = self._sample(unet, z)
+        images = self.decode(latents, z.to(self.device)).cpu()
+        self.last_grid = grid(images, ncol=cfg.grid_samples)
+        self.run.log_image(self.last_grid, f"samples/ldm_{step:06d}.png")
+        err = index_from_z(nearest_z_error(latents, z, self.reference), self.n_slices)
+        metrics = {
+            "val_loss": validation_loss(unet, self.task.scheduler, self.val, self.device),
+            "nn_level_error": float(err.mean()),
+        }
+        if step == self.final_step:
+            self._log_trajectory(unet)
+        logger.info(
+            "step %d: val_loss %.4f, samples' nearest training latent %.2f levels off",
+            step,
+            metrics["val_loss"],
+            metrics["nn_level_error"],
+        )
+        return metrics
+
+    def _log_trajectory(self, unet: nn.Module) -> None:
+        z = torch.tensor(TRAJECTORY_LEVELS)
+        _, trajectory = self._sample(unet, z, trajectory=True)
+        frames, strip = trajectory_images(trajectory, z.to(self.device), self.decode)
+        self.trajectory = (frames, strip)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.run.log_artifact(save_gif(frames, Path(tmp) / TRAJECTORY_GIF), "samples")
+        self.run.log_image(strip, "samples/ldm_trajectory_strip.png")
+
+
+def sampling_speed(model_path: Path, device: torch.device, seed: int) -> dict[str, float]:
+    """Slices per second of :func:`pipeline.inference.sampling.sample` (decoding included)."""
+    generator = load_generator(model_path, device)
+    levels = torch.linspace(0, 1, 8)
+    sample(generator, levels[:1], 1, seed, steps=2)  # warm-up
+    start = time.perf_counter()
+    images, _ = sample(generator, levels, SPEED_PER_LEVEL, seed)
+    seconds = time.perf_counter() - start
+    cfg = generator.config
+    return {
+        "slices_per_s": len(images) / seconds,
+        "slices": len(images),
+        "sampler": cfg.sampler,
+        "steps": cfg.sample_steps,
+        "guidance": cfg.guidance,
+    }
+
+
+def train_ldm(
+    params: Params,
+    *,
+    run: StageRun,
+    device: torch.device,
+    paths: StagePaths,
+    identity: dict[str, Any],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the latent diffusion model, export it and measure its sampling speed.
+
+    Args:
+        params: all parameters (``ldm``, ``conditioning``, ``prepare.n_slices``, ``seed``).
+        run: the stage's tracking run.
+        device: training device.
+        paths: inputs and outputs.
+        identity: the run's :func:`~pipeline.core.identity.stage_identity` (resume hash).
+        progress: show a progress bar.
+
+    Returns:
+        The report written to ``paths.report``.
+    """
+    cfg, cond_cfg = params.ldm, params.conditioning
+    meta = read_latent_meta(paths.latents)
+    scale = float(meta["scale_factor"])
+    shape = tuple(int(s) for s in meta["latent_shape"])
+    train = LatentDataset(paths.latents / "train")
+    val = LatentSet.from_dataset(LatentDataset(paths.latents / "val"), VAL_LIMIT)
+    codec = LatentCodec(load_autoencoder(meta["autoencoder"], device)[0], scale)
+
+    torch.manual_seed(params.seed)
+    unet = ZConditionedUNet(cfg, cond_cfg, shape[0]).to(device)
+    task = LDMTask(unet, build_scheduler(scheduler_config(cfg), "ddpm"), cfg)
+    evaluator = Evaluator(
+        task,
+        codec.decode_stage_2_outputs,
+        run,
+        config=cfg,
+        val=val,
+        reference=LatentSet.from_dataset(train),
+        latent_shape=shape,  # type: ignore[arg-type]
+        n_slices=params.prepare.n_slices,
+        final_step=cfg.train.steps,
+        device=device,
+        seed=params.seed,
+    )
+    started = time.perf_counter()
+    result = fit(
+        task,
+        train,
+        cfg.train,
+        run=run,
+        resume_dir=paths.resume_dir,
+        seed=params.seed,
+        device=device,
+        evaluate=evaluator,
+        config_for_hash=identity,
+        progress=progress,
+    )
+    if not distributed.is_main():  # under torchrun rank 0 alone exports and reports
+        return {}
+    if evaluator.last_grid is None:  # resumed after the last step: nothing was evaluated
+        result.history.update(evaluator(result.step, result.ema))
+    metadata = {
+        "autoencoder": meta["autoencoder"],
+        "autoencoder_sha256": meta["autoencoder_sha256"],
+        "scale_factor": codec.scale_factor,
+        "latent_shape": list(shape),
+        "latent_source": cfg.latent_source,
+        "n_slices": params.prepare.n_slices,
+        "scheduler": scheduler_config(cfg),
+    }
+    network = result.ema if result.ema is not None else unet
+    save_model(paths.model, "ldm", network, cfg, metadata, cond_cfg)
+    report = {
+        "steps": result.step,
+        "train_seconds": time.perf_counter() - started,
+        "final_loss": result.history.get("loss"),
+        "val_loss": result.history.get("val_loss"),
+        "nn_level_error": result.history.get("nn_level_error"),
+        "sampling": sampling_speed(paths.model, device, params.seed),
+    }
+    write_json(paths.report, report)
+    save_png(evaluator.last_grid, paths.grid)
+    run.log_image(evaluator.last_grid, f"reports/{paths.grid.name}")
+    if evaluator.trajectory is not None:
+        save_gif(evaluator.trajectory[0], paths.grid.with_name(TRAJECTORY_GIF))
+        save_png(evaluator.trajectory[1], paths.grid.with_name(TRAJECTORY_PNG))
+    run.log_artifact(paths.model, "model")
+    run.log_dict(report, f"reports/{paths.report.name}")
+    run.log_metrics({"sampling_slices_per_s": report["sampling"]["slices_per_s"]}, result.step)
+    finish_resume(paths.resume_dir)
+    logger.info(
+        "ldm: final loss %.4f, %.1f slices/s at %d %s steps (guidance %.2g)",
+        report["final_loss"] or float("nan"),
+        report["sampling"]["slices_per_s"],
+        report["sampling"]["steps"],
+        report["sampling"]["sampler"],
+        report["sampling"]["guidance"],
+    )
+    return report
