@@ -9,7 +9,6 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
-from torchvision.utils import make_grid
 
 from pipeline.core.io import atomic_write
 from pipeline.core.tracking import to_uint8_image
@@ -26,6 +25,9 @@ def grid(images: torch.Tensor, ncol: int, pad: int = 2) -> np.ndarray:
     Returns:
         (H', W') float array in [0, 1].
     """
+    # torchvision (through torch._dynamo) takes seconds to import: only stages that tile pay
+    from torchvision.utils import make_grid
+
     tiled = make_grid(
         images.detach().float().cpu().clamp(0, 1), nrow=ncol, padding=pad, pad_value=0.5
     )

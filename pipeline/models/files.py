@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ValidationError
@@ -43,10 +43,10 @@ from pipeline.core.config import (
     ZProbeConfig,
 )
 from pipeline.core.identity import code_version
-from pipeline.models.autoencoder import Autoencoder
-from pipeline.models.pixelcnn import GatedPixelCNN
-from pipeline.models.unet import ZConditionedUNet
-from pipeline.models.zprobe import ZProbe
+
+if TYPE_CHECKING:
+    from pipeline.models.autoencoder import Autoencoder
+    from pipeline.models.zprobe import ZProbe
 
 #: Which stage writes each kind (named in errors).
 WRITTEN_BY = {
@@ -82,12 +82,20 @@ def _conditioning(metadata: dict[str, Any]) -> ConditioningConfig:
     return ConditioningConfig.model_validate(metadata["conditioning"])
 
 
+# Each builder imports its network's module itself: a stage that loads one kind does not pay
+# for importing the others (the UNet pulls in MONAI, seconds of start-up).
+
+
 def _build_autoencoder(kind: str, ckpt: dict[str, Any]) -> tuple[nn.Module, BaseModel]:
+    from pipeline.models.autoencoder import Autoencoder
+
     cfg = AutoencoderConfig.model_validate(ckpt["config"])
     return Autoencoder(cfg, _conditioning(ckpt["metadata"]), kind.removeprefix("ae_")), cfg
 
 
 def _build_pixelcnn(kind: str, ckpt: dict[str, Any]) -> tuple[nn.Module, BaseModel]:
+    from pipeline.models.pixelcnn import GatedPixelCNN
+
     cfg = PriorConfig.model_validate(ckpt["config"])
     meta = ckpt["metadata"]
     shape = ckpt["modules"]["prior"]["input_codes.codebook"].shape  # filled by the state dict
@@ -96,12 +104,16 @@ def _build_pixelcnn(kind: str, ckpt: dict[str, Any]) -> tuple[nn.Module, BaseMod
 
 
 def _build_ldm(kind: str, ckpt: dict[str, Any]) -> tuple[nn.Module, BaseModel]:
+    from pipeline.models.unet import ZConditionedUNet
+
     cfg = LDMConfig.model_validate(ckpt["config"])
     meta = ckpt["metadata"]
     return ZConditionedUNet(cfg, _conditioning(meta), int(meta["latent_shape"][0])), cfg
 
 
 def _build_zprobe(kind: str, ckpt: dict[str, Any]) -> tuple[nn.Module, BaseModel]:
+    from pipeline.models.zprobe import ZProbe
+
     cfg = ZProbeConfig.model_validate(ckpt["config"])
     return ZProbe(cfg.channels), cfg
 
@@ -196,7 +208,9 @@ def load_model(
     return ModelFile(kind, network.to(device).eval(), config, dict(ckpt["metadata"]))
 
 
-def load_probe(path: str | Path, device: torch.device | str = "cpu") -> tuple[ZProbe, dict[str, Any]]:
+def load_probe(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[ZProbe, dict[str, Any]]:
     """Load ``models/zprobe.pt``: (probe in eval mode, metadata with ``n_slices``)."""
     loaded = load_model(path, device, ("zprobe",), "a z-probe")
     return loaded.network, loaded.metadata  # type: ignore[return-value]

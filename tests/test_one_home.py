@@ -1,0 +1,158 @@
+"""Each concern has one home: sampling settings, model files, the codec, z ↔ slice index,
+the error policy and the ``braingen`` module entry point."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.core.checkpoint import load_checkpoint
+from pipeline.core.config import (
+    AutoencoderConfig,
+    ConditioningConfig,
+    KLConfig,
+    ZProbeConfig,
+)
+from pipeline.core.errors import BraingenError, InputError
+from pipeline.core.stage import main as stage_main
+from pipeline.inference import edit
+from pipeline.inference.sampling import REFERENCE_DDIM_STEPS, SamplingSettings, load_generator
+from pipeline.models.autoencoder import Autoencoder
+from pipeline.models.codec import LatentCodec
+from pipeline.models.conditioning import index_from_z, z_from_index
+from pipeline.models.files import WRITTEN_BY, load_model, save_model
+from pipeline.models.zprobe import ZProbe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pndm(generator):
+    """The generator with a PNDM default of 10 steps, as the demo profile trains it."""
+    generator.config = generator.config.model_copy(update={"sampler": "pndm", "sample_steps": 10})
+    return generator
+
+
+def test_sampling_settings_resolve_steps_for_the_sampler_they_were_tuned_for(
+    tiny_generators,
+) -> None:
+    gen = _pndm(load_generator(tiny_generators["ldm"]))
+    assert SamplingSettings.resolve(gen) == SamplingSettings("pndm", 10, gen.config.guidance)
+    ddim = SamplingSettings.resolve(gen, sampler="ddim")
+    assert ddim.sampler == "ddim" and ddim.steps == REFERENCE_DDIM_STEPS == 50
+    assert SamplingSettings.resolve(gen, sampler="ddim", steps=7).steps == 7
+    with pytest.raises(InputError, match="top_k"):
+        SamplingSettings.resolve(gen, top_k=3)
+    prior = load_generator(tiny_generators["pixelcnn"])
+    assert SamplingSettings.resolve(prior).as_dict() == {"temperature": prior.config.temperature}
+
+
+def test_sdedit_and_inpaint_run_ddim_steps_not_the_pndm_ones(
+    tiny_generators, tmp_path, monkeypatch
+) -> None:
+    """The bug: ``sample_steps: 10`` (tuned for PNDM) was run as 10 DDIM steps."""
+    real_load = edit.load_generator
+    monkeypatch.setattr(edit, "load_generator", lambda *a, **k: _pndm(real_load(*a, **k)))
+    seen: list[int] = []
+
+    def spy(unet, scheduler, latent, *args):
+        seen.append(args[-3])  # steps
+        return latent
+
+    monkeypatch.setattr(edit, "sdedit", lambda u, s, lat, z, strength, *a: spy(u, s, lat, *a))
+    monkeypatch.setattr(edit, "inpaint", lambda u, s, lat, mask, z, *a: spy(u, s, lat, *a))
+    image = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(image)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(mask)
+    edit.sdedit_file(tiny_generators["ldm"], image, tmp_path / "a.png", "0.5", device="cpu")
+    edit.inpaint_file(tiny_generators["ldm"], image, mask, tmp_path / "b.png", "0.5", device="cpu")
+    assert seen == [REFERENCE_DDIM_STEPS, REFERENCE_DDIM_STEPS]
+
+
+def test_every_model_kind_has_the_same_metadata_block(tmp_path, tiny_generators) -> None:
+    probe_cfg = ZProbeConfig(channels=(4, 8))
+    save_model(tmp_path / "zprobe.pt", "zprobe", ZProbe(probe_cfg.channels), probe_cfg, {})
+    files = {**tiny_generators, "zprobe": tmp_path / "zprobe.pt"}
+    for name, path in files.items():
+        kind = load_checkpoint(path)["kind"]
+        loaded = load_model(path)
+        assert loaded.kind == kind in WRITTEN_BY, name
+        assert "code_version" in loaded.metadata, name
+        assert not loaded.network.training
+        if kind != "zprobe":
+            assert "conditioning" in loaded.metadata, name
+
+
+def test_a_model_file_of_another_kind_is_refused_naming_the_stage(tiny_generators) -> None:
+    with pytest.raises(BraingenError, match=r"not a generator file.*train_ldm / train_prior"):
+        load_generator(tiny_generators["vqvae"])
+
+
+def test_codec_owns_the_scale_factor_both_ways() -> None:
+    cond = ConditioningConfig(sinusoidal_dim=8, dim=8)
+    cfg = AutoencoderConfig(channels=(8, 8), norm_groups=4, kl=KLConfig(latent_channels=2))
+    torch.manual_seed(0)
+    ae = Autoencoder(cfg, cond, "vaegan").eval()
+    x, z = torch.rand(3, 1, 16, 16), torch.tensor([0.0, 0.5, 1.0])
+    codec = LatentCodec(ae, scale_factor=0.25)
+    with torch.no_grad():
+        latent = codec.encode_stage_2_inputs(x, z)
+        torch.testing.assert_close(latent, ae.encode_to_latent(x, z) * 0.25)
+        torch.testing.assert_close(
+            codec.decode_stage_2_outputs(latent, z),
+            ae.decode_from_latent(latent / 0.25, z).clamp(0, 1),
+        )
+    assert LatentCodec.fit_scale_factor(torch.full((4,), 2.0) * torch.tensor([1, -1, 1, -1])) == 0.5
+    with pytest.raises(InputError, match="constant"):
+        LatentCodec.fit_scale_factor(torch.ones(5))
+    with pytest.raises(InputError, match="scale_factor"):
+        LatentCodec(ae, scale_factor=0.0)
+
+
+def test_z_and_slice_index_convert_both_ways() -> None:
+    assert z_from_index(0, 32) == 0.0 and z_from_index(31, 32) == 1.0
+    assert index_from_z(0.5, 33) == 16.0
+    levels = np.arange(8)
+    np.testing.assert_allclose(index_from_z(z_from_index(levels, 8), 8), levels)
+
+
+def test_a_user_error_is_one_line_a_bug_keeps_its_traceback(capsys) -> None:
+    def user() -> None:
+        raise InputError("bad value 3; use 4")
+
+    with pytest.raises(SystemExit) as stop:
+        stage_main(user)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.strip() == "error: bad value 3; use 4"
+
+    def bug() -> None:
+        raise ValueError("an internal shape mismatch")  # not a BraingenError: a bug
+
+    with pytest.raises(ValueError, match="internal"):
+        stage_main(bug)
+
+
+def test_python_m_pipeline_cli_knows_the_stage_commands() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for command in ("prepare", "train-autoencoder", "train-ldm", "evaluate", "generate"):
+        assert command in out
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train-autoencoder", "nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: kind must be one of")
