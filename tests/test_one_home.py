@@ -156,3 +156,27 @@ def test_python_m_pipeline_cli_knows_the_stage_commands() -> None:
         text=True,
     )
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error: kind must be one of")
+
+
+def test_stage_identity_names_seed_and_latent_inputs(tmp_path) -> None:
+    """The bugs: the z-probe's resume hash left out the seed, the LDM's the autoencoder."""
+    import json
+
+    from pipeline.core.config import Params
+    from pipeline.core.identity import stage_identity
+    from pipeline.core.tracking import params_hash
+    from pipeline.data.latents import latents_identity
+
+    a, b = Params(seed=0), Params(seed=1)
+    for stage in ("train_zprobe", "train_autoencoder", "train_prior", "train_ldm"):
+        assert params_hash(stage_identity(a, stage)) != params_hash(stage_identity(b, stage))
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"autoencoder": "gone.pt", "autoencoder_sha256": "abc", "scale_factor": 0.5})
+    )
+    first = stage_identity(a, "train_ldm", **latents_identity(tmp_path))
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"autoencoder": "gone.pt", "autoencoder_sha256": "def", "scale_factor": 0.5})
+    )
+    again = stage_identity(a, "train_ldm", **latents_identity(tmp_path))
+    assert params_hash(first) != params_hash(again)
+    assert first["ldm"] == a.ldm.model_dump(mode="json") and first["seed"] == 0
