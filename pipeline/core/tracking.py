@@ -41,7 +41,7 @@ HTTP_DEFAULTS: dict[str, str] = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # pipeline/core/tracking.py -> the project
 
 
 def project_root() -> Path:
