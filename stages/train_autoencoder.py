@@ -26,7 +26,7 @@ from pipeline.core.device import resolve_device
 from pipeline.core.identity import stage_identity
 from pipeline.core.stage import StagePaths, main
 from pipeline.core.tracking import StageRun
-from pipeline.training.concurrency import Job, accept_freed_cores, run_side_by_side
+from pipeline.training.concurrency import Job, run_side_by_side
 
 
 def run(kind: str) -> None:
@@ -35,7 +35,6 @@ def run(kind: str) -> None:
     from pipeline.training.autoencoder import train_first_stage
 
     distributed.relaunch_with_torchrun("stages.train_autoencoder", [kind])
-    accept_freed_cores()
     params = load_params()
     paths = StagePaths.standard(f"ae_{kind}", f"ae_{kind}", f"ae_{kind}_recon.png")
     identity = stage_identity(params, "train_autoencoder", kind=kind)

@@ -305,7 +305,12 @@ def build_perceptual_loss(device: torch.device | str = "cpu") -> PerceptualLoss:
         warnings.filterwarnings(
             "ignore", message="Arguments other than a weight enum", category=UserWarning
         )
-        net = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+        # lpips draws the random trunk (and its linear layers' init) from the global RNG;
+        # fork it so that building LPIPS never changes what a seeded training draws next
+        with torch.random.fork_rng(devices=[]):
+            net = lpips.LPIPS(
+                net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False
+            )
     slice_of = {str(idx): j + 1 for j, idx in enumerate(ALEXNET_CONV_INDICES)}
     slices = {f"slice{slice_of[k.split('.')[0]]}.{k}": v for k, v in trunk.state_dict.items()}
     try:

@@ -7,8 +7,9 @@ loaded with ``torch.load(weights_only=True)``::
 
     {"version": 1, "kind": "ae_vqvae" | "ae_vaegan" | "pixelcnn" | "ldm" | "zprobe",
      "modules": {<module name>: state_dict}, "config": <the params section>,
-     "metadata": {"code_version": "0.1.0+<commit>", "conditioning": {...} (conditioned
-                  kinds), <what the kind needs to be rebuilt and checked>}}
+     "metadata": {"code_version": "0.1.0+<commit>", "torch_threads": 2,
+                  "conditioning": {...} (conditioned kinds),
+                  <what the kind needs to be rebuilt and checked>}}
 
 The metadata a kind needs besides ``code_version`` and ``conditioning``:
 
@@ -151,7 +152,8 @@ def save_model(
     """
     if kind not in _BUILDERS:
         raise CheckpointError(f"unknown model kind {kind!r}; known: {sorted(_BUILDERS)}")
-    block = {**metadata, "code_version": code_version()}
+    # CPU results depend on the thread count (kernel choice, summation order): keep it
+    block = {**metadata, "code_version": code_version(), "torch_threads": torch.get_num_threads()}
     if conditioning is not None:
         block["conditioning"] = conditioning.model_dump(mode="json")
     save_checkpoint(

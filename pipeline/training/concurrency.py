@@ -18,25 +18,25 @@ It is an environment variable like ``BRAINGEN_NPROC``: it changes no parameter, 
 cache stays valid. Under ``BRAINGEN_NPROC`` > 1 every training already spans all devices
 through torchrun, and they run one after the other.
 
-When all but one child have finished, the last one is sent ``SIGUSR1`` and, on the CPU,
-takes every core for the rest of its run (:func:`accept_freed_cores`). If one child fails,
-the others are stopped (each resumes from its last checkpoint when the stage is re-run); if
-this process is interrupted or terminated, so are they.
+A child keeps its thread count for its whole run: the weights a CPU training produces
+depend on it (oneDNN and the plain convolution kernels sum in different orders), so a child
+that took the freed cores when its sibling finished would give results that depend on which
+step that happened at. The thread count is recorded in the model file's metadata
+(``torch_threads``). If one child fails, the others are stopped (each resumes from its last
+checkpoint when the stage is re-run); if this process is interrupted or terminated, so are
+they.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 
 import torch
@@ -51,10 +51,6 @@ PARALLEL_ENV = "BRAINGEN_PARALLEL"
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 #: How often the parent checks its children, in seconds.
 POLL_SECONDS = 0.5
-#: Set in the children of a side-by-side run: a file the parent creates when all but one
-#: child are done (and then signals that child with :data:`ALONE_SIGNAL`).
-ALONE_FILE_ENV = "BRAINGEN_ALONE_FILE"
-ALONE_SIGNAL = getattr(signal, "SIGUSR1", None)
 
 
 class ChildFailedError(BraingenError, RuntimeError):
@@ -146,31 +142,6 @@ def side_by_side_envs(
     return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(n_jobs)]
 
 
-def accept_freed_cores() -> None:
-    """In a side-by-side child: take every core once the siblings are done.
-
-    Installs a handler for :data:`ALONE_SIGNAL` that sets torch's intra-op threads to
-    :func:`usable_cores`; Python runs it in the main thread between two operations, so no
-    parallel region is running. A signal sent before the handler existed was ignored (the
-    parent starts its children so), hence the check of the parent's flag file after it.
-    Does nothing outside a side-by-side run.
-    """
-    flag = os.environ.get(ALONE_FILE_ENV)
-    if not flag or ALONE_SIGNAL is None:
-        return
-    signal.signal(ALONE_SIGNAL, _take_all_cores)
-    # At shutdown Python resets its handlers to the default action, which for SIGUSR1 is to
-    # die: ignore the signal from the exit handlers on, in case a sibling ends just then.
-    atexit.register(signal.signal, ALONE_SIGNAL, signal.SIG_IGN)
-    if os.path.exists(flag):
-        _take_all_cores(ALONE_SIGNAL, None)
-
-
-def _take_all_cores(signum: int, frame: FrameType | None) -> None:
-    torch.set_num_threads(usable_cores())
-    logger.info("the other trainings are done: now on %d threads", torch.get_num_threads())
-
-
 def _stop(procs: Mapping[str, subprocess.Popen[bytes]], grace_seconds: float = 30.0) -> None:
     """Terminate the children still running; kill those that outlive ``grace_seconds``."""
     alive = [p for p in procs.values() if p.poll() is None]
@@ -202,19 +173,14 @@ def run_jobs(jobs: Sequence[Job], side_by_side: bool) -> None:
             (sequentially: the later ones were not started).
     """
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    # Children inherit "ignore" for the handoff signal until accept_freed_cores() installs
-    # its handler, so a signal that arrives while a child is still starting is harmless.
-    previous_alone = signal.signal(ALONE_SIGNAL, signal.SIG_IGN) if ALONE_SIGNAL else None
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    alone_dir = tempfile.TemporaryDirectory(prefix="braingen-")
-    alone_flag = Path(alone_dir.name) / "alone"
     try:
         waves = [list(jobs)] if side_by_side else [[job] for job in jobs]
         for wave in waves:
             for position, job in enumerate(wave):
                 env = {**os.environ, **job.env}
                 if side_by_side:
-                    env.update({"TQDM_POSITION": str(position), ALONE_FILE_ENV: str(alone_flag)})
+                    env["TQDM_POSITION"] = str(position)
                 logger.info("%s: %s", job.label, " ".join(job.argv[1:]))
                 sys.stderr.flush()
                 procs[job.label] = subprocess.Popen(job.argv, env=env)
@@ -226,9 +192,6 @@ def run_jobs(jobs: Sequence[Job], side_by_side: bool) -> None:
                     if code is None:
                         continue
                     running.discard(label)
-                    if code == 0 and side_by_side and len(running) == 1 and ALONE_SIGNAL:
-                        alone_flag.touch()
-                        procs[next(iter(running))].send_signal(ALONE_SIGNAL)
                     if code != 0:
                         others = ", ".join(sorted(running)) or "none"
                         raise ChildFailedError(
@@ -237,10 +200,7 @@ def run_jobs(jobs: Sequence[Job], side_by_side: bool) -> None:
                         )
     finally:
         _stop(procs)
-        alone_dir.cleanup()
         signal.signal(signal.SIGTERM, previous)
-        if ALONE_SIGNAL:
-            signal.signal(ALONE_SIGNAL, previous_alone)
 
 
 def run_side_by_side(jobs: Sequence[Job], device: torch.device) -> None:
