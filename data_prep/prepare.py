@@ -6,20 +6,25 @@ Outputs, under ``prepared_dir``::
     {train,val,test}/masks.npy      uint8 (N, 1, S, S) brain masks in {0, 1}
     {train,val,test}/manifest.csv   one row per slice (see MANIFEST_COLUMNS), row i ↔ item i
 
-and under ``report_dir``: ``prepare_report.json`` (counts, subjects and skipped files) and
-``prepare_preview.png`` (train split, rows subjects, columns z). Every file is written to a
+and under ``report_dir``: ``prepare_report.json`` (counts, subjects, the fate of every file
+found, the volumes that look skull-on) and ``prepare_preview.png`` (train split, rows
+subjects, columns z). Every file is written to a
 temporary name and renamed. The manifests are the commit marker: all old manifests are
 removed before the first array is written and the new ones are written after every split's
 arrays, so a killed run leaves each split either without a manifest (refused by
 :class:`~pipeline.data.datasets.SliceDataset`) or complete, and never mixes two runs.
 
 Bad input never raises: each bad file becomes one ``{"file", "reason"}`` entry of the
-report. :class:`~data_prep.errors.PrepareError` is raised only when nothing usable is left
-or, with ``strict``, at the first bad file; the report is written before raising.
+report, and every other file found is either used or listed as ignored with the reason
+(:mod:`data_prep.inventory`). :class:`~data_prep.errors.PrepareError` is raised when nothing
+usable is left, when a split comes out empty (every later stage needs all three), with
+``brain_extraction`` and no extractor installed, or, with ``strict``, at the first bad
+file; the report is written before raising.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -32,6 +37,8 @@ import pandas as pd
 from PIL import Image
 
 from data_prep.errors import BadInputError, PrepareError
+from data_prep.intensity import intensity_window, threshold_mask
+from data_prep.inventory import Inventory, not_an_input, take_inventory
 from data_prep.parallel import ordered_map
 from data_prep.preview import preview_grid
 from data_prep.readers import (
@@ -42,19 +49,13 @@ from data_prep.readers import (
     Scan,
     Skip,
     VolumeCase,
+    layout,
     scan_folder,
 )
 from data_prep.readers.png_slices import load_case
+from data_prep.skull import detect_skull, extract_brain, extraction_problem
 from data_prep.split import split_subjects
-from data_prep.volume import (
-    SliceSet,
-    finish_slices,
-    intensity_window,
-    load_mask,
-    load_volume,
-    threshold_mask,
-    volume_slices,
-)
+from data_prep.volume import SliceSet, Volume, finish_slices, load_mask, load_volume, volume_slices
 from pipeline.core.config import PrepareConfig
 from pipeline.core.io import atomic_write, write_json
 from pipeline.core.tracking import to_uint8_image
@@ -93,7 +94,13 @@ class CaseResult:
         mask_source: ``segmentation`` (FSL_SEG / PNG seg) or ``threshold``.
         demographics: the case's demographics.
         skipped: files left out, with reasons.
-        warnings: files used after a fix (NaN voxels zeroed, mask replaced).
+        warnings: files used after a fix (NaN voxels zeroed, mask replaced) or with a
+            doubt (the volume looks skull-on).
+        used: files the slices came from (image, its header, the mask or segmentations).
+        ignored: files of the case not used, with the reason (e.g. the mask of a skipped
+            image, the segmentations of a case that falls back to the threshold mask).
+        skull_on: the volume looked skull-on (see :mod:`data_prep.skull`).
+        brain_extracted: the skull was removed with ``prepare.brain_extraction``.
     """
 
     subject: str
@@ -106,6 +113,10 @@ class CaseResult:
     demographics: dict[str, Any] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
     warnings: list[Skip] = field(default_factory=list)
+    used: tuple[str, ...] = ()
+    ignored: list[Skip] = field(default_factory=list)
+    skull_on: bool = False
+    brain_extracted: bool = False
 
 
 def process_case(case: Case, cfg: PrepareConfig) -> CaseResult:
@@ -131,6 +142,8 @@ def _process_volume(case: VolumeCase, cfg: PrepareConfig) -> CaseResult:
         volume = load_volume(case.root / case.image)
     except BadInputError as err:
         result.skipped.append(Skip(case.image, err.reason))
+        if case.mask is not None:
+            result.ignored.append(Skip(case.mask, f"the mask of {case.image}, which was skipped"))
         return result
     if volume.n_nonfinite:
         result.warnings.append(Skip(case.image, f"{volume.n_nonfinite} NaN/inf voxels set to 0"))
@@ -140,8 +153,9 @@ def _process_volume(case: VolumeCase, cfg: PrepareConfig) -> CaseResult:
             mask = load_mask(case.root / case.mask, volume.data.shape)
             result.mask_source = "segmentation"
         except BadInputError as err:
-            result.warnings.append(Skip(case.mask, f"{err.reason}; threshold mask used instead"))
+            result.skipped.append(Skip(case.mask, f"{err.reason}; threshold mask used instead"))
     try:
+        volume, mask = _skull_check(case, volume, mask, cfg, result)
         result.slices = volume_slices(
             volume,
             threshold_mask(volume.data) if mask is None else mask,
@@ -151,28 +165,58 @@ def _process_volume(case: VolumeCase, cfg: PrepareConfig) -> CaseResult:
         )
     except BadInputError as err:
         result.skipped.append(Skip(case.image, err.reason))
+        if result.mask_source == "segmentation":
+            result.ignored.append(Skip(case.mask, f"the mask of {case.image}, which was skipped"))
         return result
     result.sources = (case.image,) * cfg.n_slices
+    result.used = (case.image, *([case.mask] if result.mask_source == "segmentation" else []))
     return result
+
+
+def _skull_check(
+    case: VolumeCase,
+    volume: Volume,
+    mask: np.ndarray | None,
+    cfg: PrepareConfig,
+    result: CaseResult,
+) -> tuple[Volume, np.ndarray | None]:
+    """Flag a skull-on volume; with ``cfg.brain_extraction``, strip it (ROBEX).
+
+    Returns:
+        The volume (brain only when stripped) and the brain mask to use (ROBEX's when
+        stripped and the case has no segmentation).
+    """
+    check = detect_skull(volume.data, volume.zooms)
+    if not check.skull_on:
+        return volume, mask
+    result.skull_on = True
+    if not cfg.brain_extraction:
+        result.warnings.append(Skip(case.image, check.reason()))
+        logger.warning("%s %s", case.image, check.reason())
+        return volume, mask
+    brain = extract_brain(volume.data, volume.affine)
+    result.brain_extracted = True
+    stripped = dataclasses.replace(volume, data=np.where(brain, volume.data, np.float32(0)))
+    return stripped, brain if mask is None else mask & brain
 
 
 def _process_png(case: PngCase, cfg: PrepareConfig) -> CaseResult:
     result = CaseResult(case.subject, case.session, case.split, case.n_slices)
     stack = load_case(case)
     result.skipped.extend(stack.skipped)
+    segs = [s.seg for s in stack.slices if s.seg is not None]
     if not stack.slices:
         return result
     masks = stack.masks
     if masks is None:
         masks = threshold_mask(stack.images)
         if any(s.seg is not None for s in case.slices):
-            result.warnings.append(
-                Skip(
-                    case.slices[0].image,
-                    "segmentation missing or unreadable for some "
-                    "slices of the case; threshold mask used",
-                )
+            why = (
+                "segmentation missing or unreadable for some slices of the case; "
+                "threshold mask used"
             )
+            result.warnings.append(Skip(case.slices[0].image, why))
+            result.ignored.extend(Skip(seg, f"not used: {why}") for seg in segs)
     else:
         result.mask_source = "segmentation"
     try:
@@ -180,7 +224,14 @@ def _process_png(case: PngCase, cfg: PrepareConfig) -> CaseResult:
             raise BadInputError("all slices of the case are blank")
         window = intensity_window(stack.images, masks, cfg.percentiles)
     except BadInputError as err:
-        result.skipped.append(Skip(case.slices[0].image, err.reason))
+        first = stack.slices[0].image
+        result.skipped.append(Skip(first, err.reason))
+        result.ignored.extend(
+            Skip(file, f"part of {case.subject}, skipped: see {first}")
+            for s in stack.slices
+            for file in (s.image, s.seg)
+            if file is not None and file != first
+        )
         return result
     images, out_masks = finish_slices(stack.images, masks, window, cfg.image_size)
     result.slices = SliceSet(
@@ -190,6 +241,7 @@ def _process_png(case: PngCase, cfg: PrepareConfig) -> CaseResult:
         z_mm=np.full(len(stack.slices), np.nan),
     )
     result.sources = tuple(s.image for s in stack.slices)
+    result.used = (*result.sources, *(segs if result.mask_source == "segmentation" else []))
     return result
 
 
@@ -210,13 +262,16 @@ class PrepareResult:
     preview_path: Path
 
     def metrics(self) -> dict[str, float]:
-        """Flat counts for tracking: ``slices_train``, ``subjects_val``, ..., ``skipped``."""
+        """Flat counts for tracking: ``slices_train``, ``subjects_val``, ..., ``skipped``,
+        ``files_found`` / ``_used`` / ``_skipped`` / ``_ignored``, ``skull_on``."""
         out = {
             f"{kind}_{split}": float(counts[kind])
             for split, counts in self.report["counts"].items()
             for kind in ("slices", "volumes", "subjects")
         }
         out["skipped"] = float(len(self.report["skipped"]))
+        out.update({f"files_{k}": float(v) for k, v in self.report["files"].items()})
+        out["skull_on"] = float(len(self.report["skull_on"]))
         return out
 
 
@@ -231,10 +286,14 @@ def prepare_dataset(
 ) -> PrepareResult:
     """Convert a raw data folder into per-split slice arrays, manifests and a report.
 
+    The report accounts for every file found below ``raw_dir`` (``files``: found = used +
+    skipped + ignored; ``skipped`` one entry per file, ``ignored`` grouped by reason), names
+    the volumes that look skull-on (``skull_on``) and those stripped (``brain_extracted``).
+
     Args:
         raw_dir: OASIS-1 discs, BIDS tree, NIfTI folder or PNG release.
         prepared_dir: output folder (one sub-folder per split).
-        cfg: slicing, split ratios, worker count, strictness.
+        cfg: slicing, split ratios, worker count, strictness, brain extraction.
         fmt: reader (``auto``, ``oasis1``, ``bids``, ``nifti``, ``png``).
         seed: seed of the subject-level split.
         report_dir: where ``prepare_report.json`` and ``prepare_preview.png`` go.
@@ -243,7 +302,8 @@ def prepare_dataset(
         The report, the preview and their paths.
 
     Raises:
-        PrepareError: nothing usable is left, or ``cfg.strict`` and a file was bad. The
+        PrepareError: nothing usable is left, a split comes out empty, ``cfg.strict`` and a
+            file was bad, or ``cfg.brain_extraction`` and no extractor is installed. The
             report is written first.
         ValueError: ``fmt`` is unknown.
     """
@@ -257,12 +317,17 @@ def prepare_dataset(
         "n_slices": cfg.n_slices,
         "image_size": cfg.image_size,
         "percentiles": list(cfg.percentiles),
+        "brain_extraction": cfg.brain_extraction,
     }
     report_path = report_dir / REPORT_NAME
     scan = scan_folder(raw_dir, fmt)
     report["format"] = scan.format
-    issues = _Issues(skipped=list(scan.skipped))
+    issues = _Issues(skipped=list(scan.skipped), ignored=list(scan.ignored))
+    results: list[CaseResult] = []
     try:
+        problem = extraction_problem() if cfg.brain_extraction else None
+        if problem is not None:
+            raise PrepareError(problem)
         results = _convert_all(scan, cfg, issues)
         if not results:
             first = f"; first: {issues.skipped[0].line()}" if issues.skipped else ""
@@ -270,14 +335,15 @@ def prepare_dataset(
                 f"no usable input in {raw_dir} ({len(issues.skipped)} files skipped{first}); "
                 f"see {report_path}"
             )
+        splits, report["split_from"] = _assign_splits(results, scan.format, cfg, seed)
+        _check_splits(splits, scan.format, cfg, report_path)
     except PrepareError as err:
-        report.update(error=str(err), **issues.entries())
+        report.update(error=str(err), **_accounting(scan, results, issues))
         logger.error("%s", err)
         write_json(report_path, report)
         raise
     for skip in issues.skipped:
         logger.warning("skipped %s", skip.line())
-    splits, report["split_from"] = _assign_splits(results, scan.format, cfg, seed)
 
     counts: dict[str, dict[str, int]] = {}
     subjects: dict[str, list[str]] = {}
@@ -318,7 +384,7 @@ def prepare_dataset(
             "skipped": len(issues.skipped),
         },
         subjects=subjects,
-        **issues.entries(),
+        **_accounting(scan, results, issues),
     )
     write_json(report_path, report)
     return PrepareResult(report, preview, report_path, preview_path)
@@ -326,10 +392,11 @@ def prepare_dataset(
 
 @dataclass
 class _Issues:
-    """Files skipped and files used after a fix, collected over the whole run."""
+    """Files skipped, used after a fix or ignored, collected over the whole run."""
 
     skipped: list[Skip] = field(default_factory=list)
     warnings: list[Skip] = field(default_factory=list)
+    ignored: list[Skip] = field(default_factory=list)
 
     def entries(self) -> dict[str, list[dict[str, str]]]:
         """Report entries: ``{"skipped": [{"file", "reason"}, ...], "warnings": [...]}``."""
@@ -337,6 +404,68 @@ class _Issues:
             name: [{"file": s.file, "reason": s.reason} for s in skips]
             for name, skips in (("skipped", self.skipped), ("warnings", self.warnings))
         }
+
+
+def _accounting(scan: Scan, results: list[CaseResult], issues: _Issues) -> dict[str, Any]:
+    """The report's account of every file found, and of the skull-on volumes.
+
+    Returns:
+        ``files`` (counts: found = used + skipped + ignored), ``skipped`` and ``warnings``
+        (one entry per file), ``ignored`` (grouped by reason), ``skull_on`` and
+        ``brain_extracted`` (image paths).
+    """
+    fmt_layout = layout(scan.format)
+    inventory: Inventory = take_inventory(
+        scan.found,
+        used=[*scan.used, *(f for r in results for f in r.used)],
+        skipped=issues.skipped,
+        ignored=issues.ignored,
+        default_reason=lambda file: not_an_input(file, scan.format, fmt_layout),
+    )
+    for line in (f"{g['count']} files ignored: {g['reason']}" for g in inventory.ignored_groups()):
+        logger.info("%s", line)
+    return {
+        "files": inventory.counts(),
+        **issues.entries(),
+        "ignored": inventory.ignored_groups(),
+        "skull_on": sorted(r.sources[0] for r in results if r.skull_on and r.sources),
+        "brain_extracted": sorted(r.sources[0] for r in results if r.brain_extracted),
+    }
+
+
+def _check_splits(
+    splits: dict[tuple[str, str], str], fmt: str, cfg: PrepareConfig, report_path: Path
+) -> None:
+    """Refuse a split with no slices: every later stage needs train, val and test.
+
+    Raises:
+        PrepareError: one line naming the empty split, the consequence and the fix.
+    """
+    sizes = {split: sum(1 for s in splits.values() if s == split) for split in SPLITS}
+    empty = [split for split in SPLITS if sizes[split] == 0]
+    if not empty:
+        return
+    needs = {
+        "train": "every model trains on it",
+        "val": "the autoencoders and the z-probe are validated on it",
+        "test": "evaluate and the test figures are computed on it",
+    }
+    if fmt == "png":
+        folder = {"train": "train", "val": "validate", "test": "test"}[empty[0]]
+        fix = (
+            f"the release's keras_png_slices_{folder}/ folder is missing or has no usable "
+            f"case (see {report_path}); add it"
+        )
+    else:
+        n_subjects = len({subject for subject, _ in splits})
+        fix = (
+            f"{n_subjects} usable subjects split {cfg.split.model_dump()} leave it without "
+            "a subject; add subjects (3 at least) or change prepare.split"
+        )
+    raise PrepareError(
+        f"{' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
+        f"({'; '.join(needs[s] for s in empty)}): {fix}"
+    )
 
 
 def _convert_all(scan: Scan, cfg: PrepareConfig, issues: _Issues) -> list[CaseResult]:
@@ -354,6 +483,7 @@ def _convert_all(scan: Scan, cfg: PrepareConfig, issues: _Issues) -> list[CaseRe
         for result in stream:
             issues.skipped.extend(result.skipped)
             issues.warnings.extend(result.warnings)
+            issues.ignored.extend(result.ignored)
             if cfg.strict and result.skipped:
                 raise PrepareError(f"strict mode: {result.skipped[0].line()}")
             if result.slices is not None:

@@ -10,23 +10,27 @@ Orientation convention (used for every source, the PNG release included):
   right, i.e. the neurological convention. The PNG release is already stored upright.
 
 Intensities are mapped to [0, 1] by the ``(lo, hi)`` percentiles of the voxels inside
-the brain mask (clipped), slices are zero-padded to square and resized to
-``image_size`` (linear with anti-aliasing for images, nearest neighbour for masks).
+the brain mask (clipped; :mod:`data_prep.intensity`, shared with single slices), slices
+are zero-padded to square and resized to ``image_size`` (linear with anti-aliasing for
+images, nearest neighbour for masks).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from skimage.transform import resize
 
 from data_prep.errors import BadInputError, describe
+from data_prep.images import check_file_size, open_image, to_ras
+from data_prep.intensity import (
+    apply_window,
+    intensity_window,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +39,6 @@ MAX_VOXELS = 512**3
 #: Largest ratio of the in-plane voxel sizes (x, y); slices are resampled to square pixels,
 #: so a corrupt header claiming e.g. 0.001 x 1 mm voxels would ask for a huge image.
 MAX_ANISOTROPY = 20.0
-#: Foreground threshold, as a fraction of the robust intensity range above the minimum.
-FOREGROUND_FRACTION = 0.05
 #: Axial slices whose mask area is below this fraction of the largest one are left out of the
 #: brain's extent: stray voxels, the thin lower brainstem and the last few mm of the vertex.
 MIN_AREA_FRACTION = 0.05
@@ -83,10 +85,12 @@ def load_volume(path: str | Path, *, max_voxels: int | None = None) -> Volume:
     """Read a NIfTI or Analyze volume and reorient it to RAS.
 
     A singleton 4th axis (as in OASIS-1's ``176x208x176x1`` files) is dropped. The
-    header's dims are checked before any voxel data is read.
+    header's dims are checked before any voxel data is read. File kinds, pairs and
+    compression are decided by :mod:`data_prep.files` (any letter case), the file is opened
+    and reoriented by :mod:`data_prep.images`, as every single slice is.
 
     Args:
-        path: ``.nii``, ``.nii.gz``, ``.hdr`` or ``.img`` file.
+        path: ``.nii``, ``.hdr`` or ``.img`` file, compressed or not.
         max_voxels: larger header dims are rejected as implausible (default
             :data:`MAX_VOXELS`), before any voxel is read.
 
@@ -94,20 +98,18 @@ def load_volume(path: str | Path, *, max_voxels: int | None = None) -> Volume:
         The volume.
 
     Raises:
-        BadInputError: unreadable, truncated, header-only, 2D, true 4D, implausibly large,
-            invalid voxel sizes, all-zero or all-NaN volume; the reason names the problem.
+        BadInputError: unreadable, truncated, header-only, 2D, true 4D, RGB/complex voxels,
+            implausibly large, invalid voxel sizes, all-zero or all-NaN volume; the reason
+            names the problem.
     """
-    try:
-        img = nib.load(str(path))
-    except Exception as err:  # nibabel raises many types for corrupt input
-        raise BadInputError(f"unreadable ({describe(err)})") from None
+    img = open_image(path)
     shape = tuple(int(s) for s in img.shape)
     _check_shape(shape, MAX_VOXELS if max_voxels is None else max_voxels)
-    _check_file_size(img)
+    check_file_size(img)
     try:
         if len(shape) > 3:
             img = img.slicer[(slice(None),) * 3 + (0,) * (len(shape) - 3)]
-        canonical = nib.as_closest_canonical(img)
+        canonical = to_ras(img)
         data = np.asarray(canonical.get_fdata(dtype=np.float32))
     except Exception as err:  # truncated gzip streams, bad affines, ...
         raise BadInputError(f"corrupt or truncated data ({describe(err)})") from None
@@ -130,6 +132,10 @@ def _check_shape(shape: tuple[int, ...], max_voxels: int) -> None:
     if len(shape) < 3 or min(shape[:3]) == 1:
         raise BadInputError(f"2D image ({dims}); a 3D volume is needed")
     extra = math.prod(shape[3:])  # Python ints: no overflow for hostile dims
+    if len(shape) == 5 and shape[3] == 1 and extra > 1:  # NIfTI's vector/RGB convention
+        raise BadInputError(
+            f"4-D/RGB volume ({dims}: {extra} components per voxel), not a scalar T1 image"
+        )
     if extra > 1:
         raise BadInputError(f"true 4D volume ({dims}, {extra} volumes); pass one 3D volume")
     n_voxels = math.prod(shape[:3])
@@ -151,21 +157,6 @@ def _check_zooms(affine: np.ndarray) -> None:
         )
 
 
-def _check_file_size(img: nib.spatialimages.SpatialImage) -> None:
-    """Compare an uncompressed data file's size with what the header implies."""
-    filename = img.file_map["image"].filename
-    if filename is None or str(filename).endswith(".gz") or not os.path.exists(filename):
-        return
-    offset = int(getattr(img.dataobj, "offset", img.header.get_data_offset()))
-    itemsize = img.header.get_data_dtype().itemsize
-    needed = offset + int(np.prod(img.shape, dtype=np.int64)) * itemsize
-    size = os.path.getsize(filename)
-    if size <= offset:
-        raise BadInputError(f"header only: {Path(filename).name} holds no voxel data")
-    if size < needed:
-        raise BadInputError(f"truncated: {size} bytes, the header implies {needed}")
-
-
 def load_mask(path: str | Path, shape: tuple[int, ...]) -> np.ndarray:
     """Read a brain mask or tissue segmentation (non-zero = brain) in RAS.
 
@@ -183,26 +174,6 @@ def load_mask(path: str | Path, shape: tuple[int, ...]) -> np.ndarray:
     if mask.shape != shape:
         raise BadInputError(f"mask shape {mask.shape} differs from the image's {shape}")
     return mask
-
-
-def threshold_mask(data: np.ndarray, fraction: float = FOREGROUND_FRACTION) -> np.ndarray:
-    """Foreground mask: voxels above ``min + fraction * (p99 - min)``.
-
-    For skull-stripped images (zero background) this is the brain mask.
-
-    Args:
-        data: intensities of any shape.
-        fraction: threshold position in the robust range, in [0, 1).
-
-    Returns:
-        bool array of ``data``'s shape.
-    """
-    low = float(data.min())
-    above = data[data > low]
-    if above.size == 0:
-        return np.zeros(data.shape, dtype=bool)
-    high = float(np.percentile(above, 99))
-    return data > low + fraction * (high - low)
 
 
 def axial_extent(mask: np.ndarray, min_area_fraction: float = MIN_AREA_FRACTION) -> tuple[int, int]:
@@ -224,20 +195,6 @@ def axial_extent(mask: np.ndarray, min_area_fraction: float = MIN_AREA_FRACTION)
         raise BadInputError("empty brain mask: no voxel above the foreground threshold")
     inside = np.flatnonzero(areas >= min_area_fraction * areas.max())
     return int(inside[0]), int(inside[-1])
-
-
-def intensity_window(
-    data: np.ndarray, mask: np.ndarray, percentiles: tuple[float, float]
-) -> tuple[float, float]:
-    """The intensities mapped to 0 and 1: ``percentiles`` of ``data`` inside ``mask``.
-
-    Raises:
-        BadInputError: the window is empty (constant intensity inside the mask).
-    """
-    lo, hi = (float(v) for v in np.percentile(data[mask], percentiles))
-    if not hi > lo:
-        raise BadInputError(f"constant intensity ({lo:g}) inside the brain mask")
-    return lo, hi
 
 
 def square_resize(
@@ -297,8 +254,7 @@ def finish_slices(
     Returns:
         ``(images, masks)``: (N, S, S) float16 in [0, 1] and (N, S, S) uint8 in {0, 1}.
     """
-    lo, hi = window
-    scaled = np.clip((images.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+    scaled = apply_window(images, window)
     out = np.clip(square_resize(scaled, image_size, pixel_mm=pixel_mm, nearest=False), 0.0, 1.0)
     out_masks = square_resize(masks.astype(np.float32), image_size, pixel_mm=pixel_mm, nearest=True)
     return out.astype(np.float16), (out_masks > 0.5).astype(np.uint8)

@@ -7,6 +7,7 @@ Examples::
     braingen train-autoencoder vqvae
     braingen generate --model ldm --z 0:31 --per-z 8 --seed 1 --out synthetic/
     braingen generate --checkpoint models/ldm.pt --z 0.25,0.5 --format both --volume
+    braingen generate --model models:/braingen-ldm/latest --z 0:31 --out synthetic/  # registry
     braingen sdedit my_slice.png --z 17 --strength 0.4 --out edited.png
     braingen inpaint my_slice.nii.gz --mask lesion.png --z 0.55 --out filled.png
 
@@ -36,13 +37,24 @@ app = typer.Typer(
     help="z-conditioned synthetic brain MRI slices (braingen).",
 )
 
+#: What ``sdedit`` and ``inpaint`` read (:func:`data_prep.images.read_slice`).
+SLICE_HELP = (
+    "Your slice: a PNG (8/16-bit, grey or colour) or a single-slice NIfTI/Analyze file "
+    "(.nii, .nii.gz, .hdr/.img; any letter case), oriented by its affine."
+)
+
 #: ``--model`` names and the model files they stand for (relative to the working directory).
 MODELS = {name: Path("models") / f"{name}.pt" for name in GENERATORS}
 
 T = TypeVar("T")
 
 ModelOpt = Annotated[
-    str | None, typer.Option("--model", help="ldm or pixelcnn (models/<name>.pt); default ldm.")
+    str | None,
+    typer.Option(
+        "--model",
+        help="ldm or pixelcnn (models/<name>.pt), or a registered model "
+        "(models:/braingen-ldm/latest, models:/braingen-pixelcnn/3); default ldm.",
+    ),
 ]
 CheckpointOpt = Annotated[
     Path | None, typer.Option("--checkpoint", help="A generator model file (instead of --model).")
@@ -85,16 +97,27 @@ def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
 def resolve_model(model: str | None, checkpoint: Path | None) -> Path:
     """The model file for ``--model`` / ``--checkpoint`` (default ``models/ldm.pt``).
 
+    A ``models:/...`` name is downloaded from the MLflow registry (with the first stage it
+    needs) and checked (:func:`pipeline.core.registry.fetch_model`).
+
     Raises:
         ValueError: both given, or an unknown model name.
+        RegistryError: a registered model that is missing, altered or from another release.
     """
     if checkpoint is not None:
         if model is not None:
             raise InputError("give --model or --checkpoint, not both")
         return checkpoint
+    if model is not None and model.startswith("models:/"):
+        from pipeline.core.registry import fetch_model
+
+        return fetch_model(model)
     name = model or "ldm"
     if name not in MODELS:
-        raise InputError(f"unknown model {name!r}; choose {' or '.join(MODELS)} or --checkpoint")
+        raise InputError(
+            f"unknown model {name!r}; choose {' or '.join(MODELS)}, models:/<registered name>/"
+            f"<version|latest> or --checkpoint"
+        )
     return MODELS[name]
 
 
@@ -156,7 +179,7 @@ def generate(
 
 @app.command()
 def sdedit(
-    image: Annotated[Path, typer.Argument(help="Your slice: PNG or single-slice NIfTI.")],
+    image: Annotated[Path, typer.Argument(help=SLICE_HELP)],
     z: Annotated[str, typer.Option("--z", help="Target slice index (17) or fraction (0.55).")],
     out: Annotated[Path, typer.Option("--out", help="Output .png (16-bit).")],
     strength: Annotated[
@@ -193,7 +216,7 @@ def sdedit(
 
 @app.command()
 def inpaint(
-    image: Annotated[Path, typer.Argument(help="Your slice: PNG or single-slice NIfTI.")],
+    image: Annotated[Path, typer.Argument(help=SLICE_HELP)],
     mask: Annotated[
         Path, typer.Option("--mask", help="Same size as the image; non-zero = regenerate.")
     ],

@@ -25,6 +25,7 @@ def run() -> None:
     params = load_params()
     device = resolve_device(params.device)
     with StageRun("encode_latents", stage_identity(params, "encode_latents")) as tracking:
+        tracking.log_datasets(params.data.prepared_dir)
         for kind, meta in encode_all(params, device).items():
             tracking.log_dict(meta, f"latents/{kind}_meta.json")
 

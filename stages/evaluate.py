@@ -12,9 +12,10 @@ Reads ``params.yaml`` (evaluate, autoencoder.kinds, prepare.n_slices, seed, devi
 
 from __future__ import annotations
 
-from pipeline.core.config import load_params
+from pipeline.core.config import GENERATORS, load_params
 from pipeline.core.device import resolve_device
 from pipeline.core.identity import stage_identity
+from pipeline.core.registry import link_models
 from pipeline.core.stage import main
 from pipeline.core.tracking import StageRun
 from pipeline.evaluation.evaluate import EvaluatePaths, evaluate
@@ -26,6 +27,10 @@ def run() -> None:
     device = resolve_device(params.device)
     paths = EvaluatePaths.standard(params.data.prepared_dir)
     with StageRun("evaluate", stage_identity(params, "evaluate"), run_name="evaluate") as tracking:
+        tracking.log_datasets(params.data.prepared_dir, ("test",))
+        # figures of each model (metrics "<section>.*") are attached to its registered version
+        sections = [*GENERATORS, *(f"ae_{kind}" for kind in params.autoencoder.kinds), "zprobe"]
+        link_models(tracking, {name: paths.models / f"{name}.pt" for name in sections})
         evaluate(params, run=tracking, device=device, paths=paths)
 
 

@@ -24,8 +24,8 @@ from pipeline.core import distributed
 from pipeline.core.config import KINDS, load_params
 from pipeline.core.device import resolve_device
 from pipeline.core.identity import stage_identity
+from pipeline.core.registry import model_run
 from pipeline.core.stage import StagePaths, main
-from pipeline.core.tracking import StageRun
 from pipeline.training.concurrency import Job, run_side_by_side
 
 
@@ -40,8 +40,12 @@ def run(kind: str) -> None:
     identity = stage_identity(params, "train_autoencoder", kind=kind)
     with (
         distributed.session(params.device) as device,
-        StageRun(
-            "train_autoencoder", identity, run_name=f"ae_{kind}", enabled=distributed.is_main()
+        model_run(
+            "train_autoencoder",
+            identity,
+            run_name=f"ae_{kind}",
+            datasets=params.data.prepared_dir,
+            model=paths.model,
         ) as tracking,
     ):
         train_first_stage(params, kind, run=tracking, device=device, paths=paths, identity=identity)

@@ -17,8 +17,8 @@ from __future__ import annotations
 from pipeline.core import distributed
 from pipeline.core.config import load_params
 from pipeline.core.identity import stage_identity
+from pipeline.core.registry import model_run
 from pipeline.core.stage import StagePaths, main
-from pipeline.core.tracking import StageRun
 from pipeline.data.latents import latents_identity
 from pipeline.training.ldm import train_ldm
 
@@ -31,7 +31,9 @@ def run() -> None:
     identity = stage_identity(params, "train_ldm", **latents_identity(paths.latents))
     with (
         distributed.session(params.device) as device,
-        StageRun("train_ldm", identity, run_name="ldm", enabled=distributed.is_main()) as tracking,
+        model_run(
+            "train_ldm", identity, run_name="ldm", datasets=paths.latents, model=paths.model
+        ) as tracking,
     ):
         train_ldm(params, run=tracking, device=device, paths=paths, identity=identity)
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 from pipeline.core import distributed
 from pipeline.core.config import load_params
 from pipeline.core.identity import stage_identity
+from pipeline.core.registry import model_run
 from pipeline.core.stage import StagePaths, main
-from pipeline.core.tracking import StageRun
 from pipeline.data.latents import latents_identity
 from pipeline.training.prior import train_prior
 
@@ -32,8 +32,8 @@ def run() -> None:
     identity = stage_identity(params, "train_prior", **latents_identity(paths.latents))
     with (
         distributed.session(params.device) as device,
-        StageRun(
-            "train_prior", identity, run_name="prior", enabled=distributed.is_main()
+        model_run(
+            "train_prior", identity, run_name="prior", datasets=paths.latents, model=paths.model
         ) as tracking,
     ):
         train_prior(params, run=tracking, device=device, paths=paths, identity=identity)

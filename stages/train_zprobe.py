@@ -16,8 +16,8 @@ from __future__ import annotations
 from pipeline.core import distributed
 from pipeline.core.config import load_params
 from pipeline.core.identity import stage_identity
+from pipeline.core.registry import model_run
 from pipeline.core.stage import StagePaths, main
-from pipeline.core.tracking import StageRun
 from pipeline.training.zprobe import train_zprobe
 
 
@@ -29,8 +29,12 @@ def run() -> None:
     identity = stage_identity(params, "train_zprobe")
     with (
         distributed.session(params.device) as device,
-        StageRun(
-            "train_zprobe", identity, run_name="zprobe", enabled=distributed.is_main()
+        model_run(
+            "train_zprobe",
+            identity,
+            run_name="zprobe",
+            datasets=params.data.prepared_dir,
+            model=paths.model,
         ) as tracking,
     ):
         train_zprobe(params, run=tracking, device=device, paths=paths, identity=identity)

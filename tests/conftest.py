@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
+from support import write_tiny_generators
 
 PHANTOM_SHAPE = (40, 48, 40)
+#: pytest-timeout for a slow test that names no ``@pytest.mark.timeout`` of its own (the
+#: default for every other test, ``timeout`` in pyproject.toml, is too short for them).
+SLOW_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give slow tests without their own timeout marker :data:`SLOW_TIMEOUT_S`."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 def _phantom(seed: int = 0, shape: tuple[int, int, int] = PHANTOM_SHAPE) -> np.ndarray:
@@ -87,67 +98,25 @@ def write_png_release() -> Callable[..., None]:
     return _write_png_release
 
 
-def _tiny_generator_files(root: Path) -> dict[str, Path]:
-    """Untrained but complete model files: tiny autoencoders, ``ldm.pt`` and ``pixelcnn.pt``.
-
-    32x32 slices, K = 4 levels (``n_slices`` in the metadata), latents (3, 8, 8).
-    """
-    import torch
-
-    from pipeline.core.config import (
-        AutoencoderConfig,
-        ConditioningConfig,
-        KLConfig,
-        LDMConfig,
-        PriorConfig,
-        VQConfig,
-    )
-    from pipeline.core.identity import file_sha256
-    from pipeline.inference.diffusion import scheduler_config
-    from pipeline.models.autoencoder import Autoencoder
-    from pipeline.models.files import save_model
-    from pipeline.models.pixelcnn import GatedPixelCNN
-    from pipeline.models.unet import ZConditionedUNet
-
-    cond = ConditioningConfig(sinusoidal_dim=16, dim=16)
-    ae_cfg = AutoencoderConfig(
-        channels=(8, 16, 16),
-        norm_groups=4,
-        vq=VQConfig(num_codes=16, code_dim=3),
-        kl=KLConfig(latent_channels=3),
-    )
-    ldm_cfg = LDMConfig(
-        channels=(16, 32),
-        attention_levels=(False, True),
-        num_head_channels=8,
-        norm_groups=8,
-        sample_steps=2,
-    )
-    prior_cfg = PriorConfig(channels=8, n_layers=2, kernel_size=3)
-    data = {"image_size": 32, "n_slices": 4}
-    ae = {}
-    for kind in ("vqvae", "vaegan"):
-        torch.manual_seed(0)
-        ae[kind] = root / f"ae_{kind}.pt"
-        model = Autoencoder(ae_cfg, cond, kind)
-        save_model(ae[kind], f"ae_{kind}", model, ae_cfg, {"data": data}, cond)
-    torch.manual_seed(0)
-    unet = ZConditionedUNet(ldm_cfg, cond, 3)
-    meta = {"autoencoder": str(ae["vaegan"]), "autoencoder_sha256": file_sha256(ae["vaegan"])}
-    ldm_meta = {**meta, "scale_factor": 0.5, "latent_shape": [3, 8, 8], "n_slices": 4}
-    ldm_meta["scheduler"] = scheduler_config(ldm_cfg)
-    save_model(root / "ldm.pt", "ldm", unet, ldm_cfg, ldm_meta, cond)
-    meta = {"autoencoder": str(ae["vqvae"]), "autoencoder_sha256": file_sha256(ae["vqvae"])}
-    prior_meta = {**meta, "num_codes": 16, "code_shape": [8, 8], "n_slices": 4}
-    prior = GatedPixelCNN(16, prior_cfg, cond)
-    save_model(root / "pixelcnn.pt", "pixelcnn", prior, prior_cfg, prior_meta, cond)
-    return {"ldm": root / "ldm.pt", "pixelcnn": root / "pixelcnn.pt", **ae}
-
-
 @pytest.fixture(scope="session")
 def tiny_generators(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``{"ldm", "pixelcnn", "vqvae", "vaegan"}`` → untrained tiny model files (read-only).
 
     32x32 slices, K = 4 slice levels; the LDM samples with 2 DDIM steps by default.
     """
-    return _tiny_generator_files(tmp_path_factory.mktemp("tiny_models"))
+    return write_tiny_generators(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for the test (restored after it).
+
+    Tiny nets run fastest on one thread, and do not spin against other jobs' cores. Use it
+    module-wide with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import TINY_COND
 
-from pipeline.core.config import AutoencoderConfig, ConditioningConfig, VQConfig
+from pipeline.core.config import AutoencoderConfig, VQConfig
 from pipeline.models.autoencoder import Autoencoder, EMAVectorQuantizer, ZResBlock
-
-COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
 
 
 def _cfg(channels: tuple[int, ...] = (8, 16, 16), **kw) -> AutoencoderConfig:
@@ -19,7 +18,7 @@ def _cfg(channels: tuple[int, ...] = (8, 16, 16), **kw) -> AutoencoderConfig:
 
 def _model(kind: str, channels: tuple[int, ...] = (8, 16, 16), **kw) -> Autoencoder:
     torch.manual_seed(0)
-    return Autoencoder(_cfg(channels, **kw), COND, kind)  # type: ignore[arg-type]
+    return Autoencoder(_cfg(channels, **kw), TINY_COND, kind)  # type: ignore[arg-type]
 
 
 def _batch(n: int = 2, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +61,7 @@ def test_vq_only_methods_refuse_vaegan() -> None:
     with pytest.raises(ValueError, match="vqvae"):
         model.encode_to_indices(x, z)
     with pytest.raises(ValueError, match="kind"):
-        Autoencoder(_cfg(), COND, "vae")  # type: ignore[arg-type]
+        Autoencoder(_cfg(), TINY_COND, "vae")  # type: ignore[arg-type]
 
 
 def test_bad_inputs_give_clear_errors() -> None:

@@ -64,7 +64,8 @@ def test_missing_and_inconsistent(tmp_path: Path) -> None:
 
 def test_empty_split(tmp_path: Path) -> None:
     write_split(tmp_path / "val", n=0)
-    assert len(SliceDataset(tmp_path / "val")) == 0
+    with pytest.raises(PreparedDataError, match=r"the 'val' split has no slices"):
+        SliceDataset(tmp_path / "val")
 
 
 def test_loader_is_seeded_and_workers_agree(tmp_path: Path) -> None:

@@ -128,6 +128,7 @@ def test_rescan_shares_anatomy(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~20 s
 def test_real_layout_format_and_shape(tmp_path: Path) -> None:
     root = tmp_path / "raw"
     build_demo_cohort(root, DemoConfig(n_subjects=2, n_discs=1, workers=2), seed=0)

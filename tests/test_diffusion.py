@@ -7,11 +7,12 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 import torch
+from support import TINY_COND, TINY_LATENT_SHAPE, RecordingRun, quiet_fit, tiny_ldm
 from torch import nn
 from torch.utils.data import Dataset
 
 from pipeline.core.checkpoint import load_checkpoint
-from pipeline.core.config import ConditioningConfig, LDMConfig, TrainConfig
+from pipeline.core.config import LDMConfig, TrainConfig
 from pipeline.inference.diffusion import (
     build_scheduler,
     ddim_sample,
@@ -24,43 +25,26 @@ from pipeline.inference.diffusion import (
     sdedit,
 )
 from pipeline.models.unet import ZConditionedUNet
-from pipeline.training.ldm import Evaluator, LatentSet, LDMTask
-from pipeline.training.loop import fit
+from pipeline.training.ldm import TRAJECTORY_GIF, Evaluator, LatentSet, LDMTask
 
-COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
-SHAPE = (3, 8, 8)
+SHAPE = TINY_LATENT_SHAPE
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets: one thread is fastest, and avoids spinning against other jobs' cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw) -> LDMConfig:
-    base = dict(
-        channels=(16, 32),
-        attention_levels=(False, True),
-        num_head_channels=8,
-        norm_groups=8,
-        sample_steps=4,
-        grid_levels=2,
-        grid_samples=2,
-        train=TrainConfig(
-            steps=8, batch_size=4, lr=1e-3, warmup_steps=0, ckpt_every=4, eval_every=6
-        ),
+    train = TrainConfig(steps=8, batch_size=4, lr=1e-3, warmup_steps=0, ckpt_every=4, eval_every=6)
+    return tiny_ldm(
+        **({"sample_steps": 4, "grid_levels": 2, "grid_samples": 2, "train": train} | kw)
     )
-    return LDMConfig(**(base | kw))
 
 
 def _unet(cfg: LDMConfig | None = None) -> ZConditionedUNet:
     """A tiny UNet whose zero-initialised branches get random weights (z matters at init)."""
     torch.manual_seed(0)
-    unet = ZConditionedUNet(cfg or _cfg(), COND, SHAPE[0]).eval()
+    unet = ZConditionedUNet(cfg or _cfg(), TINY_COND, SHAPE[0]).eval()
     with torch.no_grad():
         for p in unet.parameters():
             if not p.any():
@@ -224,43 +208,14 @@ class _Latents(Dataset):
         return {"latent": self.latent[i], "z": self.z[i]}
 
 
-class _Run:
-    run_name = "test"
-
-    def __init__(self) -> None:
-        self.metrics: list[dict[str, float]] = []
-        self.images: dict[str, object] = {}
-        self.gif_frames = 0
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.metrics.append(dict(metrics))
-
-    def log_image(self, image, name) -> None:
-        self.images[name] = image
-
-    def log_artifact(self, path, artifact_path=None) -> None:
-        self.gif_frames = len(iio.imread(Path(path), index=None))
-
-
 def _task(cfg: LDMConfig) -> LDMTask:
     torch.manual_seed(0)
-    unet = ZConditionedUNet(cfg, COND, SHAPE[0])
+    unet = ZConditionedUNet(cfg, TINY_COND, SHAPE[0])
     return LDMTask(unet, build_scheduler(scheduler_config(cfg), "ddpm"), cfg)
 
 
-def _fit(task: LDMTask, cfg: LDMConfig, folder: Path, run=None, evaluate=None):
-    return fit(
-        task,
-        _Latents(),
-        cfg.train,
-        run=run or _Run(),
-        resume_dir=folder,
-        seed=0,
-        device=CPU,
-        evaluate=evaluate,
-        config_for_hash={"ldm": 1},
-        progress=False,
-    )
+def _fit(task: LDMTask, cfg: LDMConfig, folder: Path, **kwargs):
+    return quiet_fit(task, _Latents(), cfg.train, folder, config_for_hash={"ldm": 1}, **kwargs)
 
 
 def test_ldm_resume_after_kill_matches_uninterrupted_run(tmp_path) -> None:
@@ -283,7 +238,7 @@ def test_ldm_resume_after_kill_matches_uninterrupted_run(tmp_path) -> None:
 def test_evaluator_logs_grid_z_error_and_trajectory(tmp_path) -> None:
     cfg = _cfg(train=_cfg().train.model_copy(update={"ema_decay": 0.9}))
     task, data = _task(cfg), _Latents()
-    run = _Run()
+    run = RecordingRun()
 
     def decode(latent, z):
         image = torch.sigmoid(latent.mean(1, keepdim=True))
@@ -306,6 +261,7 @@ def test_evaluator_logs_grid_z_error_and_trajectory(tmp_path) -> None:
     assert {"samples/ldm_000006.png", "samples/ldm_000008.png"} <= set(run.images)
     assert run.images["samples/ldm_000008.png"].shape == (2 * 18 + 2, 2 * 18 + 2)
     assert "samples/ldm_trajectory_strip.png" in run.images
-    assert run.gif_frames == cfg.sample_steps
-    evals = [m for m in run.metrics if "val_loss" in m]
+    gif = iio.imread(run.artifacts[f"samples/{TRAJECTORY_GIF}"], index=None, extension=".gif")
+    assert len(gif) == cfg.sample_steps
+    evals = [m for _, m in run.metrics if "val_loss" in m]
     assert len(evals) == 2 and all(0 <= m["nn_level_error"] <= 3 for m in evals)

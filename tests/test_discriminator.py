@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import TINY_COND
 
-from pipeline.core.config import ConditioningConfig, DiscriminatorConfig
+from pipeline.core.config import DiscriminatorConfig
 from pipeline.models.discriminator import ZPatchDiscriminator
 from pipeline.training.losses import discriminator_loss
-
-COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
 
 
 def _disc(n_layers: int = 2) -> ZPatchDiscriminator:
     torch.manual_seed(0)
     return ZPatchDiscriminator(
-        DiscriminatorConfig(channels=8, n_layers=n_layers, norm_groups=4), COND
+        DiscriminatorConfig(channels=8, n_layers=n_layers, norm_groups=4), TINY_COND
     )
 
 

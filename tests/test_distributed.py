@@ -108,6 +108,7 @@ def _n_runs(db: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~240 s on a loaded 2-core machine
 def test_two_gloo_processes_match_one_and_resume(tmp_path: Path) -> None:
     single, double, resumed, restarts = (tmp_path / n for n in ("one", "two", "res", "dead"))
     for out, nproc, args in ((single, 1, ()), (double, 2, ())):

@@ -9,21 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from support import TINY_LDM, RecordingRun, write_tiny_generators
 
 from pipeline.core.checkpoint import CheckpointError
-from pipeline.core.config import (
-    AutoencoderConfig,
-    ConditioningConfig,
-    EvaluateConfig,
-    KLConfig,
-    LDMConfig,
-    PriorConfig,
-    VQConfig,
-    ZProbeConfig,
-    params_from_dict,
-)
+from pipeline.core.config import EvaluateConfig, ZProbeConfig, params_from_dict
 from pipeline.core.identity import file_sha256
-from pipeline.core.tracking import StageRun
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.evaluation.evaluate import (
     EvaluatePaths,
@@ -33,39 +23,14 @@ from pipeline.evaluation.evaluate import (
     set_figures,
     split_halves,
 )
-from pipeline.inference.diffusion import scheduler_config
-from pipeline.models.autoencoder import Autoencoder
-from pipeline.models.files import save_model
-from pipeline.models.pixelcnn import GatedPixelCNN
-from pipeline.models.unet import ZConditionedUNet
+from pipeline.models.files import load_probe, save_model
 from pipeline.models.zprobe import ZProbe
 
 K, SIZE, VOLUMES = 8, 32, 5
-COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
-AE = AutoencoderConfig(
-    channels=(8, 16, 16),
-    norm_groups=4,
-    vq=VQConfig(num_codes=16, code_dim=3),
-    kl=KLConfig(latent_channels=3),
-)
-LDM = LDMConfig(
-    channels=(16, 32),
-    attention_levels=(False, True),
-    num_head_channels=8,
-    norm_groups=8,
-    sample_steps=2,
-)
-PRIOR = PriorConfig(channels=8, n_layers=2, kernel_size=3)
 PROBE = ZProbeConfig(channels=(8, 16))
 EVAL = EvaluateConfig(kid_subsets=5, ms_ssim_pairs=20)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _slice(volume: int, level: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,45 +62,8 @@ def _write_split(folder: Path) -> Path:
 
 def _write_models(models: Path) -> None:
     """Untrained but loadable model files of every kind (numbers are meaningless)."""
-    models.mkdir(parents=True)
+    write_tiny_generators(models, n_slices=K)
     torch.manual_seed(0)
-    for kind in ("vqvae", "vaegan"):
-        save_model(
-            models / f"ae_{kind}.pt",
-            f"ae_{kind}",
-            Autoencoder(AE, COND, kind),  # type: ignore[arg-type]
-            AE,
-            {"data": {"image_size": SIZE, "n_slices": K}},
-            COND,
-        )
-    vaegan, vqvae = models / "ae_vaegan.pt", models / "ae_vqvae.pt"
-    save_model(
-        models / "ldm.pt",
-        "ldm",
-        ZConditionedUNet(LDM, COND, 3),
-        LDM,
-        {
-            "autoencoder": str(vaegan),
-            "autoencoder_sha256": file_sha256(vaegan),
-            "scale_factor": 1.0,
-            "latent_shape": [3, 8, 8],
-            "scheduler": scheduler_config(LDM),
-        },
-        COND,
-    )
-    save_model(
-        models / "pixelcnn.pt",
-        "pixelcnn",
-        GatedPixelCNN(16, PRIOR, COND),
-        PRIOR,
-        {
-            "autoencoder": str(vqvae),
-            "autoencoder_sha256": file_sha256(vqvae),
-            "num_codes": 16,
-            "code_shape": [8, 8],
-        },
-        COND,
-    )
     save_model(models / "zprobe.pt", "zprobe", ZProbe(PROBE.channels), PROBE, {"n_slices": K})
 
 
@@ -194,27 +122,6 @@ def test_real_figures_skip_split_halves_that_share_no_level(real: EvalData) -> N
     assert figures["split_halves"]["n_samples"] == len(real.z) // 2
 
 
-class _Recorder(StageRun):
-    """A tracking run that records calls instead of talking to MLflow."""
-
-    def __init__(self) -> None:
-        super().__init__("evaluate", {}, enabled=False)
-        self.metrics: list[tuple[dict[str, float], int | None]] = []
-        self.artifacts: list[str] = []
-
-    def log_metrics(self, metrics, step=None) -> None:  # type: ignore[no-untyped-def]
-        self.metrics.append((dict(metrics), step))
-
-    def log_artifact(self, path, artifact_path=None) -> None:  # type: ignore[no-untyped-def]
-        self.artifacts.append(f"{artifact_path}/{Path(path).name}")
-
-    def log_image(self, image, name) -> None:  # type: ignore[no-untyped-def]
-        self.artifacts.append(name)
-
-    def log_dict(self, data, name) -> None:  # type: ignore[no-untyped-def]
-        self.artifacts.append(name)
-
-
 def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> None:
     _write_split(tmp_path / "data" / "prepared" / "test")
     _write_models(tmp_path / "models")
@@ -226,7 +133,7 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> No
         }
     )
     paths = EvaluatePaths.standard("data/prepared", root=tmp_path)
-    run = _Recorder()
+    run = RecordingRun("evaluate")
     metrics = evaluate(params, run=run, device=torch.device("cpu"), paths=paths)
 
     saved = json.loads(paths.metrics.read_text())
@@ -240,9 +147,20 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> No
         assert saved[name]["zprobe_sha256"] == file_sha256(tmp_path / "models" / "zprobe.pt")
     for name in ("ldm", "pixelcnn"):
         assert saved[name]["checkpoint_sha256"] == file_sha256(tmp_path / "models" / f"{name}.pt")
-    assert saved["ldm"]["sampling"] == {"sampler": "ddim", "steps": 2, "guidance": LDM.guidance}
+    assert saved["ldm"]["sampling"] == {
+        "sampler": "ddim",
+        "steps": 2,
+        "guidance": TINY_LDM.guidance,
+    }
     assert saved["blurred_real"]["sigma_px"] == 1.5
-    assert saved["real"]["zprobe_mae"] >= 0 and saved["real"]["n_samples"] == n
+    assert saved["real"]["n_samples"] == n
+    # the real floor: the saved probe's mean |predicted z - z| on the test split, in slices
+    probe, _ = load_probe(tmp_path / "models" / "zprobe.pt")
+    real = EvalData.from_dataset(SliceDataset(paths.test))
+    with torch.no_grad():
+        expected_mae = float((probe(real.image) - real.z).abs().mean()) * (K - 1)
+    assert saved["real"]["zprobe_mae"] == pytest.approx(expected_mae, rel=1e-5)
+    assert 0 < saved["real"]["zprobe_mae"] < K - 1  # an untrained probe: neither 0 nor off-range
     assert {"fd_alex", "precision", "recall"} <= set(saved["real"]["split_halves"])
     for kind in ("vqvae", "vaegan"):
         section = saved[f"ae_{kind}"]
@@ -256,13 +174,13 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> No
     assert list(ssim.columns) == ["z_index", "ae_vqvae", "ae_vaegan"]
     assert paths.per_z_png.stat().st_size > 0
 
-    summary = next(m for m, step in run.metrics if step is None)
+    summary = next(m for step, m in run.metrics if step is None)
     assert summary["ldm.fd_alex"] == pytest.approx(saved["ldm"]["fd_alex"])
-    steps = [step for m, step in run.metrics if "per_z.zprobe_mae.ldm" in m]
+    steps = [step for step, m in run.metrics if "per_z.zprobe_mae.ldm" in m]
     assert steps == list(range(K))
-    assert {"per_z/zprobe_mae.csv", "reports/eval_per_z.png", "reports/metrics.json"} <= set(
-        run.artifacts
-    )
+    assert run.artifacts["per_z/zprobe_mae.csv"] == (paths.per_z / "zprobe_mae.csv").read_bytes()
+    assert "reports/eval_per_z.png" in run.images
+    assert run.dicts["reports/metrics.json"] == metrics
 
 
 def test_stage_refuses_a_probe_for_other_slice_levels(tmp_path: Path) -> None:
@@ -273,4 +191,4 @@ def test_stage_refuses_a_probe_for_other_slice_levels(tmp_path: Path) -> None:
     params = params_from_dict({"prepare": {"n_slices": K, "image_size": SIZE}})
     paths = EvaluatePaths.standard("data/prepared", root=tmp_path)
     with pytest.raises(CheckpointError, match="re-run train_zprobe"):
-        evaluate(params, run=_Recorder(), device=torch.device("cpu"), paths=paths)
+        evaluate(params, run=RecordingRun("evaluate"), device=torch.device("cpu"), paths=paths)

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from support import TINY_COND, RecordingRun, quiet_fit, stage_kwargs
 from torch.utils.data import Dataset
 
 from pipeline.core.checkpoint import CheckpointError, save_checkpoint
 from pipeline.core.config import (
     AutoencoderConfig,
-    ConditioningConfig,
     DiscriminatorConfig,
     KLConfig,
     TrainConfig,
@@ -30,9 +30,8 @@ from pipeline.training.autoencoder import (
     reconstruction_report,
     train_first_stage,
 )
-from pipeline.training.loop import Optimization, fit
+from pipeline.training.loop import Optimization
 
-COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
 CPU = torch.device("cpu")
 SIZE = 32  # the smallest side LPIPS accepts
 
@@ -65,7 +64,7 @@ def _cfg(**train) -> AutoencoderConfig:
 
 def _task(kind: str, cfg: AutoencoderConfig | None = None) -> AutoencoderTask:
     torch.manual_seed(0)
-    return AutoencoderTask(cfg or _cfg(), COND, kind, get_lpips(CPU), CPU)  # type: ignore[arg-type]
+    return AutoencoderTask(cfg or _cfg(), TINY_COND, kind, get_lpips(CPU), CPU)  # type: ignore[arg-type]
 
 
 class _Slices(Dataset):
@@ -93,29 +92,6 @@ class _Slices(Dataset):
             "z": self.z[i],
             "z_index": self.z_index[i],
         }
-
-
-class _Run:
-    """Records what a StageRun would send to MLflow."""
-
-    run_name = "test"
-
-    def __init__(self) -> None:
-        self.metrics: list[tuple[int | None, dict[str, float]]] = []
-        self.images: dict[str, object] = {}
-        self.artifacts: list[tuple[str, str | None]] = []
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-    def log_image(self, image, name: str) -> None:
-        self.images[name] = image
-
-    def log_artifact(self, path, artifact_path=None) -> None:
-        self.artifacts.append((str(path), artifact_path))
-
-    def log_dict(self, data, name: str) -> None:
-        self.artifacts.append((name, None))
 
 
 def _fixed_batch() -> dict[str, torch.Tensor]:
@@ -180,17 +156,13 @@ def test_resume_after_kill_matches_uninterrupted_run(kind: str, tmp_path) -> Non
     data, cfg = _Slices(), _cfg(ema_decay=0.9)
 
     def run(task: AutoencoderTask, folder: str, evaluate=None):
-        return fit(
+        return quiet_fit(
             task,
             data,
             cfg.train,
-            run=_Run(),
-            resume_dir=tmp_path / folder,
-            seed=0,
-            device=CPU,
+            tmp_path / folder,
             evaluate=evaluate,
             config_for_hash={"kind": kind},
-            progress=False,
         )
 
     straight = _task(kind, cfg)
@@ -218,7 +190,7 @@ def test_resume_after_kill_matches_uninterrupted_run(kind: str, tmp_path) -> Non
 @pytest.mark.parametrize("kind", ["vqvae", "vaegan"])
 def test_evaluator_logs_metrics_and_grids(kind: str) -> None:
     task = _task(kind)
-    run = _Run()
+    run = RecordingRun()
     logs = Evaluator(task, EvalData.from_dataset(_Slices(8)), run, CPU)(6, None)
     assert {"val_ssim", "val_ssim_brain", "val_psnr", "val_lpips"} <= set(logs)
     assert "grids/recon_000006.png" in run.images
@@ -243,7 +215,7 @@ def test_export_and_load_round_trip(kind: str, tmp_path, monkeypatch) -> None:
     task.train_step(_fixed_batch(), 0, Optimization(task.optimizers, 1.0))  # moves the codebook
     path = tmp_path / f"ae_{kind}.pt"
     data = {"image_size": SIZE, "n_slices": 4}
-    save_model(path, f"ae_{kind}", task.model, cfg, {"data": data}, COND)
+    save_model(path, f"ae_{kind}", task.model, cfg, {"data": data}, TINY_COND)
 
     calls = []
     real_load = torch.load
@@ -257,7 +229,7 @@ def test_export_and_load_round_trip(kind: str, tmp_path, monkeypatch) -> None:
     assert calls == [True]
     assert not model.training and model.kind == kind
     assert meta["data"] == {"image_size": SIZE, "n_slices": 4} and "code_version" in meta
-    assert meta["conditioning"] == COND.model_dump(mode="json")
+    assert meta["conditioning"] == TINY_COND.model_dump(mode="json")
     x, z = _fixed_batch().values()
     task.model.eval()
     torch.testing.assert_close(model.encode_to_latent(x, z), task.model.encode_to_latent(x, z))
@@ -269,7 +241,7 @@ def test_missing_corrupt_or_foreign_files_give_clear_errors(tmp_path) -> None:
         load_autoencoder(tmp_path / "nope.pt")
     cfg = _cfg()
     path = tmp_path / "ae.pt"
-    save_model(path, "ae_vaegan", _task("vaegan", cfg).model, cfg, {"data": {}}, COND)
+    save_model(path, "ae_vaegan", _task("vaegan", cfg).model, cfg, {"data": {}}, TINY_COND)
     blob = path.read_bytes()
     (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(CheckpointError, match="corrupt"):
@@ -283,7 +255,7 @@ def test_missing_corrupt_or_foreign_files_give_clear_errors(tmp_path) -> None:
             "kind": "ae_vqvae",
             "modules": {"model": {}},
             "config": cfg.model_dump(mode="json"),
-            "metadata": {"conditioning": COND.model_dump()},
+            "metadata": {"conditioning": TINY_COND.model_dump()},
         },
     )
     with pytest.raises(CheckpointError, match="does not match"):
@@ -311,15 +283,13 @@ def test_train_first_stage_writes_model_report_and_grid(kind: str, tmp_path) -> 
             "device": "cpu",
             "data": {"prepared_dir": str(tmp_path / "prepared")},
             "prepare": {"n_slices": 4, "image_size": SIZE},
-            "conditioning": COND.model_dump(),
+            "conditioning": TINY_COND.model_dump(),
             "autoencoder": _cfg(steps=4, ckpt_every=2, eval_every=4).model_dump(),
         }
     )
     paths = StagePaths.standard(f"ae_{kind}", f"ae_{kind}", f"ae_{kind}_recon.png", root=tmp_path)
-    run = _Run()
-    report = train_first_stage(
-        params, kind, run=run, device=CPU, paths=paths, identity={}, progress=False
-    )
+    run = RecordingRun()
+    report = train_first_stage(params, kind, **stage_kwargs(paths, run))
 
     assert json.loads(paths.report.read_text())["ssim"] == pytest.approx(report["ssim"])
     assert set(report["per_z"]) == {0, 1, 2, 3} and "shuffled_z" in report
@@ -332,5 +302,6 @@ def test_train_first_stage_writes_model_report_and_grid(kind: str, tmp_path) -> 
         "percentiles": [0.5, 99.5],
         "n_train": 8,
     }
-    assert (str(paths.model), "model") in run.artifacts
+    assert run.artifacts[f"model/{paths.model.name}"] == paths.model.read_bytes()
+    assert run.dicts[f"reports/{paths.report.name}"] == report
     assert any("test_ssim" in m for _, m in run.metrics)

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from support import TINY_AE_X2
 
-from pipeline.core.config import AutoencoderConfig, ConditioningConfig, Params, VQConfig
+from pipeline.core.config import ConditioningConfig, Params
 from pipeline.data.latents import LatentDataset, read_latent_meta
 from pipeline.inference.encode import encode_all, encode_latents
 from pipeline.models.autoencoder import Autoencoder
@@ -18,9 +19,6 @@ from pipeline.models.files import save_model
 
 CPU = torch.device("cpu")
 COND = ConditioningConfig(sinusoidal_dim=8, dim=8)
-AE_CFG = AutoencoderConfig(
-    channels=(8, 8), norm_groups=4, attention=False, vq=VQConfig(num_codes=16, code_dim=3)
-)
 SIZES = {"train": 10, "val": 4, "test": 5}
 
 
@@ -42,8 +40,8 @@ def prepared(tmp_path: Path) -> Path:
 
 def _export(path: Path, kind: str, seed: int = 0) -> Autoencoder:
     torch.manual_seed(seed)
-    model = Autoencoder(AE_CFG, COND, kind).eval()  # type: ignore[arg-type]
-    save_model(path, f"ae_{kind}", model, AE_CFG, {"data": {"image_size": 16}}, COND)
+    model = Autoencoder(TINY_AE_X2, COND, kind).eval()  # type: ignore[arg-type]
+    save_model(path, f"ae_{kind}", model, TINY_AE_X2, {"data": {"image_size": 16}}, COND)
     return model
 
 

@@ -68,7 +68,7 @@ def test_sdedit_and_inpaint_run_ddim_steps_not_the_pndm_ones(
     image = tmp_path / "in.png"
     from PIL import Image
 
-    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(image)
+    Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1))).save(image)
     mask = tmp_path / "mask.png"
     Image.fromarray(np.full((32, 32), 255, np.uint8)).save(mask)
     edit.sdedit_file(tiny_generators["ldm"], image, tmp_path / "a.png", "0.5", device="cpu")

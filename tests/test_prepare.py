@@ -11,13 +11,15 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from support import RecordingRun
 
 from data_prep.demo_cohort import build_demo_cohort
 from data_prep.errors import PrepareError
+from data_prep.intensity import threshold_mask
 from data_prep.prepare import MANIFEST_COLUMNS, prepare_dataset
 from data_prep.readers.base import SPLITS
 from data_prep.split import split_sizes, split_subjects
-from data_prep.volume import load_volume, threshold_mask, volume_slices
+from data_prep.volume import load_volume, volume_slices
 from pipeline.core.config import DemoConfig, PrepareConfig, SplitConfig
 
 SMALL = PrepareConfig(n_slices=5, image_size=24, workers=1)
@@ -286,42 +288,29 @@ def test_strict_fails_at_the_first_bad_file(tmp_path: Path, phantom, write_nifti
         run(raw, tmp_path, strict)
 
 
-class FakeRun:
-    """Stands in for the MLflow StageRun and records what the stage logs."""
+@pytest.fixture
+def prepare_runs(monkeypatch: pytest.MonkeyPatch) -> list[RecordingRun]:
+    """The tracking runs ``stages.prepare`` opens from now on (recorded, not sent to MLflow)."""
+    import stages.prepare
 
-    last: FakeRun
+    runs: list[RecordingRun] = []
 
-    def __init__(self, stage: str, params: dict) -> None:
-        self.stage, self.params, self.logged = stage, params, {}
-        FakeRun.last = self
+    def open_run(stage: str, params: dict, *, run_name: str | None = None, **_) -> RecordingRun:
+        runs.append(RecordingRun(run_name or stage, params))
+        return runs[-1]
 
-    def __enter__(self) -> FakeRun:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def log_metrics(self, metrics: dict) -> None:
-        self.logged["metrics"] = metrics
-
-    def log_image(self, image: np.ndarray, name: str) -> None:
-        self.logged[name] = image
-
-    def log_dict(self, data: dict, name: str) -> None:
-        self.logged[name] = data
+    monkeypatch.setattr(stages.prepare, "StageRun", open_run)
+    return runs
 
 
 @pytest.fixture
-def stage_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    import stages.prepare
-
+def stage_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prepare_runs) -> Path:
     (tmp_path / "raw").mkdir()
     (tmp_path / "params.yaml").write_text(
         "data: {raw_dir: raw, prepared_dir: prepared}\n"
         "prepare: {n_slices: 4, image_size: 16, workers: 1}\n"
     )
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(stages.prepare, "StageRun", FakeRun)
     return tmp_path
 
 
@@ -334,19 +323,23 @@ def test_stage_exits_with_one_line(stage_project: Path, capsys: pytest.CaptureFi
     assert exit_info.value.code == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: no usable input in raw") and "empty folder" in last
-    assert json.loads((stage_project / "reports" / "prepare_report.json").read_text())["skipped"]
+    report = json.loads((stage_project / "reports" / "prepare_report.json").read_text())
+    assert report["skipped"] == [{"file": "raw", "reason": "empty folder: no files found"}]
 
 
-def test_stage_logs_counts_report_and_preview(stage_project: Path, phantom, write_nifti) -> None:
+def test_stage_logs_counts_report_and_preview(
+    stage_project: Path, prepare_runs: list[RecordingRun], phantom, write_nifti
+) -> None:
     from stages.prepare import run as stage_run
 
     nifti_folder(stage_project / "raw", phantom, write_nifti, 3)
     stage_run()
-    logged = FakeRun.last.logged
-    assert FakeRun.last.stage == "prepare" and FakeRun.last.params["prepare"]["n_slices"] == 4
-    assert sum(logged["metrics"][f"slices_{s}"] for s in SPLITS) == 12
-    assert logged["prepare/prepare_report.json"]["status"] == "ok"
-    assert logged["prepare/prepare_preview.png"].ndim == 2
+    (run,) = prepare_runs
+    assert run.run_name == "prepare" and run.params["prepare"]["n_slices"] == 4
+    assert sum(run.last(f"slices_{s}") for s in SPLITS) == 12
+    report = json.loads((stage_project / "reports" / "prepare_report.json").read_text())
+    assert run.dicts["prepare/prepare_report.json"] == report and report["status"] == "ok"
+    assert run.images["prepare/prepare_preview.png"].ndim == 2
     assert (stage_project / "reports" / "prepare_preview.png").is_file()
 
 

@@ -10,17 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from support import write_ellipse_splits
+from support import TINY_AE_X2, RecordingRun, quiet_fit, stage_kwargs, write_ellipse_splits
 
 from pipeline.core.checkpoint import load_checkpoint
-from pipeline.core.config import (
-    AutoencoderConfig,
-    ConditioningConfig,
-    Params,
-    PriorConfig,
-    TrainConfig,
-    VQConfig,
-)
+from pipeline.core.config import ConditioningConfig, Params, PriorConfig, TrainConfig, VQConfig
 from pipeline.core.identity import file_sha256
 from pipeline.core.stage import StagePaths
 from pipeline.data.datasets import EvalData
@@ -29,7 +22,6 @@ from pipeline.inference.sampling import load_generator, sample
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.files import save_model
 from pipeline.models.pixelcnn import GatedPixelCNN
-from pipeline.training.loop import fit
 from pipeline.training.prior import (
     GRID_LEVELS,
     CodeSet,
@@ -57,26 +49,6 @@ def toy_codes(n: int, seed: int) -> CodeSet:
     phase = torch.randint(0, 2, (n,), generator=gen)
     stripes, checkers = torch.stack(STRIPES)[phase], torch.stack(CHECKERS)[phase]
     return CodeSet(torch.where((z < 0.5)[:, None, None], stripes, checkers), z)
-
-
-class _Run:
-    run_name = "test"
-
-    def __init__(self) -> None:
-        self.metrics: list[tuple[int | None, dict[str, float]]] = []
-        self.images: dict[str, np.ndarray] = {}
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-    def log_image(self, image, name: str) -> None:
-        self.images[name] = image
-
-    def log_artifact(self, path, artifact_path=None) -> None:
-        pass
-
-    def log_dict(self, data, name: str) -> None:
-        pass
 
 
 def _task(cfg: PriorConfig) -> PriorTask:
@@ -108,16 +80,7 @@ def test_code_nll_is_the_cross_entropy_of_the_logits() -> None:
 def test_prior_learns_a_z_dependent_toy_distribution(tmp_path: Path) -> None:
     cfg = _cfg(steps=200, eval_every=10_000)
     task = _task(cfg)
-    fit(
-        task,
-        toy_codes(1024, 0),
-        cfg.train,
-        run=_Run(),
-        resume_dir=tmp_path,
-        seed=0,
-        device=CPU,
-        progress=False,
-    )
+    quiet_fit(task, toy_codes(1024, 0), cfg.train, tmp_path)
     prior = task.modules["prior"].eval()
 
     bits = nll_bits_per_code(prior, toy_codes(512, 1), CPU)
@@ -134,17 +97,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
     data = toy_codes(256, 0)
 
     def run(task: PriorTask, resume_dir: Path, evaluate=None):
-        return fit(
-            task,
-            data,
-            cfg.train,
-            run=_Run(),
-            resume_dir=resume_dir,
-            seed=0,
-            device=CPU,
-            evaluate=evaluate,
-            config_for_hash={"prior": 1},
-            progress=False,
+        return quiet_fit(
+            task, data, cfg.train, resume_dir, evaluate=evaluate, config_for_hash={"prior": 1}
         )
 
     straight = _task(cfg)
@@ -170,7 +124,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
 def test_evaluator_reports_bits_per_code_and_logs_a_grid_per_z_level() -> None:
     cfg = _cfg(steps=1)
     task = _task(cfg)
-    run = _Run()
+    run = RecordingRun()
 
     def decode(codes: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Codes as intensities, 2x upsampled, brightened with z: (B, 1, 8, 8)."""
@@ -201,11 +155,8 @@ def test_augmentations_list_every_variant_but_the_identity() -> None:
 
 
 def test_augmented_codes_encode_mirrored_and_shifted_slices() -> None:
-    cfg = AutoencoderConfig(
-        channels=(8, 8), norm_groups=4, attention=False, vq=VQConfig(num_codes=16, code_dim=3)
-    )
     torch.manual_seed(0)
-    autoencoder = Autoencoder(cfg, COND, "vqvae").eval()
+    autoencoder = Autoencoder(TINY_AE_X2, COND, "vqvae").eval()
     image = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     z = torch.linspace(0, 1, 6)
     slices = EvalData(image, torch.ones_like(image), z, torch.arange(6))
@@ -222,9 +173,7 @@ def test_augmented_codes_encode_mirrored_and_shifted_slices() -> None:
 
 def _latents_dir(tmp_path: Path) -> Path:
     """A real (untrained) VQ-VAE and code grids laid out as encode_latents writes them."""
-    ae_cfg = AutoencoderConfig(
-        channels=(8, 8), norm_groups=4, attention=False, vq=VQConfig(num_codes=4, code_dim=3)
-    )
+    ae_cfg = TINY_AE_X2.model_copy(update={"vq": VQConfig(num_codes=4, code_dim=3)})
     torch.manual_seed(0)
     ae_path = tmp_path / "models" / "ae_vqvae.pt"
     save_model(ae_path, "ae_vqvae", Autoencoder(ae_cfg, COND, "vqvae"), ae_cfg, {"data": {}}, COND)
@@ -267,8 +216,8 @@ def test_stage_trains_exports_and_the_model_file_samples(tmp_path: Path) -> None
             "data": {"prepared_dir": str(prepared)},
         }
     )
-    run = _Run()
-    report = train_prior(params, run=run, device=CPU, paths=paths, identity={}, progress=False)  # type: ignore[arg-type]
+    run = RecordingRun()
+    report = train_prior(params, **stage_kwargs(paths, run))  # type: ignore[arg-type]
 
     assert json.loads(paths.report.read_text()) == report
     assert 0 < report["test_bits_per_code"] < 4 and report["steps"] == 6
@@ -279,6 +228,7 @@ def test_stage_trains_exports_and_the_model_file_samples(tmp_path: Path) -> None
         "samples/prior_000006.png",
     ]
     assert paths.grid.is_file() and not (paths.resume_dir / "last.pt").exists()
+    assert run.artifacts["model/pixelcnn.pt"] == paths.model.read_bytes()
     meta = load_checkpoint(paths.model)["metadata"]
     assert meta["code_shape"] == [4, 4] and meta["num_codes"] == 4
     assert meta["autoencoder_sha256"] == file_sha256(tmp_path / "models" / "ae_vqvae.pt")

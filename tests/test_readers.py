@@ -215,7 +215,7 @@ def test_png_k_comes_from_the_largest_slice_index(tmp_path: Path, write_png_rele
 def test_detection_order_and_override(oasis_tree: Path, phantom, write_nifti) -> None:
     write_nifti(oasis_tree / "extra" / "other.nii.gz", phantom())
     assert detect_format(FileIndex.build(oasis_tree)) == "oasis1"
-    assert [c.subject for c in scan_folder(oasis_tree, "nifti").cases] == ["extra"]
+    assert "extra" in [c.subject for c in scan_folder(oasis_tree, "nifti").cases]
     bids = scan_folder(oasis_tree, "bids")
     assert bids.format == "unknown" and "bids: sub-*_T1w" in bids.skipped[0].reason
     with pytest.raises(ValueError, match=r"data\.format must be one of"):

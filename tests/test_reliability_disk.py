@@ -17,16 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from support import LinearTask, quiet_fit
 
 from pipeline.core import checkpoint as checkpoint_mod
 from pipeline.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.core.config import TrainConfig
 from pipeline.core.stage import main as stage_main
-from pipeline.training.loop import Optimization, TrainingTask, fit
+from pipeline.training.loop import TrainingTask
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU = torch.device("cpu")
 
 
 def _payload(n_floats: int, step: int) -> dict:
@@ -91,25 +90,6 @@ def test_enospc_midway_keeps_the_previous_checkpoint(tmp_path: Path, disk_full_a
     _assert_intact(tmp_path, step=1)
 
 
-class _Line(TrainingTask):
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        self.modules = {"model": nn.Linear(4, 1)}
-        self.optimizers = {"model": torch.optim.AdamW(self.modules["model"].parameters(), lr=0.05)}
-
-    def train_step(self, batch, step, optim: Optimization) -> dict[str, float]:
-        loss = (self.modules["model"](batch["x"]).squeeze(-1) - batch["y"]).pow(2).mean()
-        optim.step("model", loss)
-        return {"loss": loss.item()}
-
-
-class _Run:
-    run_name = "test"
-
-    def log_metrics(self, metrics, step=None) -> None:
-        pass
-
-
 def _data() -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(32, 4, generator=gen)
@@ -118,15 +98,13 @@ def _data() -> list[dict[str, torch.Tensor]]:
 
 def _fit(task: TrainingTask, folder: Path):
     cfg = TrainConfig(steps=12, batch_size=4, warmup_steps=0, ckpt_every=4, log_every=4)
-    return fit(
-        task, _data(), cfg, run=_Run(), resume_dir=folder, seed=0, device=CPU, progress=False
-    )  # type: ignore[arg-type]
+    return quiet_fit(task, _data(), cfg, folder)
 
 
 def test_disk_full_during_training_stops_with_one_line_then_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, disk_full_after
 ) -> None:
-    straight = _Line()
+    straight = LinearTask()
     _fit(straight, tmp_path / "straight")
 
     real_save = checkpoint_mod.save_checkpoint
@@ -140,14 +118,14 @@ def test_disk_full_during_training_stops_with_one_line_then_resumes(
 
     monkeypatch.setattr("pipeline.training.loop.save_checkpoint", second_save_fails)
     with pytest.raises(SystemExit) as exit_:
-        stage_main(lambda: _fit(_Line(), tmp_path / "run"))
+        stage_main(lambda: _fit(LinearTask(), tmp_path / "run"))
     assert exit_.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: could not write checkpoint")
     _assert_intact(tmp_path / "run", step=4)
 
     monkeypatch.undo()  # space freed: the re-run resumes and ends where the straight run did
-    resumed = _Line()
+    resumed = LinearTask()
     assert _fit(resumed, tmp_path / "run").resumed_from == 4
     torch.testing.assert_close(
         resumed.modules["model"].state_dict(), straight.modules["model"].state_dict()

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from support import LinearTask, copy_project, quiet_fit
 
 from data_prep import prepare as prepare_mod
 from data_prep.readers.base import SPLITS
@@ -37,7 +38,6 @@ from pipeline.core.checkpoint import CheckpointError, load_checkpoint
 from pipeline.core.config import PrepareConfig
 from pipeline.data.datasets import PreparedDataError, SliceDataset
 
-ROOT = Path(__file__).resolve().parents[1]
 ARRAYS = ("slices.npy", "masks.npy")
 SPLIT_FILES = (*ARRAYS, "manifest.csv")
 #: Kill points tried and survived, by test (read by the report; see the module docstring).
@@ -183,27 +183,7 @@ def test_prepare_interrupted_at_every_file_operation(
 
 def test_resumed_at_the_end_still_gets_final_metrics(tmp_path: Path) -> None:
     """Killed after the last checkpoint, before the outputs: the re-run evaluates again."""
-    from torch import nn
-
     from pipeline.core.config import TrainConfig
-    from pipeline.training.loop import Optimization, TrainingTask, fit
-
-    class Task(TrainingTask):
-        def __init__(self) -> None:
-            torch.manual_seed(0)
-            self.modules = {"model": nn.Linear(2, 1)}
-            self.optimizers = {"model": torch.optim.SGD(self.modules["model"].parameters(), 0.1)}
-
-        def train_step(self, batch, step, optim: Optimization) -> dict[str, float]:
-            loss = self.modules["model"](batch["x"]).pow(2).mean()
-            optim.step("model", loss)
-            return {"loss": loss.item()}
-
-    class Run:
-        run_name = "t"
-
-        def log_metrics(self, metrics, step=None) -> None:
-            pass
 
     data = [{"x": torch.full((2,), float(i))} for i in range(8)]
     cfg = TrainConfig(steps=4, batch_size=2, warmup_steps=0, ckpt_every=2, log_every=2)
@@ -214,17 +194,7 @@ def test_resumed_at_the_end_still_gets_final_metrics(tmp_path: Path) -> None:
         return {"val": float(step)}
 
     def run() -> dict[str, float]:
-        return fit(
-            Task(),
-            data,
-            cfg,
-            run=Run(),
-            resume_dir=tmp_path,
-            seed=0,  # type: ignore[arg-type]
-            device=torch.device("cpu"),
-            evaluate=evaluate,
-            progress=False,
-        ).history
+        return quiet_fit(LinearTask(2, sgd_lr=0.1), data, cfg, tmp_path, evaluate=evaluate).history
 
     first = run()
     again = run()  # last.pt (step 4) still there: nothing to train
@@ -293,17 +263,6 @@ class Harness:
         self.proc.wait(timeout=60)
 
 
-def _project_files() -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return [line for line in out.stdout.splitlines() if (ROOT / line).is_file()]
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Harness, dict]]:
     """A tiny-profile project copy with demo data, prepared splits and reference outputs.
@@ -311,10 +270,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Ha
     Yields ``(project, harness, reference)`` where ``reference`` maps a stage to its
     uninterrupted run time and output bytes.
     """
-    dest = tmp_path_factory.mktemp("killproject")
-    for rel in _project_files():
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dest / rel)
+    dest = copy_project(tmp_path_factory.mktemp("killproject"))
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params |= {"profile": "tiny", "device": "cpu"}
     params["autoencoder"]["kinds"] = ["vqvae"]
@@ -457,6 +413,7 @@ def _close(got, want, exclude: set[str], where: str = "") -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # each < 60 s; the first also builds the project (~65 s)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_killed_autoencoder_resumes_to_the_same_weights(project, seed: int) -> None:
     root, _, reference = project
@@ -476,6 +433,7 @@ def test_killed_autoencoder_resumes_to_the_same_weights(project, seed: int) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_killed_prior_resumes_to_the_same_weights(project, seed: int) -> None:
     points = _kill_chain(
@@ -491,6 +449,7 @@ def test_killed_prior_resumes_to_the_same_weights(project, seed: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize(
     ("stage", "model", "report"),
     [("train_ldm", "ldm", "ldm"), ("train_zprobe", "zprobe", "zprobe")],
@@ -510,6 +469,7 @@ def test_killed_second_stage_and_probe_resume_to_the_same_weights(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_killed_prepare_stage_leaves_nothing_half_written(project) -> None:
     root, harness, reference = project
     prepared, params_file = root / "data" / "prepared", root / "params.yaml"

@@ -14,16 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import TINY_COND, RecordingRun, quiet_fit
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.core.config import (
-    AutoencoderConfig,
-    ConditioningConfig,
-    DiscriminatorConfig,
-    TrainConfig,
-    VQConfig,
-)
+from pipeline.core.config import AutoencoderConfig, DiscriminatorConfig, TrainConfig, VQConfig
 from pipeline.core.stage import main as stage_main
 from pipeline.training import loop as training
 from pipeline.training.autoencoder import AutoencoderTask
@@ -32,11 +27,8 @@ from pipeline.training.loop import (
     TrainingDivergedError,
     TrainingTask,
     batch_indices,
-    fit,
     lr_factor,
 )
-
-CPU = torch.device("cpu")
 
 
 class _Points(Dataset):
@@ -95,22 +87,6 @@ class _Regression(TrainingTask):
         return {"loss": loss.item()}
 
 
-class _Run:
-    run_name = "test"
-
-    def __init__(self) -> None:
-        self.metrics: list[tuple[int | None, dict[str, float]]] = []
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-    def log_image(self, image, name: str) -> None:
-        pass
-
-    def last(self, key: str) -> float:
-        return [m[key] for _, m in self.metrics if key in m][-1]
-
-
 def _cfg(**kw) -> TrainConfig:
     base = dict(
         steps=24, batch_size=8, lr=1e-2, warmup_steps=0, ckpt_every=4, log_every=1, eval_every=99
@@ -118,18 +94,8 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**(base | kw))
 
 
-def _fit(task, data, cfg, path: Path, run: _Run | None = None):
-    return fit(
-        task,
-        data,
-        cfg,
-        run=run or _Run(),
-        resume_dir=path,
-        seed=0,
-        device=CPU,
-        progress=False,
-        config_for_hash={"t": 1},
-    )
+def _fit(task, data, cfg, path: Path, run: RecordingRun | None = None):
+    return quiet_fit(task, data, cfg, path, run=run or RecordingRun(), config_for_hash={"t": 1})
 
 
 def _finite(module: nn.Module) -> bool:
@@ -140,7 +106,7 @@ def test_nan_batch_is_skipped_counted_and_logged(tmp_path: Path) -> None:
     cfg = _cfg()
     order = batch_indices(64, 8, seed=0, start_step=0)
     hit = [step for step in range(cfg.steps) if 5 in next(order)]
-    run = _Run()
+    run = RecordingRun()
     result = _fit(_Regression(), _Points(poison={5}), cfg, tmp_path, run)
     assert hit and result.skipped_steps == len(hit) and result.restores == 0
     assert run.last("skipped_steps") == len(hit)
@@ -149,7 +115,6 @@ def test_nan_batch_is_skipped_counted_and_logged(tmp_path: Path) -> None:
 
 def test_nan_batch_never_reaches_the_model(tmp_path: Path) -> None:
     """A NaN batch must not poison buffers updated in the forward pass (VQ codebook)."""
-    cond = ConditioningConfig(sinusoidal_dim=16, dim=16)
     cfg = AutoencoderConfig(
         channels=(8, 16, 16),
         norm_groups=4,
@@ -168,7 +133,7 @@ def test_nan_batch_never_reaches_the_model(tmp_path: Path) -> None:
             return {"image": image, "z": torch.tensor(i / 7)}
 
     torch.manual_seed(0)
-    task = AutoencoderTask(cfg, cond, "vqvae", None, CPU)
+    task = AutoencoderTask(cfg, TINY_COND, "vqvae", None, torch.device("cpu"))
     result = _fit(task, Slices(), cfg.train, tmp_path)
     assert result.skipped_steps >= 1 and result.step == 6
     assert _finite(task.model), "NaN batch poisoned the model's buffers"
@@ -190,7 +155,7 @@ def test_streak_restores_last_good_checkpoint_with_half_lr(
 ) -> None:
     cfg = _cfg(max_bad_steps=3)
     task = _Regression({9: "loss", 10: "grad", 11: "loss"})
-    run = _Run()
+    run = RecordingRun()
     with caplog.at_level(logging.WARNING, logger="pipeline.training.loop"):
         result = _fit(task, _Points(), cfg, tmp_path, run)
     assert result.restores == 1 and result.skipped_steps == 3 and result.step == cfg.steps

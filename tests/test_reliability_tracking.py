@@ -22,28 +22,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support import free_port, mlflow_server, write_ellipse_splits
-from torch import nn
+from support import LinearTask, free_port, mlflow_server, write_ellipse_splits
 
 from pipeline.core.checkpoint import load_checkpoint
 from pipeline.core.config import TrainConfig
 from pipeline.core.tracking import HTTP_DEFAULTS, StageRun, iter_offline
-from pipeline.training.loop import Optimization, TrainingTask, fit
+from pipeline.training.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-
-
-class _Line(TrainingTask):
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        self.modules = {"model": nn.Linear(4, 1)}
-        self.optimizers = {"model": torch.optim.AdamW(self.modules["model"].parameters(), lr=0.05)}
-
-    def train_step(self, batch, step, optim: Optimization) -> dict[str, float]:
-        loss = (self.modules["model"](batch["x"]).squeeze(-1) - batch["y"]).pow(2).mean()
-        optim.step("model", loss)
-        return {"loss": loss.item()}
 
 
 def _train(project: Path) -> tuple[StageRun, float]:
@@ -55,7 +42,7 @@ def _train(project: Path) -> tuple[StageRun, float]:
     started = time.monotonic()
     with StageRun("train_test", {"a": 1}, run_name="line") as run:
         result = fit(
-            _Line(),
+            LinearTask(),
             data,
             cfg,
             run=run,
@@ -140,6 +127,7 @@ def _stage_project(root: Path, size: int = 32, k: int = 8) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~180 s with the server start
 def test_real_server_killed_mid_stage(tmp_path: Path, server) -> None:
     from mlflow.tracking import MlflowClient
 

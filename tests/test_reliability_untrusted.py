@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from support import LinearTask, quiet_fit
 
 from pipeline.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.core.config import TrainConfig
 from pipeline.core.io import safe_child
 from pipeline.inference.sampling import load_generator
 from pipeline.models.files import load_autoencoder, load_probe
-from pipeline.training.loop import Optimization, TrainingTask, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -77,25 +76,6 @@ def test_every_loader_refuses_a_pickled_callable(evil: tuple[Path, Path], loader
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
-class _Tiny(TrainingTask):
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        self.modules = {"model": nn.Linear(2, 1)}
-        self.optimizers = {"model": torch.optim.SGD(self.modules["model"].parameters(), lr=0.1)}
-
-    def train_step(self, batch, step, optim: Optimization) -> dict[str, float]:
-        loss = self.modules["model"](batch["x"]).pow(2).mean()
-        optim.step("model", loss)
-        return {"loss": loss.item()}
-
-
-class _Run:
-    run_name = "test"
-
-    def log_metrics(self, metrics, step=None) -> None:
-        pass
-
-
 def test_a_planted_resume_file_is_ignored_not_executed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -103,9 +83,7 @@ def test_a_planted_resume_file_is_ignored_not_executed(
     _evil_checkpoint(tmp_path / "last.pt", marker)
     data = [{"x": torch.randn(2)} for _ in range(8)]
     cfg = TrainConfig(steps=4, batch_size=2, warmup_steps=0, ckpt_every=2, log_every=2)
-    result = fit(
-        _Tiny(), data, cfg, run=_Run(), resume_dir=tmp_path, seed=0, device=CPU, progress=False
-    )  # type: ignore[arg-type]
+    result = quiet_fit(LinearTask(2, sgd_lr=0.1), data, cfg, tmp_path)
     assert not marker.exists()
     assert result.resumed_from == 0 and result.step == 4
     assert any("refused" in r.getMessage() for r in caplog.records)
@@ -115,8 +93,8 @@ def test_a_planted_resume_file_is_ignored_not_executed(
 def test_checkpoints_hold_only_plain_values(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "c.pt", {"step": 1, "w": torch.ones(2), "meta": {"a": [1, "b"]}})
     assert load_checkpoint(tmp_path / "c.pt")["meta"] == {"a": [1, "b"]}
+    save_checkpoint(tmp_path / "d.pt", {"obj": _Payload(tmp_path / "x")})  # torch pickles it
     with pytest.raises(CheckpointError, match="refused"):
-        save_checkpoint(tmp_path / "d.pt", {"obj": _Payload(tmp_path / "x")})
         load_checkpoint(tmp_path / "d.pt")
     assert not (tmp_path / "x").exists()
 

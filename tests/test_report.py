@@ -135,6 +135,7 @@ def test_page_loads_in_headless_chromium_and_every_image_renders(tmp_path: Path)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~10 s
 def test_training_curves_and_run_ids_come_from_mlflow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,84 +3,46 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from support import RecordingRun, stage_kwargs
+from support import (
+    TINY_COND,
+    TINY_LATENT_SHAPE,
+    TINY_PRIOR,
+    RecordingRun,
+    save_tiny_autoencoder,
+    save_tiny_ldm,
+    save_tiny_pixelcnn,
+    stage_kwargs,
+    tiny_ldm,
+)
 
 from pipeline.core.checkpoint import CheckpointError
-from pipeline.core.config import (
-    AutoencoderConfig,
-    ConditioningConfig,
-    KLConfig,
-    LDMConfig,
-    Params,
-    PrepareConfig,
-    PriorConfig,
-    TrainConfig,
-    VQConfig,
-)
+from pipeline.core.config import Params, PrepareConfig, TrainConfig
 from pipeline.core.identity import file_sha256
 from pipeline.core.stage import StagePaths
-from pipeline.inference.diffusion import build_scheduler, scheduler_config
+from pipeline.inference.diffusion import build_scheduler
 from pipeline.inference.sampling import StaleModelError, load_generator, sample
-from pipeline.models.autoencoder import Autoencoder
-from pipeline.models.files import save_model
-from pipeline.models.pixelcnn import GatedPixelCNN
-from pipeline.models.unet import ZConditionedUNet
 from pipeline.training.ldm import train_ldm
 
-COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
-AE = AutoencoderConfig(
-    channels=(8, 16, 16),
-    norm_groups=4,
-    vq=VQConfig(num_codes=16, code_dim=3),
-    kl=KLConfig(latent_channels=3),
-)
-LDM = LDMConfig(
-    channels=(16, 32),
-    attention_levels=(False, True),
-    num_head_channels=8,
-    norm_groups=8,
-    sample_steps=2,
+LDM = tiny_ldm(
     grid_levels=2,
     grid_samples=2,
     train=TrainConfig(steps=4, batch_size=4, warmup_steps=0, ckpt_every=2, eval_every=4),
 )
-SHAPE = (3, 8, 8)  # 32x32 slices, factor 4
+SHAPE = TINY_LATENT_SHAPE  # 32x32 slices, factor 4
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets: one thread is fastest, and avoids spinning against other jobs' cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _autoencoder(path: Path, kind: str, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = Autoencoder(AE, COND, kind)  # type: ignore[arg-type]
-    save_model(path, f"ae_{kind}", model, AE, {"data": {"image_size": 32, "n_slices": 4}}, COND)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ldm_file(tmp_path: Path, scale: float = 0.37) -> Path:
-    ae = _autoencoder(tmp_path / "ae_vaegan.pt", "vaegan")
-    torch.manual_seed(0)
-    meta = {
-        "autoencoder": str(ae),
-        "autoencoder_sha256": file_sha256(ae),
-        "scale_factor": scale,
-        "latent_shape": list(SHAPE),
-        "scheduler": scheduler_config(LDM),
-    }
-    save_model(tmp_path / "ldm.pt", "ldm", ZConditionedUNet(LDM, COND, SHAPE[0]), LDM, meta, COND)
-    return tmp_path / "ldm.pt"
+    ae = save_tiny_autoencoder(tmp_path / "ae_vaegan.pt", "vaegan")
+    return save_tiny_ldm(tmp_path / "ldm.pt", ae, scale_factor=scale, config=LDM)
 
 
 def test_ldm_file_round_trip_keeps_scale_factor_and_schedule(tmp_path) -> None:
@@ -122,23 +84,15 @@ def test_load_generator_refuses_other_files_and_changed_autoencoder(tmp_path) ->
     path = _ldm_file(tmp_path)
     with pytest.raises(CheckpointError, match="not a generator file"):
         load_generator(tmp_path / "ae_vaegan.pt")
-    _autoencoder(tmp_path / "ae_vaegan.pt", "vaegan", seed=1)  # retrained since
+    save_tiny_autoencoder(tmp_path / "ae_vaegan.pt", "vaegan", seed=1)  # retrained since
     with pytest.raises(StaleModelError, match="changed"):
         load_generator(path)
 
 
 def test_pixelcnn_file_samples_through_the_same_entry_point(tmp_path) -> None:
-    ae = _autoencoder(tmp_path / "ae_vqvae.pt", "vqvae")
-    prior_cfg = PriorConfig(channels=8, n_layers=2, kernel_size=3, temperature=0.9)
-    torch.manual_seed(0)
-    meta = {
-        "autoencoder": str(ae),
-        "autoencoder_sha256": file_sha256(ae),
-        "num_codes": 16,
-        "code_shape": [8, 8],
-    }
-    prior = GatedPixelCNN(16, prior_cfg, COND)
-    save_model(tmp_path / "pixelcnn.pt", "pixelcnn", prior, prior_cfg, meta, COND)
+    ae = save_tiny_autoencoder(tmp_path / "ae_vqvae.pt", "vqvae")
+    prior_cfg = TINY_PRIOR.model_copy(update={"temperature": 0.9})
+    save_tiny_pixelcnn(tmp_path / "pixelcnn.pt", ae, config=prior_cfg)
     gen = load_generator(tmp_path / "pixelcnn.pt")
     assert gen.kind == "pixelcnn" and gen.latent_shape == (8, 8)
     images, z = sample(gen, [0.0, 1.0], n_per_z=2, seed=3, top_k=4)
@@ -168,16 +122,22 @@ def _latents(root: Path, ae: Path, scale: float) -> None:
     (root / "meta.json").write_text(json.dumps(meta))
 
 
-def test_train_ldm_writes_model_report_and_grid(tmp_path) -> None:
-    ae = _autoencoder(tmp_path / "models" / "ae_vaegan.pt", "vaegan")
+def _ldm_stage(tmp_path: Path) -> tuple[Params, StagePaths]:
+    """Params and paths of a train_ldm run on random latents of an untrained KL autoencoder."""
+    ae = save_tiny_autoencoder(tmp_path / "models" / "ae_vaegan.pt", "vaegan")
     paths = StagePaths.standard("ldm", "ldm", "ldm_samples.png", "vaegan", tmp_path)
     _latents(paths.latents, ae, scale=0.5)
-    params = Params(conditioning=COND, ldm=LDM, prepare=PrepareConfig(n_slices=4))
+    return Params(conditioning=TINY_COND, ldm=LDM, prepare=PrepareConfig(n_slices=4)), paths
+
+
+def test_train_ldm_writes_model_report_and_grid(tmp_path) -> None:
+    params, paths = _ldm_stage(tmp_path)
     run = RecordingRun("ldm")
     report = train_ldm(params, **stage_kwargs(paths, run))
     assert report["steps"] == 4 and report["sampling"]["slices_per_s"] > 0
     assert json.loads(paths.report.read_text())["final_loss"] == pytest.approx(report["final_loss"])
-    assert paths.grid.is_file() and "ldm.pt" in run.artifacts
+    assert paths.grid.is_file() and run.artifacts["model/ldm.pt"] == paths.model.read_bytes()
+    assert run.dicts["reports/ldm.json"] == report
     assert load_generator(paths.model).codec.scale_factor == pytest.approx(0.5)
     assert not (paths.resume_dir / "last.pt").exists()
 
@@ -187,10 +147,7 @@ def test_train_ldm_rerun_after_kill_before_export_still_writes_everything(
 ) -> None:
     import pipeline.training.ldm as ldm_task
 
-    ae = _autoencoder(tmp_path / "models" / "ae_vaegan.pt", "vaegan")
-    paths = StagePaths.standard("ldm", "ldm", "ldm_samples.png", "vaegan", tmp_path)
-    _latents(paths.latents, ae, scale=0.5)
-    params = Params(conditioning=COND, ldm=LDM, prepare=PrepareConfig(n_slices=4))
+    params, paths = _ldm_stage(tmp_path)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -200,5 +157,5 @@ def test_train_ldm_rerun_after_kill_before_export_still_writes_everything(
         with pytest.raises(KeyboardInterrupt):
             train_ldm(params, **stage_kwargs(paths))
     report = train_ldm(params, **stage_kwargs(paths))
-    assert report["steps"] == 4 and report["val_loss"] is not None
+    assert report["steps"] == 4 and math.isfinite(report["val_loss"])
     assert paths.grid.is_file() and paths.model.is_file()

@@ -28,7 +28,8 @@ def test_flatten_and_pipeline_id_are_stable() -> None:
 def test_stage_run_writes_sqlite_store_and_artifacts(project: Path) -> None:
     import mlflow
 
-    with StageRun("prepare", {"prepare": {"image_size": 64}}) as run:
+    params = {"prepare": {"image_size": 64}}
+    with StageRun("prepare", params) as run:
         run.log_metrics({"n_slices": 10.0}, step=1)
         run.log_image(np.linspace(0, 1, 64).reshape(8, 8), "grids/preview.png")
         run.log_dict({"ok": True}, "report.json")
@@ -38,7 +39,7 @@ def test_stage_run_writes_sqlite_store_and_artifacts(project: Path) -> None:
     assert got.data.metrics["n_slices"] == 10.0
     assert got.data.params["prepare.image_size"] == "64"
     assert got.data.tags["stage"] == "prepare"
-    assert "pipeline_id" in got.data.tags
+    assert got.data.tags["pipeline_id"] == pipeline_id(params)
     names = {a.path for a in client.list_artifacts(run.run_id, "grids")}
     assert names == {"grids/preview.png"}
     assert (project / "mlartifacts").is_dir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import RecordingRun, quiet_fit
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -15,7 +16,6 @@ from pipeline.training.loop import (
     TrainingTask,
     batch_indices,
     finish_resume,
-    fit,
     lr_factor,
 )
 
@@ -51,16 +51,6 @@ class _Regression(TrainingTask):
         return {"loss": loss.item()}
 
 
-class _NullRun:
-    run_name = "test"
-
-    def __init__(self) -> None:
-        self.metrics: list[tuple[int | None, dict[str, float]]] = []
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-
 def _cfg(**kw) -> TrainConfig:
     base = dict(
         steps=30,
@@ -77,18 +67,7 @@ def _cfg(**kw) -> TrainConfig:
 
 
 def _fit(task, data, cfg, tmp_path, **kw):
-    return fit(
-        task,
-        data,
-        cfg,
-        run=_NullRun(),
-        resume_dir=tmp_path,
-        seed=0,
-        device=torch.device("cpu"),
-        progress=False,
-        config_for_hash={"a": 1},
-        **kw,
-    )
+    return quiet_fit(task, data, cfg, tmp_path, **({"config_for_hash": {"a": 1}} | kw))
 
 
 def test_lr_schedule_warmup_and_decay() -> None:
@@ -108,19 +87,13 @@ def test_batch_order_depends_only_on_step() -> None:
 
 def test_fit_lowers_loss_and_logs(tmp_path) -> None:
     task, data = _Regression(), _Points()
-    run = _NullRun()
-    result = fit(
-        task,
-        data,
-        _cfg(steps=60),
-        run=run,
-        resume_dir=tmp_path,
-        seed=0,
-        device=torch.device("cpu"),
-        progress=False,
-        evaluate=lambda step, ema: {"val": float(step)},
-    )
-    losses = [m["loss"] for _, m in run.metrics if "loss" in m]
+    run = RecordingRun()
+
+    def evaluate(step, ema) -> dict[str, float]:
+        return {"val": float(step)}
+
+    result = quiet_fit(task, data, _cfg(steps=60), tmp_path, run=run, evaluate=evaluate)
+    losses = run.values("loss")
     assert losses[-1] < losses[0] / 4
     assert result.step == 60 and result.ema is not None
     assert any("val" in m for _, m in run.metrics)
@@ -155,28 +128,24 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path) -> None:
 def test_resume_ignores_checkpoint_of_other_config(tmp_path) -> None:
     data = _Points()
     _fit(_Regression(), data, _cfg(steps=10), tmp_path)
-    result = fit(
-        _Regression(),
-        data,
-        _cfg(steps=10),
-        run=_NullRun(),
-        resume_dir=tmp_path,
-        seed=0,
-        device=torch.device("cpu"),
-        progress=False,
-        config_for_hash={"a": 2},
-    )
+    result = _fit(_Regression(), data, _cfg(steps=10), tmp_path, config_for_hash={"a": 2})
     assert result.resumed_from == 0
 
 
 def test_nan_batch_is_skipped_and_counted(tmp_path) -> None:
     data = _Points()
     data.poison = {5}
-    result = _fit(_Regression(), data, _cfg(steps=20, max_bad_steps=5), tmp_path)
-    assert result.skipped_steps >= 1
+    cfg = _cfg(steps=20, max_bad_steps=5)
+    order = batch_indices(len(data), cfg.batch_size, seed=0, start_step=0)
+    poisoned = [step for step in range(cfg.steps) if 5 in next(order)]
+    task = _Regression()
+    before = [p.detach().clone() for p in task.modules["model"].parameters()]
+    result = _fit(task, data, cfg, tmp_path)
+    assert len(poisoned) >= 2 and result.skipped_steps == len(poisoned)
     assert result.step == 20
-    for p in _Regression().modules["model"].parameters():
-        assert torch.isfinite(p).all()
+    after = list(task.modules["model"].parameters())
+    assert all(torch.isfinite(p).all() for p in after)  # no NaN batch reached the weights
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))  # others did
 
 
 def test_persistent_nan_stops_with_clear_error(tmp_path) -> None:

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import TINY_COND, TINY_LDM
 
-from pipeline.core.config import ConditioningConfig, LDMConfig
 from pipeline.models.unet import ZConditionedUNet
 
-COND = ConditioningConfig(sinusoidal_dim=16, dim=16)
-TINY = LDMConfig(
-    channels=(16, 32), attention_levels=(False, True), num_head_channels=8, norm_groups=8
-)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets: one thread is fastest, and avoids spinning against other jobs' cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_zero_init(module: torch.nn.Module) -> torch.nn.Module:
@@ -36,7 +24,7 @@ def randomize_zero_init(module: torch.nn.Module) -> torch.nn.Module:
 
 def _unet() -> ZConditionedUNet:
     torch.manual_seed(0)
-    unet = ZConditionedUNet(TINY, COND, latent_channels=3).eval()
+    unet = ZConditionedUNet(TINY_LDM, TINY_COND, latent_channels=3).eval()
     return randomize_zero_init(unet)
 
 
@@ -98,4 +86,4 @@ def test_z_enters_time_embedding_and_cross_attention() -> None:
 
 def test_invalid_latent_channels() -> None:
     with pytest.raises(ValueError, match="latent_channels"):
-        ZConditionedUNet(TINY, COND, latent_channels=0)
+        ZConditionedUNet(TINY_LDM, TINY_COND, latent_channels=0)

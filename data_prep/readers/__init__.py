@@ -2,7 +2,9 @@
 
 Detection order (first match wins): the PNG release (``keras_png_slices_*`` folders),
 OASIS-1 (``OAS1_XXXX_MRn`` T88 images or session folders), BIDS (``sub-*..._T1w``
-images), then any folder holding ``*.nii`` / ``*.nii.gz`` files.
+images), then any folder holding NIfTI files or Analyze pairs. File kinds are decided by
+:mod:`data_prep.files` (any letter case, gzipped or not); symbolic links to folders are
+followed (:class:`~data_prep.readers.base.FileIndex`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "Skip",
     "VolumeCase",
     "detect_format",
+    "layout",
     "scan_folder",
 ]
 
@@ -43,10 +46,22 @@ logger = logging.getLogger(__name__)
 
 _Reader = tuple[Callable[[FileIndex], bool], Callable[[FileIndex], Scan], str]
 _READERS: dict[str, _Reader] = {
-    "png": (png_slices.matches, png_slices.scan, "keras_png_slices_* folders"),
-    "oasis1": (oasis1.matches, oasis1.scan, "OAS1_XXXX_MRn T88_111 Analyze images"),
-    "bids": (nifti.matches_bids, nifti.scan_bids, "sub-*_T1w.nii(.gz) images"),
-    "nifti": (nifti.matches_nifti, nifti.scan_nifti, "*.nii / *.nii.gz files"),
+    "png": (
+        png_slices.matches,
+        png_slices.scan,
+        "keras_png_slices_* folders of case_NNN_slice_K .png/.nii slices",
+    ),
+    "oasis1": (
+        oasis1.matches,
+        oasis1.scan,
+        "OAS1_XXXX_MRn T88_111 masked_gfc/gfc Analyze images and FSL_SEG masks",
+    ),
+    "bids": (
+        nifti.matches_bids,
+        nifti.scan_bids,
+        "sub-*_T1w images (.nii, .nii.gz, .hdr/.img) outside derivatives/",
+    ),
+    "nifti": (nifti.matches_nifti, nifti.scan_nifti, "*.nii / *.nii.gz files, .hdr/.img pairs"),
 }
 #: Formats a user can ask for (``data.format``); ``auto`` detects one of them.
 FORMATS: tuple[str, ...] = ("auto", *_READERS)
@@ -55,6 +70,11 @@ FORMATS: tuple[str, ...] = ("auto", *_READERS)
 def detect_format(index: FileIndex) -> str | None:
     """The first reader whose files are present (order in the module docstring), or None."""
     return next((name for name, (match, _, _) in _READERS.items() if match(index)), None)
+
+
+def layout(fmt: str) -> str:
+    """What the reader ``fmt`` takes, in words (empty for ``unknown``)."""
+    return _READERS[fmt][2] if fmt in _READERS else ""
 
 
 def scan_folder(root: str | Path, fmt: str = "auto") -> Scan:
@@ -81,8 +101,25 @@ def scan_folder(root: str | Path, fmt: str = "auto") -> Scan:
         what = "is a file, not a folder" if root.exists() else "does not exist"
         return Scan("unknown", skipped=[Skip(str(root), f"data folder {what}")])
     index = FileIndex.build(root)
+    scan = _scan_index(index, fmt)
+    scan.found = index.found()
+    scan.skipped = [*index.skipped, *scan.skipped]
+    logger.info(
+        "%s: format %s%s, %d cases, %d files found, %d skipped at scan",
+        root,
+        scan.format,
+        " (detected)" if fmt == "auto" else "",
+        len(scan.cases),
+        len(scan.found),
+        len(scan.skipped),
+    )
+    return scan
+
+
+def _scan_index(index: FileIndex, fmt: str) -> Scan:
+    """The requested (or detected) reader's scan, or an ``unknown`` scan saying why."""
     if not index.files:
-        return Scan("unknown", skipped=[Skip(str(root), "empty folder: no files found")])
+        return Scan("unknown", skipped=[Skip(str(index.root), "empty folder: no files found")])
     name = detect_format(index) if fmt == "auto" else fmt
     if name is None or (fmt != "auto" and not _READERS[fmt][0](index)):
         expected = "; ".join(f"{k}: {v[2]}" for k, v in _READERS.items())
@@ -93,14 +130,5 @@ def scan_folder(root: str | Path, fmt: str = "auto") -> Scan:
             f"unknown folder: none of the expected files ({expected}) among "
             f"{len(index.files)} files (e.g. {examples})"
         )
-        return Scan("unknown", skipped=[Skip(str(root), reason)])
-    scan = _READERS[name][1](index)
-    logger.info(
-        "%s: format %s%s, %d cases, %d files skipped at scan",
-        root,
-        name,
-        " (detected)" if fmt == "auto" else "",
-        len(scan.cases),
-        len(scan.skipped),
-    )
-    return scan
+        return Scan("unknown", skipped=[Skip(str(index.root), reason)])
+    return _READERS[name][1](index)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from data_prep.errors import describe
+from data_prep.files import file_kind, pair_problem
 
 logger = logging.getLogger(__name__)
 
@@ -145,43 +146,94 @@ class Scan:
     Attributes:
         format: reader name (``oasis1``, ``bids``, ``nifti``, ``png``) or ``unknown``.
         cases: volumes / PNG subjects to convert, in a deterministic order.
-        skipped: files left out at scan time, each with its reason.
+        skipped: files (and folders) left out at scan time, each with its reason.
+        found: every file found below the folder (relative paths, symbolic links
+            followed, broken links included), for the report's accounting.
+        used: files read besides the cases' images (demographics tables).
+        ignored: files the reader saw and did not take, with the reason (files found but
+            neither used, skipped nor listed here get a reason from their kind).
     """
 
     format: str
     cases: list[Case] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+    found: tuple[str, ...] = ()
+    used: list[str] = field(default_factory=list)
+    ignored: list[Skip] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class FileIndex:
     """All files and folders below ``root`` (hidden entries and ``__MACOSX`` left out).
 
+    Symbolic links to folders are followed (a linked BIDS subject or OASIS disc is read
+    like a real one); each real folder is read once, so a link loop or a second link to
+    the same folder is reported instead of walked again. Broken links are reported.
+
     Attributes:
         root: the scanned folder.
         files: file paths relative to ``root``, sorted.
         dirs: folder paths relative to ``root``, sorted.
+        skipped: broken links and folders not walked (already read, link loops).
     """
 
     root: Path
     files: tuple[Path, ...]
     dirs: tuple[Path, ...]
+    skipped: tuple[Skip, ...] = ()
 
     @classmethod
     def build(cls, root: Path) -> FileIndex:
-        """Walk ``root`` once (symlinked folders are not followed)."""
+        """Walk ``root`` once, following symbolic links to folders, each real folder once."""
         files: list[Path] = []
         dirs: list[Path] = []
-        for here, subdirs, names in os.walk(root):
-            subdirs[:] = [d for d in subdirs if not _hidden(d)]
+        skipped: list[Skip] = []
+        seen = {os.path.realpath(root): Path(".")}
+        for here, subdirs, names in os.walk(root, followlinks=True):
             rel = Path(here).relative_to(root)
-            dirs.extend(rel / d for d in subdirs)
-            files.extend(rel / n for n in names if not _hidden(n))
-        return cls(root=root, files=tuple(sorted(files)), dirs=tuple(sorted(dirs)))
+            walk = []
+            for name in sorted(subdirs):
+                if _hidden(name):
+                    continue
+                real = os.path.realpath(os.path.join(here, name))
+                if real in seen:
+                    first = rel_str(seen[real])
+                    inside = os.path.realpath(here)
+                    loop = inside == real or inside.startswith(real + os.sep)
+                    why = "symbolic link loop back to" if loop else "the same folder as"
+                    skipped.append(Skip(rel_str(rel / name), f"{why} {first}: read once"))
+                    continue
+                seen[real] = rel / name
+                walk.append(name)
+            subdirs[:] = walk
+            dirs.extend(rel / d for d in walk)
+            for name in names:
+                if _hidden(name):
+                    continue
+                if os.path.islink(os.path.join(here, name)) and not os.path.exists(
+                    os.path.join(here, name)
+                ):
+                    target = os.readlink(os.path.join(here, name))
+                    skipped.append(
+                        Skip(rel_str(rel / name), f"broken symbolic link: {target} does not exist")
+                    )
+                else:
+                    files.append(rel / name)
+        return cls(
+            root=root,
+            files=tuple(sorted(files)),
+            dirs=tuple(sorted(dirs)),
+            skipped=tuple(sorted(skipped, key=lambda s: s.file)),
+        )
 
     def path(self, rel: Path) -> Path:
         """Absolute path of a relative entry."""
         return self.root / rel
+
+    def found(self) -> tuple[str, ...]:
+        """Every file found, as relative POSIX strings: the files and the broken links."""
+        broken = [s.file for s in self.skipped if s.reason.startswith("broken symbolic link")]
+        return tuple(sorted([*(rel_str(p) for p in self.files), *broken]))
 
 
 def _hidden(name: str) -> bool:
@@ -213,6 +265,34 @@ def keep_first(
         else:
             kept[key] = path
     return kept, skipped
+
+
+def volume_files(index: FileIndex, paths: Iterable[Path]) -> tuple[list[Path], list[Skip]]:
+    """The volumes nibabel can read among ``paths``, and the broken pairs.
+
+    Args:
+        index: the folder's file index.
+        paths: candidate files (others than ``.nii``/``.hdr``/``.img`` are left out).
+
+    Returns:
+        ``(volumes, skipped)``: each NIfTI file and the data (``.img``) file of each complete
+        pair, in the order given; one :class:`Skip` per file of an incomplete or misnamed
+        pair, naming the missing file and the rename that fixes it.
+    """
+    present = set(index.files)
+    volumes: list[Path] = []
+    skipped: list[Skip] = []
+    for path in paths:
+        kind = file_kind(path)
+        if kind == "nifti":
+            volumes.append(path)
+        elif kind in ("header", "data"):
+            problem = pair_problem(path, present)
+            if problem is not None:
+                skipped.append(Skip(rel_str(path), problem))
+            elif kind == "data":
+                volumes.append(path)
+    return volumes, skipped
 
 
 def shallowest(index: FileIndex, match: Callable[[Path], bool]) -> Path | None:

@@ -11,8 +11,10 @@ Subject and session come from the path:
   the path the session (``s01/visit2/t1.nii`` → ``s01``, ``visit2/t1``).
 
 The BIDS reader takes only ``*_T1w`` images outside ``derivatives/`` and joins
-``participants.tsv``; the generic reader takes every NIfTI file except names that look
-like masks or segmentations, which are reported as skipped.
+``participants.tsv``; the generic reader takes every NIfTI file and Analyze/NIfTI pair
+except names that look like masks or segmentations, which are reported as skipped. File
+kinds are decided by :mod:`data_prep.files`: any letter case, gzipped or not
+(``sub-01_T1w.NII.GZ``, ``scan.hdr.gz`` + ``scan.img.gz``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from data_prep.files import is_volume, volume_stem
 from data_prep.readers.base import (
     DEMOGRAPHICS,
     FileIndex,
@@ -30,36 +33,39 @@ from data_prep.readers.base import (
     read_demographics,
     rel_str,
     shallowest,
+    volume_files,
 )
 
-NIFTI_RE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
-T1W_RE = re.compile(r"_T1w\.nii(\.gz)?$")
 ENTITY_RE = re.compile(r"(?:^|_)(sub|ses)-([A-Za-z0-9]+)")
 MASK_LIKE_RE = re.compile(
-    r"(?:^|[_.-])(mask|brainmask|seg|dseg|probseg|aseg|label|labels)(?:[_.-]|$)", re.IGNORECASE
+    r"(?:^|[_.-])(mask|brainmask|seg|fseg|pveseg|dseg|probseg|aseg|label|labels)(?:[_.-]|$)",
+    re.IGNORECASE,
 )
 
 
 def is_nifti(path: Path) -> bool:
-    """True for ``.nii`` and ``.nii.gz`` files."""
-    return bool(NIFTI_RE.search(path.name))
+    """True for every volume file nibabel reads: ``.nii``, ``.hdr``, ``.img``, compressed or
+    not, any letter case (:mod:`data_prep.files`)."""
+    return is_volume(path)
 
 
-def _is_bids_t1w(path: Path) -> bool:
-    return (
-        bool(T1W_RE.search(path.name))
-        and "derivatives" not in path.parts
-        and any(part.startswith("sub-") for part in (*path.parts[:-1], path.name))
+def _is_t1w(path: Path) -> bool:
+    return is_volume(path) and volume_stem(path).lower().endswith("_t1w")
+
+
+def _in_bids(path: Path) -> bool:
+    return "derivatives" not in path.parts and any(
+        part.startswith("sub-") for part in (*path.parts[:-1], path.name)
     )
 
 
 def matches_bids(index: FileIndex) -> bool:
-    """True if the folder holds ``sub-*..._T1w.nii[.gz]`` images."""
-    return any(_is_bids_t1w(p) for p in index.files)
+    """True if the folder holds ``sub-*..._T1w`` images (``.nii``, ``.nii.gz``, pairs)."""
+    return any(_is_t1w(p) and _in_bids(p) for p in index.files)
 
 
 def matches_nifti(index: FileIndex) -> bool:
-    """True if the folder holds any NIfTI file."""
+    """True if the folder holds any NIfTI or Analyze file."""
     return any(is_nifti(p) for p in index.files)
 
 
@@ -70,19 +76,36 @@ def scan_bids(index: FileIndex) -> Scan:
         index: the data folder's file index.
 
     Returns:
-        Cases sorted by (subject, session); further runs of a session are reported.
+        Cases sorted by (subject, session); further runs of a session are reported, other
+        images (not T1w, under ``derivatives/``) are listed as ignored with the reason.
     """
-    paths = [p for p in index.files if _is_bids_t1w(p)]
+    wanted = [p for p in index.files if _is_t1w(p) and _in_bids(p)]
+    paths, skipped = volume_files(index, wanted)
+    ignored = [
+        Skip(
+            rel_str(p),
+            "under derivatives/: the BIDS reader takes raw *_T1w images only"
+            if "derivatives" in p.parts
+            else "not a *_T1w image: the BIDS reader takes T1-weighted images only",
+        )
+        for p in index.files
+        if is_volume(p) and not (_is_t1w(p) and _in_bids(p))
+    ]
     table: dict[str, dict[str, str | float | None]] = {}
-    skipped: list[Skip] = []
-    tsv = shallowest(index, lambda p: p.name == "participants.tsv")
+    used: list[str] = []
+    tsv = shallowest(index, lambda p: p.name.lower() == "participants.tsv")
     if tsv is not None:
-        table, skipped = read_demographics(index.path(tsv), "participant_id", rel_str(tsv), "\t")
-    return _scan(index, "bids", paths, table, skipped)
+        table, tsv_skips = read_demographics(index.path(tsv), "participant_id", rel_str(tsv), "\t")
+        skipped.extend(tsv_skips)
+        used += [] if tsv_skips else [rel_str(tsv)]
+    scan = _scan(index, "bids", paths, table, skipped)
+    scan.used, scan.ignored = used, ignored
+    return scan
 
 
 def scan_nifti(index: FileIndex) -> Scan:
-    """One case per NIfTI file; mask/segmentation-like names are reported and skipped.
+    """One case per NIfTI file or Analyze/NIfTI pair; mask/segmentation-like names are
+    reported and skipped.
 
     Args:
         index: the data folder's file index.
@@ -90,21 +113,19 @@ def scan_nifti(index: FileIndex) -> Scan:
     Returns:
         Cases sorted by (subject, session).
     """
-    paths: list[Path] = []
-    skipped: list[Skip] = []
-    for path in index.files:
-        if not is_nifti(path):
-            continue
-        if MASK_LIKE_RE.search(NIFTI_RE.sub("", path.name)):
+    paths, skipped = volume_files(index, index.files)
+    images: list[Path] = []
+    for path in paths:
+        if MASK_LIKE_RE.search(volume_stem(path)):
             skipped.append(Skip(rel_str(path), "looks like a mask/segmentation, not an image"))
         else:
-            paths.append(path)
-    return _scan(index, "nifti", paths, {}, skipped)
+            images.append(path)
+    return _scan(index, "nifti", images, {}, skipped)
 
 
 def subject_session(path: Path) -> tuple[str, str]:
     """Subject and session of a relative NIfTI path (rules in the module docstring)."""
-    stem = NIFTI_RE.sub("", path.name)
+    stem = volume_stem(path)
     entities: dict[str, str] = {}
     for part in (*path.parts[:-1], stem):
         for kind, label in ENTITY_RE.findall(part):

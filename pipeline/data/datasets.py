@@ -29,6 +29,15 @@ class PreparedDataError(InputError):
     """A prepared split is missing or inconsistent; the message names the file and the fix."""
 
 
+def empty_split_message(split_dir: Path | None) -> str:
+    """One line for a stage given a split without slices: which split, and the fix."""
+    where = f"{split_dir}: the {split_dir.name!r} split" if split_dir else "the split"
+    return (
+        f"{where} has no slices; every stage needs slices in train, val and test: add "
+        "subjects (or the PNG release's folder) and re-run prepare (`dvc repro prepare`)"
+    )
+
+
 class SliceDataset(Dataset):
     """Axial slices of one split with their z position.
 
@@ -44,7 +53,8 @@ class SliceDataset(Dataset):
 
     Raises:
         PreparedDataError: ``slices.npy`` or ``manifest.csv`` is missing, the manifest lacks
-            ``z``/``z_index``, or the lengths (or the masks' shape) disagree.
+            ``z``/``z_index``, the lengths (or the masks' shape) disagree, or the split has
+            no slices (every stage needs train, val and test).
     """
 
     def __init__(self, split_dir: str | Path) -> None:
@@ -76,6 +86,8 @@ class SliceDataset(Dataset):
                 f"{self._masks_path} shape differs from {self._slices_path} {slices.shape}; "
                 "re-run the prepare stage"
             )
+        if len(slices) == 0:
+            raise PreparedDataError(empty_split_message(self.split_dir))
         self.image_size = int(slices.shape[-1])
         self.z = self.manifest["z"].to_numpy(dtype=np.float32)
         self.z_index = self.manifest["z_index"].to_numpy(dtype=np.int64)
@@ -165,7 +177,12 @@ class EvalData:
         """Collect every item of a :class:`~pipeline.data.SliceDataset`-like dataset.
 
         Items without a ``mask`` use the non-zero foreground of the (skull-stripped) image.
+
+        Raises:
+            PreparedDataError: the dataset is empty.
         """
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise PreparedDataError(empty_split_message(getattr(dataset, "split_dir", None)))
         batches = list(DataLoader(dataset, batch_size=EVAL_BATCH, shuffle=False))
         if "mask" not in batches[0]:
             logger.warning("split has no brain masks; ssim_brain uses the non-zero foreground")

@@ -1,5 +1,10 @@
 """Slice files users exchange with braingen: 16-bit PNG and NIfTI, written safely.
 
+Reading is :mod:`data_prep.images` (:func:`read_slice`, :func:`read_mask`, re-exported
+here), the reader ``prepare`` uses too. What braingen writes carries a mark (a PNG text
+chunk, the NIfTI ``descrip``) saying its intensities are already in [0, 1], so it is read
+back unchanged; a user's own slice is normalised like a prepared one.
+
 Orientation follows ``prepare`` (``data_prep.volume.volume_slices``): a slice array is
 upright, rows running anterior → posterior and columns left → right, i.e. ``np.rot90`` of the
 RAS volume's (x, y) plane. NIfTI files store the RAS plane back, so viewers show them the
@@ -23,14 +28,25 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
+from data_prep.images import NIFTI_MARK, PNG_MARK, read_mask, read_slice
 from pipeline.core.errors import InputError
+
+__all__ = [
+    "OutputExistsError",
+    "check_token",
+    "publish",
+    "read_mask",
+    "read_slice",
+    "to_uint16",
+    "upright_to_ras",
+    "write_nifti",
+    "write_png16",
+]
 
 #: Tokens allowed in generated file names (e.g. a user's prefix): no dots, no separators.
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-#: Percentiles of the non-zero pixels mapped to 0 and 1 for inputs not already in [0, 1]
-#: (the ``prepare.percentiles`` default).
-INPUT_PERCENTILES = (0.5, 99.5)
 
 
 class OutputExistsError(InputError):
@@ -100,8 +116,14 @@ def to_uint16(image: np.ndarray) -> np.ndarray:
 
 
 def write_png16(image: np.ndarray, path: Path) -> None:
-    """Save a (H, W) array in [0, 1] as a 16-bit greyscale PNG (not atomic; see publish)."""
-    Image.fromarray(to_uint16(image)).save(path, format="PNG")
+    """Save a (H, W) array in [0, 1] as a 16-bit greyscale PNG (not atomic; see publish).
+
+    A text chunk marks the intensities as already in [0, 1], so :func:`read_slice` reads
+    them back unchanged instead of normalising them like a user's slice.
+    """
+    info = PngInfo()
+    info.add_text(*PNG_MARK)
+    Image.fromarray(to_uint16(image)).save(path, format="PNG", pnginfo=info)
 
 
 def upright_to_ras(image: np.ndarray) -> np.ndarray:
@@ -123,86 +145,6 @@ def write_nifti(stack: np.ndarray, path: Path, pixel_mm: float, slice_mm: float)
         stack = stack[None]
     ras = np.ascontiguousarray(np.stack([upright_to_ras(s) for s in stack], axis=-1))
     affine = np.diag([pixel_mm, pixel_mm, slice_mm, 1.0])
-    nib.save(nib.Nifti1Image(ras, affine), path)
-
-
-def _scale_to_unit(data: np.ndarray) -> np.ndarray:
-    """Map intensities to [0, 1]: kept if already there, else a percentile window."""
-    data = np.nan_to_num(data.astype(np.float32))
-    if data.min() >= 0.0 and data.max() <= 1.0:
-        return data
-    foreground = data[data != 0]
-    if foreground.size == 0:
-        raise InputError("the image is all zeros")
-    lo, hi = np.percentile(foreground, INPUT_PERCENTILES)
-    if hi <= lo:
-        raise InputError(f"the image has constant intensity ({lo:g})")
-    return np.clip((data - lo) / (hi - lo), 0.0, 1.0)
-
-
-def _read_upright(path: Path) -> np.ndarray:
-    """A user's slice file as an upright (H, W) array (integers divided to [0, 1])."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.name.endswith((".nii", ".nii.gz")):
-        try:
-            data = np.squeeze(np.asarray(nib.load(path).get_fdata(), np.float32))
-        except Exception as err:  # nibabel raises many types for a bad file
-            raise InputError(f"{path}: not a readable NIfTI file ({err})") from None
-        if data.ndim != 2:
-            raise InputError(
-                f"{path}: expected one axial slice, got data of shape {data.shape}; "
-                "extract the slice first"
-            )
-        return np.rot90(data, k=1, axes=(0, 1))
-    try:
-        with Image.open(path) as img:
-            keep = img.mode in ("I;16", "I;16B", "I;16L", "I", "F", "L")
-            data = np.asarray(img if keep else img.convert("L"))
-    except OSError as err:
-        raise InputError(f"{path}: not a readable image ({err})") from None
-    if data.dtype.kind in "iu":  # 16-bit files are uint16 (I;16) or int32 (I)
-        wide = data.dtype != np.uint8 and (data.dtype == np.uint16 or data.max() > 255)
-        data = data / (65535.0 if wide else 255.0)
-    return data
-
-
-def read_slice(path: str | Path) -> np.ndarray:
-    """Read one user slice as an upright (H, W) float32 array in [0, 1].
-
-    PNG/JPEG/TIFF: 8-bit and 16-bit greyscale are divided by 255 or 65535 (colour is
-    converted to grey). NIfTI (``.nii``/``.nii.gz``): one axial slice, i.e. 2-D data or a
-    3-D volume with one slice, stored in RAS order as :func:`write_nifti` writes it. Float
-    data outside [0, 1] is windowed to its 0.5-99.5th non-zero percentiles, as ``prepare``
-    does.
-
-    Args:
-        path: the file.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: unreadable file, more than one slice, or an all-zero/constant image.
-    """
-    path = Path(path)
-    data = _read_upright(path)
-    try:
-        return _scale_to_unit(data)
-    except ValueError as err:
-        raise InputError(f"{path}: {err}") from None
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a region mask (PNG or NIfTI, same rules as :func:`read_slice`): non-zero = inside.
-
-    Returns:
-        (H, W) bool array, upright.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: unreadable file, more than one slice, or an empty mask.
-    """
-    path = Path(path)
-    mask = np.asarray(_read_upright(path)) > 0
-    if not mask.any():
-        raise InputError(f"{path}: the mask is empty (no non-zero pixel marks a region)")
-    return mask
+    img = nib.Nifti1Image(ras, affine)
+    img.header["descrip"] = NIFTI_MARK  # read back unchanged by read_slice
+    nib.save(img, path)

@@ -1,10 +1,12 @@
 """SDEdit and inpainting of a user's own slice with the latent diffusion model.
 
-The input (PNG or NIfTI, see :func:`pipeline.data.slice_files.read_slice`) is brought to the
-model's resolution the way ``prepare`` does it (zero-padded to a square, resized to
-``image_size``), encoded with the model's autoencoder, edited in latent space by
-:func:`pipeline.inference.diffusion.sdedit` / :func:`pipeline.inference.diffusion.inpaint`,
-decoded and written as a 16-bit PNG at the model's resolution.
+The input (PNG of any bit depth or colour type, or a single-slice NIfTI oriented by its
+affine; read by :func:`data_prep.images.read_slice`, the reader ``prepare`` uses, and
+normalised as ``prepare`` normalises) is brought to the model's resolution the way
+``prepare`` does it (zero-padded to a square, resized to ``image_size``), encoded with the
+model's autoencoder, edited in latent space by :func:`pipeline.inference.diffusion.sdedit`
+/ :func:`pipeline.inference.diffusion.inpaint`, decoded and written as a 16-bit PNG at the
+model's resolution.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_prep.files import file_kind
 from data_prep.volume import square_resize
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
@@ -45,7 +48,7 @@ class _Input:
 
 
 def _check_output(out_path: Path, overwrite: bool) -> None:
-    if out_path.suffix.lower() != ".png":
+    if file_kind(out_path) != "png":
         raise InputError(f"output {out_path} must be a .png file")
     if out_path.exists() and not overwrite:
         raise OutputExistsError(f"{out_path} already exists; pass --overwrite to replace it")

@@ -153,9 +153,14 @@ class SamplingSettings:
 def _autoencoder_for(path: Path, metadata: dict[str, Any], device: torch.device) -> Any:
     """Load the generator's first stage, checking it is the file the generator was trained on."""
     ae_path = Path(metadata["autoencoder"])
-    if not ae_path.is_file() and (path.parent / ae_path.name).is_file():
-        ae_path = path.parent / ae_path.name
     expected = metadata.get("autoencoder_sha256")
+    beside = path.parent / ae_path.name
+    if (
+        beside != ae_path
+        and beside.is_file()
+        and (not ae_path.is_file() or (expected and file_sha256(beside) == expected))
+    ):  # e.g. a registry download: the first stage is saved next to the generator
+        ae_path = beside
     if expected and ae_path.is_file() and file_sha256(ae_path) != expected:
         raise StaleModelError(
             f"{ae_path} changed after {path} was trained on its latents (sha256 differs); "

@@ -414,13 +414,13 @@ class Evaluator:
             self.data.image, recon, self.data.mask, self.data.z_index, device=self.device
         )
         logs = {f"val_{k}": float(v) for k, v in metrics.items() if k != "per_z"}
-        self.run.log_image(recon_grid(model, self.data, self.device), f"grids/recon_{step:06d}.png")
+        self.run.log_image(recon_grid(model, self.data, self.device), "grids/recon", step=step)
         if model.quantizer is not None:
             counts = code_counts(model, self.data, self.device)
             probs = counts.float() / counts.sum()
             logs["val_perplexity"] = float(torch.exp(-(probs * torch.log(probs + 1e-10)).sum()))
             logs["val_codes_used"] = float((counts > 0).float().mean())
-            self.run.log_image(usage_histogram(counts), f"codebook/usage_{step:06d}.png")
+            self.run.log_image(usage_histogram(counts), "codebook/usage", step=step)
         else:
             f = model.downsample_factor
             shape = (
@@ -430,7 +430,8 @@ class Evaluator:
             )
             self.run.log_image(
                 random_latent_grid(model, shape, self.device),
-                f"samples/random_latents_{step:06d}.png",
+                "samples/random_latents",
+                step=step,
             )
         return logs
 

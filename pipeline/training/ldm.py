@@ -261,7 +261,7 @@ class Evaluator:
         latents = self._sample(unet, z)
         images = self.decode(latents, z.to(self.device)).cpu()
         self.last_grid = grid(images, ncol=cfg.grid_samples)
-        self.run.log_image(self.last_grid, f"samples/ldm_{step:06d}.png")
+        self.run.log_image(self.last_grid, "samples/ldm", step=step)
         err = index_from_z(nearest_z_error(latents, z, self.reference), self.n_slices)
         metrics = {
             "val_loss": validation_loss(unet, self.task.scheduler, self.val, self.device),
@@ -285,6 +285,8 @@ class Evaluator:
         with tempfile.TemporaryDirectory() as tmp:
             self.run.log_artifact(save_gif(frames, Path(tmp) / TRAJECTORY_GIF), "samples")
         self.run.log_image(strip, "samples/ldm_trajectory_strip.png")
+        for index, frame in enumerate(frames):  # the image slider steps through the denoising
+            self.run.log_image(frame, "trajectory/ldm", step=index)
 
 
 def sampling_speed(model_path: Path, device: torch.device, seed: int) -> dict[str, float]:

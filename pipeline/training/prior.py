@@ -243,7 +243,8 @@ class PriorEvaluator:
         task: the training task (its prior is used when no EMA copy exists).
         val: validation code grids.
         decode: (B, h, w) codes, (B,) z -> (B, 1, H, W) slices (the VQ-VAE's decoder).
-        run: tracking run the grid is logged to (``samples/prior_<step>.png``).
+        run: tracking run the grid is logged to (image history ``samples/prior``, one step per
+            evaluation).
         config: sampling defaults.
         code_shape: (h, w).
         device: where the prior lives.
@@ -271,7 +272,7 @@ class PriorEvaluator:
         self.last_grid = sample_grid(
             prior, self.decode, self.code_shape, self.config, self.device, self.seed
         )
-        self.run.log_image(self.last_grid, f"samples/prior_{step:06d}.png")
+        self.run.log_image(self.last_grid, "samples/prior", step=step)
         logger.info("step %d: val %.4f bits/code", step, logs["val_bits_per_code"])
         return logs
 
