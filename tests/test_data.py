@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.data.datasets import PreparedDataError, SliceDataset, make_loader
+from pipeline.data.datasets import PreparedDataError, SliceDataset
 
 
 def write_split(folder: Path, n: int = 10, size: int = 8, masks: bool = True) -> None:
@@ -66,18 +66,3 @@ def test_empty_split(tmp_path: Path) -> None:
     write_split(tmp_path / "val", n=0)
     with pytest.raises(PreparedDataError, match=r"the 'val' split has no slices"):
         SliceDataset(tmp_path / "val")
-
-
-def test_loader_is_seeded_and_workers_agree(tmp_path: Path) -> None:
-    write_split(tmp_path / "train", n=12)
-    data = SliceDataset(tmp_path / "train")
-    first = [b["image"] for b in make_loader(data, 4, shuffle=True, seed=1)]
-    again = [b["image"] for b in make_loader(data, 4, shuffle=True, seed=1)]
-    other = [b["image"] for b in make_loader(data, 4, shuffle=True, seed=2)]
-    workers = [b["image"] for b in make_loader(data, 4, shuffle=True, seed=1, num_workers=2)]
-    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(first, workers, strict=True))
-    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
-    batch = next(iter(make_loader(data, 5, shuffle=False, seed=0, drop_last=True)))
-    assert batch["image"].shape == (5, 1, 8, 8) and batch["z"].shape == (5,)
-    assert batch["mask"].shape == (5, 1, 8, 8)

@@ -116,47 +116,6 @@ class SliceDataset(Dataset):
         return item
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy in a DataLoader worker from torch's per-worker seed."""
-    np.random.seed(torch.initial_seed() % 2**32)
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    num_workers: int = 0,
-    *,
-    drop_last: bool = False,
-) -> DataLoader:
-    """A DataLoader whose order depends only on ``seed`` (and the epoch count).
-
-    Args:
-        dataset: e.g. a :class:`SliceDataset`.
-        batch_size: items per batch.
-        shuffle: reshuffle every epoch (from a generator seeded with ``seed``).
-        seed: seed of the shuffling generator and the workers' numpy state.
-        num_workers: worker processes (0 loads in the main process).
-        drop_last: drop a last incomplete batch.
-
-    Returns:
-        The loader; batches are dicts of stacked tensors (``image`` (B, 1, H, W), ``z``
-        (B,), ``z_index`` (B,), ``mask`` (B, 1, H, W) when present).
-    """
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=_seed_worker,
-        persistent_workers=num_workers > 0,
-        drop_last=drop_last,
-    )
-
-
-@dataclass
 class EvalData:
     """A whole split held in memory for evaluation.
 
