@@ -116,6 +116,7 @@ class SliceDataset(Dataset):
         return item
 
 
+@dataclass
 class EvalData:
     """A whole split held in memory for evaluation.
 
