@@ -19,15 +19,18 @@ layer          what lives there
                (``files``: save, load, build every kind) and the first-stage codec
                (``codec``: encode/decode and the latent ``scale_factor``)
 ``metrics``    image and distribution measures (SSIM, PSNR, MS-SSIM, fd_alex, KID,
-               precision/recall) and LPIPS (``perceptual``)
+               precision/recall), LPIPS (``perceptual``), the realism judge (``c2st``)
+               and the near-copy check (``novelty``)
 ``inference``  diffusion schedules and samplers (``diffusion``), the autoregressive
                sampler (``autoregressive``), generator loading and sampling settings
-               (``sampling``), encoding slices to latents (``encode``), ``generate``,
+               (``sampling``), encoding slices to latents (``encode``), scan-noise
+               texture (``texture``), ``generate`` (which uses ``metrics.novelty``),
                ``edit`` (SDEdit, inpainting)
 ``training``   the one training loop (``loop``), losses, one task module per model
                (``autoencoder``, ``prior``, ``ldm``, ``zprobe``), side-by-side runs
                (``concurrency``)
-``evaluation`` the ``evaluate`` stage's figures and the HTML ``report``
+``evaluation`` the ``evaluate`` stage's figures, the verdicts against real references
+               (``verdicts``) and the HTML ``report``
 ``cli``        the ``braingen`` command (``pipeline/cli.py``)
 =============  ==========================================================================
 
@@ -53,7 +56,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "data": ("core", "data_prep"),
     "models": ("core",),
     "metrics": ("core",),
-    "inference": ("core", "data", "data_prep", "models"),
+    "inference": ("core", "data", "data_prep", "models", "metrics"),
     "training": ("core", "data", "data_prep", "models", "metrics", "inference"),
     "evaluation": ("core", "data", "data_prep", "models", "metrics", "inference", "training"),
 }

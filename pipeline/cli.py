@@ -26,7 +26,14 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from pipeline.core.config import DEVICES, GENERATORS, KINDS, OUTPUT_FORMATS, SAMPLERS
+from pipeline.core.config import (
+    DEVICES,
+    GENERATORS,
+    KINDS,
+    OUTPUT_FORMATS,
+    SAMPLERS,
+    NoveltyConfig,
+)
 from pipeline.core.errors import InputError
 from pipeline.core.stage import user_error_message
 
@@ -148,8 +155,37 @@ def generate(
     sampler: SamplerOpt = None,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
+    novelty: Annotated[
+        bool,
+        typer.Option(
+            "--novelty/--no-novelty",
+            help="Re-sample slices that are near copies of a training slice (pixel "
+            "correlation, SSIM or AlexNet features above the "
+            f"{NoveltyConfig().quantile:g} quantile of held-out slices; at most "
+            f"{NoveltyConfig().max_attempts} re-samples) and record each slice's similarity "
+            "in the manifest.",
+        ),
+    ] = False,
+    prepared_dir: Annotated[
+        Path,
+        typer.Option(
+            "--prepared-dir",
+            help="prepare's output (train = copies searched, val or test = reference); "
+            "for --novelty.",
+        ),
+    ] = Path("data/prepared"),
+    texture: Annotated[
+        bool,
+        typer.Option(
+            "--texture/--no-texture",
+            help="Add the scan noise the first stage removes (calibrated on the training "
+            "slices, recorded as texture_sigma in the manifest); --no-texture writes the "
+            "decoder's clean output.",
+        ),
+    ] = True,
 ) -> None:
     """Generate slices at the requested z levels: one file per slice plus manifest.csv."""
+    from pipeline.inference.generate import NoveltySettings
     from pipeline.inference.generate import generate as run_generate
 
     def body() -> None:
@@ -168,6 +204,8 @@ def generate(
             device=_choice(device, DEVICES, "--device"),
             prefix=prefix,
             progress=sys.stderr.isatty(),
+            novelty=NoveltySettings(prepared_dir) if novelty else None,
+            texture=texture,
         )
         typer.echo(
             f"wrote {result.slices} slices ({len(result.files)} files) to {out} in "

@@ -5,9 +5,10 @@ Usage::
     python -m stages.evaluate
 
 Reads ``params.yaml`` (evaluate, autoencoder.kinds, prepare.n_slices, seed, device),
-``data/prepared/test`` and ``models/{ae_vqvae,ae_vaegan,pixelcnn,ldm,zprobe}.pt``; writes
-``reports/metrics.json`` (a DVC metric, layout in :mod:`pipeline.evaluation.evaluate`),
-``reports/per_z/*.csv`` (per-z curves, a DVC plot) and ``reports/eval_per_z.png``.
+``data/prepared/{train,test}`` and ``models/{ae_vqvae,ae_vaegan,pixelcnn,ldm,zprobe}.pt``;
+writes ``reports/metrics.json`` (a DVC metric, layout in :mod:`pipeline.evaluation.evaluate`),
+``reports/per_z/*.csv`` (per-z curves, a DVC plot), ``reports/eval_per_z.png``,
+``reports/c2st_strength.png`` and ``reports/novelty_{ldm,pixelcnn}.png``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def run() -> None:
     device = resolve_device(params.device)
     paths = EvaluatePaths.standard(params.data.prepared_dir)
     with StageRun("evaluate", stage_identity(params, "evaluate"), run_name="evaluate") as tracking:
-        tracking.log_datasets(params.data.prepared_dir, ("test",))
+        tracking.log_datasets(params.data.prepared_dir, ("train", "test"))
         # figures of each model (metrics "<section>.*") are attached to its registered version
         sections = [*GENERATORS, *(f"ae_{kind}" for kind in params.autoencoder.kinds), "zprobe"]
         link_models(tracking, {name: paths.models / f"{name}.pt" for name in sections})

@@ -4,9 +4,10 @@ Usage::
 
     python -m stages.generate
 
-Reads ``params.yaml`` (generate, device) and ``models/<generate.model>.pt``; writes
-``<generate.out_dir>/`` (one file per slice and ``manifest.csv``). Existing files of the same
-request are replaced (``dvc repro`` empties the folder first anyway).
+Reads ``params.yaml`` (generate, device; with ``generate.novelty`` also evaluate.novelty and
+data.prepared_dir) and ``models/<generate.model>.pt``; writes ``<generate.out_dir>/`` (one file
+per slice and ``manifest.csv``). Existing files of the same request are replaced (``dvc repro``
+empties the folder first anyway).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pipeline.core.config import load_params
 from pipeline.core.identity import stage_identity
 from pipeline.core.stage import main
 from pipeline.core.tracking import StageRun
-from pipeline.inference.generate import generate
+from pipeline.inference.generate import NoveltySettings, generate
 
 
 def run() -> None:
@@ -34,6 +35,11 @@ def run() -> None:
             fmt=cfg.format,
             overwrite=True,
             device=params.device,
+            novelty=(
+                NoveltySettings(Path(params.data.prepared_dir), params.evaluate.novelty)
+                if cfg.novelty
+                else None
+            ),
         )
         tracking.log_metrics(
             {

@@ -1,4 +1,5 @@
-"""Schedulers, guided DDIM, SDEdit, inpainting, trajectories and the LDM training task."""
+"""Schedulers, guided DDIM, SDEdit, inpainting, trajectories and the LDM training task;
+the recipe levers: min-SNR-γ weighting, zero terminal SNR, mirrored latents."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 import torch
+import torch.nn.functional as F
+from monai.networks.schedulers import PNDMScheduler
 from support import TINY_COND, TINY_LATENT_SHAPE, RecordingRun, quiet_fit, tiny_ldm
 from torch import nn
 from torch.utils.data import Dataset
 
 from pipeline.core.checkpoint import load_checkpoint
 from pipeline.core.config import LDMConfig, TrainConfig
+from pipeline.core.errors import InputError
+from pipeline.inference import diffusion
 from pipeline.inference.diffusion import (
     build_scheduler,
     ddim_sample,
@@ -20,12 +25,15 @@ from pipeline.inference.diffusion import (
     guided_output,
     guided_sample,
     inpaint,
+    min_snr_weight,
     pndm_sample,
     scheduler_config,
     sdedit,
 )
 from pipeline.models.unet import ZConditionedUNet
-from pipeline.training.ldm import TRAJECTORY_GIF, Evaluator, LatentSet, LDMTask
+from pipeline.training import ldm
+from pipeline.training.ldm import TRAJECTORY_GIF, Evaluator, LatentSet, LDMTask, random_mirror
+from pipeline.training.loop import Optimization
 
 SHAPE = TINY_LATENT_SHAPE
 CPU = torch.device("cpu")
@@ -192,6 +200,174 @@ def test_v_prediction_loss_uses_the_velocity_target() -> None:
     t, z, drop = torch.tensor([100, 800]), torch.rand(2), torch.zeros(2, dtype=torch.bool)
     loss = diffusion_loss(_Oracle(target, sched), sched, target, z, noise, t, drop)
     assert float(loss) < 1e-8
+
+
+# ------------------------------------------------------------------ min-SNR-γ weighting
+
+
+def test_min_snr_weights_match_hand_computed_values() -> None:
+    alpha_bar = torch.tensor([0.2, 0.5, 0.9, 0.99, 0.0, 1.0])  # SNR 1/4, 1, 9, 99, 0, ∞
+    eps = min_snr_weight(alpha_bar, "epsilon", 5.0)  # min(SNR, 5) / SNR
+    v = min_snr_weight(alpha_bar, "v_prediction", 5.0)  # min(SNR, 5) / (SNR + 1)
+    torch.testing.assert_close(eps, torch.tensor([1.0, 1.0, 5 / 9, 5 / 99, 1.0, 0.0]))
+    torch.testing.assert_close(v, torch.tensor([0.2, 0.5, 0.5, 0.05, 0.0, 0.0]))
+    torch.testing.assert_close(
+        min_snr_weight(alpha_bar[:4], "v_prediction", 1.0), torch.tensor([0.2, 0.5, 0.1, 0.01])
+    )
+    with pytest.raises(InputError, match="prediction_type"):
+        min_snr_weight(alpha_bar, "sample", 5.0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_loss_weights_each_sample_and_uniform_is_unchanged(prediction_type: str) -> None:
+    cfg = _cfg(prediction_type=prediction_type)
+    sched, unet = build_scheduler(scheduler_config(cfg), "ddpm"), _unet(cfg)
+    latent = torch.randn(3, *SHAPE, generator=_gen(10))
+    noise = torch.randn(3, *SHAPE, generator=_gen(11))
+    t, z, drop = torch.tensor([5, 300, 900]), torch.tensor([0.1, 0.5, 0.9]), torch.zeros(3) > 0
+    with torch.no_grad():
+        uniform = diffusion_loss(unet, sched, latent, z, noise, t, drop)
+        weighted = diffusion_loss(
+            unet, sched, latent, z, noise, t, drop, weighting="min_snr", min_snr_gamma=5.0
+        )
+        # the formula before loss weighting existed
+        v = prediction_type == "v_prediction"
+        target = (sched.get_velocity(latent, noise, t) if v else noise).float()
+        out = unet(sched.add_noise(latent, noise, t), t, z, drop).float()
+    assert torch.equal(uniform, F.mse_loss(out, target))
+    a = sched.alphas_cumprod[t].double()
+    snr = a / (1 - a)
+    w = snr.clamp(max=5.0) / (snr + 1 if v else snr)
+    per_sample = (out - target).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(weighted, (w.float() * per_sample).mean())
+    assert w.min() < 0.5 * w.max()  # the timesteps are weighted differently
+    assert abs(float(weighted) - float(uniform)) > 1e-3
+    with pytest.raises(InputError, match="weighting"):
+        diffusion_loss(unet, sched, latent, z, noise, t, drop, weighting="snr")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ zero terminal SNR
+
+
+def _ztsnr_cfg() -> LDMConfig:
+    return _cfg(prediction_type="v_prediction", zero_terminal_snr=True)
+
+
+def test_zero_terminal_snr_rescales_every_scheduler_alike(monkeypatch) -> None:
+    config = scheduler_config(_ztsnr_cfg())
+    plain = build_scheduler(scheduler_config(_cfg(prediction_type="v_prediction")), "ddpm")
+    ddpm, ddim = build_scheduler(config, "ddpm"), build_scheduler(config, "ddim")
+    a, a0 = ddpm.alphas_cumprod, plain.alphas_cumprod
+    assert float(a[-1]) == 0.0 and float(a0[-1]) > 0  # the last timestep is pure noise now
+    torch.testing.assert_close(a[0], a0[0])  # and the first is unchanged
+    assert (a[1:] < a[:-1]).all()
+    assert ((ddpm.betas > 0) & (ddpm.betas <= 1)).all() and float(ddpm.betas[-1]) == 1.0
+    torch.testing.assert_close(ddpm.alphas, 1 - ddpm.betas)
+    s0 = a0.double().sqrt()  # Algorithm 1: sqrt(ᾱ) shifted and scaled
+    expected = (s0 - s0[-1]) * s0[0] / (s0[0] - s0[-1])
+    torch.testing.assert_close(a.double().sqrt(), expected, atol=1e-6, rtol=0)
+    assert torch.equal(ddim.alphas_cumprod, a) and torch.equal(ddim.betas, ddpm.betas)
+
+    built: list[PNDMScheduler] = []
+
+    class Recording(PNDMScheduler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(diffusion, "PNDMScheduler", Recording)
+    pndm_sample(_unet(_ztsnr_cfg()), config, torch.tensor([0.5]), SHAPE, 3, 1.0, _gen())
+    assert len(built) == 1 and torch.equal(built[0].alphas_cumprod, a)
+    assert "zero_terminal_snr" not in scheduler_config(_cfg())  # saved schedules read the same
+
+
+def test_zero_terminal_snr_needs_v_prediction() -> None:
+    with pytest.raises(InputError, match=r"zero_terminal_snr.*v_prediction.*'epsilon'"):
+        scheduler_config(_cfg(zero_terminal_snr=True))
+
+
+def test_zero_terminal_snr_sampling_starts_at_pure_noise_and_stays_finite() -> None:
+    cfg = _ztsnr_cfg()
+    config = scheduler_config(cfg)
+    sched, unet = build_scheduler(config, "ddim"), _unet(cfg)
+    z = torch.tensor([0.0, 0.5, 1.0])
+    for eta in (0.0, 1.0):
+        assert torch.isfinite(ddim_sample(unet, sched, z, SHAPE, 4, 2.0, _gen(), eta=eta)).all()
+    kwargs = {"steps": 4, "guidance": 2.0, "generator": _gen()}
+    assert torch.isfinite(guided_sample(unet, config, z, SHAPE, sampler="pndm", **kwargs)).all()
+    assert torch.isfinite(sdedit(unet, sched, torch.randn(3, *SHAPE), z, 1.0, 4, 2.0, _gen())).all()
+
+    target = torch.randn(3, *SHAPE, generator=_gen(5))
+    out, traj = ddim_sample(
+        _Oracle(target, sched), sched, z, SHAPE, 5, 2.5, _gen(), return_trajectory=True
+    )
+    assert traj.timesteps[0] == cfg.num_train_timesteps - 1
+    torch.testing.assert_close(traj.x0[0], target)  # at ᾱ = 0, x0 = -v exactly
+    torch.testing.assert_close(out, target, atol=1e-3, rtol=1e-3)
+    oracle = _Oracle(target, build_scheduler(config, "ddpm"))
+    pndm = pndm_sample(oracle, config, z, SHAPE, 10, 2.5, _gen())
+    torch.testing.assert_close(pndm, target, atol=1e-3, rtol=1e-3)
+    with pytest.raises(InputError, match="pndm cannot start"):  # steps = T: PLMS at ᾱ = 0
+        pndm_sample(unet, config, z, SHAPE, cfg.num_train_timesteps, 2.0, _gen())
+
+
+def test_min_snr_loss_and_gradients_are_finite_with_zero_terminal_snr() -> None:
+    cfg = _ztsnr_cfg()
+    sched, unet = build_scheduler(scheduler_config(cfg), "ddpm"), _unet(cfg)
+    ends = torch.tensor([0, cfg.num_train_timesteps - 1])  # SNR 666 and 0
+    w = min_snr_weight(sched.alphas_cumprod[ends], "v_prediction", 5.0)
+    assert torch.isfinite(w).all() and float(w[1]) == 0.0
+    latent, noise = torch.randn(2, *SHAPE, generator=_gen(12)), torch.randn(2, *SHAPE)
+    z, drop = torch.tensor([0.2, 0.8]), torch.zeros(2, dtype=torch.bool)
+    for weighting in ("uniform", "min_snr"):
+        unet.zero_grad()
+        loss = diffusion_loss(unet, sched, latent, z, noise, ends, drop, weighting=weighting)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in unet.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------ mirrored latents
+
+
+def test_random_mirror_flips_about_half_reproducibly() -> None:
+    latent = torch.randn(400, *SHAPE, generator=_gen(9))
+    torch.manual_seed(0)
+    a = random_mirror(latent)
+    torch.manual_seed(0)
+    b = random_mirror(latent)
+    assert torch.equal(a, b)
+    flipped = (a == latent.flip(-1)).flatten(1).all(1)
+    kept = (a == latent).flatten(1).all(1)
+    assert (flipped ^ kept).all()  # each latent whole, either as it was or mirrored
+    assert 150 < int(flipped.sum()) < 250  # Binomial(400, 1/2): mean 200, sd 10
+    torch.manual_seed(1)
+    assert not torch.equal(random_mirror(latent), a)
+
+
+def test_train_step_mirrors_and_weights_only_when_asked(monkeypatch) -> None:
+    seen: list[tuple[torch.Tensor, ...]] = []
+    weightings: list[str] = []
+
+    def spy(unet, scheduler, latent, z, noise, t, drop, **kwargs):
+        seen.append((latent.clone(), noise.clone(), t.clone(), drop.clone()))
+        weightings.append(kwargs["weighting"])
+        return diffusion_loss(unet, scheduler, latent, z, noise, t, drop, **kwargs)
+
+    monkeypatch.setattr(ldm, "diffusion_loss", spy)
+    batch = {"latent": torch.randn(32, *SHAPE, generator=_gen(13)), "z": torch.rand(32)}
+    for cfg in (_cfg(), _cfg(mirror_latents=True, loss_weighting="min_snr")):
+        task = _task(cfg)
+        torch.manual_seed(3)
+        task.train_step(batch, 0, Optimization(task.optimizers, 0.0))
+    (plain, *draws), (mirrored, *same_draws) = seen
+    assert torch.equal(plain, batch["latent"])
+    flipped = (mirrored == batch["latent"].flip(-1)).flatten(1).all(1)
+    kept = (mirrored == batch["latent"]).flatten(1).all(1)
+    assert (flipped ^ kept).all() and 4 <= int(flipped.sum()) <= 28
+    for x, y in zip(draws, same_draws, strict=True):  # flips are drawn last: same noise, t, drop
+        assert torch.equal(x, y)
+    assert weightings == ["uniform", "min_snr"]
 
 
 class _Latents(Dataset):

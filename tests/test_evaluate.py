@@ -12,23 +12,28 @@ import torch
 from support import TINY_LDM, RecordingRun, write_tiny_generators
 
 from pipeline.core.checkpoint import CheckpointError
-from pipeline.core.config import EvaluateConfig, ZProbeConfig, params_from_dict
+from pipeline.core.config import C2STConfig, EvaluateConfig, ZProbeConfig, params_from_dict
 from pipeline.core.identity import file_sha256
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.evaluation.evaluate import (
     EvaluatePaths,
     evaluate,
-    gaussian_blur,
+    judge_sample_index,
     real_figures,
     set_figures,
     split_halves,
 )
+from pipeline.metrics.c2st import blur
 from pipeline.models.files import load_probe, save_model
 from pipeline.models.zprobe import ZProbe
 
 K, SIZE, VOLUMES = 8, 32, 5
 PROBE = ZProbeConfig(channels=(8, 16))
-EVAL = EvaluateConfig(kid_subsets=5, ms_ssim_pairs=20)
+EVAL = EvaluateConfig(
+    kid_subsets=5,
+    ms_ssim_pairs=20,
+    c2st=C2STConfig(steps=4, curve_every=2, batch_size=8, train_samples=16),
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,21 +95,21 @@ def test_identical_set_scores_perfectly_and_blurred_set_worse(real: EvalData) ->
     assert same["intensity_distance"] == pytest.approx(0.0, abs=1e-9)
     assert same["n_samples"] == len(real.image)
 
-    blurred = _score(real, gaussian_blur(real.image, 1.5))
+    blurred = _score(real, blur(real.image, 1.5))
     assert blurred["fd_alex"] > 1e-3
     assert blurred["kid"] > same["kid"]
     assert blurred["intensity_distance"] > 1e-3
     assert blurred["ms_ssim"] > same["ms_ssim"]  # blurring removes the texture that differs
 
 
-def test_gaussian_blur_and_split_halves() -> None:
+def test_blur_and_split_halves() -> None:
     x = torch.zeros(1, 1, 15, 15)
     x[..., 7, 7] = 1.0
-    out = gaussian_blur(x, 1.5)
+    out = blur(x, 1.5)
     assert out.shape == x.shape and 0 < float(out.max()) < 1
     assert float(out.sum()) == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="sigma"):
-        gaussian_blur(x, 0.0)
+        blur(x, 0.0)
     z = torch.tensor([2, 0, 1, 0, 2, 1, 0])
     a, b = split_halves(z)
     assert sorted(torch.cat([a, b]).tolist()) == list(range(7))
@@ -122,8 +127,18 @@ def test_real_figures_skip_split_halves_that_share_no_level(real: EvalData) -> N
     assert figures["split_halves"]["n_samples"] == len(real.z) // 2
 
 
+def test_judge_samples_follow_the_training_split_levels(real: EvalData) -> None:
+    index = judge_sample_index(real, 12, seed=3)
+    assert len(index) == 12 and torch.equal(index, torch.sort(index).values)
+    assert set(index.tolist()) <= set(real.z_index.tolist())
+    assert torch.equal(index, judge_sample_index(real, 12, seed=3))
+    assert len(judge_sample_index(real, 10_000, seed=3)) == len(real.z_index)
+
+
 def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> None:
     _write_split(tmp_path / "data" / "prepared" / "test")
+    _write_split(tmp_path / "data" / "prepared" / "train")
+    _write_split(tmp_path / "data" / "prepared" / "val")
     _write_models(tmp_path / "models")
     params = params_from_dict(
         {
@@ -167,6 +182,23 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> No
         expected = {"ssim", "ssim_brain", "psnr", "lpips", "checkpoint_sha256", "n_samples"}
         assert expected <= set(section), kind
 
+    # the realism judge: controls, every generator and both autoencoders, raw and blurred
+    for name in ("real", "ldm", "pixelcnn", "ae_vqvae", "ae_vaegan"):
+        assert set(saved[name]["c2st"]) == {"raw", "blur"}, name
+        for result in saved[name]["c2st"].values():
+            assert 0 <= result["auc"] <= 1
+            assert [step for step, _ in result["curve"]] == [2, 4]
+    assert set(saved["blurred_real"]["c2st"]) == {"raw"}
+    # novelty: the real test slices are the reference; each generator is scored against it
+    for name in ("real", "ldm", "pixelcnn"):
+        novelty = saved[name]["novelty"]
+        assert 0 <= novelty["copy_like_fraction"] <= 1, name
+        assert novelty["n_reference"] == n
+    for name in ("ldm", "pixelcnn"):
+        assert (paths.reports / f"novelty_{name}.png").stat().st_size > 0
+        assert f"reports/novelty_{name}.png" in run.artifacts
+    assert paths.c2st_png.stat().st_size > 0
+
     zprobe = pd.read_csv(paths.per_z / "zprobe_mae.csv")
     assert list(zprobe.columns) == ["z_index", "real", "blurred_real", "ldm", "pixelcnn"]
     assert zprobe["z_index"].tolist() == list(range(K))
@@ -185,6 +217,8 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> No
 
 def test_stage_refuses_a_probe_for_other_slice_levels(tmp_path: Path) -> None:
     _write_split(tmp_path / "data" / "prepared" / "test")
+    _write_split(tmp_path / "data" / "prepared" / "train")
+    _write_split(tmp_path / "data" / "prepared" / "val")
     models = tmp_path / "models"
     models.mkdir()
     save_model(models / "zprobe.pt", "zprobe", ZProbe(PROBE.channels), PROBE, {"n_slices": K + 1})

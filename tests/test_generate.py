@@ -254,6 +254,23 @@ def test_foreign_manifest_is_not_merged(tiny_generators, tmp_path) -> None:
         generate(tiny_generators["ldm"], "0", 1, 0, tmp_path, progress=False, device="cpu")
 
 
+def test_a_manifest_from_before_texture_and_novelty_keeps_growing(
+    tiny_generators, tmp_path
+) -> None:
+    old_columns = MANIFEST_COLUMNS[:12]
+    assert "texture_sigma" not in old_columns
+    row = {c: "" for c in old_columns} | {"file": "old_s0_z000_0000.png", "type": "slice"}
+    with (tmp_path / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=old_columns)
+        writer.writeheader()
+        writer.writerow(row)
+    generate(tiny_generators["ldm"], "0", 1, 0, tmp_path, progress=False, device="cpu")
+    rows = read_manifest(tmp_path / "manifest.csv")
+    assert rows[0]["file"] == "old_s0_z000_0000.png"
+    assert rows[0]["texture_sigma"] == "" and len(rows) == 2
+    assert tuple(rows[1]) == MANIFEST_COLUMNS
+
+
 # --- concurrency ------------------------------------------------------------------------
 
 

@@ -31,6 +31,9 @@ PNGS = (
     "ldm_trajectory.png",
     "zprobe_scatter.png",
     "prepare_preview.png",
+    "c2st_strength.png",
+    "novelty_ldm.png",
+    "novelty_pixelcnn.png",
 )
 #: Records load errors and every image's natural size into the title, read via --dump-dom.
 PROBE_SCRIPT = """<script>
@@ -55,7 +58,12 @@ def _write_fixture(root: Path) -> ReportPaths:
         {
             "real": {"zprobe_mae": 0.61, "split_halves": {"fd_alex": 3.5}},
             "blurred_real": {"fd_alex": 21.25, "zprobe_mae": 1.0},
-            "ldm": {"fd_alex": 12.75, "zprobe_mae": 0.9, "checkpoint_sha256": "ab" * 32},
+            "ldm": {
+                "fd_alex": 12.75,
+                "zprobe_mae": 0.9,
+                "checkpoint_sha256": "ab" * 32,
+                "c2st": {"blur": {"auc": 0.625}, "raw": {"auc": 0.9375}},
+            },
             "ae_vqvae": {"ssim": 0.875},
         },
     )
@@ -101,7 +109,7 @@ def _render(page: Path, tmp_path: Path) -> dict[str, list]:
 def test_sections_are_filled_from_the_files_and_missing_ones_say_so(tmp_path: Path) -> None:
     paths = _write_fixture(tmp_path)
     page = build_report(paths, tracking_uri=f"sqlite:///{tmp_path / 'none.db'}", stand_in=True)
-    # 8 PNGs + GIF + the real grid
+    # every PNG + GIF + the real grid
     assert page.count('src="data:image/') == len(PNGS) + 2
     assert page.count("data:image/gif;base64,") == 1
     assert "stand-in" in page
@@ -113,6 +121,23 @@ def test_sections_are_filled_from_the_files_and_missing_ones_say_so(tmp_path: Pa
     assert "not produced: reports/ae_vaegan.json" in page
     assert "not produced: MLflow store" in page
     assert "… (20 items)" in page
+
+
+def test_page_opens_with_verdicts_and_folds_the_full_table(tmp_path: Path) -> None:
+    page = build_report(
+        _write_fixture(tmp_path), tracking_uri=f"sqlite:///{tmp_path / 'none.db'}", stand_in=True
+    )
+    verdicts = page.index("Verdicts on the test split")
+    assert verdicts < page.index("<details><summary>Every evaluation figure")
+    assert page.index("Every evaluation figure") < page.index("split_halves.fd_alex")
+    ldm = page[page.index("latent diffusion: short of") :]
+    rows = dict(re.findall(r"<tr><td>([^<]+)</td>.*?class=\"(pass|short|unknown)\"", ldm))
+    assert rows["realism, anatomy (C2ST AUC, blurred)"] == "pass"  # 0.625 <= 0.65
+    assert rows["realism, texture (C2ST AUC, raw)"] == "short"  # 0.9375 > 0.8
+    assert rows["fd_alex"] == "short"  # 12.75 > 1.5 x 3.5
+    assert rows["z fidelity (z-probe MAE, slices)"] == "pass"  # 0.9 <= 1.5 x 0.61
+    assert rows["precision"] == "unknown"
+    assert "PixelCNN prior: " not in page  # no section in metrics.json, no verdict table
 
 
 def test_missing_inputs_never_crash(tmp_path: Path) -> None:

@@ -37,6 +37,8 @@ OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 #: Generators ``generate`` samples from (``models/<name>.pt``).
 GeneratorName = Literal["ldm", "pixelcnn"]
 GENERATORS: tuple[str, ...] = get_args(GeneratorName)
+#: Per-timestep weights of the diffusion loss (``ldm.loss_weighting``).
+LossWeighting = Literal["uniform", "min_snr"]
 
 
 class _Section(BaseModel):
@@ -357,6 +359,13 @@ class LDMConfig(_Section):
         sample_steps: default sampling steps.
         grid_levels: z levels (rows) of the sample grid logged at each evaluation.
         grid_samples: samples per z level in that grid.
+        loss_weighting: per-timestep weight of the diffusion loss: ``uniform`` or ``min_snr``
+            (min-SNR-gamma, Hang et al. 2023).
+        min_snr_gamma: gamma of ``min_snr`` (the SNR at which weights are clipped).
+        zero_terminal_snr: rescale the betas so the last timestep is pure noise (Lin et al.
+            2024); needs ``v_prediction``.
+        mirror_latents: flip each training latent left-right with probability 0.5 (the brain
+            is roughly symmetric; doubles the distinct training inputs).
         train: training-loop settings.
     """
 
@@ -377,6 +386,10 @@ class LDMConfig(_Section):
     sample_steps: int = Field(50, ge=1)
     grid_levels: int = Field(8, ge=1)
     grid_samples: int = Field(8, ge=1)
+    loss_weighting: LossWeighting = "uniform"
+    min_snr_gamma: float = Field(5.0, gt=0)
+    zero_terminal_snr: bool = False
+    mirror_latents: bool = False
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
@@ -409,6 +422,56 @@ class ZProbeConfig(_Section):
     train: TrainConfig = TrainConfig(steps=800, batch_size=64, lr=1e-3, eval_every=400)
 
 
+class C2STConfig(_Section):
+    """The classifier two-sample test of :mod:`pipeline.metrics.c2st` (Lopez-Paz & Oquab 2017).
+
+    A small CNN judge learns to tell real training slices from synthetic ones; its ROC AUC
+    on unseen real test slices against unseen synthetic ones is the figure (0.5: cannot tell
+    them apart; 1.0: always can).
+
+    Attributes:
+        steps: optimizer steps of each judge (its AUC curve over steps shows whether it is
+            strong: the AUC stops rising).
+        curve_every: the held-out AUC is also measured every this many steps (the strength
+            curve in ``metrics.json``).
+        batch_size: slices per step (half real, half synthetic).
+        lr: AdamW learning rate of the judge.
+        blur_sigma: Gaussian sigma in pixels of the "anatomy" variant: both sides blurred,
+            so scan-noise texture cannot decide.
+        train_samples: synthetic slices generated for the judge's training side.
+    """
+
+    steps: int = Field(1500, ge=1)
+    curve_every: int = Field(250, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1.0e-3, gt=0)
+    blur_sigma: float = Field(1.0, gt=0)
+    train_samples: int = Field(512, ge=2)
+
+
+class NoveltyConfig(_Section):
+    """The novelty check of :mod:`pipeline.metrics.novelty`: is a sample a near copy?
+
+    Each slice's nearest training slice (any level) by pixel correlation, SSIM and AlexNet
+    feature cosine; real held-out slices give the reference distribution.
+
+    Attributes:
+        quantile: a sample whose similarity exceeds this quantile of the real held-out
+            slices' similarities is "copy-like".
+        max_copy_like: ``evaluate`` warns (and the report marks red) when more than this
+            fraction of a model's samples is copy-like.
+        candidates: SSIM is computed against this many nearest training slices by pixel
+            correlation (all pairs would cost N x M SSIM maps).
+        max_attempts: ``generate --novelty`` re-samples a copy-like slice at most this many
+            times before it gives up with an error.
+    """
+
+    quantile: float = Field(0.99, gt=0, lt=1)
+    max_copy_like: float = Field(0.05, ge=0, le=1)
+    candidates: int = Field(16, ge=1)
+    max_attempts: int = Field(8, ge=1)
+
+
 class EvaluateConfig(_Section):
     """The ``evaluate`` stage: figures of every trained model on the test split.
 
@@ -422,6 +485,8 @@ class EvaluateConfig(_Section):
         kid_subset_size: slices per KID subset (capped at the set sizes).
         ms_ssim_pairs: at most this many sample pairs enter the MS-SSIM diversity.
         intensity_threshold: foreground threshold of the per-z intensity histograms.
+        c2st: the realism judge (classifier two-sample test).
+        novelty: the near-copy check (also used by ``generate.novelty``).
     """
 
     blur_sigma: float = Field(1.5, gt=0)
@@ -430,6 +495,8 @@ class EvaluateConfig(_Section):
     kid_subset_size: int = Field(1000, ge=2)
     ms_ssim_pairs: int = Field(1000, ge=1)
     intensity_threshold: float = Field(0.05, ge=0, lt=1)
+    c2st: C2STConfig = C2STConfig()
+    novelty: NoveltyConfig = NoveltyConfig()
 
 
 class GenerateConfig(_Section):
@@ -445,6 +512,8 @@ class GenerateConfig(_Section):
         seed: sampling seed (>= 0).
         format: ``png`` (16-bit), ``nifti`` or ``both``.
         out_dir: output folder (``manifest.csv`` + one file per slice).
+        novelty: re-sample copy-like slices (``evaluate.novelty`` settings) and record each
+            kept slice's nearest-training similarity in the manifest.
     """
 
     model: GeneratorName = "ldm"
@@ -453,6 +522,7 @@ class GenerateConfig(_Section):
     seed: int = Field(0, ge=0)
     format: OutputFormat = "png"
     out_dir: str = "synthetic"
+    novelty: bool = False
 
 
 class Params(_Section):

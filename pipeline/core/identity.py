@@ -33,7 +33,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "train_zprobe": ("seed", "zprobe", "prepare.n_slices"),
     "encode_latents": ("autoencoder.kinds", "data.prepared_dir"),
     "evaluate": ("seed", "evaluate", "prepare.n_slices", "autoencoder.kinds"),
-    "generate": ("generate",),
+    "generate": ("generate", "evaluate.novelty", "data.prepared_dir"),
 }
 
 

@@ -31,21 +31,33 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "steps",
     "guidance",
     "timestamp",
+    "texture_sigma",
+    "nearest_train_corr",
+    "nearest_train_ssim",
+    "nearest_train_alex",
+    "novelty_attempts",
 )
+#: The columns every generate manifest has had; later columns are blank when read from an
+#: older manifest (written before texture and novelty were recorded).
+REQUIRED_COLUMNS = MANIFEST_COLUMNS[:12]
 def read_manifest(path: Path) -> list[dict[str, str]]:
     """Rows of a ``manifest.csv`` written by :func:`generate`.
+
+    A manifest written by an older braingen (the first :data:`REQUIRED_COLUMNS` only) is
+    read with the newer columns blank, so a folder keeps growing across versions.
 
     Raises:
         ValueError: the file's header is not the generate manifest's.
     """
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
-        if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
+        columns = tuple(reader.fieldnames or ())
+        if columns != MANIFEST_COLUMNS[: len(columns)] or len(columns) < len(REQUIRED_COLUMNS):
             raise InputError(
                 f"{path} is not a braingen generate manifest (columns {reader.fieldnames}); "
                 "write into another folder"
             )
-        return list(reader)
+        return [dict.fromkeys(MANIFEST_COLUMNS, "") | row for row in reader]
 
 
 def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -14,10 +14,23 @@ Sections of ``reports/metrics.json`` (a DVC metric; every number also goes to ML
   and ``intensity_distance`` (mean over z of the per-z foreground-histogram distance).
 - ``ae_vqvae`` / ``ae_vaegan``: reconstruction ``ssim``, ``ssim_brain``, ``psnr``, ``lpips``
   (and the same with a shuffled z).
+- ``c2st`` in ``real`` (the control, about 0.5: a judge trained on the training subjects
+  against the validation subjects, scored on two halves of the test subjects),
+  ``blurred_real`` (about 1.0), each generator and each autoencoder's reconstructions (the
+  ceiling of its second stage): ``raw`` and ``blur`` (both sides blurred by
+  ``evaluate.c2st.blur_sigma`` px; this hides pixel-scale texture, not blur, which adds up)
+  ROC AUC of a judge CNN trained on the training split against synthetic slices
+  (:mod:`pipeline.metrics.c2st`), with its AUC curve over training steps.
+- ``novelty`` in each generator and in ``real`` (the real test slices: the reference): each
+  slice's similarity to its nearest training slice and the copy-like fraction
+  (:mod:`pipeline.metrics.novelty`). More than ``evaluate.novelty.max_copy_like`` copy-like
+  samples logs a warning.
 
 Beside the figures every section records ``n_samples``, ``seed`` and the sha256 of the model
 file(s) it measured. Per-z curves go to ``reports/per_z/<metric>.csv`` (a DVC plot, column
-``z_index`` plus one column per section) and to ``reports/eval_per_z.png``.
+``z_index`` plus one column per section) and to ``reports/eval_per_z.png``; the judges' AUC
+over training steps to ``reports/c2st_strength.png``; each generator's closest sample/training
+pairs to ``reports/novelty_<generator>.png``.
 """
 
 from __future__ import annotations
@@ -34,7 +47,6 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from scipy import ndimage
 
 from pipeline.core.checkpoint import CheckpointError
 from pipeline.core.config import EvaluateConfig, Params
@@ -45,6 +57,12 @@ from pipeline.core.io import atomic_write, write_json
 from pipeline.core.tracking import StageRun, flatten
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.inference.sampling import load_generator, sample
+from pipeline.metrics.c2st import C2STResult, blur, strength_curve_figure, two_sample_auc
+from pipeline.metrics.novelty import (
+    closest_pairs_figure,
+    nearest_training,
+    novelty_summary,
+)
 from pipeline.metrics.quality import (
     alex_features,
     feature_metrics,
@@ -54,7 +72,7 @@ from pipeline.metrics.quality import (
 from pipeline.models.conditioning import index_from_z, z_from_index
 from pipeline.models.files import load_autoencoder, load_probe
 from pipeline.models.zprobe import ZProbe
-from pipeline.training.autoencoder import reconstruction_report
+from pipeline.training.autoencoder import reconstruct, reconstruction_report
 from pipeline.training.zprobe import predict_z
 
 logger = logging.getLogger(__name__)
@@ -73,47 +91,45 @@ class EvaluatePaths:
     """Inputs and outputs of the ``evaluate`` stage.
 
     Attributes:
+        train: the prepared training split (the judges' real side, the novelty check's
+            neighbours), ``data/prepared/train``.
+        val: the prepared validation split (the real-against-real judge's second side),
+            ``data/prepared/val``.
         test: the prepared test split, ``data/prepared/test``.
         models: folder of the model files (``ae_<kind>.pt``, ``ldm.pt``, ``pixelcnn.pt``,
             ``zprobe.pt``).
         metrics: ``reports/metrics.json``.
         per_z: folder of the per-z curves, ``reports/per_z``.
         per_z_png: the per-z curves as one figure, ``reports/eval_per_z.png``.
+        c2st_png: the judges' AUC over training steps, ``reports/c2st_strength.png``.
+        reports: folder of ``novelty_<generator>.png``, ``reports``.
     """
 
+    train: Path
+    val: Path
     test: Path
     models: Path
     metrics: Path
     per_z: Path
     per_z_png: Path
+    c2st_png: Path
+    reports: Path
 
     @classmethod
     def standard(cls, prepared_dir: str | Path, root: str | Path = ".") -> EvaluatePaths:
         """The standard layout under ``root``, reading ``<prepared_dir>/test``."""
         root = Path(root)
         return cls(
+            train=root / prepared_dir / "train",
+            val=root / prepared_dir / "val",
             test=root / prepared_dir / "test",
             models=root / "models",
             metrics=root / "reports" / "metrics.json",
             per_z=root / "reports" / "per_z",
             per_z_png=root / "reports" / "eval_per_z.png",
+            c2st_png=root / "reports" / "c2st_strength.png",
+            reports=root / "reports",
         )
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur each slice with a Gaussian (reflecting borders), as the ``blurred_real`` reference.
-
-    Args:
-        images: (N, 1, H, W) intensities in [0, 1].
-        sigma: standard deviation in pixels (> 0).
-
-    Returns:
-        (N, 1, H, W) float32 intensities in [0, 1].
-    """
-    if sigma <= 0:
-        raise InputError(f"sigma must be > 0 pixels; got {sigma}")
-    blurred = ndimage.gaussian_filter(images.float().numpy(), sigma=(0, 0, sigma, sigma))
-    return torch.from_numpy(blurred).clamp(0, 1)
 
 
 def split_halves(z_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,6 +352,58 @@ def autoencoder_figures(
     return report, curves
 
 
+def judge_pair(
+    real_train: torch.Tensor,
+    fake_train: torch.Tensor,
+    real_test: torch.Tensor,
+    fake_test: torch.Tensor,
+    *,
+    cfg: EvaluateConfig,
+    device: torch.device,
+    seed: int,
+    variants: tuple[str, ...] = ("raw", "blur"),
+) -> dict[str, C2STResult]:
+    """The classifier two-sample test of one synthetic (or reference) set, raw and blurred.
+
+    Args:
+        real_train: (M, 1, H, W) real slices the judge learns as real.
+        fake_train: (M', 1, H, W) slices it learns as synthetic.
+        real_test: (N, 1, H, W) unseen real slices.
+        fake_test: (N', 1, H, W) unseen synthetic slices.
+        cfg: the ``evaluate`` section (``c2st`` settings).
+        device: where the judge trains.
+        seed: the judge's seed (the same for every pair, so pairs differ only in their data).
+        variants: ``raw`` and/or ``blur`` (both sides blurred by ``cfg.c2st.blur_sigma`` px).
+
+    Returns:
+        ``{variant: result}``.
+    """
+    return {
+        variant: two_sample_auc(
+            real_train,
+            fake_train,
+            real_test,
+            fake_test,
+            cfg=cfg.c2st,
+            device=device,
+            seed=seed,
+            blur_sigma=cfg.c2st.blur_sigma if variant == "blur" else None,
+        )
+        for variant in variants
+    }
+
+
+def judge_sample_index(train: EvalData, count: int, seed: int) -> torch.Tensor:
+    """z indices of the synthetic slices a judge trains on: ``count`` drawn from the training
+    split's own z_index (so the judge cannot tell the sets apart by level alone).
+
+    Returns:
+        (min(count, M),) int64 slice indices, sorted.
+    """
+    order = torch.randperm(len(train.z_index), generator=torch.Generator().manual_seed(seed))
+    return torch.sort(train.z_index[order[:count]]).values
+
+
 def _merge(curves: Curves, section: str, new: Curves) -> None:
     for metric, values in new.items():
         curves.setdefault(metric, {})[section] = values
@@ -413,6 +481,8 @@ def evaluate(
             f"{int(real.z_index.max())}; evaluate needs more than evaluate.knn_k={cfg.knn_k} "
             f"slices and z_index < prepare.n_slices={n_slices} (re-run prepare)"
         )
+    train = EvalData.from_dataset(SliceDataset(paths.train))
+    val = EvalData.from_dataset(SliceDataset(paths.val))
     probe_path = paths.models / "zprobe.pt"
     probe, probe_meta = load_probe(probe_path, device)
     if probe_meta.get("n_slices") != n_slices:
@@ -422,38 +492,101 @@ def evaluate(
         )
     probe_sha = {"zprobe_sha256": file_sha256(probe_path)}
     scoring = {"probe": probe, "n_slices": n_slices, "cfg": cfg, "device": device, "seed": seed}
+    judging = {"cfg": cfg, "device": device, "seed": seed}
     metrics: dict[str, Any] = {}
     curves: Curves = {}
+    judge_curves: dict[str, list[tuple[int, float]]] = {}
+
+    def record_judges(section: str, results: Mapping[str, C2STResult]) -> None:
+        metrics[section]["c2st"] = {v: r.as_dict() for v, r in results.items()}
+        judge_curves.update({f"{section} ({v})": r.curve for v, r in results.items()})
 
     metrics["real"], new = real_figures(real, **scoring)
     metrics["real"] |= probe_sha
     _merge(curves, "real", new)
+    # the control: a judge that learns the training subjects against the validation
+    # subjects, asked to tell two halves of the (unseen) test subjects apart
+    test_a, test_b = split_halves(real.z_index)
+    record_judges(
+        "real",
+        judge_pair(train.image, val.image, real.image[test_a], real.image[test_b], **judging),
+    )
+    train_features = alex_features(train.image, device=device)
+    reference = nearest_training(
+        real.image,
+        train.image,
+        device=device,
+        candidates=cfg.novelty.candidates,
+        train_features=train_features,
+    )
+    metrics["real"]["novelty"] = novelty_summary(reference, reference, cfg.novelty.quantile)
+
     scoring["real_features"] = alex_features(real.image, device=device)  # once for every set
-    blurred = gaussian_blur(real.image, cfg.blur_sigma)
+    blurred = blur(real.image, cfg.blur_sigma)
     metrics["blurred_real"], new = set_figures(real, blurred, real.z_index, **scoring)
     metrics["blurred_real"] |= {"sigma_px": cfg.blur_sigma} | probe_sha
     _merge(curves, "blurred_real", new)
+    record_judges(
+        "blurred_real",
+        judge_pair(
+            train.image,
+            blur(train.image, cfg.blur_sigma),
+            real.image,
+            blurred,
+            variants=("raw",),
+            **judging,
+        ),
+    )
     for name in GENERATORS:
-        images, index, provenance = generate_like(
-            paths.models / f"{name}.pt", real.z_index, n_slices, seed, device
-        )
+        path = paths.models / f"{name}.pt"
+        images, index, provenance = generate_like(path, real.z_index, n_slices, seed, device)
         metrics[name], new = set_figures(real, images, index, **scoring)
         metrics[name] |= provenance | probe_sha
         _merge(curves, name, new)
+        judge_index = judge_sample_index(train, cfg.c2st.train_samples, seed)
+        judge_fakes, _, _ = generate_like(path, judge_index, n_slices, seed + 1, device)
+        record_judges(name, judge_pair(train.image, judge_fakes, real.image, images, **judging))
+        nearest = nearest_training(
+            images,
+            train.image,
+            device=device,
+            candidates=cfg.novelty.candidates,
+            train_features=train_features,
+        )
+        metrics[name]["novelty"] = novelty_summary(nearest, reference, cfg.novelty.quantile)
+        save_png(
+            closest_pairs_figure(images, train.image, nearest),
+            paths.reports / f"novelty_{name}.png",
+        )
+        _warn_copies(name, metrics[name]["novelty"], cfg)
         logger.info(
-            "%s: fd_alex %.4g (blurred real %.4g), z-probe MAE %.3g (real %.3g) slices",
+            "%s: C2ST AUC %.3g raw, %.3g blurred (real vs real %.3g); fd_alex %.4g (real "
+            "halves %.4g); z-probe MAE %.3g (real %.3g) slices",
             name,
+            metrics[name]["c2st"]["raw"]["auc"],
+            metrics[name]["c2st"]["blur"]["auc"],
+            metrics["real"]["c2st"]["blur"]["auc"],
             metrics[name]["fd_alex"],
-            metrics["blurred_real"]["fd_alex"],
+            _halves(metrics, "fd_alex"),
             metrics[name]["zprobe_mae"],
             metrics["real"]["zprobe_mae"],
         )
     for kind in params.autoencoder.kinds:
         section = f"ae_{kind}"
-        metrics[section], new = autoencoder_figures(
-            paths.models / f"{section}.pt", real, device, seed
-        )
+        path = paths.models / f"{section}.pt"
+        metrics[section], new = autoencoder_figures(path, real, device, seed)
         _merge(curves, section, new)
+        model, _ = load_autoencoder(path, device)
+        record_judges(
+            section,
+            judge_pair(
+                train.image,
+                reconstruct(model, train.image, train.z, device),
+                real.image,
+                reconstruct(model, real.image, real.z, device),
+                **judging,
+            ),
+        )
 
     tables = curve_tables(curves)
     for metric, table in tables.items():
@@ -461,9 +594,30 @@ def evaluate(
         run.log_artifact(paths.per_z / f"{metric}.csv", "per_z")
     figure = curves_figure(tables)
     save_png(figure, paths.per_z_png)
+    save_png(strength_curve_figure(judge_curves), paths.c2st_png)
     write_json(paths.metrics, metrics)
     _log(run, metrics, tables, figure, paths)
     return metrics
+
+
+def _halves(metrics: Mapping[str, Any], key: str) -> float:
+    halves = metrics["real"].get("split_halves") or {}
+    return float(halves.get(key, math.nan))
+
+
+def _warn_copies(name: str, novelty: Mapping[str, Any], cfg: EvaluateConfig) -> None:
+    """One warning line when more than ``max_copy_like`` of a generator's samples are copy-like."""
+    fraction = novelty["copy_like_fraction"]
+    if fraction > cfg.novelty.max_copy_like:
+        logger.warning(
+            "%s: %.1f %% of samples are copy-like (nearer a training slice than %.0f %% of real "
+            "test slices are; limit %.0f %%): see reports/novelty_%s.png",
+            name,
+            100 * fraction,
+            100 * cfg.novelty.quantile,
+            100 * cfg.novelty.max_copy_like,
+            name,
+        )
 
 
 def _log(
@@ -484,4 +638,6 @@ def _log(
             }
             run.log_metrics(values, step=int(row["z_index"]))
     run.log_image(figure, f"reports/{paths.per_z_png.name}")
+    for png in [paths.c2st_png, *sorted(paths.reports.glob("novelty_*.png"))]:
+        run.log_artifact(png, "reports")
     run.log_dict(dict(metrics), f"reports/{paths.metrics.name}")

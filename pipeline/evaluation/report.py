@@ -1,8 +1,11 @@
 """The ``report`` stage: one self-contained HTML page over every stage's outputs.
 
 ``reports/index.html`` embeds every image as a base64 data URI, so the file can be mailed or
-opened anywhere. Sections: evaluation figures (``reports/metrics.json``, one column per
-model) and per-z curves; real test slices against LDM and PixelCNN samples, rows by z;
+opened anywhere. It opens with one verdict table per generator
+(:mod:`pipeline.evaluation.verdicts`: realism, fidelity, novelty and z fidelity beside their
+real references, pass or short), the judges' strength curve and the nearest-copy figures;
+then every evaluation figure (folded; ``reports/metrics.json``, one column per model) and
+per-z curves; real test slices against LDM and PixelCNN samples, rows by z;
 autoencoder reconstructions; the LDM denoising trajectory; the z-probe scatter; the table of
 every stage report; training curves read back from MLflow; the MLflow run ids; the prepared
 data. An input that is missing leaves its section saying "not produced" instead of failing.
@@ -31,6 +34,7 @@ from pipeline.core.figures import figure_image, grid
 from pipeline.core.io import write_text
 from pipeline.core.tracking import EXPERIMENT, flatten, to_uint8_image
 from pipeline.data.datasets import SliceDataset
+from pipeline.evaluation.verdicts import JUDGED, Verdict, model_verdicts
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,13 @@ figcaption { font-size: 0.85em; color: #555; max-width: 480px; }
 img { image-rendering: pixelated; max-width: 100%; }
 .missing { color: #a00; font-style: italic; }
 .note { background: #fff6d6; padding: 0.5em 1em; border-left: 4px solid #e0b000; }
+.pass { color: #070; font-weight: bold; }
+.short { color: #b00; font-weight: bold; }
+.unknown { color: #777; }
+summary { cursor: pointer; font-weight: bold; margin: 0.5em 0; }
 """
+#: Display names of the judged generators.
+MODEL_NAMES = {"ldm": "latent diffusion", "pixelcnn": "PixelCNN prior"}
 
 
 @dataclass(frozen=True)
@@ -191,6 +201,46 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
     return table_html(
         ["figure", *sections], ([k, *(flat[s].get(k) for s in sections)] for k in keys)
     )
+
+
+def verdict_mark(passed: bool | None) -> str:
+    """The verdict cell: pass (green), short (red) or not measured (grey)."""
+    if passed is None:
+        return '<span class="unknown">not measured</span>'
+    return '<span class="pass">pass</span>' if passed else '<span class="short">short</span>'
+
+
+def verdict_table(model: str, rows: Sequence[Verdict]) -> str:
+    """One generator's verdicts: figure, real reference, autoencoder ceiling, bar, mark."""
+    short = sum(row.passed is False for row in rows)
+    measured = sum(row.passed is not None for row in rows)
+    headline = f"{MODEL_NAMES.get(model, model)}: " + (
+        "meets every bar"
+        if short == 0 and measured == len(rows)
+        else f"short of {short} of {len(rows)} bars"
+        if short
+        else f"{len(rows) - measured} of {len(rows)} figures not measured"
+    )
+    body = "".join(
+        f"<tr><td>{html.escape(row.label)}</td><td class='num'>{format_value(row.value)}</td>"
+        f"<td class='num'>{format_value(row.reference)}</td>"
+        f"<td class='num'>{format_value(row.ceiling)}</td>"
+        f"<td>{html.escape(row.bar)}</td><td>{verdict_mark(row.passed)}</td></tr>"
+        for row in rows
+    )
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("criterion", "model", "real reference", "autoencoder ceiling", "bar", "verdict")
+    )
+    return f"<h3>{html.escape(headline)}</h3><table><tr>{head}</tr>{body}</table>"
+
+
+def verdicts_html(metrics: Mapping[str, Any] | None) -> str:
+    """The verdict tables of every judged generator (the page's opening section)."""
+    if not metrics:
+        return missing("reports/metrics.json")
+    tables = [verdict_table(m, rows) for m in JUDGED if (rows := model_verdicts(metrics, m))]
+    return "".join(tables) or missing("generator sections in reports/metrics.json")
 
 
 def real_grid(
@@ -350,13 +400,34 @@ def build_report(paths: ReportPaths, *, tracking_uri: str, stand_in: bool) -> st
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>braingen report</title>",
         f"<style>{STYLE}</style></head><body>",
         f"<h1>braingen report</h1><p>Written {generated_at}.</p>{note}",
-        "<h2>Evaluation on the test split</h2>",
+        "<h2>Verdicts on the test split</h2>",
+        "<p>Each generator's figures beside the same figure on real slices (the reference) "
+        "and the autoencoder's reconstructions (the ceiling a second stage can reach). C2ST: "
+        "ROC AUC of a CNN judge trained to tell real from synthetic slices (0.5 = it cannot; "
+        "real against real is the control); <i>blurred</i>: both sides blurred, so only "
+        "anatomy counts. Copy-like: nearer a training slice than the real held-out slices' "
+        "99th percentile.</p>",
+        verdicts_html(metrics),
+        "<div class='row'>",
+        figure_html(
+            r / "c2st_strength.png",
+            "judge strength: held-out AUC over training steps (a judge still rising is weak)",
+        ),
+        figure_html(
+            r / "novelty_ldm.png", "latent diffusion: samples nearest a training slice, beside it"
+        ),
+        figure_html(
+            r / "novelty_pixelcnn.png", "PixelCNN: samples nearest a training slice, beside it"
+        ),
+        "</div>",
+        "<details><summary>Every evaluation figure</summary>",
         "<p><code>fd_alex</code> is a Fréchet distance on AlexNet (LPIPS trunk) features, not "
         "FID. <code>zprobe_mae</code> is in slice units; the <code>real</code> column is the "
         "floor, <code>blurred_real</code> the reference a generator must beat. "
         "<code>split_halves</code> compares two halves of the test split (half the size, so "
         "only comparable with itself).</p>",
         metrics_table(metrics) if metrics else missing("reports/metrics.json"),
+        "</details>",
         figure_html(r / "eval_per_z.png", "per-z curves (x: slice index)"),
         "<h2>Real and generated slices by z</h2><div class='row'>",
         figure_html(

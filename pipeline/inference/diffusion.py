@@ -1,8 +1,13 @@
 """Diffusion schedules and the guided DDIM sampler: sampling, SDEdit, inpainting, trajectories.
 
-Schedules are MONAI's (``DDPMScheduler`` for training, ``DDIMScheduler`` for sampling), built
-from one JSON-able :func:`scheduler_config` that is saved with the model, so sampling uses the
-betas the model was trained with. ``clip_sample`` is off: latents are not bounded to [-1, 1].
+Schedules are MONAI's (``DDPMScheduler`` for training, ``DDIMScheduler`` and
+``PNDMScheduler`` for sampling), built from one JSON-able :func:`scheduler_config` that is
+saved with the model, so sampling uses the betas the model was trained with. ``clip_sample``
+is off: latents are not bounded to [-1, 1]. With ``zero_terminal_snr`` every one of them gets
+the betas of :func:`rescale_zero_terminal_snr` (Lin et al. 2024), so ᾱ = 0 at t = T - 1.
+
+:func:`diffusion_loss` is the training loss, plain MSE or weighted per timestep by
+:func:`min_snr_weight` (min-SNR-γ, Hang et al. 2023).
 
 The DDIM update is written here rather than taken from ``DDIMScheduler.step``: MONAI's step
 assumes the previous timestep is ``t - T // steps``, which differs from the rounded
@@ -23,15 +28,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler, Scheduler
 from torch import nn
 
-from pipeline.core.config import LDMConfig, Sampler
+from pipeline.core.config import LDMConfig, LossWeighting, Sampler
 from pipeline.core.errors import InputError
+
+SchedulerT = TypeVar("SchedulerT", bound=Scheduler)
 
 
 @dataclass
@@ -50,7 +57,20 @@ class Trajectory:
 
 
 def scheduler_config(config: LDMConfig) -> dict[str, Any]:
-    """The noise schedule of ``config`` as a JSON-able dict (saved in ``models/ldm.pt``)."""
+    """The noise schedule of ``config`` as a JSON-able dict (saved in ``models/ldm.pt``).
+
+    ``zero_terminal_snr`` is written only when on, so the schedules saved before it existed
+    read the same.
+
+    Raises:
+        InputError: ``zero_terminal_snr`` without ``v_prediction``: at ᾱ = 0 the noise is
+            the input itself, and the clean latent cannot be recovered from epsilon.
+    """
+    if config.zero_terminal_snr and config.prediction_type != "v_prediction":
+        raise InputError(
+            "ldm.zero_terminal_snr needs ldm.prediction_type: v_prediction (epsilon cannot "
+            f"give the clean latent where ᾱ = 0), got {config.prediction_type!r}"
+        )
     out: dict[str, Any] = {
         "num_train_timesteps": config.num_train_timesteps,
         "schedule": config.beta_schedule,
@@ -58,7 +78,56 @@ def scheduler_config(config: LDMConfig) -> dict[str, Any]:
     }
     if config.beta_schedule != "cosine":
         out.update(beta_start=config.beta_start, beta_end=config.beta_end)
+    if config.zero_terminal_snr:
+        out["zero_terminal_snr"] = True
     return out
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas with a zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", Algorithm 1).
+
+    sqrt(ᾱ_t) is shifted and scaled so that its last value is 0 and its first unchanged, and
+    the betas are recomputed from it: the last timestep is then pure noise, as sampling from
+    N(0, I) assumes. Computed in float64.
+
+    Args:
+        betas: (T,) betas in (0, 1), T >= 2.
+
+    Returns:
+        (T,) betas in (0, 1], in the dtype of ``betas``; the last is 1 (ᾱ_{T-1} = 0).
+    """
+    if betas.numel() < 2:
+        raise InputError(f"zero_terminal_snr needs at least 2 timesteps, got {betas.numel()}")
+    sqrt_alpha_bar = torch.cumprod(1 - betas.double(), dim=0).sqrt()
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    alpha_bar = ((sqrt_alpha_bar - last) * first / (first - last)) ** 2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return (1 - alphas).to(betas.dtype)
+
+
+def _monai_scheduler(
+    cls: type[SchedulerT], config: Mapping[str, Any], **options: Any
+) -> SchedulerT:
+    """MONAI's scheduler ``cls`` for a :func:`scheduler_config`: every scheduler is built here.
+
+    MONAI takes a beta schedule by name only, so with ``zero_terminal_snr`` the scheduler's
+    ``betas``, ``alphas`` and ``alphas_cumprod`` are replaced after construction (the
+    schedulers derive everything else from these at each call).
+
+    Args:
+        cls: ``DDPMScheduler``, ``DDIMScheduler`` or ``PNDMScheduler``.
+        config: output of :func:`scheduler_config`.
+        **options: further constructor arguments; they override entries of ``config``.
+    """
+    settings = {**config, **options}
+    zero_terminal_snr = bool(settings.pop("zero_terminal_snr", False))
+    scheduler = cls(**settings)
+    if zero_terminal_snr:
+        scheduler.betas = rescale_zero_terminal_snr(scheduler.betas)
+        scheduler.alphas = 1.0 - scheduler.betas
+        scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
+    return scheduler
 
 
 def build_scheduler(config: Mapping[str, Any], kind: Literal["ddpm", "ddim"]) -> Scheduler:
@@ -74,7 +143,34 @@ def build_scheduler(config: Mapping[str, Any], kind: Literal["ddpm", "ddim"]) ->
     cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}.get(kind)
     if cls is None:
         raise InputError(f"kind must be 'ddpm' or 'ddim', got {kind!r}")
-    return cls(**dict(config), clip_sample=False)
+    return _monai_scheduler(cls, config, clip_sample=False)
+
+
+def min_snr_weight(alpha_bar: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy").
+
+    With SNR = ᾱ / (1 - ᾱ), the MSE on the model's target is weighted so that it equals
+    min(SNR, γ) times the MSE on the clean latent: min(SNR, γ) / SNR for epsilon,
+    min(SNR, γ) / (SNR + 1) for v. Finite at both ends: SNR = 0 (ᾱ = 0, zero terminal SNR)
+    gives 1 for epsilon and 0 for v, SNR = ∞ (ᾱ = 1) gives 0 for both.
+
+    Args:
+        alpha_bar: (B,) ᾱ_t in [0, 1] of each sample's timestep.
+        prediction_type: ``epsilon`` or ``v_prediction``.
+        gamma: the SNR above which weights are clipped, > 0.
+
+    Returns:
+        (B,) float32 weights in [0, 1].
+    """
+    snr = alpha_bar.float() / (1 - alpha_bar.float())
+    if prediction_type == "epsilon":
+        return (gamma / snr).clamp(max=1.0)  # min(SNR, γ) / SNR without 0 / 0 at SNR = 0
+    if prediction_type == "v_prediction":
+        return snr.clamp(max=gamma) / (snr + 1)
+    raise InputError(
+        f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}"
+    )
 
 
 def diffusion_loss(
@@ -85,6 +181,9 @@ def diffusion_loss(
     noise: torch.Tensor,
     t: torch.Tensor,
     drop_mask: torch.Tensor,
+    *,
+    weighting: LossWeighting = "uniform",
+    min_snr_gamma: float = 5.0,
 ) -> torch.Tensor:
     """DDPM training loss: MSE between the UNet output and the epsilon or v target.
 
@@ -96,16 +195,26 @@ def diffusion_loss(
         noise: (B, C, h, w) standard normal noise.
         t: (B,) integer timesteps in [0, T).
         drop_mask: (B,) bool, True where z is replaced by the null condition.
+        weighting: ``uniform`` (default: the MSE over all elements) or ``min_snr`` (the mean
+            over the batch of each sample's MSE times :func:`min_snr_weight` at its t).
+        min_snr_gamma: γ of ``min_snr`` (> 0); unused by ``uniform``.
 
     Returns:
-        Scalar mean squared error.
+        Scalar (weighted) mean squared error.
     """
+    if weighting not in ("uniform", "min_snr"):
+        raise InputError(f"weighting must be 'uniform' or 'min_snr', got {weighting!r}")
     noisy = scheduler.add_noise(latent, noise, t)
     if scheduler.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latent, noise, t)
     else:
         target = noise
-    return F.mse_loss(unet(noisy, t, z, drop_mask).float(), target.float())
+    output, target = unet(noisy, t, z, drop_mask).float(), target.float()
+    if weighting == "uniform":
+        return F.mse_loss(output, target)
+    per_sample = F.mse_loss(output, target, reduction="none").flatten(1).mean(dim=1)
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
+    return (min_snr_weight(alpha_bar, scheduler.prediction_type, min_snr_gamma) * per_sample).mean()
 
 
 def guided_output(
@@ -136,7 +245,11 @@ def guided_output(
 def _x0_and_eps(
     output: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted clean latent and noise from the model output at ᾱ_t."""
+    """Predicted clean latent and noise from the model output at ᾱ_t.
+
+    For v both are finite at ᾱ = 0 (zero terminal SNR: x0 = -v, eps = x); epsilon divides
+    by sqrt(ᾱ), which is why :func:`scheduler_config` refuses that combination.
+    """
     a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     if prediction_type == "epsilon":
         return (x - s * output) / a, output
@@ -272,7 +385,9 @@ def pndm_sample(
 
     The guided model output is turned into epsilon at its own timestep before MONAI's
     ``PNDMScheduler`` combines the outputs of several steps: epsilon is what PLMS
-    extrapolates (constant along an exact trajectory), v is not.
+    extrapolates (constant along an exact trajectory), v is not. MONAI's timesteps are
+    ``k * (T // steps)``, so sampling starts at t = (steps - 1) * (T // steps) (900 for
+    10 of 1000 steps), not at T - 1 as :func:`ddim_sample` does.
 
     Args:
         unet: the denoiser, in eval mode.
@@ -285,15 +400,28 @@ def pndm_sample(
 
     Returns:
         (B, C, h, w) sampled latents in the scaled latent space.
+
+    Raises:
+        InputError: steps outside [1, T], or a first timestep with ᾱ = 0 (MONAI's leading
+            spacing starts at (steps - 1) * (T // steps), which is T - 1 only for steps = T).
     """
-    scheduler = PNDMScheduler(
-        **{**schedule, "prediction_type": "epsilon"}, skip_prk_steps=True, set_alpha_to_one=True
+    scheduler = _monai_scheduler(
+        PNDMScheduler,
+        schedule,
+        prediction_type="epsilon",
+        skip_prk_steps=True,
+        set_alpha_to_one=True,
     )
     _check_steps(steps, scheduler)
     x = _noise((z.shape[0], *shape), z.float(), generator)
     alphas = scheduler.alphas_cumprod.to(device=x.device, dtype=x.dtype)
     scheduler.set_timesteps(steps, device=z.device)
     timesteps = scheduler.timesteps.tolist()
+    if alphas[timesteps[0]] == 0:  # PLMS steps divide by ᾱ_t
+        raise InputError(
+            f"pndm cannot start at ᾱ = 0 (zero_terminal_snr with steps = T = {steps}); "
+            "use fewer steps or the ddim sampler"
+        )
     # PLMS warm-up (as diffusers' skip_prk_steps): the second timestep comes twice, the first
     # time as the corrector of the first step. MONAI's step counts on it, but its own
     # skip_prk_steps schedule leaves it out, which ends sampling one step short of clean.

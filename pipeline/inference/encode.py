@@ -3,8 +3,9 @@
 Every prepared split goes through the :class:`~pipeline.models.codec.LatentCodec` of the
 autoencoder (in eval mode, under ``torch.no_grad``); the layout written is described in
 :mod:`pipeline.data.latents`. The training split is encoded first: its latents give the
-scale factor every split is stored with. Every file is written to a temporary name and
-renamed; ``meta.json`` is removed first and written last.
+scale factor every split is stored with, and its reconstructions the scan-noise level the
+first stage removes (``texture_sigma``, :mod:`pipeline.inference.texture`). Every file is
+written to a temporary name and renamed; ``meta.json`` is removed first and written last.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from tqdm.auto import tqdm
 from pipeline.core.config import Params
 from pipeline.core.identity import file_sha256
 from pipeline.core.io import atomic_write, write_json
-from pipeline.data.datasets import SliceDataset
+from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.data.latents import SPLITS
+from pipeline.inference.texture import missing_sigma
 from pipeline.models.codec import LatentCodec
 from pipeline.models.files import load_autoencoder
 
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 #: Slices per encoder batch.
 ENCODE_BATCH = 64
+#: Training slices the scan-noise calibration reconstructs (spread over z).
+TEXTURE_SLICES = 256
 
 
 @torch.no_grad()
@@ -74,6 +78,36 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda tmp: np.save(tmp, array))
 
 
+@torch.no_grad()
+def calibrate_texture(
+    codec: LatentCodec, dataset: SliceDataset, device: torch.device, limit: int = TEXTURE_SLICES
+) -> float:
+    """The scan noise the first stage removes, measured on training slices.
+
+    Args:
+        codec: the first stage.
+        dataset: the prepared training split.
+        device: where the autoencoder runs.
+        limit: at most this many slices, spread evenly over z.
+
+    Returns:
+        :func:`pipeline.inference.texture.missing_sigma` of the slices and their
+        reconstructions, in intensity units.
+    """
+    data = EvalData.from_dataset(dataset)
+    index = data.spread_over_z(limit)
+    x, z = data.image[index].to(device), data.z[index].to(device)
+    recon = torch.cat(
+        [
+            codec.decode_stage_2_outputs(codec.encode_stage_2_inputs(xb, zb), zb)
+            for xb, zb in zip(x.split(ENCODE_BATCH), z.split(ENCODE_BATCH), strict=True)
+        ]
+    )
+    sigma = missing_sigma(x.cpu(), recon.float().cpu().clamp(0, 1))
+    logger.info("first stage removes scan noise of sigma %.4g (intensity units)", sigma)
+    return sigma
+
+
 def encode_latents(
     autoencoder_path: str | Path,
     prepared_dir: str | Path,
@@ -112,6 +146,7 @@ def encode_latents(
     (out / "meta.json").unlink(missing_ok=True)
     counts: dict[str, int] = {}
     latent_shape: list[int] = []
+    texture_sigma = 0.0
     for split in SPLITS:  # train first: its latents give the scale factor
         src = prepared / split
         if not (src / "manifest.csv").is_file():
@@ -130,6 +165,7 @@ def encode_latents(
             codec.scale_factor = LatentCodec.fit_scale_factor(torch.from_numpy(latents))
             latents = latents * np.float32(codec.scale_factor)
             latent_shape = list(latents.shape[1:])
+            texture_sigma = calibrate_texture(codec, SliceDataset(src), device)
         _save_npy(out / split / "latents.npy", latents)
         if codes is not None:
             _save_npy(out / split / "codes.npy", codes)
@@ -144,6 +180,7 @@ def encode_latents(
         "autoencoder_sha256": sha256,
         "scale_factor": codec.scale_factor,
         "latent_shape": latent_shape,
+        "texture_sigma": texture_sigma,
         "splits": counts,
     }
     if model.quantizer is not None:

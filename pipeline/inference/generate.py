@@ -27,6 +27,17 @@ Several processes may write into one folder at once:
 Runs with different seeds or prefixes never share a file name; a second run with the same
 request refuses (or, with ``overwrite``, rewrites the same content). Files of a run killed
 before its manifest update are complete but unlisted; re-run it with ``overwrite``.
+
+With a :class:`NoveltySettings`, every slice is checked against the training split for near
+copies (:mod:`pipeline.metrics.novelty`) and a copy-like slice is re-sampled with a seed
+derived from (level seed, attempt) (:func:`attempt_seed`); every level is sampled and checked
+before the first file is written, so a level that stays copy-like fails the run with nothing
+written. Each slice's manifest row records its nearest-training similarities and the number
+of re-samples it took (:data:`NOVELTY_COLUMNS`; empty without the check).
+
+Slices carry the scan-noise texture the first stage removes (the model file's
+``texture_sigma``, :mod:`pipeline.inference.texture`), recorded per row in the manifest
+(``texture_sigma``; 0 with ``texture=False`` or a model file made before the calibration).
 """
 
 from __future__ import annotations
@@ -34,7 +45,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -44,10 +56,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.core.config import Sampler
+from pipeline.core.config import NoveltyConfig, Sampler
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
 from pipeline.core.identity import file_sha256
+from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.data.manifests import merge_manifest
 from pipeline.data.slice_files import (
     OutputExistsError,
@@ -70,6 +83,15 @@ SUFFIXES: dict[str, tuple[str, ...]] = {
 #: z fractions are given with at most this many decimals (they name files exactly).
 Z_DECIMALS = 4
 _INDEX = re.compile(r"-?\d+")
+#: Manifest columns of the novelty check: similarity measure
+#: (:data:`pipeline.metrics.novelty.MEASURES`) → column of the kept slice's similarity to its
+#: nearest training slice; ``novelty_attempts`` holds the re-samples it took (0 = first draw).
+NOVELTY_COLUMNS: dict[str, str] = {
+    "pixel_corr": "nearest_train_corr",
+    "ssim": "nearest_train_ssim",
+    "alex_cos": "nearest_train_alex",
+}
+_NO_NOVELTY: dict[str, Any] = dict.fromkeys([*NOVELTY_COLUMNS.values(), "novelty_attempts"], "")
 
 
 @dataclass(frozen=True)
@@ -170,6 +192,11 @@ def level_seed(seed: int, z: float) -> int:
     return int(state[0])
 
 
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The seed of re-sample ``attempt`` (1, 2, ...) of a level sampled with ``seed``."""
+    return int(np.random.SeedSequence([seed, attempt]).generate_state(1, np.uint64)[0])
+
+
 def output_spacing(metadata: dict[str, Any]) -> tuple[float, float]:
     """(pixel_mm, slice_mm) written into NIfTI headers.
 
@@ -183,6 +210,120 @@ def output_spacing(metadata: dict[str, Any]) -> tuple[float, float]:
     pixel = metadata.get("pixel_mm", data.get("pixel_mm", 1.0))
     slice_ = metadata.get("slice_mm", data.get("slice_mm", 1.0))
     return float(pixel), float(slice_)
+
+
+@dataclass(frozen=True)
+class NoveltySettings:
+    """The near-copy check of :func:`generate` (:mod:`pipeline.metrics.novelty`).
+
+    Attributes:
+        prepared_dir: the ``prepare`` output folder: copies are searched in its ``train``
+            split; its ``val`` split (``test`` when val has no slices) is the held-out
+            reference that sets the thresholds.
+        config: ``quantile``, ``candidates`` and ``max_attempts`` (``evaluate.novelty`` in
+            ``params.yaml``; ``max_copy_like`` is for ``evaluate`` only).
+    """
+
+    prepared_dir: Path
+    config: NoveltyConfig = field(default_factory=NoveltyConfig)
+
+
+#: ``resample(n, seed)``: n more (n, 1, H, W) slices of the level being checked.
+Resample = Callable[[int, int], torch.Tensor]
+#: ``screen(images, resample, seed, name)``: a level's (n, 1, H, W) slices with copy-like ones
+#: replaced, and each slice's novelty manifest values.
+Screen = Callable[[torch.Tensor, Resample, int, str], tuple[torch.Tensor, list[dict[str, Any]]]]
+
+
+def _split_images(split_dir: Path) -> torch.Tensor:
+    """(N, 1, H, W) slices of a prepared split, intensities in [0, 1]."""
+    return EvalData.from_dataset(SliceDataset(split_dir)).image
+
+
+def reference_split(prepared_dir: Path) -> Path:
+    """The held-out split the novelty thresholds come from: ``val``, or ``test`` if val is empty."""
+    val = prepared_dir / "val"
+    slices = val / "slices.npy"
+    if slices.is_file() and len(np.load(slices, mmap_mode="r")) == 0:
+        logger.info("%s has no slices; the novelty reference is the test split", val)
+        return prepared_dir / "test"
+    return val
+
+
+def novelty_screen(settings: NoveltySettings, device: torch.device) -> Screen:
+    """Load the training and reference splits and return the check of one level's slices.
+
+    The screen finds each slice's nearest training slice, re-samples the copy-like ones
+    (above the reference's ``quantile`` on any measure) with :func:`attempt_seed` until none
+    is left or ``max_attempts`` re-samples are spent, and returns the kept slices with their
+    :data:`NOVELTY_COLUMNS` values.
+
+    Args:
+        settings: where the splits are and the check's settings.
+        device: where AlexNet and the all-pairs products run.
+
+    Returns:
+        ``screen(images, resample, seed, name)``; it raises :class:`InputError` (one line,
+        naming the level) when a slice is still copy-like after the last attempt.
+
+    Raises:
+        PreparedDataError: a split is missing or inconsistent.
+    """
+    # Imported here: loading generate for a run without the check pulls in no metric code.
+    from pipeline.metrics.novelty import NearestTraining, copy_like, nearest_training, thresholds
+    from pipeline.metrics.quality import alex_features
+
+    cfg = settings.config
+    train = _split_images(settings.prepared_dir / "train")
+    train_features = alex_features(train, device=device)
+
+    def nearest(images: torch.Tensor) -> NearestTraining:
+        return nearest_training(
+            images, train, device=device, candidates=cfg.candidates, train_features=train_features
+        )
+
+    reference_dir = reference_split(settings.prepared_dir)
+    limits = thresholds(nearest(_split_images(reference_dir)), cfg.quantile)
+    logger.info("novelty thresholds (q=%g of %s): %s", cfg.quantile, reference_dir, limits)
+
+    def screen(
+        images: torch.Tensor, resample: Resample, seed: int, name: str
+    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        images = images.clone()
+        near = nearest(images)
+        flagged = copy_like(near, limits)
+        attempts = np.zeros(len(images), dtype=np.int64)
+        for attempt in range(1, cfg.max_attempts + 1):
+            redo = np.flatnonzero(flagged)
+            if redo.size == 0:
+                break
+            fresh = resample(len(redo), attempt_seed(seed, attempt))
+            fresh_near = nearest(fresh)
+            images[redo] = fresh
+            near.put(redo, fresh_near)
+            flagged[redo] = copy_like(fresh_near, limits)
+            attempts[redo] = attempt
+        if flagged.any():
+            j = int(np.flatnonzero(flagged)[0])
+            above = ", ".join(
+                f"{m} {near.similarity[m][j]:.4f} > {limits[m]:.4f}"
+                for m in NOVELTY_COLUMNS
+                if near.similarity[m][j] > limits[m]
+            )
+            raise InputError(
+                f"level {name}: {int(flagged.sum())} of {len(images)} slices still copy-like "
+                f"after {cfg.max_attempts} re-samples (sample {j}: {above}; thresholds: the "
+                f"held-out slices' {cfg.quantile:g} quantile); nothing written. The model "
+                "reproduces training slices at this level: try another seed or raise max_attempts"
+            )
+        rows = [
+            {col: round(float(near.similarity[m][j]), 6) for m, col in NOVELTY_COLUMNS.items()}
+            | {"novelty_attempts": int(attempts[j])}
+            for j in range(len(images))
+        ]
+        return images, rows
+
+    return screen
 
 
 @dataclass
@@ -228,6 +369,8 @@ def generate(
     device: str | torch.device = "auto",
     prefix: str | None = None,
     progress: bool = True,
+    novelty: NoveltySettings | None = None,
+    texture: bool = True,
 ) -> GenerateResult:
     """Generate ``per_z`` slices at each requested level and write them with a manifest.
 
@@ -251,6 +394,11 @@ def generate(
         device: ``auto``, ``cpu``, ``cuda`` or a torch device.
         prefix: file-name prefix (letters, digits, ``_``, ``-``); default the model kind.
         progress: show a tqdm bar (on stderr).
+        novelty: re-sample near copies of training slices (see the module docstring and
+            :func:`novelty_screen`); None writes the slices as sampled and leaves the
+            :data:`NOVELTY_COLUMNS` empty.
+        texture: add the calibrated scan noise (see the module docstring); False writes the
+            decoder's clean output.
 
     Returns:
         A :class:`GenerateResult`.
@@ -259,6 +407,9 @@ def generate(
         CheckpointError: missing or unusable model file.
         ValueError: bad z, per_z, seed, format, prefix or sampling setting.
         OutputExistsError: an output exists and ``overwrite`` is False (nothing written).
+        InputError: with ``novelty``, a slice still copy-like after the last re-sample
+            (nothing written).
+        PreparedDataError: with ``novelty``, a prepared split is missing or inconsistent.
     """
     out_dir, model_path = Path(out_dir), Path(model_path)
     _check_request(fmt, per_z, seed, out_dir)
@@ -285,6 +436,7 @@ def generate(
             f"{out_dir / clash[0]} already exists ({len(clash)} of "
             f"{len(planned) + len(volume_names)} outputs do); pass --overwrite to replace them"
         )
+    screen = None if novelty is None else novelty_screen(novelty, device)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
@@ -296,6 +448,7 @@ def generate(
         "steps": "" if settings.steps is None else settings.steps,
         "guidance": "" if settings.guidance is None else settings.guidance,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "texture_sigma": gm.texture_sigma if texture else 0.0,
     }
     pixel_mm, slice_mm = output_spacing(gm.metadata)
     rows: list[dict[str, Any]] = []
@@ -311,29 +464,44 @@ def generate(
         files.append(out_dir / name)
         rows.append({"file": name, **row, **common})
 
+    def draw(z: float, n: int, draw_seed: int) -> torch.Tensor:
+        """(n, 1, H, W) slices at ``z`` in [0, 1], sampled with ``draw_seed``."""
+        return sample(gm, [z], n, draw_seed, texture=texture, **settings.as_dict())[0]
+
+    def sampled(bar: tqdm) -> Iterator[tuple[ZLevel, np.ndarray, list[dict[str, Any]]]]:
+        """Each level's (per_z, H, W) slices and their novelty manifest values."""
+        for level in levels:
+            first = level_seed(seed, level.z)
+            images, extra = draw(level.z, per_z, first), [_NO_NOVELTY] * per_z
+            if screen is not None:
+                images, extra = screen(images, partial(draw, level.z), first, level.name)
+            bar.update(per_z)
+            yield level, images[:, 0].numpy(), extra
+
     stacks: list[np.ndarray] = []
     total = len(levels) * per_z
     with tqdm(total=total, unit="slice", desc=f"generate {gm.kind}", disable=not progress) as bar:
-        for level in levels:
-            images, _ = sample(
-                gm,
-                [level.z],
-                per_z,
-                level_seed(seed, level.z),
-                **settings.as_dict(),
-            )
-            arrays = images[:, 0].numpy()
+        # with the check, every level passes it before the first file is written
+        batches = sampled(bar) if screen is None else list(sampled(bar))
+        for level, arrays, extra in batches:
             z_index = "" if level.z_index is None else level.z_index
             for j, image in enumerate(arrays):
                 for name in slice_names(level, j):
-                    write(name, image, type="slice", z_index=z_index, z=round(level.z, 6), sample=j)
+                    write(
+                        name,
+                        image,
+                        type="slice",
+                        z_index=z_index,
+                        z=round(level.z, 6),
+                        sample=j,
+                        **extra[j],
+                    )
             if volume:
                 stacks.append(arrays)
-            bar.update(per_z)
     order = np.argsort([level.z for level in levels], kind="stable")
     for j, name in enumerate(volume_names):
         stack = np.stack([stacks[i][j] for i in order])
-        write(name, stack, type="volume", z_index="", z="", sample=j)
+        write(name, stack, type="volume", z_index="", z="", sample=j, **_NO_NOVELTY)
     manifest = merge_manifest(out_dir, rows)
     seconds = time.perf_counter() - started
     logger.info("wrote %d slices (%d files) to %s in %.1f s", total, len(files), out_dir, seconds)

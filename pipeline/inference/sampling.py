@@ -24,6 +24,7 @@ from pipeline.core.errors import InputError
 from pipeline.core.identity import file_sha256
 from pipeline.inference.autoregressive import sample_codes
 from pipeline.inference.diffusion import guided_sample
+from pipeline.inference.texture import add_scan_noise
 from pipeline.models.codec import LatentCodec
 from pipeline.models.conditioning import check_z
 from pipeline.models.files import load_autoencoder, load_model
@@ -35,6 +36,8 @@ CHUNK = 64
 #: DDIM steps when the model's own default steps are for another sampler: the reference of
 #: the sampling-steps study (``python -m benchmarks.sampling_steps``), 50 DDIM steps.
 REFERENCE_DDIM_STEPS = 50
+#: The scan-noise draws use ``seed + TEXTURE_SEED_OFFSET`` (independent of the sampler's draws).
+TEXTURE_SEED_OFFSET = 7919
 
 
 class StaleModelError(CheckpointError):
@@ -70,6 +73,11 @@ class GeneratorModel:
     def schedule(self) -> dict[str, Any]:
         """The LDM's noise schedule (:func:`pipeline.inference.diffusion.scheduler_config`)."""
         return self.metadata["scheduler"]
+
+    @property
+    def texture_sigma(self) -> float:
+        """Scan-noise level added to decoded slices (intensity units; 0 if never calibrated)."""
+        return float(self.metadata.get("texture_sigma") or 0.0)
 
     @property
     def n_slices(self) -> int | None:
@@ -226,6 +234,7 @@ def sample(
     temperature: float | None = None,
     top_k: int | None = None,
     sampler: Sampler | None = None,
+    texture: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generate slices at the requested positions.
 
@@ -237,6 +246,9 @@ def sample(
         steps, guidance, temperature, top_k, sampler: overrides of the model's defaults,
             resolved by :meth:`SamplingSettings.resolve` (steps, guidance and sampler for an
             ldm; temperature and top_k for a pixelcnn).
+        texture: add the scan noise the first stage removes (the model file's
+            ``texture_sigma``, :func:`pipeline.inference.texture.add_scan_noise`; 0 for files
+            made before it was calibrated), so slices look like the data they imitate.
 
     Returns:
         ``(images, z)``: (N, 1, H, W) slices in [0, 1] on the CPU with N = len(z) * n_per_z
@@ -280,4 +292,8 @@ def sample(
             )
             out = gm.codec.decode_codes(codes, zb)
         images.append(out.float().cpu())
-    return torch.cat(images), all_z
+    result = torch.cat(images)
+    if texture and gm.texture_sigma > 0:
+        noise_gen = torch.Generator().manual_seed(seed + TEXTURE_SEED_OFFSET)
+        result = add_scan_noise(result, gm.texture_sigma, noise_gen)
+    return result, all_z

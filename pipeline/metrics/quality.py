@@ -41,7 +41,7 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 PSNR_MIN_MSE = 1e-10
 
 
-def _as_images(x: Images, name: str) -> torch.Tensor:
+def as_images(x: Images, name: str) -> torch.Tensor:
     """Validate a (N, 1, H, W) batch with finite intensities in [0, 1]; return float32 on CPU."""
     # np.array copies, so read-only memmaps are fine.
     t = (
@@ -146,7 +146,7 @@ def ssim_map(real: Images, fake: Images, *, batch_size: int = 256) -> torch.Tens
     Raises:
         ValueError: a shape or range is wrong.
     """
-    real, fake = _as_images(real, "real"), _as_images(fake, "fake")
+    real, fake = as_images(real, "real"), as_images(fake, "fake")
     _check_same_shape(real, fake, "real", "fake")
     return torch.cat(
         [
@@ -197,7 +197,7 @@ def ssim_brain(real: Images, fake: Images, mask: Images, *, batch_size: int = 25
     Returns:
         (N,) SSIM in [-1, 1]; NaN for a sample whose mask is empty.
     """
-    real_t = _as_images(real, "real")
+    real_t = as_images(real, "real")
     brain = _as_mask(mask, real_t)
     return _masked_mean(ssim_map(real_t, fake, batch_size=batch_size), brain)
 
@@ -215,7 +215,7 @@ def psnr(real: Images, fake: Images) -> torch.Tensor:
     Returns:
         (N,) PSNR in dB, in [0, 100].
     """
-    real, fake = _as_images(real, "real"), _as_images(fake, "fake")
+    real, fake = as_images(real, "real"), as_images(fake, "fake")
     _check_same_shape(real, fake, "real", "fake")
     mse = (real - fake).pow(2).mean(dim=(1, 2, 3)).clamp_min(PSNR_MIN_MSE)
     return -10.0 * torch.log10(mse)
@@ -238,7 +238,7 @@ def lpips_distance(
     Raises:
         pipeline.metrics.perceptual.PerceptualWeightsError: the AlexNet weights are unavailable.
     """
-    real, fake = _as_images(real, "real"), _as_images(fake, "fake")
+    real, fake = as_images(real, "real"), as_images(fake, "fake")
     _check_same_shape(real, fake, "real", "fake")
     model = get_lpips(device)
     with torch.inference_mode():
@@ -297,7 +297,7 @@ def ms_ssim_diversity(
     Raises:
         ValueError: fewer than 2 samples, ``num_pairs < 1``, or a shape/range is wrong.
     """
-    x = _as_images(samples, "samples")
+    x = as_images(samples, "samples")
     n = x.shape[0]
     if n < 2:
         raise InputError(f"samples must hold at least 2 images; got {n}")
@@ -347,7 +347,7 @@ def alex_features(
     Raises:
         pipeline.metrics.perceptual.PerceptualWeightsError: the AlexNet weights are unavailable.
     """
-    x = _as_images(images, "images")
+    x = as_images(images, "images")
     model = get_lpips(device)
     with torch.inference_mode():
         out = [
@@ -652,7 +652,7 @@ def intensity_distance_per_z(
     Raises:
         ValueError: shapes/ranges are wrong or no z_index is shared by both sets.
     """
-    real_t, fake_t = _as_images(real, "real"), _as_images(fake, "fake")
+    real_t, fake_t = as_images(real, "real"), as_images(fake, "fake")
     if not 0.0 <= threshold < 1.0:
         raise InputError(f"threshold must lie in [0, 1); got {threshold}")
     if bins < 2:
@@ -713,7 +713,7 @@ def reconstruction_metrics(
         samples with a non-empty mask; NaN if none) plus ``"per_z"``:
         ``{z_index: {same four keys}}``.
     """
-    real_t, recon_t = _as_images(real, "real"), _as_images(recon, "recon")
+    real_t, recon_t = as_images(real, "real"), as_images(recon, "recon")
     _check_same_shape(real_t, recon_t, "real", "recon")
     brain = _as_mask(mask, real_t)
     z = _as_labels(z_index, real_t.shape[0])

@@ -1,7 +1,9 @@
 """Training, evaluation and export of the latent diffusion model (the ``train_ldm`` stage).
 
 - :class:`LDMTask`: DDPM training on scaled latents with condition dropout (epsilon or v
-  target); the loop keeps an EMA of the UNet, which is what gets sampled and exported.
+  target, uniform or min-SNR-γ loss weighting, optionally left-right mirrored latents:
+  :func:`random_mirror`); the loop keeps an EMA of the UNet, which is what gets sampled and
+  exported.
 - :class:`Evaluator`: the ``evaluate`` callback: validation loss, a sample grid with one row
   per z level decoded through the first stage, the nearest-training-latent z error of those
   samples, and at the last step the DDIM trajectory as a GIF and a strip image (logged to
@@ -67,19 +69,40 @@ TRAJECTORY_PNG, TRAJECTORY_GIF = "ldm_trajectory.png", "ldm_trajectory.gif"
 Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def random_mirror(latent: torch.Tensor) -> torch.Tensor:
+    """Each latent flipped left-right (last dim) with probability 0.5, drawn from the global RNG.
+
+    An augmentation, valid as an approximation: the brain is roughly left-right symmetric
+    (slices are stored upright, the subject's left on the left, so the last dim is
+    left-right), and the first stage is convolutional, so the latent of a mirrored slice is
+    close to the mirrored latent (not equal: strides, padding, learned asymmetric kernels and
+    a real brain's asymmetry). The training loop seeds the global RNG and saves its state in
+    resume checkpoints, so runs and resumed runs draw the same flips.
+
+    Args:
+        latent: (B, C, h, w) scaled latents.
+
+    Returns:
+        (B, C, h, w) latents, about half of them mirrored.
+    """
+    flip = torch.rand(latent.shape[0], device=latent.device) < 0.5
+    return torch.where(flip.view(-1, *(1,) * (latent.ndim - 1)), latent.flip(-1), latent)
+
+
 class LDMTask(TrainingTask):
     """DDPM training of a :class:`ZConditionedUNet` on scaled latents.
 
     Args:
         unet: the denoiser, already on its device.
         scheduler: the training schedule (``DDPMScheduler``; its prediction type is the target).
-        config: ``ldm`` section (``cond_dropout``, ``train.lr``, ``train.weight_decay``).
+        config: ``ldm`` section (``cond_dropout``, ``loss_weighting``, ``min_snr_gamma``,
+            ``mirror_latents``, ``train.lr``, ``train.weight_decay``).
     """
 
     ema_module = "unet"
 
     def __init__(self, unet: ZConditionedUNet, scheduler: Scheduler, config: LDMConfig) -> None:
-        self.unet, self.scheduler, self.cond_dropout = unet, scheduler, config.cond_dropout
+        self.unet, self.scheduler, self.config = unet, scheduler, config
         self.modules: dict[str, nn.Module] = {"unet": unet}
         self.optimizers = {
             "unet": adamw(unet.parameters(), config.train.lr, config.train.weight_decay)
@@ -88,13 +111,31 @@ class LDMTask(TrainingTask):
     def train_step(
         self, batch: dict[str, torch.Tensor], step: int, optim: Optimization
     ) -> dict[str, float]:
-        """One denoising step on a batch with ``latent`` (B, C, h, w) and ``z`` (B,)."""
+        """One denoising step on a batch with ``latent`` (B, C, h, w) and ``z`` (B,).
+
+        Timesteps are uniform over [0, T), the pure-noise t = T - 1 included. The mirror
+        flips are drawn after the noise, timesteps and dropout, so with ``mirror_latents``
+        off the random stream is the same as before the option existed.
+        """
+        cfg = self.config
         latent, z = batch["latent"], batch["z"]
         n = latent.shape[0]
         noise = torch.randn_like(latent)
         t = torch.randint(0, self.scheduler.num_train_timesteps, (n,), device=latent.device)
-        drop = torch.rand(n, device=latent.device) < self.cond_dropout
-        loss = diffusion_loss(self.net("unet"), self.scheduler, latent, z, noise, t, drop)
+        drop = torch.rand(n, device=latent.device) < cfg.cond_dropout
+        if cfg.mirror_latents:
+            latent = random_mirror(latent)
+        loss = diffusion_loss(
+            self.net("unet"),
+            self.scheduler,
+            latent,
+            z,
+            noise,
+            t,
+            drop,
+            weighting=cfg.loss_weighting,
+            min_snr_gamma=cfg.min_snr_gamma,
+        )
         optim.step("unet", loss)
         return {"loss": loss.item()}
 
@@ -126,7 +167,11 @@ class LatentSet:
 def validation_loss(
     unet: nn.Module, scheduler: Scheduler, data: LatentSet, device: torch.device, seed: int = 0
 ) -> float:
-    """Conditional denoising loss on ``data`` with noise and timesteps fixed by ``seed``."""
+    """Conditional denoising loss on ``data`` with noise and timesteps fixed by ``seed``.
+
+    Always the uniform MSE (whatever ``ldm.loss_weighting``), so runs that differ only in
+    their loss weighting report comparable validation losses.
+    """
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for latent, z in zip(data.latent.split(EVAL_BATCH), data.z.split(EVAL_BATCH), strict=True):
@@ -378,6 +423,7 @@ def train_ldm(
         "latent_source": cfg.latent_source,
         "n_slices": params.prepare.n_slices,
         "scheduler": scheduler_config(cfg),
+        "texture_sigma": float(meta.get("texture_sigma") or 0.0),
     }
     network = result.ema if result.ema is not None else unet
     save_model(paths.model, "ldm", network, cfg, metadata, cond_cfg)

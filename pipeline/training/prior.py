@@ -364,6 +364,7 @@ def train_prior(
         "num_codes": num_codes,
         "code_shape": list(code_shape),
         "n_slices": params.prepare.n_slices,
+        "texture_sigma": float(meta.get("texture_sigma") or 0.0),
     }
     save_model(paths.model, "pixelcnn", final, cfg, metadata, cond_cfg)
     final.eval()

@@ -1,0 +1,262 @@
+"""Which LDM recipe lever moves realism: one change at a time, same budget, same seeds.
+
+Every arm retrains the latent diffusion model on the committed latents
+(``data/latents/<ldm.latent_source>``) with the demo profile plus one override, for the same
+number of optimizer steps and the same seed, then samples as ``evaluate`` does (as many slices
+per z as the test split holds, the model's default sampler) and is scored like a generator in
+``evaluate``: fd_alex, precision/recall, the z-probe MAE, and the classifier two-sample test
+(raw and blurred, :mod:`pipeline.metrics.c2st`, judge trained on the training split against
+``evaluate.c2st.train_samples`` slices of the arm).
+
+Sampling-only arms (``sample_overrides``) reuse the baseline's model file, so they cost no
+training. A decoder check decodes the real test latents with added Gaussian noise: if a small
+error in the latent already shows as mottled texture, the first stage, not the LDM, sets the
+limit.
+
+Usage::
+
+    python -m benchmarks.ldm_ablation [--steps 600] [--arms baseline,min_snr,...]
+                                      [--out reports] [--work ablation]
+
+Needs ``data/prepared``, ``data/latents`` and ``models/{ae_vaegan,zprobe}.pt`` from
+``dvc repro``. Writes ``<out>/ldm_ablation.{json,md}`` and ``<out>/ldm_ablation.png`` (a
+row per arm, in the JSON's order, under real test slices at the same levels); model files go
+to ``<work>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.core.config import Params, load_params
+from pipeline.core.device import resolve_device
+from pipeline.core.figures import grid, save_png
+from pipeline.core.identity import stage_identity
+from pipeline.core.io import write_json, write_text
+from pipeline.core.stage import StagePaths
+from pipeline.core.tracking import StageRun
+from pipeline.data.datasets import EvalData, SliceDataset
+from pipeline.data.latents import latents_identity
+from pipeline.evaluation.evaluate import (
+    generate_like,
+    judge_pair,
+    judge_sample_index,
+    set_figures,
+)
+from pipeline.inference.sampling import load_generator, sample
+from pipeline.metrics.quality import alex_features, fd_alex
+from pipeline.models.conditioning import z_from_index
+from pipeline.models.files import load_probe
+from pipeline.training.ldm import train_ldm
+
+#: Training arms: name -> ``ldm`` overrides (one change from the baseline each).
+ARMS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "min_snr": {"loss_weighting": "min_snr"},
+    "zero_terminal_snr": {"zero_terminal_snr": True, "sampler": "ddim", "sample_steps": 50},
+    "mirror": {"mirror_latents": True},
+    "epsilon": {"prediction_type": "epsilon"},
+}
+#: Sampling-only arms on the baseline model: name -> sampling overrides.
+SAMPLE_ARMS: dict[str, dict[str, Any]] = {
+    "ddim_50": {"sampler": "ddim", "steps": 50},
+    "guidance_1": {"guidance": 1.0},
+    "guidance_4": {"guidance": 4.0},
+}
+#: Standard deviations (latent units, the LDM's unit-variance scale) of the decoder check.
+LATENT_NOISE = (0.0, 0.1, 0.2, 0.4)
+#: Levels (rows' z indices as fractions of K - 1) shown in the figure.
+FIGURE_LEVELS = (0.3, 0.5, 0.7)
+
+
+def arm_params(params: Params, overrides: dict[str, Any], steps: int) -> Params:
+    """The demo params with ``ldm`` overrides and ``steps`` training steps."""
+    train = params.ldm.train.model_copy(update={"steps": steps, "eval_every": steps})
+    ldm = params.ldm.model_copy(update={**overrides, "train": train})
+    return params.model_copy(update={"ldm": type(params.ldm).model_validate(ldm.model_dump())})
+
+
+def score(
+    images: torch.Tensor,
+    index: torch.Tensor,
+    judge_fakes: torch.Tensor,
+    ctx: dict[str, Any],
+) -> dict[str, Any]:
+    """evaluate's generator figures plus the C2ST AUCs of one arm's samples."""
+    figures, _ = set_figures(ctx["real"], images, index, **ctx["scoring"])
+    judged = judge_pair(
+        ctx["train"].image, judge_fakes, ctx["real"].image, images, **ctx["judging"]
+    )
+    return {
+        **{k: figures[k] for k in ("fd_alex", "precision", "recall", "zprobe_mae")},
+        "c2st_raw": judged["raw"].auc,
+        "c2st_blur": judged["blur"].auc,
+    }
+
+
+def decoder_check(ctx: dict[str, Any], latents_dir: Path, params: Params) -> list[dict[str, Any]]:
+    """fd_alex of real test latents decoded with added noise, by noise level."""
+    gm = load_generator(ctx["model"], ctx["device"])
+    latents = torch.from_numpy(np.load(latents_dir / "test" / "latents.npy"))
+    real = ctx["real"]
+    rows = []
+    gen = torch.Generator().manual_seed(params.seed)
+    for sigma in LATENT_NOISE:
+        noisy = latents + sigma * torch.randn(latents.shape, generator=gen)
+        with torch.no_grad():
+            decoded = gm.codec.decode_stage_2_outputs(
+                noisy.to(ctx["device"]), real.z.to(ctx["device"])
+            )
+        decoded = decoded.float().cpu().clamp(0, 1)
+        rows.append(
+            {
+                "latent_noise": sigma,
+                "fd_alex": fd_alex(ctx["scoring"]["real_features"], alex_features(decoded)),
+            }
+        )
+    return rows
+
+
+def figure(rows: dict[str, torch.Tensor], real: EvalData, n_slices: int) -> np.ndarray:
+    """Real test slices (top row) then one row per arm: 2 slices at each of FIGURE_LEVELS.
+
+    Args:
+        rows: arm -> (2 * len(FIGURE_LEVELS), 1, H, W) samples, two per level in order.
+        real: the real test split.
+        n_slices: K.
+
+    Returns:
+        (H', W') float array in [0, 1] at full resolution (no resampling).
+    """
+    levels = [round(f * (n_slices - 1)) for f in FIGURE_LEVELS]
+    real_row = torch.cat([real.image[real.z_index == level][:2] for level in levels])
+    tiles = torch.cat([real_row, *rows.values()])
+    return grid(tiles, ncol=len(real_row))
+
+
+def main() -> None:
+    """Train and score every arm; write the table, the JSON and the figure."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--arms", default=",".join([*ARMS, *SAMPLE_ARMS]))
+    parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--work", type=Path, default=Path("ablation"))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    wanted = args.arms.split(",")
+    unknown = sorted(set(wanted) - set(ARMS) - set(SAMPLE_ARMS))
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {[*ARMS, *SAMPLE_ARMS]}")
+
+    params = load_params()
+    device = resolve_device(args.device)
+    n_slices, seed = params.prepare.n_slices, params.seed
+    prepared = Path(params.data.prepared_dir)
+    real = EvalData.from_dataset(SliceDataset(prepared / "test"))
+    train = EvalData.from_dataset(SliceDataset(prepared / "train"))
+    probe, _ = load_probe(Path("models/zprobe.pt"), device)
+    cfg = params.evaluate
+    ctx: dict[str, Any] = {
+        "real": real,
+        "train": train,
+        "device": device,
+        "scoring": {
+            "probe": probe,
+            "n_slices": n_slices,
+            "cfg": cfg,
+            "device": device,
+            "seed": seed,
+            "real_features": alex_features(real.image, device=device),
+        },
+        "judging": {"cfg": cfg, "device": device, "seed": seed},
+    }
+    judge_index = judge_sample_index(train, cfg.c2st.train_samples, seed)
+    latents_dir = Path("data/latents") / params.ldm.latent_source
+    results: dict[str, Any] = {"steps": args.steps, "seed": seed, "arms": {}}
+    shown: dict[str, torch.Tensor] = {}
+    levels = z_from_index(
+        torch.tensor([round(f * (n_slices - 1)) for f in FIGURE_LEVELS]).float(), n_slices
+    )
+    console = Console()
+    for name in [a for a in wanted if a in ARMS]:
+        arm = arm_params(params, ARMS[name], args.steps)
+        paths = StagePaths(
+            model=args.work / f"ldm_{name}.pt",
+            report=args.work / f"ldm_{name}.json",
+            grid=args.work / f"ldm_{name}.png",
+            resume_dir=args.work / "checkpoints" / name,
+            latents=latents_dir,
+        )
+        identity = stage_identity(arm, "train_ldm", **latents_identity(latents_dir))
+        started = time.perf_counter()
+        with StageRun("ldm_ablation", identity, enabled=False) as run:
+            train_ldm(arm, run=run, device=device, paths=paths, identity=identity)
+        seconds = time.perf_counter() - started
+        ctx["model"] = paths.model
+        images, index, _ = generate_like(paths.model, real.z_index, n_slices, seed, device)
+        fakes, _, _ = generate_like(paths.model, judge_index, n_slices, seed + 1, device)
+        results["arms"][name] = {"overrides": ARMS[name], "train_seconds": seconds}
+        results["arms"][name] |= score(images, index, fakes, ctx)
+        shown[name], _ = sample(load_generator(paths.model, device), levels, 2, seed)
+        console.print(name, results["arms"][name])
+    base = args.work / "ldm_baseline.pt"
+    for name in [a for a in wanted if a in SAMPLE_ARMS]:
+        if not base.is_file():
+            parser.error("sampling-only arms need the baseline arm (train it first)")
+        gm = load_generator(base, device)
+        over = SAMPLE_ARMS[name]
+        counts = torch.bincount(real.z_index, minlength=n_slices)
+        all_levels = z_from_index(torch.arange(n_slices).float(), n_slices)
+        pool, _ = sample(gm, all_levels, int(counts.max()), seed, **over)
+        pool_index = torch.arange(n_slices).repeat_interleave(int(counts.max()))
+        keep = (torch.arange(len(pool)) % int(counts.max())) < counts[pool_index]
+        judge_counts = torch.bincount(judge_index, minlength=n_slices)
+        fakes, _ = sample(gm, all_levels, int(judge_counts.max()), seed + 1, **over)
+        fake_index = torch.arange(n_slices).repeat_interleave(int(judge_counts.max()))
+        fakes = fakes[
+            (torch.arange(len(fakes)) % int(judge_counts.max())) < judge_counts[fake_index]
+        ]
+        results["arms"][name] = {"sampling": over} | score(pool[keep], pool_index[keep], fakes, ctx)
+        shown[name], _ = sample(gm, levels, 2, seed, **over)
+        console.print(name, results["arms"][name])
+    if base.is_file():
+        ctx["model"] = base
+        results["decoder_check"] = decoder_check(ctx, latents_dir, params)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "ldm_ablation.json", results)
+    save_png(figure(shown, real, n_slices), args.out / "ldm_ablation.png")
+    table = Table(title=f"LDM ablation ({args.steps} steps, seed {seed}; stand-in test split)")
+    columns = ("fd_alex", "precision", "recall", "zprobe_mae", "c2st_raw", "c2st_blur")
+    for col in ("arm", *columns):
+        table.add_column(col)
+    lines = [
+        f"# LDM ablation: {args.steps} training steps per arm, seed {seed} (stand-in cohort)",
+        "",
+        "| arm | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for name, row in results["arms"].items():
+        cells = [f"{row[c]:.3g}" for c in columns]
+        table.add_row(name, *cells)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "decoder_check" in results:
+        lines += ["", "Decoder check: real test latents + Gaussian noise (latent std units)", ""]
+        lines += ["| latent noise | fd_alex |", "|---|---|"]
+        lines += [
+            f"| {r['latent_noise']:g} | {r['fd_alex']:.3g} |" for r in results["decoder_check"]
+        ]
+    write_text(args.out / "ldm_ablation.md", "\n".join(lines) + "\n")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

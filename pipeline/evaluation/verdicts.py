@@ -1,0 +1,193 @@
+"""Pass/short verdicts of each generator against its real reference (the report's first table).
+
+A figure alone does not tell a reader whether a model is good enough; a figure beside its real
+reference and a bar does. :data:`BARS` holds the bars of issue 15 ("realism and novelty") per
+generator, each relative to a reference that ``evaluate`` measured on real slices:
+
+- **realism, anatomy**: classifier two-sample AUC with both sides blurred by
+  ``evaluate.c2st.blur_sigma`` px (0.5 = a strong judge cannot tell; the autoencoder's own
+  reconstructions are the ceiling a second stage can reach);
+- **realism, texture**: the same judge on the raw slices;
+- **fd_alex** against the real test split's two halves (``real.split_halves``);
+- **precision / recall** (improved k-NN manifolds, Kynkäänniemi et al. 2019);
+- **novelty**: the fraction of copy-like samples (nearer a training slice than the real held-out
+  slices' ``evaluate.novelty.quantile``);
+- **z fidelity**: the z-probe's MAE on samples at their requested level against its MAE on real
+  test slices (the floor).
+
+Verdicts are computed from ``reports/metrics.json`` only, so the report, tests and a reader of
+the JSON agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+#: Generators that get a verdict table, in report order.
+JUDGED = ("ldm", "pixelcnn")
+
+Rule = Literal["max_abs", "min_abs", "max_ratio"]
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar: ``figure`` of a generator section compared with a bound.
+
+    Attributes:
+        label: the row's name in the report.
+        figure: dotted key in the generator's section of ``metrics.json``.
+        rule: ``max_abs`` (figure <= bound), ``min_abs`` (figure >= bound) or ``max_ratio``
+            (figure <= bound x reference).
+        bound: the number of the rule.
+        reference: dotted key in ``metrics.json`` of the real reference shown beside the
+            figure (also the base of ``max_ratio``), or None.
+        ceiling: dotted key of a second reference shown beside it (the autoencoder's own
+            figure: the best a second stage can do), or None; ``{ae}`` stands for the
+            generator's autoencoder section.
+    """
+
+    label: str
+    figure: str
+    rule: Rule
+    bound: float
+    reference: str | None = None
+    ceiling: str | None = None
+
+    def describe(self) -> str:
+        """The bar in words, e.g. ``<= 1.5 x real``."""
+        if self.rule == "max_ratio":
+            return f"≤ {self.bound:g} × real"
+        return f"{'≤' if self.rule == 'max_abs' else '≥'} {self.bound:g}"
+
+
+_C2ST_BLUR = "c2st.blur.auc"
+_C2ST_RAW = "c2st.raw.auc"
+_NOVELTY = Bar(
+    "novelty (copy-like fraction)",
+    "novelty.copy_like_fraction",
+    "max_abs",
+    0.05,
+    "real.novelty.copy_like_fraction",
+)
+#: The bars of each judged generator (issue 15).
+BARS: dict[str, tuple[Bar, ...]] = {
+    "ldm": (
+        Bar(
+            "realism, anatomy (C2ST AUC, blurred)",
+            _C2ST_BLUR,
+            "max_abs",
+            0.65,
+            "real.c2st.blur.auc",
+            "{ae}.c2st.blur.auc",
+        ),
+        Bar(
+            "realism, texture (C2ST AUC, raw)",
+            _C2ST_RAW,
+            "max_abs",
+            0.8,
+            "real.c2st.raw.auc",
+            "{ae}.c2st.raw.auc",
+        ),
+        Bar("fd_alex", "fd_alex", "max_ratio", 1.5, "real.split_halves.fd_alex"),
+        Bar("precision", "precision", "min_abs", 0.8, "real.split_halves.precision"),
+        Bar("recall", "recall", "min_abs", 0.8, "real.split_halves.recall"),
+        _NOVELTY,
+        Bar("z fidelity (z-probe MAE, slices)", "zprobe_mae", "max_ratio", 1.5, "real.zprobe_mae"),
+    ),
+    "pixelcnn": (
+        Bar(
+            "realism, anatomy (C2ST AUC, blurred)",
+            _C2ST_BLUR,
+            "max_abs",
+            0.8,
+            "real.c2st.blur.auc",
+            "{ae}.c2st.blur.auc",
+        ),
+        Bar("fd_alex", "fd_alex", "max_ratio", 2.0, "real.split_halves.fd_alex"),
+        _NOVELTY,
+        Bar("z fidelity (z-probe MAE, slices)", "zprobe_mae", "max_ratio", 2.0, "real.zprobe_mae"),
+    ),
+}
+#: The autoencoder whose latents (or codes) each generator models.
+AUTOENCODER = {"ldm": "ae_vaegan", "pixelcnn": "ae_vqvae"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One row of a verdict table.
+
+    Attributes:
+        label: what is judged.
+        value: the generator's figure (None: not measured).
+        reference: the real reference (None: not measured or none).
+        ceiling: the autoencoder's own figure (None: not applicable or not measured).
+        bar: the bar in words.
+        passed: True (pass), False (short) or None (not measured: cannot judge).
+    """
+
+    label: str
+    value: float | None
+    reference: float | None
+    ceiling: float | None
+    bar: str
+    passed: bool | None
+
+
+def lookup(metrics: Mapping[str, Any], dotted: str | None) -> float | None:
+    """The number at a dotted key of ``metrics.json``, or None where absent or not a number."""
+    if dotted is None:
+        return None
+    node: Any = metrics
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, int | float):
+        return None
+    return float(node)
+
+
+def judge(bar: Bar, value: float | None, reference: float | None) -> bool | None:
+    """Whether ``value`` meets ``bar`` (None when it or a needed reference is missing)."""
+    if value is None:
+        return None
+    if bar.rule == "max_abs":
+        return value <= bar.bound
+    if bar.rule == "min_abs":
+        return value >= bar.bound
+    if reference is None:
+        return None
+    return value <= bar.bound * reference
+
+
+def model_verdicts(metrics: Mapping[str, Any], model: str) -> list[Verdict]:
+    """The verdict rows of one generator.
+
+    Args:
+        metrics: the content of ``reports/metrics.json``.
+        model: a key of :data:`BARS`.
+
+    Returns:
+        One :class:`Verdict` per bar (empty when the model has no section).
+    """
+    section = metrics.get(model)
+    if not isinstance(section, Mapping):
+        return []
+    rows = []
+    for bar in BARS[model]:
+        value = lookup(section, bar.figure)
+        reference = lookup(metrics, bar.reference)
+        ceiling_key = bar.ceiling.format(ae=AUTOENCODER[model]) if bar.ceiling else None
+        rows.append(
+            Verdict(
+                label=bar.label,
+                value=value,
+                reference=reference,
+                ceiling=lookup(metrics, ceiling_key),
+                bar=bar.describe(),
+                passed=judge(bar, value, reference),
+            )
+        )
+    return rows

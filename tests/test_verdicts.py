@@ -1,0 +1,77 @@
+"""Verdicts: each bar judged against its real reference, on hand-made metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.evaluation.verdicts import BARS, Bar, judge, lookup, model_verdicts
+
+METRICS = {
+    "real": {
+        "zprobe_mae": 0.7,
+        "split_halves": {"fd_alex": 10.0, "precision": 0.9, "recall": 0.95},
+        "c2st": {"raw": {"auc": 0.52}, "blur": {"auc": 0.49}},
+        "novelty": {"copy_like_fraction": 0.02},
+    },
+    "ldm": {
+        "fd_alex": 15.0,  # 1.5 x 10: exactly at the bar
+        "precision": 0.79,
+        "recall": 0.8,
+        "zprobe_mae": 1.2,
+        "c2st": {"raw": {"auc": 0.99}, "blur": {"auc": 0.6}},
+        "novelty": {"copy_like_fraction": 0.0},
+    },
+    "ae_vaegan": {"c2st": {"raw": {"auc": 0.97}, "blur": {"auc": 0.55}}},
+}
+
+
+def test_every_ldm_bar_is_judged_against_its_reference() -> None:
+    rows = {row.label: row for row in model_verdicts(METRICS, "ldm")}
+    assert [r.label for r in model_verdicts(METRICS, "ldm")] == [b.label for b in BARS["ldm"]]
+    anatomy = rows["realism, anatomy (C2ST AUC, blurred)"]
+    assert (anatomy.value, anatomy.reference, anatomy.ceiling, anatomy.passed) == (
+        0.6,
+        0.49,
+        0.55,
+        True,
+    )
+    assert rows["realism, texture (C2ST AUC, raw)"].passed is False
+    assert rows["fd_alex"].passed is True and rows["fd_alex"].reference == 10.0
+    assert rows["precision"].passed is False  # 0.79 < 0.8
+    assert rows["recall"].passed is True  # 0.8 >= 0.8
+    assert rows["z fidelity (z-probe MAE, slices)"].passed is False  # 1.2 > 1.5 x 0.7
+    assert rows["novelty (copy-like fraction)"].passed is True
+
+
+def test_a_missing_figure_or_reference_is_not_measured_never_pass() -> None:
+    rows = model_verdicts({"pixelcnn": {"fd_alex": 1.0}}, "pixelcnn")
+    assert {r.label: r.passed for r in rows}["fd_alex"] is None  # ratio without a reference
+    assert all(r.passed is None for r in rows)
+    assert model_verdicts({}, "ldm") == []
+
+
+@pytest.mark.parametrize(
+    ("rule", "value", "reference", "expected"),
+    [
+        ("max_abs", 0.65, None, True),
+        ("max_abs", 0.651, None, False),
+        ("min_abs", 0.8, None, True),
+        ("min_abs", 0.79, None, False),
+        ("max_ratio", 3.0, 2.0, True),
+        ("max_ratio", 3.01, 2.0, False),
+        ("max_ratio", 1.0, None, None),
+    ],
+)
+def test_judge_rules(
+    rule: str, value: float, reference: float | None, expected: bool | None
+) -> None:
+    bound = 1.5 if rule == "max_ratio" else (0.65 if rule == "max_abs" else 0.8)
+    assert judge(Bar("x", "x", rule, bound), value, reference) is expected  # type: ignore[arg-type]
+
+
+def test_lookup_reads_numbers_only() -> None:
+    assert lookup(METRICS, "real.split_halves.fd_alex") == 10.0
+    assert lookup(METRICS, "real.split_halves") is None
+    assert lookup(METRICS, "real.nothing.here") is None
+    assert lookup({"flag": True}, "flag") is None
+    assert lookup(METRICS, None) is None
