@@ -34,7 +34,7 @@ from pipeline.inference.diffusion import build_scheduler, ddim_sample, scheduler
 from pipeline.metrics.perceptual import get_lpips
 from pipeline.metrics.quality import reconstruction_metrics
 from pipeline.models.autoencoder import Autoencoder
-from pipeline.models.conditioning import ZEmbedding
+from pipeline.models.conditioning import Conditioner
 from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.training.autoencoder import AutoencoderTask
@@ -346,7 +346,7 @@ def ldm_rows(bench: Bench) -> list[Row]:
     )
     monai_ae = monai_ae.to(dev).eval()
     monai_unet = mm.diffusion_unet(cfg, channels, cond.dim).to(dev)
-    context = ZEmbedding(cond).to(dev)  # MONAI's side conditions through a context token
+    context = Conditioner(cond).to(dev)  # MONAI's side conditions through a context token
     opt = torch.optim.Adam([*monai_unet.parameters(), *context.parameters()], lr=mm.LR_LDM)
     train_sched = build_scheduler(scheduler_config(cfg), "ddpm")
     latent_inferer = LatentDiffusionInferer(train_sched, scale_factor=1.0)

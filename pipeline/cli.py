@@ -183,8 +183,55 @@ def generate(
             "decoder's clean output.",
         ),
     ] = True,
+    age: Annotated[
+        str | None,
+        typer.Option(
+            "--age",
+            help="Age in years: a value (70), a list (60,80) or a range (60:90, drawn "
+            "uniformly per slice); within the model's training range.",
+        ),
+    ] = None,
+    sex: Annotated[str | None, typer.Option("--sex", help="F, M or a list (F,M).")] = None,
+    cdr: Annotated[
+        str | None, typer.Option("--cdr", help="Clinical dementia rating: 0, 0.5, 1, 2 or a list.")
+    ] = None,
+    covariate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--covariate",
+            help="Another covariate the model conditions on, NAME=VALUE (mmse=28, "
+            "etiv=1400:1600); repeatable.",
+        ),
+    ] = None,
+    spec: Annotated[
+        Path | None,
+        typer.Option(
+            "--spec",
+            help="CSV or YAML spec: one row per request with columns z, count and covariates "
+            "(value, list or range); replaces --z/--per-z/covariate options.",
+        ),
+    ] = None,
+    masks: Annotated[
+        bool,
+        typer.Option(
+            "--masks/--no-masks",
+            help="Also write each slice's tissue labels (<name>_mask: 0 background, 1 CSF, "
+            "2 GM, 3 WM; PNG grey levels 0/85/170/255), decoded with the image.",
+        ),
+    ] = False,
+    validate_only: Annotated[
+        bool,
+        typer.Option(
+            "--validate-only", help="Check the request against the model; write nothing."
+        ),
+    ] = False,
 ) -> None:
-    """Generate slices at the requested z levels: one file per slice plus manifest.csv."""
+    """Generate labelled slices: one file per slice (and mask) plus manifest.csv.
+
+    Lists of different covariates are crossed with each other and with the z levels (every
+    combination gets --per-z slices); a range is drawn uniformly, once per slice. Covariates
+    left out are unconditioned (the model's learned "unknown").
+    """
     from pipeline.inference.generate import NoveltySettings
     from pipeline.inference.generate import generate as run_generate
 
@@ -206,13 +253,33 @@ def generate(
             progress=sys.stderr.isatty(),
             novelty=NoveltySettings(prepared_dir) if novelty else None,
             texture=texture,
+            covariates=_covariate_options(age, sex, cdr, covariate or []),
+            spec=spec,
+            masks=masks,
+            validate_only=validate_only,
         )
+        if validate_only:
+            typer.echo(f"request valid: {result.slices} slices; nothing written")
+            return
         typer.echo(
             f"wrote {result.slices} slices ({len(result.files)} files) to {out} in "
             f"{result.seconds:.1f} s; manifest: {result.manifest}"
         )
 
     _run(body)
+
+
+def _covariate_options(
+    age: str | None, sex: str | None, cdr: str | None, others: list[str]
+) -> dict[str, str]:
+    """The covariate options given, name → text (``--covariate NAME=VALUE`` split)."""
+    options = {k: v for k, v in {"age": age, "sex": sex, "cdr": cdr}.items() if v is not None}
+    for item in others:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise InputError(f"--covariate {item!r}: expected NAME=VALUE, e.g. mmse=28")
+        options[name.strip().lower()] = value
+    return options
 
 
 @app.command()
@@ -299,6 +366,10 @@ STAGES = {
     "train-prior": ("train_prior", "Train the z-conditioned PixelCNN prior over VQ codes."),
     "train-ldm": ("train_ldm", "Train the z-conditioned latent diffusion UNet."),
     "train-zprobe": ("train_zprobe", "Train the z-index probe (judge of z-conditioning)."),
+    "train-probes": (
+        "train_probes",
+        "Train the label probes (judges of covariates and tissue masks).",
+    ),
     "evaluate": ("evaluate", "Test-split metrics of every model -> reports/metrics.json."),
     "report": ("report", "Write reports/index.html."),
 }

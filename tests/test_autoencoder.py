@@ -96,7 +96,7 @@ def test_z_reaches_every_residual_block() -> None:
     assert len(blocks) == 2 * (4 + 2)
     for block in blocks:
         assert block.film.weight.grad is not None and block.film.weight.grad.abs().sum() > 0
-    assert sum(1 for m in model.modules() if m.__class__.__name__ == "ZEmbedding") == 1
+    assert sum(1 for m in model.modules() if m.__class__.__name__ == "Conditioner") == 1
 
 
 def test_codebook_is_buffers_and_updated_only_in_training() -> None:

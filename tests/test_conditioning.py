@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.core.config import ConditioningConfig
-from pipeline.models.conditioning import ZEmbedding, check_z, sinusoidal_embedding
+from pipeline.models.conditioning import Conditioner, check_z, sinusoidal_embedding
 
 
 def test_check_z_accepts_fractions_and_rejects_out_of_range() -> None:
@@ -30,7 +30,7 @@ def test_sinusoidal_embedding_separates_neighbouring_slices() -> None:
 def test_zembedding_shapes_and_null_token() -> None:
     torch.manual_seed(0)
     cfg = ConditioningConfig(sinusoidal_dim=16, dim=24)
-    emb = ZEmbedding(cfg, null_token=True)
+    emb = Conditioner(cfg, null_token=True)
     z = torch.tensor([0.0, 0.5, 1.0])
     out = emb(z)
     assert out.shape == (3, 24)
@@ -38,4 +38,4 @@ def test_zembedding_shapes_and_null_token() -> None:
     torch.testing.assert_close(dropped[0], emb.null)
     torch.testing.assert_close(dropped[1], out[1])
     with pytest.raises(ValueError, match="null token"):
-        ZEmbedding(cfg)(z, drop_mask=torch.tensor([True, False, False]))
+        Conditioner(cfg)(z, drop_mask=torch.tensor([True, False, False]))

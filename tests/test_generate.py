@@ -18,13 +18,7 @@ from PIL import Image
 from pipeline.core.identity import file_sha256
 from pipeline.data.manifests import MANIFEST_COLUMNS, read_manifest
 from pipeline.data.slice_files import OutputExistsError, check_token, publish, read_slice
-from pipeline.inference.generate import (
-    ZLevel,
-    generate,
-    level_seed,
-    output_spacing,
-    parse_z,
-)
+from pipeline.inference.generate import generate, output_spacing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,61 +27,6 @@ def _png(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         assert img.mode == "I;16"
         return np.asarray(img)
-
-
-# --- z parsing --------------------------------------------------------------------------
-
-
-def test_parse_z_ranges_indices_fractions_and_all() -> None:
-    levels = parse_z("0:3", 32)
-    assert [lv.z_index for lv in levels] == [0, 1, 2, 3]
-    assert levels[1] == ZLevel(1 / 31, 1, "z001")
-    assert [lv.z for lv in parse_z("all", 4)] == pytest.approx([0, 1 / 3, 2 / 3, 1])
-    assert len(parse_z(None, 32)) == 32
-    frac = parse_z("0.25, 0.5", 33)
-    assert [(lv.z, lv.z_index, lv.name) for lv in frac] == [
-        (0.25, 8, "f02500"),
-        (0.5, 16, "f05000"),
-    ]
-    mixed = parse_z("30,0:1,1.0", 32)
-    assert [lv.name for lv in mixed] == ["z030", "z000", "z001", "f10000"]
-    assert parse_z("0.5", None)[0].z_index is None  # fractions need no K
-
-
-@pytest.mark.parametrize(
-    ("spec", "message"),
-    [
-        ("0:32", r"slice index 32 is outside 0\.\.31"),
-        ("40", r"slice index 40 is outside 0\.\.31"),
-        ("-1", "slice index -1"),
-        ("1.5", r"must lie in \[0, 1\]"),
-        ("-0.2", r"must lie in \[0, 1\]"),
-        ("nan", r"must lie in \[0, 1\]"),
-        ("5:2", "start 5 is above its end 2"),
-        ("a:3", "a range needs two slice indices"),
-        ("abc", "expected a slice index"),
-        ("1,,2", "expected a slice index"),
-        ("0.123456", "at most 4 decimals"),
-        ("3,3", "requested twice"),
-        ("0:3,0.0", "requested twice"),
-    ],
-)
-def test_parse_z_rejects_bad_requests_with_a_clear_message(spec: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        parse_z(spec, 32)
-
-
-def test_parse_z_index_needs_k() -> None:
-    with pytest.raises(ValueError, match="give z as fractions"):
-        parse_z("0:3", None)
-
-
-def test_level_seed_depends_on_seed_and_z_only() -> None:
-    # the same in every process and version (no salted hash()): a manifest's seed and z
-    # name the same slices later
-    assert level_seed(0, 0.5) == 18074951847778127880
-    assert level_seed(0, 1 / 3) == level_seed(0, (1 / 3) * (1 + 1e-12))  # float noise in z
-    assert len({level_seed(0, 0.5), level_seed(1, 0.5), level_seed(0, 0.25)}) == 3
 
 
 # --- generate ---------------------------------------------------------------------------

@@ -232,19 +232,20 @@ def _planting(monkeypatch, copies: np.ndarray, *, every_call: bool) -> list[tupl
     Returns:
         The (n, seed) of every sampler call, filled in as generate runs.
     """
-    real = generate_module.sample
+    real = generate_module.sample_slices
     calls: list[tuple[int, int]] = []
 
-    def planted(gm, z, n, seed, **settings):
-        images, zs = real(gm, z, n, seed, **settings)
+    def planted(gm, z, seed, **settings):
+        out = real(gm, z, seed, **settings)
+        n = len(z)
         if not calls:
-            images[1 : 1 + len(copies)] = torch.from_numpy(copies)
+            out.images[1 : 1 + len(copies)] = torch.from_numpy(copies)
         elif every_call:
-            images[:] = torch.from_numpy(copies[:n])
+            out.images[:] = torch.from_numpy(copies[:n])
         calls.append((n, seed))
-        return images, zs
+        return out
 
-    monkeypatch.setattr(generate_module, "sample", planted)
+    monkeypatch.setattr(generate_module, "sample_slices", planted)
     return calls
 
 

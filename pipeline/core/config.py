@@ -129,17 +129,25 @@ class PrepareConfig(_Section):
 
 
 class ConditioningConfig(_Section):
-    """z-index embedding shared by every conditioned network.
+    """The condition embedding shared by every conditioned network.
 
     Attributes:
         sinusoidal_dim: number of sinusoidal features of z (even).
         dim: width of the MLP output each network receives.
         max_period: longest sinusoid period, in units of z (z lies in [0, 1]).
+        covariates: subject covariates the second stages (LDM, PixelCNN) condition on
+            besides z, prepared-manifest columns (``pipeline.core.labels.KNOWN_COVARIATES``:
+            age, sex, cdr, mmse, etiv, nwbv, educ, ses); the first stage conditions on z alone.
+        covariate_dropout: probability that one covariate of a training slice is replaced by
+            its learned "unknown" embedding, independently per covariate, so a model samples
+            on any subset.
     """
 
     sinusoidal_dim: int = Field(64, ge=2, multiple_of=2)
     dim: int = Field(128, ge=1)
     max_period: float = Field(10_000.0, gt=0)
+    covariates: tuple[str, ...] = ()
+    covariate_dropout: float = Field(0.2, ge=0.0, le=1.0)
 
 
 class TrainConfig(_Section):
@@ -269,6 +277,11 @@ class AutoencoderConfig(_Section):
         l1_weight: weight of the L1 reconstruction loss.
         ssim_weight: weight of the ``1 - SSIM`` loss (:func:`pipeline.training.losses.ssim_loss`).
         perceptual_weight: weight of the LPIPS loss.
+        tissue_weight: weight of the cross-entropy of the decoder's tissue head (background,
+            CSF, GM, WM logits from the decoder's last features, trained where the prepared
+            split has ``tissue.npy``); > 0 builds the head, so every decoded latent comes
+            with its tissue map, aligned pixel for pixel. 0 (the default of files made
+            before the head existed): no head.
         vq: vector quantiser settings.
         kl: Gaussian latent settings.
         discriminator: PatchGAN settings.
@@ -283,6 +296,7 @@ class AutoencoderConfig(_Section):
     l1_weight: float = Field(1.0, ge=0)
     ssim_weight: float = Field(0.0, ge=0)
     perceptual_weight: float = Field(0.5, ge=0)
+    tissue_weight: float = Field(0.0, ge=0)
     vq: VQConfig = VQConfig()
     kl: KLConfig = KLConfig()
     discriminator: DiscriminatorConfig = DiscriminatorConfig()
@@ -422,6 +436,52 @@ class ZProbeConfig(_Section):
     train: TrainConfig = TrainConfig(steps=800, batch_size=64, lr=1e-3, eval_every=400)
 
 
+class CovariateProbeConfig(_Section):
+    """The covariate probe: the z-probe's conv trunk with age, CDR > 0 and sex heads.
+
+    Attributes:
+        channels: widths of the strided conv layers (each halves the resolution).
+        train: training-loop settings.
+    """
+
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    train: TrainConfig = TrainConfig(steps=800, batch_size=32, lr=1e-3, eval_every=400)
+
+
+class SegmenterConfig(_Section):
+    """The tissue segmenter: MONAI ``BasicUNet`` (2D) predicting background/CSF/GM/WM.
+
+    Attributes:
+        features: the six widths of ``BasicUNet`` (four encoder levels, bottleneck, last
+            decoder level); the input side must be a multiple of 16.
+        train: training-loop settings.
+    """
+
+    features: tuple[int, int, int, int, int, int] = (16, 16, 32, 64, 128, 16)
+    train: TrainConfig = TrainConfig(steps=600, batch_size=16, lr=1e-3, eval_every=300)
+
+    @model_validator(mode="after")
+    def _check_features(self) -> SegmenterConfig:
+        if min(self.features) < 1:
+            raise InputError(f"features must all be >= 1, got {self.features}")
+        return self
+
+
+class ProbesConfig(_Section):
+    """The label probes, trained on real training slices only: the independent judges of
+    whether generated slices obey their covariates (age, CDR, sex) and tissue maps.
+
+    Their scores on real test slices are the floors generated slices are compared with.
+
+    Attributes:
+        covariate: the age / CDR > 0 / sex probe.
+        segmenter: the CSF / GM / WM segmenter.
+    """
+
+    covariate: CovariateProbeConfig = CovariateProbeConfig()
+    segmenter: SegmenterConfig = SegmenterConfig()
+
+
 class C2STConfig(_Section):
     """The classifier two-sample test of :mod:`pipeline.metrics.c2st` (Lopez-Paz & Oquab 2017).
 
@@ -539,6 +599,7 @@ class Params(_Section):
     prior: PriorConfig = PriorConfig()
     ldm: LDMConfig = LDMConfig()
     zprobe: ZProbeConfig = ZProbeConfig()
+    probes: ProbesConfig = ProbesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     generate: GenerateConfig = GenerateConfig()
 

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from pipeline.core.errors import InputError
 from pipeline.core.identity import file_sha256
+from pipeline.core.labels import Schema, covariate_codes, covariate_schema
 
 SPLITS = ("train", "val", "test")
 
@@ -72,22 +73,38 @@ def latents_identity(latents_dir: str | Path) -> dict[str, Any]:
     return {"autoencoder_sha256": meta["autoencoder_sha256"], "scale_factor": meta["scale_factor"]}
 
 
+def training_schema(split_dir: str | Path, names: tuple[str, ...]) -> Schema:
+    """The covariate schema a second stage trains with: ``names`` as found in the manifest
+    of its training split (ranges and categories of the training subjects).
+
+    Raises:
+        InputError: a named covariate is unknown or has no value in the training split.
+    """
+    if not names:
+        return ()
+    manifest = pd.read_csv(Path(split_dir) / "manifest.csv", keep_default_na=False, na_values=[""])
+    return covariate_schema(manifest, names)
+
+
 class LatentDataset(Dataset):
     """One split of encoded latents (and code grids for the VQ-VAE).
 
     Items are dicts: ``latent`` (C, h, w) float32, the stage-2 input as stored (already
     multiplied by the codec's scale factor), ``codes`` (h, w) int64 (only if the split has
-    ``codes.npy``), ``z`` float32 scalar in [0, 1] and ``z_index`` int64.
+    ``codes.npy``), ``z`` float32 scalar in [0, 1], ``z_index`` int64 and ``covariates``
+    (len(schema),) float32 codes (NaN = unknown; only with a non-empty schema).
 
     Args:
         split_dir: ``data/latents/<source>/<split>``.
+        schema: covariates to read from the manifest
+            (:func:`~pipeline.core.labels.covariate_codes`).
 
     Raises:
         FileNotFoundError: the folder lacks ``latents.npy`` or ``manifest.csv``.
         ValueError: the arrays and the manifest disagree in length.
     """
 
-    def __init__(self, split_dir: str | Path) -> None:
+    def __init__(self, split_dir: str | Path, schema: Schema = ()) -> None:
         self.split_dir = Path(split_dir)
         for name in ("latents.npy", "manifest.csv"):
             if not (self.split_dir / name).is_file():
@@ -97,8 +114,12 @@ class LatentDataset(Dataset):
         self.latents = np.load(self.split_dir / "latents.npy", mmap_mode="r")
         codes_path = self.split_dir / "codes.npy"
         self.codes = np.load(codes_path, mmap_mode="r") if codes_path.is_file() else None
-        manifest = pd.read_csv(self.split_dir / "manifest.csv")
+        self.manifest = pd.read_csv(
+            self.split_dir / "manifest.csv", keep_default_na=False, na_values=[""]
+        )
+        manifest = self.manifest
         self.z = manifest["z"].to_numpy(np.float32)
+        self.covariates = covariate_codes(manifest, schema) if schema else None
         self.z_index = manifest["z_index"].to_numpy(np.int64)
         lengths = {len(self.latents), len(self.z)} | (
             {len(self.codes)} if self.codes is not None else set()
@@ -120,4 +141,6 @@ class LatentDataset(Dataset):
         }
         if self.codes is not None:
             item["codes"] = torch.from_numpy(self.codes[i].astype(np.int64))
+        if self.covariates is not None:
+            item["covariates"] = torch.from_numpy(self.covariates[i])
         return item

@@ -14,10 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import InputError
+from pipeline.core.labels import KNOWN_COVARIATES
 from pipeline.data.slice_files import publish
 
 MANIFEST = "manifest.csv"
 LOCK = ".manifest.lock"
+#: One column per covariate a model may condition on: the value a slice was generated with,
+#: empty where it was unconditioned (or the model has no such covariate).
+COVARIATE_COLUMNS: tuple[str, ...] = tuple(KNOWN_COVARIATES)
+#: ``mask_file``: the slice's tissue-label file (same name plus ``_mask``), empty without masks.
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "file",
     "type",
@@ -36,9 +41,11 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "nearest_train_ssim",
     "nearest_train_alex",
     "novelty_attempts",
+    *COVARIATE_COLUMNS,
+    "mask_file",
 )
 #: The columns every generate manifest has had; later columns are blank when read from an
-#: older manifest (written before texture and novelty were recorded).
+#: older manifest (written before texture, novelty, covariates and masks were recorded).
 REQUIRED_COLUMNS = MANIFEST_COLUMNS[:12]
 def read_manifest(path: Path) -> list[dict[str, str]]:
     """Rows of a ``manifest.csv`` written by :func:`generate`.

@@ -41,9 +41,15 @@ __all__ = [
     "read_slice",
     "to_uint16",
     "upright_to_ras",
+    "write_label_nifti",
+    "write_label_png",
     "write_nifti",
     "write_png16",
 ]
+
+#: Grey value of tissue label k in a label PNG: the OASIS PNG release's convention
+#: (0 background, 85 CSF, 170 GM, 255 WM), which ``prepare`` reads back as labels 0..3.
+LABEL_PNG_STEP = 85
 
 #: Tokens allowed in generated file names (e.g. a user's prefix): no dots, no separators.
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -147,4 +153,23 @@ def write_nifti(stack: np.ndarray, path: Path, pixel_mm: float, slice_mm: float)
     affine = np.diag([pixel_mm, pixel_mm, slice_mm, 1.0])
     img = nib.Nifti1Image(ras, affine)
     img.header["descrip"] = NIFTI_MARK  # read back unchanged by read_slice
+    nib.save(img, path)
+
+
+def write_label_png(labels: np.ndarray, path: Path) -> None:
+    """Save (H, W) tissue labels 0..3 as an 8-bit PNG in the OASIS PNG release's grey
+    levels (label * 85), not atomic (see :func:`publish`)."""
+    grey = (np.asarray(labels, np.int64) * LABEL_PNG_STEP).clip(0, 255).astype(np.uint8)
+    Image.fromarray(grey).save(path, format="PNG")
+
+
+def write_label_nifti(stack: np.ndarray, path: Path, pixel_mm: float, slice_mm: float) -> None:
+    """Save upright (H, W) or (K, H, W) tissue labels 0..3 as a uint8 RAS NIfTI, on the grid
+    :func:`write_nifti` gives the image (not atomic; see :func:`publish`)."""
+    stack = np.asarray(stack, np.uint8)
+    if stack.ndim == 2:
+        stack = stack[None]
+    ras = np.ascontiguousarray(np.stack([upright_to_ras(s) for s in stack], axis=-1))
+    img = nib.Nifti1Image(ras, np.diag([pixel_mm, pixel_mm, slice_mm, 1.0]))
+    img.header["descrip"] = b"braingen tissue labels 0 bg 1 CSF 2 GM 3 WM"
     nib.save(img, path)

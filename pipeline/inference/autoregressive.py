@@ -91,6 +91,7 @@ def sample_codes(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    covariates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample code grids for a batch of slice positions at once, in raster order.
 
@@ -104,6 +105,8 @@ def sample_codes(
         top_k: sample among the k most likely codes only; None (default) samples from all K.
         generator: seeded ``torch.Generator`` on the model's device for reproducible samples;
             None uses the global RNG.
+        covariates: optional (B, n) covariate codes of the samples (NaN = unconditioned);
+            None leaves every covariate unknown.
 
     Returns:
         (B, h, w) int64 codes in [0, K), on the model's device.
@@ -115,7 +118,9 @@ def sample_codes(
     _check_sampling_args(shape, temperature, top_k, model.num_codes)
     device = model.output_bias.device
     with _single_threaded_on_cpu(device):
-        return _sample(model, z.to(device), shape, temperature, top_k, generator)
+        if covariates is not None:
+            covariates = covariates.to(device)
+        return _sample(model, z.to(device), shape, temperature, top_k, generator, covariates)
 
 
 @torch.no_grad()
@@ -126,6 +131,7 @@ def _sample(
     temperature: float,
     top_k: int | None,
     generator: torch.Generator | None,
+    covariates: torch.Tensor | None,
 ) -> torch.Tensor:
     """The sampling loop of :func:`sample_codes` (arguments already checked)."""
     device, dtype = model.output_bias.device, model.output_bias.dtype
@@ -136,7 +142,7 @@ def _sample(
     layers = list(model.layers)
     n = len(layers)
 
-    cond = model.condition(model.z_embedding(z), shape)
+    cond = model.condition(model.z_embedding(z, covariates=covariates), shape)
     biases = [layer.conditional_bias(cond) for layer in layers]  # per layer (B, 2C, h, w) x 2
     # Per layer: the vertical-stack inputs of the last p + 1 rows (zero-padded p columns each
     # side; rows above the grid are zeros) and what the row above contributes to the

@@ -184,11 +184,12 @@ def diffusion_loss(
     *,
     weighting: LossWeighting = "uniform",
     min_snr_gamma: float = 5.0,
+    covariates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DDPM training loss: MSE between the UNet output and the epsilon or v target.
 
     Args:
-        unet: ``unet(x, t, z, drop_mask)``.
+        unet: ``unet(x, t, z, drop_mask)`` (``covariates=`` too when they are given).
         scheduler: the training schedule (its ``prediction_type`` picks the target).
         latent: (B, C, h, w) clean scaled latents x_0.
         z: (B,) slice positions in [0, 1].
@@ -198,6 +199,7 @@ def diffusion_loss(
         weighting: ``uniform`` (default: the MSE over all elements) or ``min_snr`` (the mean
             over the batch of each sample's MSE times :func:`min_snr_weight` at its t).
         min_snr_gamma: γ of ``min_snr`` (> 0); unused by ``uniform``.
+        covariates: optional (B, n) covariate codes (NaN = unknown).
 
     Returns:
         Scalar (weighted) mean squared error.
@@ -209,12 +211,40 @@ def diffusion_loss(
         target = scheduler.get_velocity(latent, noise, t)
     else:
         target = noise
-    output, target = unet(noisy, t, z, drop_mask).float(), target.float()
+    extra = {} if covariates is None else {"covariates": covariates}
+    output, target = unet(noisy, t, z, drop_mask, **extra).float(), target.float()
     if weighting == "uniform":
         return F.mse_loss(output, target)
     per_sample = F.mse_loss(output, target, reduction="none").flatten(1).mean(dim=1)
     alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
     return (min_snr_weight(alpha_bar, scheduler.prediction_type, min_snr_gamma) * per_sample).mean()
+
+
+class BoundCovariates(nn.Module):
+    """A conditioned UNet with its covariates fixed: ``f(x, t, z, drop_mask)`` as every
+    sampler calls it.
+
+    The samplers pass z (and the guidance batch doubles it); the covariates of each sample
+    ride along here, repeated to the batch the sampler forms (``[x, x]`` for guidance, where
+    the second half is dropped to the null condition anyway).
+
+    Args:
+        unet: ``unet(x, t, z, drop_mask, covariates)``
+            (:class:`~pipeline.models.unet.ZConditionedUNet`).
+        covariates: (B, n) codes of the B samples (NaN = unconditioned).
+    """
+
+    def __init__(self, unet: nn.Module, covariates: torch.Tensor) -> None:
+        super().__init__()
+        self.unet, self.covariates = unet, covariates
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, drop_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet output with the bound covariates (repeated to x's batch)."""
+        repeats = x.shape[0] // len(self.covariates)
+        covariates = self.covariates.to(x.device).repeat(repeats, 1)
+        return self.unet(x, t, z, drop_mask, covariates)
 
 
 def guided_output(

@@ -24,7 +24,7 @@ from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
 from pipeline.data.slice_files import OutputExistsError, publish, read_mask, read_slice, write_png16
 from pipeline.inference.diffusion import build_scheduler, inpaint, sdedit
-from pipeline.inference.generate import parse_z
+from pipeline.inference.requests import parse_z
 from pipeline.inference.sampling import GeneratorModel, SamplingSettings, load_generator
 
 

@@ -1,18 +1,22 @@
-"""Synthetic slices at requested z levels, written as files for data augmentation.
+"""Labelled synthetic slices, written as files for data augmentation.
 
 :func:`generate` is what ``braingen generate`` and the ``generate`` stage run. It loads a
-generator (``models/ldm.pt`` or ``models/pixelcnn.pt``), samples ``per_z`` slices at every
-requested level and writes one file per slice plus ``manifest.csv``.
+generator (``models/ldm.pt`` or ``models/pixelcnn.pt``), turns the request (z levels, per-z
+count and covariates, or a spec file: :mod:`pipeline.inference.requests`) into slices per
+level, samples them and writes one file per slice (with ``masks``, a tissue-label file
+beside it) plus ``manifest.csv`` with every slice's labels: z, each covariate it was
+conditioned on (empty = unconditioned), the mask file, sampler and guidance.
 
-Reproducibility: the slices of one level depend only on (model file, seed, z, per_z and the
-sampling settings): each level is sampled with its own seed derived from ``(seed, z)``, so
-``--z 17`` gives the same slices as the z=17 rows of ``--z 0:31``. One network batch holds
-the samples of one level (split into :data:`pipeline.inference.sampling.CHUNK`-sized chunks).
+Reproducibility: the slices of one level depend only on (model file, seed, z, the level's
+requested slices and the sampling settings): each level is sampled in one call with its own
+seed derived from ``(seed, z)``, so ``--z 17`` gives the same slices as the z=17 rows of
+``--z 0:31``. The network batch holds the samples of one level (split into
+:data:`pipeline.inference.sampling.CHUNK`-sized chunks).
 
 File names are built only from validated pieces: ``{prefix}_s{seed}_{level}_{sample}`` with
 ``prefix`` a checked token (default: the model kind), ``level`` ``z017`` for slice index 17 or
-``f02500`` for the fraction 0.25, and ``sample`` a 4-digit counter; volumes are
-``{prefix}_s{seed}_vol_{sample}.nii.gz``.
+``f02500`` for the fraction 0.25, and ``sample`` a 4-digit counter over the level's slices;
+volumes are ``{prefix}_s{seed}_vol_{sample}.nii.gz``; a mask adds ``_mask`` before the suffix.
 
 Several processes may write into one folder at once:
 
@@ -43,9 +47,9 @@ Slices carry the scan-noise texture the first stage removes (the model file's
 from __future__ import annotations
 
 import logging
-import re
+import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -60,17 +64,32 @@ from pipeline.core.config import NoveltyConfig, Sampler
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
 from pipeline.core.identity import file_sha256
+from pipeline.core.labels import Schema
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.data.manifests import merge_manifest
 from pipeline.data.slice_files import (
     OutputExistsError,
     check_token,
     publish,
+    write_label_nifti,
+    write_label_png,
     write_nifti,
     write_png16,
 )
-from pipeline.inference.sampling import SamplingSettings, load_generator, sample
-from pipeline.models.conditioning import index_from_z, z_from_index
+from pipeline.inference.requests import (
+    SliceRequest,
+    ZLevel,
+    build_requests,
+    read_spec,
+    total_slices,
+)
+from pipeline.inference.sampling import (
+    Samples,
+    SamplingSettings,
+    check_masks,
+    load_generator,
+    sample_slices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +99,6 @@ SUFFIXES: dict[str, tuple[str, ...]] = {
     "nifti": (".nii.gz",),
     "both": (".png", ".nii.gz"),
 }
-#: z fractions are given with at most this many decimals (they name files exactly).
-Z_DECIMALS = 4
-_INDEX = re.compile(r"-?\d+")
 #: Manifest columns of the novelty check: similarity measure
 #: (:data:`pipeline.metrics.novelty.MEASURES`) → column of the kept slice's similarity to its
 #: nearest training slice; ``novelty_attempts`` holds the re-samples it took (0 = first draw).
@@ -92,98 +108,6 @@ NOVELTY_COLUMNS: dict[str, str] = {
     "alex_cos": "nearest_train_alex",
 }
 _NO_NOVELTY: dict[str, Any] = dict.fromkeys([*NOVELTY_COLUMNS.values(), "novelty_attempts"], "")
-
-
-@dataclass(frozen=True)
-class ZLevel:
-    """One requested slice position.
-
-    Attributes:
-        z: position in [0, 1].
-        z_index: ``z * (K - 1)`` in slice units (an integer for index requests; None when
-            the model does not record K).
-        name: file-name token, ``z017`` (slice index 17) or ``f02500`` (fraction 0.25).
-    """
-
-    z: float
-    z_index: float | None
-    name: str
-
-
-def _index_level(index: int, n_slices: int | None, token: str) -> ZLevel:
-    if n_slices is None:
-        raise InputError(
-            f"--z {token}: this model file does not record its number of slice levels K; "
-            "give z as fractions in [0, 1] (e.g. 0.25,0.5)"
-        )
-    if not 0 <= index <= n_slices - 1:
-        raise InputError(
-            f"--z {token}: slice index {index} is outside 0..{n_slices - 1} "
-            f"(the model has K={n_slices} levels)"
-        )
-    width = max(3, len(str(n_slices - 1)))
-    return ZLevel(z_from_index(index, n_slices), index, f"z{index:0{width}d}")
-
-
-def _fraction_level(token: str, n_slices: int | None) -> ZLevel:
-    try:
-        z = float(token)
-    except ValueError:
-        raise InputError(
-            f"--z {token!r}: expected a slice index (17), an inclusive range (0:31) or a "
-            "fraction with a decimal point (0.25)"
-        ) from None
-    if not 0.0 <= z <= 1.0:  # also rejects nan
-        raise InputError(f"--z {token}: z fraction must lie in [0, 1], got {z}")
-    key = z * 10**Z_DECIMALS
-    if abs(key - round(key)) > 1e-6:
-        raise InputError(f"--z {token}: give z fractions with at most {Z_DECIMALS} decimals")
-    z_index = None if n_slices is None else round(index_from_z(z, n_slices), 4)
-    return ZLevel(z, z_index, f"f{round(key):05d}")
-
-
-def parse_z(spec: str | None, n_slices: int | None) -> list[ZLevel]:
-    """Parse a ``--z`` request into slice positions.
-
-    Args:
-        spec: comma-separated items, each a slice index (``17``), an inclusive index range
-            (``0:31``) or a fraction with a decimal point (``0.25``, at most 4 decimals);
-            ``None``, ``""`` or ``"all"`` means every level 0..K-1. Indices become
-            z = index / (K - 1).
-        n_slices: K, the model's number of slice levels (``metadata["n_slices"]``), or None
-            if unknown (then only fractions are accepted).
-
-    Returns:
-        The levels in request order.
-
-    Raises:
-        ValueError: malformed item, index outside 0..K-1, fraction outside [0, 1] or with
-            more than 4 decimals, or a level requested twice.
-    """
-    if spec is None or spec.strip() in ("", "all"):
-        return [_index_level(i, n_slices, "all") for i in range(n_slices or 1)]
-    levels: list[ZLevel] = []
-    for raw in spec.split(","):
-        token = raw.strip()
-        if ":" in token:
-            lo, _, hi = (part.strip() for part in token.partition(":"))
-            if not (_INDEX.fullmatch(lo) and _INDEX.fullmatch(hi)):
-                raise InputError(f"--z {token}: a range needs two slice indices, e.g. 0:31")
-            if int(lo) > int(hi):
-                raise InputError(f"--z {token}: range start {lo} is above its end {hi}")
-            _index_level(int(hi), n_slices, token)  # names the end if it is out of range
-            levels += [_index_level(i, n_slices, token) for i in range(int(lo), int(hi) + 1)]
-        elif _INDEX.fullmatch(token):
-            levels.append(_index_level(int(token), n_slices, token))
-        else:
-            levels.append(_fraction_level(token, n_slices))
-    seen: set[int] = set()
-    for level in levels:
-        key = round(level.z * 10**6)
-        if key in seen:
-            raise InputError(f"--z {spec}: z={level.z:g} is requested twice")
-        seen.add(key)
-    return levels
 
 
 def level_seed(seed: int, z: float) -> int:
@@ -228,11 +152,12 @@ class NoveltySettings:
     config: NoveltyConfig = field(default_factory=NoveltyConfig)
 
 
-#: ``resample(n, seed)``: n more (n, 1, H, W) slices of the level being checked.
-Resample = Callable[[int, int], torch.Tensor]
-#: ``screen(images, resample, seed, name)``: a level's (n, 1, H, W) slices with copy-like ones
-#: replaced, and each slice's novelty manifest values.
-Screen = Callable[[torch.Tensor, Resample, int, str], tuple[torch.Tensor, list[dict[str, Any]]]]
+#: ``resample(indices, seed)``: fresh draws of the level's slices at ``indices`` (same z and
+#: covariates): (n, 1, H, W) images and their (n, H, W) tissue labels (None without masks).
+Resample = Callable[[np.ndarray, int], Samples]
+#: ``screen(slices, resample, seed, name)``: a level's slices with copy-like ones replaced
+#: (tissue labels follow their image), and each slice's novelty manifest values.
+Screen = Callable[[Samples, Resample, int, str], tuple[Samples, list[dict[str, Any]]]]
 
 
 def _split_images(split_dir: Path) -> torch.Tensor:
@@ -263,7 +188,7 @@ def novelty_screen(settings: NoveltySettings, device: torch.device) -> Screen:
         device: where AlexNet and the all-pairs products run.
 
     Returns:
-        ``screen(images, resample, seed, name)``; it raises :class:`InputError` (one line,
+        ``screen(slices, resample, seed, name)``; it raises :class:`InputError` (one line,
         naming the level) when a slice is still copy-like after the last attempt.
 
     Raises:
@@ -287,9 +212,10 @@ def novelty_screen(settings: NoveltySettings, device: torch.device) -> Screen:
     logger.info("novelty thresholds (q=%g of %s): %s", cfg.quantile, reference_dir, limits)
 
     def screen(
-        images: torch.Tensor, resample: Resample, seed: int, name: str
-    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-        images = images.clone()
+        slices: Samples, resample: Resample, seed: int, name: str
+    ) -> tuple[Samples, list[dict[str, Any]]]:
+        images = slices.images.clone()
+        tissue = None if slices.tissue is None else slices.tissue.clone()
         near = nearest(images)
         flagged = copy_like(near, limits)
         attempts = np.zeros(len(images), dtype=np.int64)
@@ -297,9 +223,11 @@ def novelty_screen(settings: NoveltySettings, device: torch.device) -> Screen:
             redo = np.flatnonzero(flagged)
             if redo.size == 0:
                 break
-            fresh = resample(len(redo), attempt_seed(seed, attempt))
-            fresh_near = nearest(fresh)
-            images[redo] = fresh
+            fresh = resample(redo, attempt_seed(seed, attempt))
+            fresh_near = nearest(fresh.images)
+            images[redo] = fresh.images
+            if tissue is not None and fresh.tissue is not None:
+                tissue[redo] = fresh.tissue
             near.put(redo, fresh_near)
             flagged[redo] = copy_like(fresh_near, limits)
             attempts[redo] = attempt
@@ -321,7 +249,7 @@ def novelty_screen(settings: NoveltySettings, device: torch.device) -> Screen:
             | {"novelty_attempts": int(attempts[j])}
             for j in range(len(images))
         ]
-        return images, rows
+        return Samples(images, slices.z, slices.covariates, tissue), rows
 
     return screen
 
@@ -332,13 +260,13 @@ class GenerateResult:
 
     Attributes:
         files: every file written (slices and volumes), manifest excluded.
-        manifest: the folder's ``manifest.csv``.
+        manifest: the folder's ``manifest.csv`` (None for ``validate_only``).
         slices: number of generated slices.
         seconds: wall time of sampling and writing.
     """
 
     files: list[Path]
-    manifest: Path
+    manifest: Path | None
     slices: int
     seconds: float
 
@@ -352,6 +280,39 @@ def _check_request(fmt: str, per_z: int, seed: int, out_dir: Path) -> None:
         raise InputError(f"seed must be an integer >= 0; got {seed!r}")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"output {out_dir} exists and is not a folder")
+
+
+@dataclass
+class LevelPlan:
+    """The slices asked for at one z level, in request order.
+
+    Attributes:
+        level: the position.
+        covariates: per slice, the canonical value of each schema covariate (None =
+            unconditioned).
+        codes: (n, len(schema)) float32 covariate codes of the slices (NaN = unconditioned).
+    """
+
+    level: ZLevel
+    covariates: list[dict[str, Any]]
+    codes: np.ndarray
+
+
+def plan_levels(requests: list[SliceRequest], schema: Schema) -> list[LevelPlan]:
+    """Group requests by z level (levels in order of first appearance) and expand counts."""
+    plans: dict[float, LevelPlan] = {}
+    for request in requests:
+        plan = plans.setdefault(
+            request.level.z, LevelPlan(request.level, [], np.zeros((0, len(schema)), np.float32))
+        )
+        plan.covariates += [dict(request.covariates)] * request.count
+        codes = np.asarray([request.codes(schema)] * request.count, np.float32)
+        plan.codes = np.concatenate([plan.codes, codes.reshape(request.count, len(schema))])
+    return list(plans.values())
+
+
+def _cell(value: Any) -> Any:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def generate(
@@ -371,15 +332,24 @@ def generate(
     progress: bool = True,
     novelty: NoveltySettings | None = None,
     texture: bool = True,
+    covariates: Mapping[str, str | None] | None = None,
+    spec: str | Path | None = None,
+    masks: bool = False,
+    validate_only: bool = False,
 ) -> GenerateResult:
-    """Generate ``per_z`` slices at each requested level and write them with a manifest.
+    """Generate the requested labelled slices and write them with a manifest.
+
+    The request is either ``z_levels`` x ``per_z`` x ``covariates`` (lists crossed, ranges
+    drawn per slice: :func:`pipeline.inference.requests.build_requests`) or a ``spec`` file
+    (:func:`pipeline.inference.requests.read_spec`). It is checked against the model's
+    covariate schema before anything is sampled.
 
     Args:
         model_path: ``models/ldm.pt``, ``models/pixelcnn.pt`` or another generator file.
-        z_levels: ``--z`` syntax (see :func:`parse_z`): ``"0:31"``, ``"17"``,
-            ``"0.25,0.5"``; None means every level of the model.
-        per_z: slices per level (>= 1).
-        seed: >= 0; with the model file, z and the settings it fixes every slice.
+        z_levels: ``--z`` syntax (see :func:`pipeline.inference.requests.parse_z`):
+            ``"0:31"``, ``"17"``, ``"0.25,0.5"``; None means every level of the model.
+        per_z: slices per level and covariate combination (>= 1).
+        seed: >= 0; with the model file, the request and the settings it fixes every slice.
         out_dir: folder to write into (created; may already hold other runs' files).
         fmt: ``png`` (16-bit greyscale, intensities [0, 1] → 0..65535), ``nifti``
             (``.nii.gz`` float32 in [0, 1], RAS, spacing from :func:`output_spacing`) or
@@ -399,42 +369,75 @@ def generate(
             :data:`NOVELTY_COLUMNS` empty.
         texture: add the calibrated scan noise (see the module docstring); False writes the
             decoder's clean output.
+        covariates: covariate name → option text (``"60:90"``, ``"F"``, ``"0.5,1"``);
+            unnamed covariates are unconditioned.
+        spec: a CSV or YAML spec file (rows: z, count, covariates) instead of
+            ``z_levels``/``per_z``/``covariates``.
+        masks: also write each slice's tissue labels (``<name>_mask.png``: grey levels
+            0/85/170/255 = background/CSF/GM/WM as in the OASIS PNG release; NIfTI: uint8
+            labels 0..3), decoded with the image.
+        validate_only: check the request against the model and write nothing.
 
     Returns:
-        A :class:`GenerateResult`.
+        A :class:`GenerateResult` (no files and no manifest for ``validate_only``).
 
     Raises:
         CheckpointError: missing or unusable model file.
-        ValueError: bad z, per_z, seed, format, prefix or sampling setting.
+        InputError: bad z, per_z, seed, format, prefix, covariate, spec or sampling setting;
+            masks from a model without them; with ``novelty``, a slice still copy-like after
+            the last re-sample (nothing written in every case).
         OutputExistsError: an output exists and ``overwrite`` is False (nothing written).
-        InputError: with ``novelty``, a slice still copy-like after the last re-sample
-            (nothing written).
         PreparedDataError: with ``novelty``, a prepared split is missing or inconsistent.
     """
     out_dir, model_path = Path(out_dir), Path(model_path)
     _check_request(fmt, per_z, seed, out_dir)
     if prefix is not None:
         check_token(prefix, "prefix")
+    if spec is not None and (covariates or z_levels not in (None, "", "all")):
+        raise InputError("give either --spec or --z/--per-z and covariate options, not both")
     if isinstance(device, str):
         device = resolve_device(device)
     gm = load_generator(model_path, device)
-    n_slices = gm.metadata.get("n_slices")
-    levels = parse_z(z_levels, None if n_slices is None else int(n_slices))
-    if volume and len(levels) < 2:
-        raise InputError("--volume needs at least two z levels to stack")
-    prefix = prefix or gm.kind
+    n_slices = gm.n_slices
+    if spec is not None:
+        requests = read_spec(Path(spec), gm.schema, n_slices, seed=seed)
+    else:
+        requests = build_requests(gm.schema, n_slices, z_levels, per_z, covariates or {}, seed)
+    if masks:
+        check_masks(gm)
+    plans = plan_levels(requests, gm.schema)
+    counts = {len(plan.covariates) for plan in plans}
+    if volume and (len(plans) < 2 or len(counts) != 1):
+        raise InputError("--volume needs at least two z levels with the same number of slices")
     settings = SamplingSettings.resolve(gm, sampler=sampler, steps=steps, guidance=guidance)
+    total = total_slices(requests)
+    if validate_only:
+        logger.info("request valid: %d slices at %d levels; nothing written", total, len(plans))
+        return GenerateResult([], None, total, 0.0)
+    prefix = prefix or gm.kind
+    image_suffixes = SUFFIXES[fmt]
 
     def slice_names(level: ZLevel, j: int) -> list[str]:
-        return [f"{prefix}_s{seed}_{level.name}_{j:04d}{sfx}" for sfx in SUFFIXES[fmt]]
+        return [f"{prefix}_s{seed}_{level.name}_{j:04d}{sfx}" for sfx in image_suffixes]
 
-    volume_names = [f"{prefix}_s{seed}_vol_{j:04d}.nii.gz" for j in range(per_z)] * volume
-    planned = [n for lv in levels for j in range(per_z) for n in slice_names(lv, j)]
-    clash = [n for n in [*planned, *volume_names] if (out_dir / n).exists()]
+    def mask_name(name: str) -> str:
+        for sfx in image_suffixes:
+            if name.endswith(sfx):
+                return name[: -len(sfx)] + "_mask" + sfx
+        return name
+
+    n_volumes = next(iter(counts)) if volume else 0
+    volume_names = [f"{prefix}_s{seed}_vol_{j:04d}.nii.gz" for j in range(n_volumes)]
+    planned = [
+        n for plan in plans for j in range(len(plan.covariates)) for n in slice_names(plan.level, j)
+    ]
+    planned += volume_names
+    planned += [mask_name(n) for n in planned] if masks else []
+    clash = [n for n in planned if (out_dir / n).exists()]
     if clash and not overwrite:
         raise OutputExistsError(
             f"{out_dir / clash[0]} already exists ({len(clash)} of "
-            f"{len(planned) + len(volume_names)} outputs do); pass --overwrite to replace them"
+            f"{len(planned)} outputs do); pass --overwrite to replace them"
         )
     screen = None if novelty is None else novelty_screen(novelty, device)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -454,54 +457,78 @@ def generate(
     rows: list[dict[str, Any]] = []
     files: list[Path] = []
 
-    def write(name: str, array: np.ndarray, **row: Any) -> None:
-        """Publish one PNG or NIfTI file and note its manifest row."""
+    def write(name: str, array: np.ndarray, labels: np.ndarray | None, **row: Any) -> None:
+        """Publish one PNG or NIfTI file (and its mask file) and note its manifest row."""
         if name.endswith(".png"):
             writer = partial(write_png16, array)
+            mask_writer = partial(write_label_png, labels)
         else:
             writer = partial(write_nifti, array, pixel_mm=pixel_mm, slice_mm=slice_mm)
+            mask_writer = partial(write_label_nifti, labels, pixel_mm=pixel_mm, slice_mm=slice_mm)
         publish(out_dir / name, writer, overwrite=overwrite)
         files.append(out_dir / name)
-        rows.append({"file": name, **row, **common})
+        if labels is not None:
+            publish(out_dir / mask_name(name), mask_writer, overwrite=overwrite)
+            files.append(out_dir / mask_name(name))
+        mask_file = "" if labels is None else mask_name(name)
+        rows.append({"file": name, **row, **common, "mask_file": mask_file})
 
-    def draw(z: float, n: int, draw_seed: int) -> torch.Tensor:
-        """(n, 1, H, W) slices at ``z`` in [0, 1], sampled with ``draw_seed``."""
-        return sample(gm, [z], n, draw_seed, texture=texture, **settings.as_dict())[0]
+    def draw(plan: LevelPlan, indices: np.ndarray, draw_seed: int) -> Samples:
+        """The level's slices at ``indices`` (their z and covariates), drawn with a seed."""
+        z = torch.full((len(indices),), plan.level.z)
+        codes = torch.from_numpy(plan.codes[indices]) if gm.schema else None
+        return sample_slices(
+            gm,
+            z,
+            draw_seed,
+            covariates=codes,
+            masks=masks,
+            texture=texture,
+            **settings.as_dict(),
+        )
 
-    def sampled(bar: tqdm) -> Iterator[tuple[ZLevel, np.ndarray, list[dict[str, Any]]]]:
-        """Each level's (per_z, H, W) slices and their novelty manifest values."""
-        for level in levels:
-            first = level_seed(seed, level.z)
-            images, extra = draw(level.z, per_z, first), [_NO_NOVELTY] * per_z
+    def sampled(bar: tqdm) -> Iterator[tuple[LevelPlan, Samples, list[dict[str, Any]]]]:
+        """Each level's slices and their novelty manifest values."""
+        for plan in plans:
+            n = len(plan.covariates)
+            first = level_seed(seed, plan.level.z)
+            slices = draw(plan, np.arange(n), first)
+            extra = [_NO_NOVELTY] * n
             if screen is not None:
-                images, extra = screen(images, partial(draw, level.z), first, level.name)
-            bar.update(per_z)
-            yield level, images[:, 0].numpy(), extra
+                slices, extra = screen(slices, partial(draw, plan), first, plan.level.name)
+            bar.update(n)
+            yield plan, slices, extra
 
-    stacks: list[np.ndarray] = []
-    total = len(levels) * per_z
+    stacks: list[tuple[np.ndarray, np.ndarray | None]] = []
     with tqdm(total=total, unit="slice", desc=f"generate {gm.kind}", disable=not progress) as bar:
         # with the check, every level passes it before the first file is written
         batches = sampled(bar) if screen is None else list(sampled(bar))
-        for level, arrays, extra in batches:
+        for plan, slices, extra in batches:
+            level = plan.level
             z_index = "" if level.z_index is None else level.z_index
+            arrays = slices.images[:, 0].numpy()
+            labels = None if slices.tissue is None else slices.tissue.numpy().astype(np.uint8)
             for j, image in enumerate(arrays):
+                values = {name: _cell(v) for name, v in plan.covariates[j].items()}
                 for name in slice_names(level, j):
                     write(
                         name,
                         image,
+                        None if labels is None else labels[j],
                         type="slice",
                         z_index=z_index,
                         z=round(level.z, 6),
                         sample=j,
                         **extra[j],
+                        **values,
                     )
             if volume:
-                stacks.append(arrays)
-    order = np.argsort([level.z for level in levels], kind="stable")
+                stacks.append((arrays, labels))
+    order = np.argsort([plan.level.z for plan in plans], kind="stable")
     for j, name in enumerate(volume_names):
-        stack = np.stack([stacks[i][j] for i in order])
-        write(name, stack, type="volume", z_index="", z="", sample=j, **_NO_NOVELTY)
+        stack = np.stack([stacks[i][0][j] for i in order])
+        label_stack = None if not masks else np.stack([stacks[i][1][j] for i in order])  # type: ignore[index]
+        write(name, stack, label_stack, type="volume", z_index="", z="", sample=j, **_NO_NOVELTY)
     manifest = merge_manifest(out_dir, rows)
     seconds = time.perf_counter() - started
     logger.info("wrote %d slices (%d files) to %s in %.1f s", total, len(files), out_dir, seconds)

@@ -22,12 +22,13 @@ from pipeline.core.checkpoint import CheckpointError
 from pipeline.core.config import GENERATORS, LDMConfig, PriorConfig, Sampler
 from pipeline.core.errors import InputError
 from pipeline.core.identity import file_sha256
+from pipeline.core.labels import Schema
 from pipeline.inference.autoregressive import sample_codes
-from pipeline.inference.diffusion import guided_sample
+from pipeline.inference.diffusion import BoundCovariates, guided_sample
 from pipeline.inference.texture import add_scan_noise
 from pipeline.models.codec import LatentCodec
 from pipeline.models.conditioning import check_z
-from pipeline.models.files import load_autoencoder, load_model
+from pipeline.models.files import load_autoencoder, load_model, model_schema
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class GeneratorModel:
             sampling settings are the defaults.
         metadata: the model file's metadata (``metadata["scheduler"]`` is the LDM's noise
             schedule, the one representation samplers build their scheduler from).
+        tissue_labels: the first stage's tissue head was trained on tissue labels, so
+            slices can come with masks.
     """
 
     kind: Literal["ldm", "pixelcnn"]
@@ -68,6 +71,7 @@ class GeneratorModel:
     device: torch.device
     config: LDMConfig | PriorConfig
     metadata: dict[str, Any]
+    tissue_labels: bool = False
 
     @property
     def schedule(self) -> dict[str, Any]:
@@ -78,6 +82,11 @@ class GeneratorModel:
     def texture_sigma(self) -> float:
         """Scan-noise level added to decoded slices (intensity units; 0 if never calibrated)."""
         return float(self.metadata.get("texture_sigma") or 0.0)
+
+    @property
+    def schema(self) -> Schema:
+        """The covariates the model conditions on besides z (() for a z-only model)."""
+        return model_schema(self.metadata)
 
     @property
     def n_slices(self) -> int | None:
@@ -158,8 +167,11 @@ class SamplingSettings:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def _autoencoder_for(path: Path, metadata: dict[str, Any], device: torch.device) -> Any:
-    """Load the generator's first stage, checking it is the file the generator was trained on."""
+def _autoencoder_for(
+    path: Path, metadata: dict[str, Any], device: torch.device
+) -> tuple[Any, dict[str, Any]]:
+    """Load the generator's first stage (and its metadata), checking it is the file the
+    generator was trained on."""
     ae_path = Path(metadata["autoencoder"])
     expected = metadata.get("autoencoder_sha256")
     beside = path.parent / ae_path.name
@@ -174,8 +186,7 @@ def _autoencoder_for(path: Path, metadata: dict[str, Any], device: torch.device)
             f"{ae_path} changed after {path} was trained on its latents (sha256 differs); "
             f"re-run encode_latents and the generator's training stage (dvc repro)"
         )
-    autoencoder, _ = load_autoencoder(ae_path, device)
-    return autoencoder
+    return load_autoencoder(ae_path, device)
 
 
 def load_generator(path: str | Path, device: torch.device | str = "cpu") -> GeneratorModel:
@@ -211,7 +222,8 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> Gene
         raise CheckpointError(
             f"{path} lacks its {loaded.kind} metadata ({err}); re-run its training stage"
         ) from None
-    codec = LatentCodec(_autoencoder_for(path, meta, device), scale)
+    autoencoder, ae_meta = _autoencoder_for(path, meta, device)
+    codec = LatentCodec(autoencoder, scale)
     return GeneratorModel(
         kind=loaded.kind,  # type: ignore[arg-type]
         network=loaded.network,
@@ -220,7 +232,136 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> Gene
         device=device,
         config=loaded.config,  # type: ignore[arg-type]
         metadata=meta,
+        tissue_labels=bool(ae_meta.get("tissue_labels")) and autoencoder.has_tissue_head,
     )
+
+
+@dataclass
+class Samples:
+    """Generated slices with their labels.
+
+    Attributes:
+        images: (N, 1, H, W) slices in [0, 1] on the CPU.
+        z: (N,) positions in [0, 1].
+        covariates: (N, n) covariate codes asked for (NaN = unconditioned), or None.
+        tissue: (N, H, W) int64 tissue labels (0 background, 1 CSF, 2 GM, 3 WM) decoded with
+            each image, or None when masks were not asked for.
+    """
+
+    images: torch.Tensor
+    z: torch.Tensor
+    covariates: torch.Tensor | None = None
+    tissue: torch.Tensor | None = None
+
+
+def check_masks(generator_model: GeneratorModel) -> None:
+    """Refuse masks from a generator whose first stage cannot make them.
+
+    Raises:
+        InputError: one line: the first stage has no tissue head, or its head never saw
+            tissue labels (the cohort had no segmentations).
+    """
+    if not generator_model.tissue_labels:
+        raise InputError(
+            f"this {generator_model.kind} model has no masks: its autoencoder has no tissue "
+            "head trained on tissue labels (autoencoder.tissue_weight 0, or a cohort without "
+            "tissue segmentations, so prepare wrote no tissue.npy)"
+        )
+
+
+@torch.no_grad()
+def sample_slices(
+    generator_model: GeneratorModel,
+    z: torch.Tensor,
+    seed: int,
+    *,
+    covariates: torch.Tensor | None = None,
+    masks: bool = False,
+    steps: int | None = None,
+    guidance: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    sampler: Sampler | None = None,
+    texture: bool = True,
+) -> Samples:
+    """Generate one slice per entry of ``z`` (and of ``covariates``).
+
+    Args:
+        generator_model: from :func:`load_generator`.
+        z: (N,) slice positions in [0, 1] (fractional values interpolate between levels).
+        seed: seeds every random draw; the same arguments give the same slices.
+        covariates: (N, n) codes of the model's covariate schema
+            (:func:`pipeline.core.labels.covariate_codes`; NaN = unconditioned), or None
+            (z alone). A model without covariates accepts only None or n = 0.
+        masks: also decode each slice's tissue labels (:func:`check_masks` refuses a model
+            that cannot).
+        steps, guidance, temperature, top_k, sampler: overrides of the model's defaults,
+            resolved by :meth:`SamplingSettings.resolve`.
+        texture: add the scan noise the first stage removes (the model file's
+            ``texture_sigma``, :func:`pipeline.inference.texture.add_scan_noise`; 0 for files
+            made before it was calibrated), so slices look like the data they imitate.
+
+    Raises:
+        InputError: z outside [0, 1], covariates of the wrong shape, masks from a model that
+            has none, or an invalid sampling setting.
+    """
+    gm = generator_model
+    all_z = check_z(z).flatten()
+    n_cov = len(gm.schema)
+    if covariates is not None and covariates.numel() and covariates.shape != (len(all_z), n_cov):
+        raise InputError(
+            f"covariates must be ({len(all_z)}, {n_cov}) for this model "
+            f"(it conditions on {n_cov} covariates), got {tuple(covariates.shape)}"
+        )
+    if masks:
+        check_masks(gm)
+    s = SamplingSettings.resolve(
+        gm, sampler=sampler, steps=steps, guidance=guidance, temperature=temperature, top_k=top_k
+    )
+    cov = covariates if covariates is not None and n_cov else None
+    gen = torch.Generator(device=gm.device).manual_seed(seed)
+    images, tissue = [], []
+    for i in range(0, len(all_z), CHUNK):
+        zb = all_z[i : i + CHUNK].to(gm.device)
+        cb = None if cov is None else cov[i : i + CHUNK].to(gm.device).float()
+        if gm.kind == "ldm":
+            network = gm.network if cb is None else BoundCovariates(gm.network, cb)
+            latent = guided_sample(
+                network,
+                gm.schedule,
+                zb,
+                gm.latent_shape,  # type: ignore[arg-type]
+                sampler=s.sampler,  # type: ignore[arg-type]
+                steps=s.steps,  # type: ignore[arg-type]
+                guidance=s.guidance,  # type: ignore[arg-type]
+                generator=gen,
+            )
+            if masks:
+                out, labels = gm.codec.decode_stage_2_with_tissue(latent, zb)
+                tissue.append(labels.cpu())
+            else:
+                out = gm.codec.decode_stage_2_outputs(latent, zb)
+        else:
+            codes = sample_codes(
+                gm.network,
+                zb,
+                gm.latent_shape,  # type: ignore[arg-type]
+                temperature=s.temperature,  # type: ignore[arg-type]
+                top_k=s.top_k,
+                generator=gen,
+                covariates=cb,
+            )
+            if masks:
+                out, labels = gm.codec.decode_codes_with_tissue(codes, zb)
+                tissue.append(labels.cpu())
+            else:
+                out = gm.codec.decode_codes(codes, zb)
+        images.append(out.float().cpu())
+    result = torch.cat(images)
+    if texture and gm.texture_sigma > 0:
+        noise_gen = torch.Generator().manual_seed(seed + TEXTURE_SEED_OFFSET)
+        result = add_scan_noise(result, gm.texture_sigma, noise_gen)
+    return Samples(result, all_z, cov, torch.cat(tissue) if masks else None)
 
 
 @torch.no_grad()
@@ -236,19 +377,15 @@ def sample(
     sampler: Sampler | None = None,
     texture: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generate slices at the requested positions.
+    """Generate ``n_per_z`` slices at each requested position, on z alone
+    (:func:`sample_slices` with each position repeated; covariates unconditioned).
 
     Args:
         generator_model: from :func:`load_generator`.
         z: slice positions in [0, 1] (fractional values interpolate between levels).
         n_per_z: samples per position (>= 1).
         seed: seeds every random draw; the same arguments give the same slices.
-        steps, guidance, temperature, top_k, sampler: overrides of the model's defaults,
-            resolved by :meth:`SamplingSettings.resolve` (steps, guidance and sampler for an
-            ldm; temperature and top_k for a pixelcnn).
-        texture: add the scan noise the first stage removes (the model file's
-            ``texture_sigma``, :func:`pipeline.inference.texture.add_scan_noise`; 0 for files
-            made before it was calibrated), so slices look like the data they imitate.
+        steps, guidance, temperature, top_k, sampler, texture: as :func:`sample_slices`.
 
     Returns:
         ``(images, z)``: (N, 1, H, W) slices in [0, 1] on the CPU with N = len(z) * n_per_z
@@ -260,40 +397,15 @@ def sample(
     levels = check_z(z).flatten()
     if n_per_z < 1:
         raise InputError(f"n_per_z must be >= 1, got {n_per_z}")
-    gm = generator_model
-    s = SamplingSettings.resolve(
-        gm, sampler=sampler, steps=steps, guidance=guidance, temperature=temperature, top_k=top_k
+    out = sample_slices(
+        generator_model,
+        levels.repeat_interleave(n_per_z),
+        seed,
+        steps=steps,
+        guidance=guidance,
+        temperature=temperature,
+        top_k=top_k,
+        sampler=sampler,
+        texture=texture,
     )
-    all_z = levels.repeat_interleave(n_per_z)
-    gen = torch.Generator(device=gm.device).manual_seed(seed)
-    images = []
-    for zb in all_z.split(CHUNK):
-        zb = zb.to(gm.device)
-        if gm.kind == "ldm":
-            latent = guided_sample(
-                gm.network,
-                gm.schedule,
-                zb,
-                gm.latent_shape,  # type: ignore[arg-type]
-                sampler=s.sampler,  # type: ignore[arg-type]
-                steps=s.steps,  # type: ignore[arg-type]
-                guidance=s.guidance,  # type: ignore[arg-type]
-                generator=gen,
-            )
-            out = gm.codec.decode_stage_2_outputs(latent, zb)
-        else:
-            codes = sample_codes(
-                gm.network,
-                zb,
-                gm.latent_shape,  # type: ignore[arg-type]
-                temperature=s.temperature,  # type: ignore[arg-type]
-                top_k=s.top_k,
-                generator=gen,
-            )
-            out = gm.codec.decode_codes(codes, zb)
-        images.append(out.float().cpu())
-    result = torch.cat(images)
-    if texture and gm.texture_sigma > 0:
-        noise_gen = torch.Generator().manual_seed(seed + TEXTURE_SEED_OFFSET)
-        result = add_scan_noise(result, gm.texture_sigma, noise_gen)
-    return result, all_z
+    return out.images, out.z

@@ -5,8 +5,14 @@ block in the middle (MONAI's ``SpatialAttentionBlock``, torch's scaled-dot-produ
 MONAI's strided-conv downsampling and nearest-neighbour + conv upsampling. The decoder
 changes width before upsampling (1x1 conv at the low resolution), so its convs at the full
 resolution run at the narrowest width ``channels[0]``, which keeps CPU training cheap. One
-:class:`~pipeline.models.conditioning.ZEmbedding` per autoencoder feeds every residual block of both
-encoder and decoder through FiLM (a per-channel scale and shift after the second GroupNorm).
+:class:`~pipeline.models.conditioning.Conditioner` (z alone) per autoencoder feeds every
+residual block of both encoder and decoder through FiLM (a per-channel scale and shift after
+the second GroupNorm).
+
+With ``tissue_weight > 0`` the decoder has a second head on its last features: tissue
+logits (background, CSF, GM, WM). Every decoded latent, a generated one included, then comes
+with a tissue map aligned pixel for pixel with its image
+(:meth:`Autoencoder.decode_with_tissue`).
 
 The named stage-1 interface used by later stages: :meth:`Autoencoder.encode_to_latent`,
 :meth:`Autoencoder.decode_from_latent`, and for the VQ-VAE :meth:`Autoencoder.pre_quant`,
@@ -33,7 +39,8 @@ from pipeline.core.config import (
     VQConfig,
 )
 from pipeline.core.errors import InputError
-from pipeline.models.conditioning import ZEmbedding
+from pipeline.core.labels import TISSUE_CLASSES
+from pipeline.models.conditioning import Conditioner
 
 # Posterior log-variances are clamped to this range for numerical safety (as in LDM).
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -163,10 +170,12 @@ class Encoder(nn.Module):
         self.downs = nn.ModuleList()
         widths = (channels[0], *channels)
         for level, ch in enumerate(channels):
-            self.levels.append(nn.ModuleList(
-                ZResBlock(widths[level] if j == 0 else ch, ch, emb_dim, groups)
-                for j in range(cfg.num_res_blocks)
-            ))
+            self.levels.append(
+                nn.ModuleList(
+                    ZResBlock(widths[level] if j == 0 else ch, ch, emb_dim, groups)
+                    for j in range(cfg.num_res_blocks)
+                )
+            )
             is_last = level == len(channels) - 1
             self.downs.append(nn.Identity() if is_last else AEKLDownsample(2, ch))
         self.mid = _MidBlock(channels[-1], emb_dim, groups, cfg.attention)
@@ -191,7 +200,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (B, in_channels, h, w) → image (B, 1, h*f, w*f), no output activation.
+    """Latent (B, in_channels, h, w) → image (B, 1, h*f, w*f), no output activation, and,
+    with ``cfg.tissue_weight > 0``, tissue logits (B, 4, h*f, w*f) from the
+    same last features (so image and tissue map agree pixel for pixel).
 
     Args:
         cfg: architecture (channels are used in reverse order).
@@ -207,20 +218,32 @@ class Decoder(nn.Module):
         self.levels = nn.ModuleList()
         self.ups = nn.ModuleList()
         for level, ch in enumerate(channels):
-            self.levels.append(nn.ModuleList(
-                ZResBlock(ch, ch, emb_dim, groups) for _ in range(cfg.num_res_blocks)
-            ))
+            self.levels.append(
+                nn.ModuleList(ZResBlock(ch, ch, emb_dim, groups) for _ in range(cfg.num_res_blocks))
+            )
             is_last = level == len(channels) - 1
             self.ups.append(nn.Identity() if is_last else _upsample(ch, channels[level + 1]))
         self.out = _out_layer(channels[-1], 1, groups)
+        self.tissue = (
+            _out_layer(channels[-1], len(TISSUE_CLASSES), groups) if cfg.tissue_weight > 0 else None
+        )
 
     @property
     def last_layer(self) -> torch.Tensor:
         """Weight of the output conv (where the VQGAN adaptive weight is measured)."""
         return self.out[-1].weight
 
+    def features(self, latent: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The last feature map, (B, channels[0], h*f, w*f), both heads read."""
+        h = self.mid(self.conv_in(latent), emb)
+        for blocks, up in zip(self.levels, self.ups, strict=True):
+            for block in blocks:
+                h = block(h, emb)
+            h = up(h)
+        return h
+
     def forward(self, latent: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """Decode.
+        """Decode the image.
 
         Args:
             latent: (B, in_channels, h, w).
@@ -229,12 +252,14 @@ class Decoder(nn.Module):
         Returns:
             (B, 1, h*f, w*f), unbounded (roughly [0, 1] after training).
         """
-        h = self.mid(self.conv_in(latent), emb)
-        for blocks, up in zip(self.levels, self.ups, strict=True):
-            for block in blocks:
-                h = block(h, emb)
-            h = up(h)
-        return self.out(h)
+        return self.out(self.features(latent, emb))
+
+    def with_tissue(
+        self, latent: torch.Tensor, emb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image and tissue logits from one pass (logits None without a tissue head)."""
+        h = self.features(latent, emb)
+        return self.out(h), None if self.tissue is None else self.tissue(h)
 
 
 @dataclass
@@ -382,6 +407,7 @@ class AutoencoderOutput:
         kl: unweighted KL per latent element (vaegan) or None.
         perplexity: codebook perplexity of the batch (vqvae) or None.
         codes_used: fraction of codes used by the batch (vqvae) or None.
+        tissue_logits: (B, 4, H, W) logits of the tissue head, or None.
     """
 
     recon: torch.Tensor
@@ -390,6 +416,7 @@ class AutoencoderOutput:
     kl: torch.Tensor | None = None
     perplexity: torch.Tensor | None = None
     codes_used: torch.Tensor | None = None
+    tissue_logits: torch.Tensor | None = None
 
 
 class Autoencoder(nn.Module):
@@ -415,7 +442,7 @@ class Autoencoder(nn.Module):
         self.downsample_factor = 2 ** (len(cfg.channels) - 1)
         self.latent_channels = cfg.vq.code_dim if kind == "vqvae" else cfg.kl.latent_channels
         enc_out = self.latent_channels * (1 if kind == "vqvae" else 2)
-        self.z_embed = ZEmbedding(cond_cfg)
+        self.z_embed = Conditioner(cond_cfg)
         self.encoder = Encoder(cfg, cond_cfg.dim, enc_out)
         self.decoder = Decoder(cfg, cond_cfg.dim, self.latent_channels)
         self.quantizer = EMAVectorQuantizer(cfg.vq) if kind == "vqvae" else None
@@ -519,6 +546,35 @@ class Autoencoder(nn.Module):
             )
         return self.decoder(latent, self.z_embed(z))
 
+    @property
+    def has_tissue_head(self) -> bool:
+        """True when the decoder also predicts a tissue map (``tissue_weight > 0``)."""
+        return self.decoder.tissue is not None
+
+    def decode_with_tissue(
+        self, latent: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode a latent to an image and its tissue labels in one pass.
+
+        Args:
+            latent: (B, C, h, w) latent (unscaled).
+            z: (B,) slice positions in [0, 1].
+
+        Returns:
+            ``(images, labels)``: (B, 1, h*f, w*f) as :meth:`decode_from_latent`, and
+            (B, h*f, w*f) int64 labels 0 background, 1 CSF, 2 GM, 3 WM (argmax of the head).
+
+        Raises:
+            InputError: the autoencoder has no tissue head.
+        """
+        if not self.has_tissue_head:
+            raise InputError(
+                "this autoencoder has no tissue head (trained with tissue_weight 0 or on a "
+                "cohort without tissue segmentations), so it cannot make masks"
+            )
+        image, logits = self.decoder.with_tissue(latent, self.z_embed(z))
+        return image, logits.argmax(dim=1)  # type: ignore[union-attr]
+
     def forward(
         self, x: torch.Tensor, z: torch.Tensor, *, sample: bool | None = None
     ) -> AutoencoderOutput:
@@ -535,16 +591,19 @@ class Autoencoder(nn.Module):
         h, emb = self._encode(x, z)
         if self.quantizer is not None:
             q = self.quantizer(h)
+            recon, tissue = self.decoder.with_tissue(q.latent, emb)
             return AutoencoderOutput(
-                recon=self.decoder(q.latent, emb),
+                recon=recon,
                 latent=q.latent,
                 vq_loss=q.commitment,
                 perplexity=q.perplexity,
                 codes_used=q.codes_used,
+                tissue_logits=tissue,
             )
         mean, logvar = self._posterior(h)
         draw = self.training if sample is None else sample
         latent = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if draw else mean
+        recon, tissue = self.decoder.with_tissue(latent, emb)
         return AutoencoderOutput(
-            recon=self.decoder(latent, emb), latent=latent, kl=gaussian_kl(mean, logvar)
+            recon=recon, latent=latent, kl=gaussian_kl(mean, logvar), tissue_logits=tissue
         )

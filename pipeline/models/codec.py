@@ -83,6 +83,26 @@ class LatentCodec:
         """
         return self.autoencoder.decode_from_latent(latent / self.scale_factor, z).clamp(0, 1)
 
+    def decode_stage_2_with_tissue(
+        self, latent: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latents → slices (as :meth:`decode_stage_2_outputs`) and their (B, H, W)
+        int64 tissue labels from the decoder's tissue head (one decoder pass).
+
+        Raises:
+            InputError: the autoencoder has no tissue head.
+        """
+        image, labels = self.autoencoder.decode_with_tissue(latent / self.scale_factor, z)
+        return image.clamp(0, 1), labels
+
+    def decode_codes_with_tissue(
+        self, codes: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, h, w) VQ code indices → slices and (B, H, W) int64 tissue labels."""
+        latent = self.autoencoder.quantizer.lookup(codes)  # type: ignore[union-attr]
+        image, labels = self.autoencoder.decode_with_tissue(latent, z)
+        return image.clamp(0, 1), labels
+
     def encode_codes(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Slices → (B, h, w) int64 VQ code indices (VQ-VAE only)."""
         return self.autoencoder.encode_to_indices(x, z)

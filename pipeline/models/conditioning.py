@@ -1,10 +1,19 @@
-"""The one place z-index conditioning lives.
+"""The one place conditioning lives: the slice position z and the subject covariates.
 
 z is the normalised axial slice position in [0, 1] (``z_index / (K - 1)``, the conversion
 :func:`z_from_index` / :func:`index_from_z` does and nothing else does). Fractional
-values are valid and interpolate between slice levels. Every conditioned network
-(autoencoder, discriminator, PixelCNN prior, diffusion UNet) owns a :class:`ZEmbedding`
-and consumes its ``(B, dim)`` output in its own way (added bias, FiLM, context token).
+values are valid and interpolate between slice levels.
+
+Covariates are subject labels (age, sex, CDR, ...) described by a *schema*
+(:mod:`pipeline.core.labels`: how each is read, bounded and coded as one float per
+slice, NaN = unknown).
+
+Every conditioned network (autoencoder, discriminator, PixelCNN prior, diffusion UNet)
+owns a :class:`Conditioner` and consumes its ``(B, dim)`` output in its own way (added
+bias, FiLM, context token). The autoencoder and discriminator condition on z alone (empty
+schema); the second stages on z and the schema's covariates. Each covariate has a learned
+*unknown* embedding, used for blank manifest cells, for per-covariate condition dropout in
+training and for covariates a request leaves out, so one model samples on any subset.
 """
 
 from __future__ import annotations
@@ -17,6 +26,10 @@ from torch import nn
 
 from pipeline.core.config import ConditioningConfig
 from pipeline.core.errors import InputError
+from pipeline.core.labels import Schema
+
+#: Sinusoidal features of a normalised continuous covariate.
+COVARIATE_FEATURES = 16
 
 
 def z_from_index(index: Any, n_slices: int) -> Any:
@@ -67,16 +80,20 @@ def check_z(z: torch.Tensor | float | list[float], *, name: str = "z") -> torch.
     return t
 
 
-def sinusoidal_embedding(z: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+def sinusoidal_embedding(
+    z: torch.Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1000.0
+) -> torch.Tensor:
     """Transformer-style sinusoidal features of a continuous position.
 
-    z is scaled by 1000 first so that the [0, 1] range spans many periods of the fastest
-    sinusoids (the same convention diffusion models use for timesteps).
+    z is scaled by ``scale`` (1000 for slice positions) first so that the [0, 1] range
+    spans many periods of the fastest sinusoids (the same convention diffusion models use
+    for timesteps).
 
     Args:
         z: positions, shape (B,), values in [0, 1].
         dim: number of features (even).
-        max_period: longest period, in units of ``1000 * z``.
+        max_period: longest period, in units of ``scale * z``.
+        scale: multiplier of z before the sinusoids.
 
     Returns:
         (B, dim) tensor: ``[cos(1000 z f_i), sin(1000 z f_i)]`` for geometric frequencies f_i.
@@ -85,41 +102,73 @@ def sinusoidal_embedding(z: torch.Tensor, dim: int, max_period: float = 10_000.0
     freqs = torch.exp(
         -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=z.device) / half
     )
-    args = 1000.0 * z.float()[:, None] * freqs[None, :]
+    args = scale * z.float()[:, None] * freqs[None, :]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class ZEmbedding(nn.Module):
-    """z ∈ [0, 1] → sinusoidal features → two-layer MLP → (B, dim).
+class Conditioner(nn.Module):
+    """z and covariates → one ``(B, dim)`` embedding that a network consumes.
+
+    z: sinusoidal features → two-layer MLP. Each continuous covariate: normalised to [0, 1]
+    by its schema range → sinusoidal features → linear; each categorical one: a table.
+    Every covariate has a learned *unknown* embedding (its coded value is NaN, or it is
+    dropped). The joint embedding is the sum: z's MLP output plus every covariate's.
 
     Args:
         config: embedding sizes (``sinusoidal_dim``, ``dim``, ``max_period``).
-        null_token: also learn a "no condition" embedding, used for classifier-free
-            guidance; select it per sample with ``drop_mask``.
+        schema: covariates conditioned on (empty: z alone, as the first stage).
+        null_token: also learn a "no condition" embedding of z, used for classifier-free
+            guidance; select it per sample with ``drop_mask`` (every covariate is then
+            unknown too).
     """
 
-    def __init__(self, config: ConditioningConfig, *, null_token: bool = False) -> None:
+    def __init__(
+        self, config: ConditioningConfig, schema: Schema = (), *, null_token: bool = False
+    ) -> None:
         super().__init__()
         self.config = config
+        self.schema = tuple(schema)
         self.mlp = nn.Sequential(
             nn.Linear(config.sinusoidal_dim, config.dim),
             nn.SiLU(),
             nn.Linear(config.dim, config.dim),
         )
         self.null = nn.Parameter(torch.zeros(config.dim)) if null_token else None
+        self.covariates = nn.ModuleList(
+            nn.Embedding(len(c.categories), config.dim)
+            if c.kind == "categorical"
+            else nn.Linear(COVARIATE_FEATURES, config.dim)
+            for c in self.schema
+        )
+        # Absent without covariates, so z-only model files from before covariates load as is.
+        self.unknown = (
+            nn.Parameter(torch.zeros(len(self.schema), config.dim)) if self.schema else None
+        )
+        low = [c.low if c.kind == "continuous" else 0.0 for c in self.schema]
+        span = [max(c.high - c.low, 1e-6) if c.kind == "continuous" else 1.0 for c in self.schema]
+        # Derived from the schema (stored in the metadata), so not part of the state dict.
+        self.register_buffer("low", torch.tensor(low, dtype=torch.float32), persistent=False)
+        self.register_buffer("span", torch.tensor(span, dtype=torch.float32), persistent=False)
 
     @property
     def dim(self) -> int:
         """Width of the embedding each network receives."""
         return self.config.dim
 
-    def forward(self, z: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Embed slice positions.
+    def forward(
+        self,
+        z: torch.Tensor,
+        drop_mask: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embed slice positions and covariates.
 
         Args:
             z: (B,) positions in [0, 1] (fractional allowed).
             drop_mask: optional (B,) bool; where True the learned null embedding replaces
-                the embedding of z (requires ``null_token=True``).
+                z and every covariate is unknown (requires ``null_token=True``).
+            covariates: optional (B, len(schema)) codes (:func:`covariate_codes`), NaN =
+                unknown; None = every covariate unknown.
 
         Returns:
             (B, dim) embedding.
@@ -127,6 +176,47 @@ class ZEmbedding(nn.Module):
         emb = self.mlp(sinusoidal_embedding(z, self.config.sinusoidal_dim, self.config.max_period))
         if drop_mask is not None:
             if self.null is None:
-                raise InputError("drop_mask given but this ZEmbedding has no null token")
+                raise InputError("drop_mask given but this Conditioner has no null token")
             emb = torch.where(drop_mask[:, None], self.null.to(emb.dtype)[None, :], emb)
+        if self.unknown is None:
+            return emb
+        if covariates is None:
+            covariates = torch.full((len(z), len(self.schema)), math.nan, device=z.device)
+        covariates = covariates.to(z.device, torch.float32)
+        if covariates.shape != (len(z), len(self.schema)):
+            raise InputError(
+                f"covariates must be ({len(z)}, {len(self.schema)}), got {tuple(covariates.shape)}"
+            )
+        unknown = torch.isnan(covariates)
+        if drop_mask is not None:
+            unknown = unknown | drop_mask[:, None]
+        values = torch.nan_to_num(covariates)
+        for j, (cov, layer) in enumerate(zip(self.schema, self.covariates, strict=True)):
+            if cov.kind == "categorical":
+                index = values[:, j].round().long().clamp(0, len(cov.categories) - 1)
+                part = layer(index)
+            else:
+                unit = ((values[:, j] - self.low[j]) / self.span[j]).clamp(-0.5, 1.5)
+                part = layer(sinusoidal_embedding(unit, COVARIATE_FEATURES, 64.0, scale=32.0))
+            part = torch.where(unknown[:, j : j + 1], self.unknown[j].to(part.dtype), part)
+            emb = emb + part.to(emb.dtype)
         return emb
+
+
+def drop_covariates(
+    covariates: torch.Tensor, p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Per-covariate condition dropout for training: each code becomes unknown (NaN) with
+    probability ``p``, independently.
+
+    Args:
+        covariates: (B, n) codes.
+        p: dropout probability in [0, 1].
+
+    Returns:
+        (B, n) codes with dropped entries set to NaN (a new tensor).
+    """
+    if p <= 0 or covariates.numel() == 0:
+        return covariates
+    keep = torch.rand(covariates.shape, generator=generator, device=covariates.device) >= p
+    return torch.where(keep, covariates, torch.full_like(covariates, math.nan))

@@ -2,7 +2,7 @@
 
 MONAI supplies the conv stack (strided 4x4 convs, normalisation, LeakyReLU); this module adds
 the condition: after every conv block except the final logit conv, a per-channel bias
-projected from the discriminator's own :class:`~pipeline.models.conditioning.ZEmbedding` is added.
+projected from the discriminator's own :class:`~pipeline.models.conditioning.Conditioner` is added.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
-from pipeline.models.conditioning import ZEmbedding
 from pipeline.core.config import ConditioningConfig, DiscriminatorConfig
+from pipeline.models.conditioning import Conditioner
 
 
 class ZPatchDiscriminator(nn.Module):
@@ -37,7 +37,7 @@ class ZPatchDiscriminator(nn.Module):
             num_layers_d=cfg.n_layers,
             norm=("GROUP", {"num_groups": cfg.norm_groups}),
         )
-        self.z_embed = ZEmbedding(cond_cfg)
+        self.z_embed = Conditioner(cond_cfg)
         widths = [cfg.channels * 2**i for i in range(cfg.n_layers + 1)]
         self.z_bias = nn.ModuleList(nn.Linear(cond_cfg.dim, w) for w in widths)
 

@@ -11,7 +11,7 @@ van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders":
   (except the first layer, whose input is the current code itself);
 - a conditional bias added to both stacks' pre-activations in every layer: a 1x1
   convolution of a (B, C, h, w) map of the z embedding (the shared
-  :class:`~pipeline.models.conditioning.ZEmbedding`) combined with each position's coordinates
+  :class:`~pipeline.models.conditioning.Conditioner`) combined with each position's coordinates
   (:class:`PositionAndZ`), since convolutions alone cannot tell the centre of a slice from
   its edge (the spatial-conditioning form ``V * s`` of the paper);
 - code features tied to the VQ-VAE's codebook (:class:`CodeTable`), at the input (code ->
@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.conditioning import ZEmbedding
 from pipeline.core.config import ConditioningConfig, PriorConfig
 from pipeline.core.errors import InputError
+from pipeline.models.conditioning import Conditioner, Schema
 
 #: Code length of the random codebook a prior without a VQ-VAE is tied to.
 RANDOM_CODE_DIM = 8
@@ -165,9 +165,7 @@ class GatedLayer(nn.Module):
         mask_type: ``"A"`` for the first layer (excludes the current position), else ``"B"``.
     """
 
-    def __init__(
-        self, channels: int, kernel_size: int, cond_channels: int, mask_type: str
-    ) -> None:
+    def __init__(self, channels: int, kernel_size: int, cond_channels: int, mask_type: str) -> None:
         super().__init__()
         if mask_type not in ("A", "B"):
             raise InputError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
@@ -289,7 +287,7 @@ class GatedLayer(nn.Module):
 
 
 class GatedPixelCNN(nn.Module):
-    """z-conditioned gated PixelCNN prior over (h, w) grids of K code indices.
+    """z- and covariate-conditioned gated PixelCNN prior over (h, w) grids of K code indices.
 
     Args:
         num_codes: K, the VQ codebook size.
@@ -298,6 +296,7 @@ class GatedPixelCNN(nn.Module):
         codebook: (K, D) the VQ-VAE's codebook the code features are tied to
             (:class:`CodeTable`); zeros of the right shape when a saved prior is loaded
             (the state dict holds it); None draws a random one (priors without a VQ-VAE).
+        schema: covariates conditioned on besides z (empty: z alone).
 
     Raises:
         ValueError: fewer than 2 codes, or a codebook with other than ``num_codes`` rows.
@@ -309,6 +308,7 @@ class GatedPixelCNN(nn.Module):
         config: PriorConfig,
         conditioning: ConditioningConfig,
         codebook: torch.Tensor | None = None,
+        schema: Schema = (),
     ) -> None:
         super().__init__()
         if num_codes < 2:
@@ -316,16 +316,14 @@ class GatedPixelCNN(nn.Module):
         if codebook is None:
             codebook = torch.randn(num_codes, RANDOM_CODE_DIM)
         if codebook.ndim != 2 or len(codebook) != num_codes:
-            raise InputError(
-                f"codebook must be ({num_codes}, D), got {tuple(codebook.shape)}"
-            )
+            raise InputError(f"codebook must be ({num_codes}, D), got {tuple(codebook.shape)}")
         self.num_codes = num_codes
         self.kernel_size = config.kernel_size
         self.channels = c = config.channels
         self.input_codes = CodeTable(codebook, c)
         self.output_codes = CodeTable(codebook, c)
         self.output_bias = nn.Parameter(torch.zeros(num_codes))
-        self.z_embedding = ZEmbedding(conditioning)
+        self.z_embedding = Conditioner(conditioning, schema)
         self.condition = PositionAndZ(conditioning.dim, c)
         self.layers = nn.ModuleList(
             GatedLayer(c, config.kernel_size, c, "A" if i == 0 else "B")
@@ -360,19 +358,24 @@ class GatedPixelCNN(nn.Module):
         hidden = F.relu(pointwise(self.head_hidden, F.relu(h)))
         return F.linear(hidden, table, self.output_bias)
 
-    def forward(self, codes: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, codes: torch.Tensor, z: torch.Tensor, covariates: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits of every code given the codes before it in raster order.
 
         Args:
             codes: (B, h, w) int64 code indices in [0, K).
             z: (B,) slice positions in [0, 1].
+            covariates: optional (B, len(schema)) codes, NaN = unknown; None = all unknown.
 
         Returns:
             (B, K, h, w) logits; position (r, c) depends only on codes before it in raster
             order (rows above, and the current row to the left).
         """
         x = F.embedding(codes, self.input_codes()).permute(0, 3, 1, 2)
-        cond = self.condition(self.z_embedding(z), (codes.shape[1], codes.shape[2]))
+        cond = self.condition(
+            self.z_embedding(z, covariates=covariates), (codes.shape[1], codes.shape[2])
+        )
         v, h = x, x
         for layer in self.layers:
             v, h = layer(v, h, cond)

@@ -1,6 +1,6 @@
 """The z-conditioned denoising UNet of the latent diffusion model (wraps MONAI).
 
-z reaches the network twice, both from one :class:`~pipeline.models.conditioning.ZEmbedding`:
+z reaches the network twice, both from one :class:`~pipeline.models.conditioning.Conditioner`:
 
 - added to the timestep embedding, so every residual block is modulated by the slice level
   (the strong path; cross-attention alone conditioned too weakly on a small training budget);
@@ -18,27 +18,34 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from pipeline.models.conditioning import ZEmbedding
 from pipeline.core.config import ConditioningConfig, LDMConfig
 from pipeline.core.errors import InputError
+from pipeline.models.conditioning import Conditioner, Schema
 
 
 class ZConditionedUNet(nn.Module):
-    """Noise (or velocity) predictor ``f(x_t, t, z)`` with a null condition for guidance.
+    """Noise (or velocity) predictor ``f(x_t, t, z, covariates)`` with a null condition for
+    guidance.
 
     Args:
         config: UNet widths, attention levels, heads and normalisation groups.
-        conditioning: z-embedding sizes; its ``dim`` is also the cross-attention width.
+        conditioning: embedding sizes; its ``dim`` is also the cross-attention width.
         latent_channels: channels C of the diffused latent (input and output).
+        schema: covariates conditioned on besides z (empty: z alone). The attribute keeps
+            the name ``z_embed`` so z-only model files from before covariates load.
     """
 
     def __init__(
-        self, config: LDMConfig, conditioning: ConditioningConfig, latent_channels: int
+        self,
+        config: LDMConfig,
+        conditioning: ConditioningConfig,
+        latent_channels: int,
+        schema: Schema = (),
     ) -> None:
         super().__init__()
         if latent_channels < 1:
             raise InputError(f"latent_channels must be >= 1, got {latent_channels}")
-        self.z_embed = ZEmbedding(conditioning, null_token=True)
+        self.z_embed = Conditioner(conditioning, schema, null_token=True)
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
             in_channels=latent_channels,
@@ -62,6 +69,7 @@ class ZConditionedUNet(nn.Module):
         t: torch.Tensor,
         z: torch.Tensor,
         drop_mask: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the noise (or velocity) of a noisy latent.
 
@@ -69,11 +77,13 @@ class ZConditionedUNet(nn.Module):
             x: (B, C, h, w) noisy latents.
             t: (B,) integer timesteps in [0, T).
             z: (B,) slice positions in [0, 1] (fractional allowed).
-            drop_mask: optional (B,) bool; True replaces z by the learned null condition
-                (condition dropout in training, the unconditional half of guidance).
+            drop_mask: optional (B,) bool; True replaces the whole condition by the learned
+                null condition (condition dropout in training, the unconditional half of
+                guidance).
+            covariates: optional (B, len(schema)) codes, NaN = unknown; None = all unknown.
 
         Returns:
             (B, C, h, w) model output (epsilon or v, as trained).
         """
-        emb = self.z_embed(z, drop_mask).to(x.dtype)
+        emb = self.z_embed(z, drop_mask, covariates).to(x.dtype)
         return self.unet(x, t, context=emb[:, None, :], class_labels=emb)

@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -158,7 +159,9 @@ class AutoencoderTask(TrainingTask):
         """One generator step and (after ``discriminator.start_step``) one discriminator step.
 
         Args:
-            batch: ``image`` (B, 1, H, W) in [0, 1] and ``z`` (B,) in [0, 1].
+            batch: ``image`` (B, 1, H, W) in [0, 1], ``z`` (B,) in [0, 1] and, where the
+                split has tissue labels, ``tissue`` (B, H, W) int64 (trains the decoder's
+                tissue head with weight ``tissue_weight``).
             step: global step (drives the KL schedule and the discriminator start).
             optim: applies each loss to its optimizer.
 
@@ -176,6 +179,10 @@ class AutoencoderTask(TrainingTask):
         )
         nll = cfg.l1_weight * rec + cfg.perceptual_weight * perc
         logs: dict[str, float] = {"rec": rec.item(), "perceptual": perc.item()}
+        if out.tissue_logits is not None and "tissue" in batch:
+            tissue = F.cross_entropy(out.tissue_logits, batch["tissue"])
+            nll = nll + cfg.tissue_weight * tissue
+            logs["tissue_ce"] = tissue.item()
         if cfg.ssim_weight > 0:
             structure = ssim_loss(out.recon, x)
             nll = nll + cfg.ssim_weight * structure
@@ -488,12 +495,15 @@ def train_first_stage(
         "percentiles": list(params.prepare.percentiles),
         "n_train": len(train),
     }
+    exported = task.export_module(result.ema)
+    # Masks can be made only by a tissue head that saw tissue labels.
+    tissue_labels = bool(train.has_tissue and exported.has_tissue_head)
     save_model(
         paths.model,
         f"ae_{kind}",
-        task.export_module(result.ema),
+        exported,
         cfg,
-        {"data": data_meta},
+        {"data": data_meta, "tissue_labels": tissue_labels},
         cond_cfg,
     )
     model, _ = load_autoencoder(paths.model, device)

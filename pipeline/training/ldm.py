@@ -34,9 +34,10 @@ from pipeline.core import distributed
 from pipeline.core.config import LDMConfig, Params
 from pipeline.core.figures import grid, rows_by_z, save_png
 from pipeline.core.io import atomic_write, write_json
+from pipeline.core.labels import schema_to_meta
 from pipeline.core.stage import StagePaths
 from pipeline.core.tracking import StageRun, to_uint8_image
-from pipeline.data.latents import LatentDataset, read_latent_meta
+from pipeline.data.latents import LatentDataset, read_latent_meta, training_schema
 from pipeline.inference.diffusion import (
     Trajectory,
     build_scheduler,
@@ -47,7 +48,7 @@ from pipeline.inference.diffusion import (
 )
 from pipeline.inference.sampling import load_generator, sample
 from pipeline.models.codec import LatentCodec
-from pipeline.models.conditioning import index_from_z
+from pipeline.models.conditioning import drop_covariates, index_from_z
 from pipeline.models.files import load_autoencoder, save_model
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.training.loop import Optimization, TrainingTask, adamw, finish_resume, fit
@@ -97,12 +98,21 @@ class LDMTask(TrainingTask):
         scheduler: the training schedule (``DDPMScheduler``; its prediction type is the target).
         config: ``ldm`` section (``cond_dropout``, ``loss_weighting``, ``min_snr_gamma``,
             ``mirror_latents``, ``train.lr``, ``train.weight_decay``).
+        covariate_dropout: probability that each covariate of a training slice is made
+            unknown (``conditioning.covariate_dropout``).
     """
 
     ema_module = "unet"
 
-    def __init__(self, unet: ZConditionedUNet, scheduler: Scheduler, config: LDMConfig) -> None:
+    def __init__(
+        self,
+        unet: ZConditionedUNet,
+        scheduler: Scheduler,
+        config: LDMConfig,
+        covariate_dropout: float = 0.0,
+    ) -> None:
         self.unet, self.scheduler, self.config = unet, scheduler, config
+        self.covariate_dropout = covariate_dropout
         self.modules: dict[str, nn.Module] = {"unet": unet}
         self.optimizers = {
             "unet": adamw(unet.parameters(), config.train.lr, config.train.weight_decay)
@@ -111,11 +121,13 @@ class LDMTask(TrainingTask):
     def train_step(
         self, batch: dict[str, torch.Tensor], step: int, optim: Optimization
     ) -> dict[str, float]:
-        """One denoising step on a batch with ``latent`` (B, C, h, w) and ``z`` (B,).
+        """One denoising step on a batch with ``latent`` (B, C, h, w), ``z`` (B,) and, for a
+        covariate-conditioned UNet, ``covariates`` (B, n) codes.
 
         Timesteps are uniform over [0, T), the pure-noise t = T - 1 included. The mirror
-        flips are drawn after the noise, timesteps and dropout, so with ``mirror_latents``
-        off the random stream is the same as before the option existed.
+        flips and the per-covariate dropout are drawn after the noise, timesteps and
+        condition dropout, so with ``mirror_latents`` off and no covariates the random
+        stream is the same as before the options existed.
         """
         cfg = self.config
         latent, z = batch["latent"], batch["z"]
@@ -125,6 +137,9 @@ class LDMTask(TrainingTask):
         drop = torch.rand(n, device=latent.device) < cfg.cond_dropout
         if cfg.mirror_latents:
             latent = random_mirror(latent)
+        covariates = batch.get("covariates")
+        if covariates is not None:
+            covariates = drop_covariates(covariates, self.covariate_dropout)
         loss = diffusion_loss(
             self.net("unet"),
             self.scheduler,
@@ -135,6 +150,7 @@ class LDMTask(TrainingTask):
             drop,
             weighting=cfg.loss_weighting,
             min_snr_gamma=cfg.min_snr_gamma,
+            covariates=covariates,
         )
         optim.step("unet", loss)
         return {"loss": loss.item()}
@@ -378,13 +394,15 @@ def train_ldm(
     meta = read_latent_meta(paths.latents)
     scale = float(meta["scale_factor"])
     shape = tuple(int(s) for s in meta["latent_shape"])
-    train = LatentDataset(paths.latents / "train")
+    schema = training_schema(paths.latents / "train", cond_cfg.covariates)
+    train = LatentDataset(paths.latents / "train", schema)
     val = LatentSet.from_dataset(LatentDataset(paths.latents / "val"), VAL_LIMIT)
     codec = LatentCodec(load_autoencoder(meta["autoencoder"], device)[0], scale)
 
     torch.manual_seed(params.seed)
-    unet = ZConditionedUNet(cfg, cond_cfg, shape[0]).to(device)
-    task = LDMTask(unet, build_scheduler(scheduler_config(cfg), "ddpm"), cfg)
+    unet = ZConditionedUNet(cfg, cond_cfg, shape[0], schema).to(device)
+    scheduler = build_scheduler(scheduler_config(cfg), "ddpm")
+    task = LDMTask(unet, scheduler, cfg, cond_cfg.covariate_dropout)
     evaluator = Evaluator(
         task,
         codec.decode_stage_2_outputs,
@@ -424,6 +442,7 @@ def train_ldm(
         "n_slices": params.prepare.n_slices,
         "scheduler": scheduler_config(cfg),
         "texture_sigma": float(meta.get("texture_sigma") or 0.0),
+        "covariates": schema_to_meta(schema),
     }
     network = result.ema if result.ema is not None else unet
     save_model(paths.model, "ldm", network, cfg, metadata, cond_cfg)

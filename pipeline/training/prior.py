@@ -30,12 +30,14 @@ from pipeline.core.config import Params, PriorConfig, TrainConfig
 from pipeline.core.errors import InputError
 from pipeline.core.figures import grid, save_png
 from pipeline.core.io import write_json
+from pipeline.core.labels import schema_to_meta
 from pipeline.core.stage import StagePaths
 from pipeline.core.tracking import StageRun
 from pipeline.data.datasets import EvalData, SliceDataset
-from pipeline.data.latents import SPLITS, LatentDataset, read_latent_meta
+from pipeline.data.latents import LatentDataset, read_latent_meta, training_schema
 from pipeline.inference.autoregressive import sample_codes
 from pipeline.models.autoencoder import Autoencoder
+from pipeline.models.conditioning import drop_covariates
 from pipeline.models.files import load_autoencoder, save_model
 from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.training.loop import Optimization, TrainingTask, adamw, finish_resume, fit
@@ -52,7 +54,11 @@ Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def code_nll(
-    prior: nn.Module, codes: torch.Tensor, z: torch.Tensor, reduction: str = "mean"
+    prior: nn.Module,
+    codes: torch.Tensor,
+    z: torch.Tensor,
+    reduction: str = "mean",
+    covariates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Negative log-likelihood of the codes, in nats.
 
@@ -64,11 +70,12 @@ def code_nll(
         codes: (B, h, w) int64 code indices.
         z: (B,) slice positions in [0, 1].
         reduction: ``"mean"`` (per code) or ``"sum"`` (over every code of the batch).
+        covariates: optional (B, n) covariate codes (NaN = unknown).
 
     Returns:
         Scalar cross-entropy of the logits at every position against the code there.
     """
-    logits = prior(codes, z).permute(0, 2, 3, 1)  # (B, h, w, K), contiguous
+    logits = prior(codes, z, covariates).permute(0, 2, 3, 1)  # (B, h, w, K), contiguous
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), codes.reshape(-1), reduction=reduction
     )
@@ -80,40 +87,55 @@ class PriorTask(TrainingTask):
     Args:
         prior: the network, already on its device.
         cfg: training settings (``lr``, ``weight_decay``).
+        covariate_dropout: probability that each covariate of a training grid is made
+            unknown (``conditioning.covariate_dropout``).
     """
 
     ema_module = "prior"
 
-    def __init__(self, prior: GatedPixelCNN, cfg: TrainConfig) -> None:
+    def __init__(
+        self, prior: GatedPixelCNN, cfg: TrainConfig, covariate_dropout: float = 0.0
+    ) -> None:
+        self.covariate_dropout = covariate_dropout
         self.modules = {"prior": prior}
         self.optimizers = {"prior": adamw(prior.parameters(), cfg.lr, cfg.weight_decay)}
 
     def train_step(
         self, batch: dict[str, torch.Tensor], step: int, optim: Optimization
     ) -> dict[str, float]:
-        """One step on a batch with ``codes`` (B, h, w) int64 and ``z`` (B,)."""
-        loss = code_nll(self.net("prior"), batch["codes"], batch["z"])
+        """One step on a batch with ``codes`` (B, h, w) int64, ``z`` (B,) and, for a
+        covariate-conditioned prior, ``covariates`` (B, n) codes."""
+        covariates = batch.get("covariates")
+        if covariates is not None:
+            covariates = drop_covariates(covariates, self.covariate_dropout)
+        loss = code_nll(self.net("prior"), batch["codes"], batch["z"], covariates=covariates)
         optim.step("prior", loss)
         return {"loss": loss.item(), "bits_per_code": loss.item() / math.log(2)}
 
 
 @dataclass
 class CodeSet(Dataset):
-    """Code grids of one split held in memory; items ``{"codes": (h, w) int64, "z": ()}``.
+    """Code grids of one split held in memory; items ``{"codes": (h, w) int64, "z": ()}``
+    (and ``"covariates": (n,)`` when the set has them).
 
     Attributes:
         codes: (N, h, w) int64 code indices.
         z: (N,) float32 slice positions in [0, 1].
+        covariates: (N, n) float32 covariate codes (NaN = unknown), or None.
     """
 
     codes: torch.Tensor
     z: torch.Tensor
+    covariates: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.z)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"codes": self.codes[i], "z": self.z[i]}
+        item = {"codes": self.codes[i], "z": self.z[i]}
+        if self.covariates is not None:
+            item["covariates"] = self.covariates[i]
+        return item
 
     @classmethod
     def from_dataset(cls, dataset: LatentDataset) -> CodeSet:
@@ -128,7 +150,12 @@ class CodeSet(Dataset):
                 f"the vqvae autoencoder (data/latents/vqvae)"
             )
         codes = torch.from_numpy(np.asarray(dataset.codes, dtype=np.int64))
-        return cls(codes, torch.from_numpy(dataset.z))
+        covariates = dataset.covariates
+        return cls(
+            codes,
+            torch.from_numpy(dataset.z),
+            None if covariates is None else torch.from_numpy(covariates),
+        )
 
 
 def augmentations(mirror: bool, shift_px: int) -> list[tuple[bool, int, int]]:
@@ -321,9 +348,9 @@ def train_prior(
             f"{paths.latents} holds {meta.get('source')!r} latents without codes; the prior "
             f"needs the vqvae latents (add vqvae to autoencoder.kinds and run encode_latents)"
         )
-    train, val, test = (
-        CodeSet.from_dataset(LatentDataset(paths.latents / split)) for split in SPLITS
-    )
+    schema = training_schema(paths.latents / "train", cond_cfg.covariates)
+    train = CodeSet.from_dataset(LatentDataset(paths.latents / "train", schema))
+    val, test = (CodeSet.from_dataset(LatentDataset(paths.latents / s)) for s in ("val", "test"))
     num_codes = int(meta["num_codes"])
     code_shape = (int(val.codes.shape[1]), int(val.codes.shape[2]))
     autoencoder, _ = load_autoencoder(meta["autoencoder"], device)
@@ -331,13 +358,18 @@ def train_prior(
     if variants:
         slices = EvalData.from_dataset(SliceDataset(Path(params.data.prepared_dir) / "train"))
         extra = augmented_codes(autoencoder, slices, device, variants)
-        train = CodeSet(torch.cat([train.codes, extra.codes]), torch.cat([train.z, extra.z]))
+        covariates = train.covariates  # the copies keep their slice's covariates
+        train = CodeSet(
+            torch.cat([train.codes, extra.codes]),
+            torch.cat([train.z, extra.z]),
+            None if covariates is None else covariates.repeat(len(variants) + 1, 1),
+        )
         logger.info("training on %d code grids (%d augmented copies)", len(train), len(extra))
 
     torch.manual_seed(params.seed)
     codebook = autoencoder.quantizer.codebook
-    prior = GatedPixelCNN(num_codes, cfg, cond_cfg, codebook).to(device)
-    task = PriorTask(prior, cfg.train)
+    prior = GatedPixelCNN(num_codes, cfg, cond_cfg, codebook, schema).to(device)
+    task = PriorTask(prior, cfg.train, cond_cfg.covariate_dropout)
     evaluator = PriorEvaluator(
         task, val, autoencoder.decode_indices, run, cfg, code_shape, device, params.seed
     )
@@ -365,6 +397,7 @@ def train_prior(
         "code_shape": list(code_shape),
         "n_slices": params.prepare.n_slices,
         "texture_sigma": float(meta.get("texture_sigma") or 0.0),
+        "covariates": schema_to_meta(schema),
     }
     save_model(paths.model, "pixelcnn", final, cfg, metadata, cond_cfg)
     final.eval()
