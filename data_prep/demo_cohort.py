@@ -6,19 +6,26 @@ installed package, no download):
 
 1. anatomy: a random affine (rotation, per-axis scale within ±6 %, translation) and a
    smooth elastic displacement map the OASIS-1 T88_111 grid into template space (head
-   size stays close to the atlas, as in OASIS's atlas-registered T88 images; eTIV and
-   ASF in the CSV are drawn separately);
-2. ageing: an age variable (and dementia rating) sets an atrophy severity that thins grey
+   size stays close to the atlas, as in OASIS's atlas-registered T88 images);
+2. sex: on top of the random scale, the anatomy of an ``M`` subject is :data:`SEX_SCALE`
+   = 1.05 times larger than that of an ``F`` subject (deterministic, every axis; F is
+   scaled by 1/1.05, M by 1), the one image signal of sex. M brains keep the atlas-sized
+   range (overall scale within 0.94-1.062 of the template, the largest the 176x208x176
+   grid holds), F brains 0.90-1.01. The CSV's eTIV carries the same M/F ratio cubed
+   (about 1590 vs 1380 cm³, as in OASIS-1); its spread, and ASF, are drawn separately;
+3. ageing: an age variable (and dementia rating) sets an atrophy severity that thins grey
    matter from its outer surface (a smooth per-subject thickness loss turns GM into CSF),
    enlarges the ventricles (CSF grows by a smooth per-subject margin) and darkens the
    periventricular white matter;
-3. scan: contrast gamma, a smooth multiplicative bias field and Rician noise; a rescan
+4. scan: contrast gamma, a smooth multiplicative bias field and Rician noise; a rescan
    (``_MR2``) shares the anatomy and gets its own small repositioning and scan effects.
 
 Volumes are written exactly like OASIS-1: Analyze 7.5 int16 ``176x208x176x1`` pairs
 (radiological x-flip, 1 mm), an FSL_SEG tissue segmentation (1 CSF, 2 GM, 3 WM), the
 ``oasis_cross-sectional.csv`` demographics table and the ``discN`` folder tree, so the
-normal OASIS-1 reader takes them. Deterministic by seed.
+normal OASIS-1 reader takes them. The segmentation is computed on the same warped grid as
+the image (after the sex and random scaling), so its labels follow the image voxel for
+voxel: ``seg > 0`` is the brain. Deterministic by seed.
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ README = """SYNTHETIC STAND-IN COHORT - NOT OASIS DATA
 Every volume in this folder was synthesised by braingen (data_prep/demo_cohort.py) from
 the MNI152 2009a template shipped inside the nilearn package: random affine and elastic
 warps, age-driven atrophy (thinner grey matter, larger ventricles), bias field and noise.
+Sex shows in the images as head size only: the anatomy of an M subject is scaled 5 %
+larger than that of an F subject (on top of a random per-subject scale within 6 %).
 No image or value here comes from a real person or from the OASIS project. The folder
 imitates the OASIS-1 cross-sectional layout and file format only so that the OASIS-1
 reader can be exercised end to end. Demographics in {csv} are random numbers.
@@ -87,6 +96,15 @@ _MAX_THINNING_MM = 1.3
 _MAX_VENTRICLE_MM = 4.0
 #: Spacing (mm) of the coarse grid on which smooth random fields are drawn.
 _COARSE_MM = 8.0
+#: Linear size of an ``M`` subject's anatomy relative to an ``F`` subject's (head size).
+SEX_SCALE = 1.05
+
+
+def sex_scale(sex: str | None) -> float:
+    """The deterministic anatomy scale of a sex: 1 for ``M`` (and unknown), 1/SEX_SCALE for
+    ``F``, so M/F = :data:`SEX_SCALE` and no brain grows beyond the grid (an M brain at the
+    random scale's largest, 1.062, already nearly fills it)."""
+    return 1.0 / SEX_SCALE if sex == "F" else 1.0
 
 
 @dataclass(frozen=True)
@@ -230,18 +248,20 @@ def cohort_sessions(n_subjects: int, n_discs: int, seed: int) -> list[Session]:
         severity = float(
             np.clip(((age - 18) / 78) ** 1.6 + 0.3 * (cdr or 0) + rng.normal(0, 0.05), 0, 1)
         )
+        sex = str(rng.choice(["F", "M"], p=[0.6, 0.4]))
+        etiv = 1480 * SEX_SCALE ** (1.5 if sex == "M" else -1.5) * math.exp(rng.normal(0, 0.1))
         subject = Subject(
             subject=f"OAS1_{i + 1:04d}",
             index=i,
             disc=1 + i * n_discs // n_subjects,
-            sex=str(rng.choice(["F", "M"], p=[0.6, 0.4])),
+            sex=sex,
             age=age,
             educ=educ,
             ses=ses,
             mmse=mmse,
             cdr=cdr,
             severity=severity,
-            etiv=round(float(np.clip(1480 * math.exp(rng.normal(0, 0.1)), 1120, 2000))),
+            etiv=round(float(np.clip(etiv, 1120, 2000))),
             nwbv=float(np.clip(0.87 - 0.17 * severity + rng.normal(0, 0.01), 0.6, 0.9)),
         )
         sessions.append(Session(subject, "MR1", int(variants[i])))
@@ -418,7 +438,7 @@ def synthesise_session(
     coarse = tuple(max(3, math.ceil(n * voxel / _COARSE_MM) + 1) for n in shape)
 
     rotation = _rotation(anatomy.uniform(-1, 1, 3) * cfg.rotation_deg + scan.normal(0, 1, 3))
-    scale = np.exp(np.clip(anatomy.normal(0, 0.03) + anatomy.normal(0, 0.02, 3), -0.06, 0.06))
+    scale = anatomy_scale(subject.sex, anatomy)
     shift = anatomy.normal(0, 3, 3) + scan.normal(0, 1, 3)
     elastic = _displacement(anatomy, coarse) * cfg.elastic_mm
     thinning = subject.severity * _MAX_THINNING_MM * (0.5 + _unit_field(anatomy, coarse))
@@ -468,6 +488,23 @@ def synthesise_session(
         wm >= np.maximum(gm, 1 - gm - wm), 3, np.where(gm >= 1 - gm - wm, 2, 1)
     )
     return image, labels
+
+
+def anatomy_scale(sex: str | None, rng: np.random.Generator) -> np.ndarray:
+    """Per-axis scale of a subject's anatomy relative to the template (> 1 = larger brain).
+
+    A random part, ``exp(N(0, 0.03) + N(0, 0.02) per axis)`` clipped to ±6 %, times the
+    deterministic :func:`sex_scale` (M 5 % larger than F); overall within 0.90-1.062.
+
+    Args:
+        sex: ``M``, ``F`` or None (no sex effect).
+        rng: the subject's anatomy generator (draws 4 normals).
+
+    Returns:
+        (3,) float64 scale along (x, y, z).
+    """
+    random = np.exp(np.clip(rng.normal(0, 0.03) + rng.normal(0, 0.02, 3), -0.06, 0.06))
+    return random * sex_scale(sex)
 
 
 def _rotation(degrees: np.ndarray) -> np.ndarray:

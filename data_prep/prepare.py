@@ -4,15 +4,25 @@ Outputs, under ``prepared_dir``::
 
     {train,val,test}/slices.npy     float16 (N, 1, S, S), intensities in [0, 1]
     {train,val,test}/masks.npy      uint8 (N, 1, S, S) brain masks in {0, 1}
+    {train,val,test}/tissue.npy     uint8 (N, 1, S, S) tissue labels 0 background, 1 CSF,
+                                    2 GM, 3 WM (only when every case has them, see below)
     {train,val,test}/manifest.csv   one row per slice (see MANIFEST_COLUMNS), row i ↔ item i
 
 and under ``report_dir``: ``prepare_report.json`` (counts, subjects, the fate of every file
-found, the volumes that look skull-on) and ``prepare_preview.png`` (train split, rows
-subjects, columns z). Every file is written to a
+found, the volumes that look skull-on, ``tissue_labels``) and ``prepare_preview.png``
+(train split, rows subjects, columns z). Every file is written to a
 temporary name and renamed. The manifests are the commit marker: all old manifests are
 removed before the first array is written and the new ones are written after every split's
 arrays, so a killed run leaves each split either without a manifest (refused by
 :class:`~pipeline.data.datasets.SliceDataset`) or complete, and never mixes two runs.
+
+Tissue labels come from the case's segmentation (OASIS-1 ``FSL_SEG`` 0/1/2/3, the PNG
+release's ``seg_*`` grey levels 0/85/170/255, a volume mask file holding exactly 0..3; see
+:mod:`data_prep.tissue`), sliced, oriented and resized (nearest neighbour) exactly like the
+masks, so they align pixel for pixel with ``slices.npy`` and ``masks == (tissue > 0)``.
+``tissue.npy`` is written for every split only when every kept case has tissue labels;
+otherwise no split gets one (a previous run's is removed before the manifests are written)
+and ``tissue_labels`` in the report, ``{"written": bool, "reason": str | None}``, says why.
 
 Bad input never raises: each bad file becomes one ``{"file", "reason"}`` entry of the
 report, and every other file found is either used or listed as ignored with the reason
@@ -55,7 +65,16 @@ from data_prep.readers import (
 from data_prep.readers.png_slices import load_case
 from data_prep.skull import detect_skull, extract_brain, extraction_problem
 from data_prep.split import split_subjects
-from data_prep.volume import SliceSet, Volume, finish_slices, load_mask, load_volume, volume_slices
+from data_prep.tissue import SLICE_STEPS, tissue_labels
+from data_prep.volume import (
+    SliceSet,
+    Volume,
+    finish_labels,
+    finish_slices,
+    load_labels,
+    load_volume,
+    volume_slices,
+)
 from pipeline.core.config import PrepareConfig
 from pipeline.core.io import atomic_write, write_json
 from pipeline.core.tracking import to_uint8_image
@@ -76,8 +95,13 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     *DEMOGRAPHICS,
 )
 MANIFEST_NAME = "manifest.csv"
+TISSUE_NAME = "tissue.npy"
 REPORT_NAME = "prepare_report.json"
 PREVIEW_NAME = "prepare_preview.png"
+
+
+#: ``CaseResult.tissue_problem`` of a case whose brain mask is an intensity threshold.
+_NO_SEGMENTATION = "no tissue segmentation (brain mask from an intensity threshold)"
 
 
 @dataclass
@@ -101,6 +125,8 @@ class CaseResult:
             image, the segmentations of a case that falls back to the threshold mask).
         skull_on: the volume looked skull-on (see :mod:`data_prep.skull`).
         brain_extracted: the skull was removed with ``prepare.brain_extraction``.
+        tissue_problem: why the slices have no tissue labels (``slices.tissue`` is None);
+            None when they have them.
     """
 
     subject: str
@@ -117,6 +143,7 @@ class CaseResult:
     ignored: list[Skip] = field(default_factory=list)
     skull_on: bool = False
     brain_extracted: bool = False
+    tissue_problem: str | None = _NO_SEGMENTATION
 
 
 def process_case(case: Case, cfg: PrepareConfig) -> CaseResult:
@@ -147,21 +174,29 @@ def _process_volume(case: VolumeCase, cfg: PrepareConfig) -> CaseResult:
         return result
     if volume.n_nonfinite:
         result.warnings.append(Skip(case.image, f"{volume.n_nonfinite} NaN/inf voxels set to 0"))
-    mask = None
+    mask = tissue = None
     if case.mask is not None:
         try:
-            mask = load_mask(case.root / case.mask, volume.data.shape)
-            result.mask_source = "segmentation"
+            stored = load_labels(case.root / case.mask, volume.data.shape)
         except BadInputError as err:
             result.skipped.append(Skip(case.mask, f"{err.reason}; threshold mask used instead"))
+        else:
+            mask = stored > 0
+            tissue, why = tissue_labels(stored)
+            result.mask_source = "segmentation"
+            result.tissue_problem = None if why is None else f"{case.mask}: {why}"
+            del stored
     try:
         volume, mask = _skull_check(case, volume, mask, cfg, result)
+        if tissue is not None and mask is not None:  # brain extraction may trim the mask
+            tissue = np.where(mask, tissue, np.uint8(0))
         result.slices = volume_slices(
             volume,
             threshold_mask(volume.data) if mask is None else mask,
             n_slices=cfg.n_slices,
             image_size=cfg.image_size,
             percentiles=cfg.percentiles,
+            tissue=tissue,
         )
     except BadInputError as err:
         result.skipped.append(Skip(case.image, err.reason))
@@ -219,6 +254,10 @@ def _process_png(case: PngCase, cfg: PrepareConfig) -> CaseResult:
             result.ignored.extend(Skip(seg, f"not used: {why}") for seg in segs)
     else:
         result.mask_source = "segmentation"
+    tissue = None
+    if stack.labels is not None:
+        tissue, why = tissue_labels(stack.labels, SLICE_STEPS)
+        result.tissue_problem = None if why is None else f"{case.subject}: {why}"
     try:
         if not masks.any():
             raise BadInputError("all slices of the case are blank")
@@ -239,6 +278,7 @@ def _process_png(case: PngCase, cfg: PrepareConfig) -> CaseResult:
         masks=out_masks,
         z_index=np.array([s.z_index for s in stack.slices], dtype=np.int64),
         z_mm=np.full(len(stack.slices), np.nan),
+        tissue=None if tissue is None else finish_labels(tissue, cfg.image_size),
     )
     result.sources = tuple(s.image for s in stack.slices)
     result.used = (*result.sources, *(segs if result.mask_source == "segmentation" else []))
@@ -288,7 +328,8 @@ def prepare_dataset(
 
     The report accounts for every file found below ``raw_dir`` (``files``: found = used +
     skipped + ignored; ``skipped`` one entry per file, ``ignored`` grouped by reason), names
-    the volumes that look skull-on (``skull_on``) and those stripped (``brain_extracted``).
+    the volumes that look skull-on (``skull_on``) and those stripped (``brain_extracted``),
+    and whether ``tissue.npy`` was written (``tissue_labels``: ``{"written", "reason"}``).
 
     Args:
         raw_dir: OASIS-1 discs, BIDS tree, NIfTI folder or PNG release.
@@ -338,13 +379,20 @@ def prepare_dataset(
         splits, report["split_from"] = _assign_splits(results, scan.format, cfg, seed)
         _check_splits(splits, scan.format, cfg, report_path)
     except PrepareError as err:
-        report.update(error=str(err), **_accounting(scan, results, issues))
+        report.update(
+            error=str(err),
+            tissue_labels={"written": False, "reason": "prepare failed: nothing written"},
+            **_accounting(scan, results, issues),
+        )
         logger.error("%s", err)
         write_json(report_path, report)
         raise
     for skip in issues.skipped:
         logger.warning("skipped %s", skip.line())
 
+    tissue = _tissue_decision(results)
+    if not tissue["written"]:
+        logger.info("no tissue.npy: %s", tissue["reason"])
     counts: dict[str, dict[str, int]] = {}
     subjects: dict[str, list[str]] = {}
     written: dict[str, tuple[np.ndarray, pd.DataFrame]] = {}
@@ -355,7 +403,9 @@ def prepare_dataset(
             (r for r in results if splits[(r.subject, r.session)] == split),
             key=lambda r: (r.subject, r.session),
         )
-        written[split] = _write_split(prepared_dir / split, members, split, cfg.image_size)
+        written[split] = _write_split(
+            prepared_dir / split, members, split, cfg.image_size, tissue=tissue["written"]
+        )
         subjects[split] = sorted({r.subject for r in members})
         counts[split] = {
             "slices": len(written[split][1]),
@@ -384,6 +434,7 @@ def prepare_dataset(
             "skipped": len(issues.skipped),
         },
         subjects=subjects,
+        tissue_labels=tissue,
         **_accounting(scan, results, issues),
     )
     write_json(report_path, report)
@@ -430,6 +481,28 @@ def _accounting(scan: Scan, results: list[CaseResult], issues: _Issues) -> dict[
         "ignored": inventory.ignored_groups(),
         "skull_on": sorted(r.sources[0] for r in results if r.skull_on and r.sources),
         "brain_extracted": sorted(r.sources[0] for r in results if r.brain_extracted),
+    }
+
+
+def _tissue_decision(results: list[CaseResult]) -> dict[str, Any]:
+    """Whether ``tissue.npy`` is written: only when every kept case has tissue labels.
+
+    Returns:
+        ``{"written": bool, "reason": str | None}`` (the report's ``tissue_labels``); the
+        reason counts the cases without labels and names the first one and its problem.
+    """
+    lacking = [r for r in results if r.slices is None or r.slices.tissue is None]
+    if not lacking:
+        return {"written": True, "reason": None}
+    first = lacking[0]
+    name = f"{first.subject} {first.session}".strip()
+    problem = first.tissue_problem or "no tissue labels"
+    return {
+        "written": False,
+        "reason": (
+            f"{len(lacking)} of {len(results)} cases have no CSF/GM/WM tissue labels "
+            f"(first: {name}: {problem})"
+        ),
     }
 
 
@@ -504,9 +577,13 @@ def _assign_splits(
 
 
 def _write_split(
-    folder: Path, members: list[CaseResult], split: str, image_size: int
+    folder: Path, members: list[CaseResult], split: str, image_size: int, *, tissue: bool
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """Write one split's arrays; return (images (N, 1, S, S), manifest) (written later)."""
+    """Write one split's arrays; return (images (N, 1, S, S), manifest) (written later).
+
+    With ``tissue`` the members' tissue labels go to ``tissue.npy`` (uint8 (N, 1, S, S));
+    without, a ``tissue.npy`` left by an earlier run is removed.
+    """
     shape = (0, 1, image_size, image_size)
     images = (
         np.concatenate([r.slices.images for r in members])[:, None]  # type: ignore[union-attr]
@@ -542,4 +619,13 @@ def _write_split(
     manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
     atomic_write(folder / "slices.npy", lambda tmp: np.save(tmp, images))
     atomic_write(folder / "masks.npy", lambda tmp: np.save(tmp, masks))
+    if not tissue:
+        (folder / TISSUE_NAME).unlink(missing_ok=True)
+        return images, manifest
+    labels = (
+        np.concatenate([r.slices.tissue for r in members])[:, None]  # type: ignore[union-attr,misc]
+        if members
+        else np.zeros(shape, np.uint8)
+    )
+    atomic_write(folder / TISSUE_NAME, lambda tmp: np.save(tmp, labels))
     return images, manifest

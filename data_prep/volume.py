@@ -12,7 +12,9 @@ Orientation convention (used for every source, the PNG release included):
 Intensities are mapped to [0, 1] by the ``(lo, hi)`` percentiles of the voxels inside
 the brain mask (clipped; :mod:`data_prep.intensity`, shared with single slices), slices
 are zero-padded to square and resized to ``image_size`` (linear with anti-aliasing for
-images, nearest neighbour for masks).
+images, nearest neighbour for masks and tissue labels, which therefore stay aligned pixel
+for pixel with the images and with each other: ``tissue > 0`` is the mask wherever both
+come from one segmentation).
 """
 
 from __future__ import annotations
@@ -73,12 +75,15 @@ class SliceSet:
         masks: (K, S, S) uint8 brain masks in {0, 1}.
         z_index: (K,) int64 slice position 0..K-1 (bottom to top).
         z_mm: (K,) float64 world z (mm) of each slice's centre; NaN when unknown.
+        tissue: (K, S, S) uint8 tissue labels (0 background, 1 CSF, 2 GM, 3 WM;
+            ``tissue > 0 == masks``), or None when the source has no tissue segmentation.
     """
 
     images: np.ndarray
     masks: np.ndarray
     z_index: np.ndarray
     z_mm: np.ndarray
+    tissue: np.ndarray | None = None
 
 
 def load_volume(path: str | Path, *, max_voxels: int | None = None) -> Volume:
@@ -157,6 +162,25 @@ def _check_zooms(affine: np.ndarray) -> None:
         )
 
 
+def load_labels(path: str | Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Read a brain mask or tissue segmentation in RAS, values as stored.
+
+    Args:
+        path: mask file (any format :func:`load_volume` reads).
+        shape: (X, Y, Z) of the image it belongs to.
+
+    Returns:
+        (X, Y, Z) float32 values (non-zero = brain; FSL FAST labels 1 CSF, 2 GM, 3 WM).
+
+    Raises:
+        BadInputError: unreadable, or its shape differs from ``shape``.
+    """
+    labels = load_volume(path).data
+    if labels.shape != shape:
+        raise BadInputError(f"mask shape {labels.shape} differs from the image's {shape}")
+    return labels
+
+
 def load_mask(path: str | Path, shape: tuple[int, ...]) -> np.ndarray:
     """Read a brain mask or tissue segmentation (non-zero = brain) in RAS.
 
@@ -170,10 +194,7 @@ def load_mask(path: str | Path, shape: tuple[int, ...]) -> np.ndarray:
     Raises:
         BadInputError: unreadable, or its shape differs from ``shape``.
     """
-    mask = load_volume(path).data > 0
-    if mask.shape != shape:
-        raise BadInputError(f"mask shape {mask.shape} differs from the image's {shape}")
-    return mask
+    return load_labels(path, shape) > 0
 
 
 def axial_extent(mask: np.ndarray, min_area_fraction: float = MIN_AREA_FRACTION) -> tuple[int, int]:
@@ -260,6 +281,23 @@ def finish_slices(
     return out.astype(np.float16), (out_masks > 0.5).astype(np.uint8)
 
 
+def finish_labels(
+    labels: np.ndarray, image_size: int, pixel_mm: tuple[float, float] = (1.0, 1.0)
+) -> np.ndarray:
+    """Make upright label maps (S, S) exactly as :func:`finish_slices` makes the masks.
+
+    Args:
+        labels: (N, H, W) integer labels (e.g. tissue 0..3), aligned with the slices.
+        image_size: output side length S.
+        pixel_mm: (row, column) pixel spacing in mm.
+
+    Returns:
+        (N, S, S) uint8 labels (nearest neighbour, so no new values appear).
+    """
+    out = square_resize(labels.astype(np.float32), image_size, pixel_mm=pixel_mm, nearest=True)
+    return np.rint(out).astype(np.uint8)
+
+
 def volume_slices(
     volume: Volume,
     mask: np.ndarray,
@@ -267,6 +305,7 @@ def volume_slices(
     n_slices: int,
     image_size: int,
     percentiles: tuple[float, float],
+    tissue: np.ndarray | None = None,
 ) -> SliceSet:
     """K evenly spaced axial slices across the brain's extent, upright, in [0, 1].
 
@@ -277,9 +316,11 @@ def volume_slices(
             ``lo..hi`` is the brain's axial extent.
         image_size: output side length S.
         percentiles: brain-intensity percentiles mapped to 0 and 1.
+        tissue: optional (X, Y, Z) uint8 tissue labels 0..3 with ``tissue > 0 == mask``;
+            sliced and resized like the mask.
 
     Returns:
-        The slice set (z_index 0 = bottom of the brain).
+        The slice set (z_index 0 = bottom of the brain; ``tissue`` None without labels).
     """
     lo, hi = axial_extent(mask)
     picks = np.rint(np.linspace(lo, hi, n_slices)).astype(np.int64)
@@ -288,6 +329,10 @@ def volume_slices(
     upright_masks = np.rot90(mask[:, :, picks], k=1, axes=(0, 1)).transpose(2, 0, 1)
     zx, zy, _ = volume.zooms
     images, masks = finish_slices(upright, upright_masks, window, image_size, pixel_mm=(zy, zx))
+    out_tissue = None
+    if tissue is not None:
+        upright_tissue = np.rot90(tissue[:, :, picks], k=1, axes=(0, 1)).transpose(2, 0, 1)
+        out_tissue = finish_labels(upright_tissue, image_size, pixel_mm=(zy, zx))
     centre = np.array([(volume.data.shape[0] - 1) / 2, (volume.data.shape[1] - 1) / 2])
     voxels = np.stack(
         [np.full(n_slices, centre[0]), np.full(n_slices, centre[1]), picks, np.ones(n_slices)]
@@ -298,4 +343,5 @@ def volume_slices(
         masks=masks,
         z_index=np.arange(n_slices, dtype=np.int64),
         z_mm=z_mm.astype(np.float64),
+        tissue=out_tissue,
     )

@@ -15,9 +15,10 @@ layer          what lives there
                ``latents``), slice files (``slice_files``), the synthetic-set manifest
                (``manifests``), real + synthetic training sets (``augment``)
 ``models``     ``nn.Module``\\ s only (autoencoder, discriminator, PixelCNN, UNet, z-probe)
-               and the one conditioning module (``conditioning``); model files
-               (``files``: save, load, build every kind) and the first-stage codec
-               (``codec``: encode/decode and the latent ``scale_factor``)
+               and the one conditioning module (``conditioning``); the label probes
+               (``probes``); model files (``files``: save, load, build every kind) and
+               the first-stage codec (``codec``: encode/decode and the latent
+               ``scale_factor``)
 ``metrics``    image and distribution measures (SSIM, PSNR, MS-SSIM, fd_alex, KID,
                precision/recall), LPIPS (``perceptual``), the realism judge (``c2st``)
                and the near-copy check (``novelty``)
@@ -27,8 +28,8 @@ layer          what lives there
                texture (``texture``), ``generate`` (which uses ``metrics.novelty``),
                ``edit`` (SDEdit, inpainting)
 ``training``   the one training loop (``loop``), losses, one task module per model
-               (``autoencoder``, ``prior``, ``ldm``, ``zprobe``), side-by-side runs
-               (``concurrency``)
+               (``autoencoder``, ``prior``, ``ldm``, ``zprobe``, label ``probes``),
+               side-by-side runs (``concurrency``)
 ``evaluation`` the ``evaluate`` stage's figures, the verdicts against real references
                (``verdicts``) and the HTML ``report``
 ``cli``        the ``braingen`` command (``pipeline/cli.py``)

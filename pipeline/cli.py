@@ -221,9 +221,7 @@ def generate(
     ] = False,
     validate_only: Annotated[
         bool,
-        typer.Option(
-            "--validate-only", help="Check the request against the model; write nothing."
-        ),
+        typer.Option("--validate-only", help="Check the request against the model; write nothing."),
     ] = False,
 ) -> None:
     """Generate labelled slices: one file per slice (and mask) plus manifest.csv.

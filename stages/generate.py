@@ -40,6 +40,8 @@ def run() -> None:
                 if cfg.novelty
                 else None
             ),
+            masks=cfg.masks,
+            spec=cfg.spec,
         )
         tracking.log_metrics(
             {

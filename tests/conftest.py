@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
-from support import write_tiny_generators
+from support import write_labelled_generators, write_tiny_generators
 
 PHANTOM_SHAPE = (40, 48, 40)
 #: pytest-timeout for a slow test that names no ``@pytest.mark.timeout`` of its own (the
@@ -105,6 +105,12 @@ def tiny_generators(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     32x32 slices, K = 4 slice levels; the LDM samples with 2 DDIM steps by default.
     """
     return write_tiny_generators(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def labelled_generators(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """As :func:`tiny_generators`, conditioned on age, sex and CDR, with tissue heads."""
+    return write_labelled_generators(tmp_path_factory.mktemp("labelled_models"))
 
 
 @pytest.fixture

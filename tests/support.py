@@ -31,6 +31,7 @@ from pipeline.core.config import (
     PriorConfig,
     VQConfig,
 )
+from pipeline.core.labels import Covariate, Schema, schema_to_meta
 from pipeline.training.loop import Optimization, TrainingTask, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,15 +77,19 @@ TINY_LDM = tiny_ldm()
 # ------------------------------------------------------------------ tiny model files
 
 
-def save_tiny_autoencoder(path: Path, kind: str, *, n_slices: int = 4, seed: int = 0) -> Path:
-    """An untrained :data:`TINY_AE` of ``kind`` saved as ``ae_<kind>`` (32x32 slices)."""
+def save_tiny_autoencoder(
+    path: Path, kind: str, *, n_slices: int = 4, seed: int = 0, tissue: bool = False
+) -> Path:
+    """An untrained :data:`TINY_AE` of ``kind`` saved as ``ae_<kind>`` (32x32 slices); with
+    ``tissue``, with a tissue head marked as trained on tissue labels."""
     from pipeline.models.autoencoder import Autoencoder
     from pipeline.models.files import save_model
 
     torch.manual_seed(seed)
-    model = Autoencoder(TINY_AE, TINY_COND, kind)  # type: ignore[arg-type]
-    data = {"image_size": 32, "n_slices": n_slices}
-    save_model(path, f"ae_{kind}", model, TINY_AE, {"data": data}, TINY_COND)
+    cfg = TINY_AE.model_copy(update={"tissue_weight": 1.0}) if tissue else TINY_AE
+    model = Autoencoder(cfg, TINY_COND, kind)  # type: ignore[arg-type]
+    meta = {"data": {"image_size": 32, "n_slices": n_slices}, "tissue_labels": tissue}
+    save_model(path, f"ae_{kind}", model, cfg, meta, TINY_COND)
     return path
 
 
@@ -95,16 +100,19 @@ def save_tiny_ldm(
     scale_factor: float = 0.5,
     n_slices: int = 4,
     config: LDMConfig = TINY_LDM,
+    schema: Schema = (),
 ) -> Path:
-    """An untrained tiny UNet over ``autoencoder``'s latents, saved as an ``ldm`` file."""
+    """An untrained tiny UNet over ``autoencoder``'s latents, saved as an ``ldm`` file
+    (conditioned on ``schema``'s covariates besides z)."""
     from pipeline.core.identity import file_sha256
     from pipeline.inference.diffusion import scheduler_config
     from pipeline.models.files import save_model
     from pipeline.models.unet import ZConditionedUNet
 
     torch.manual_seed(0)
-    unet = ZConditionedUNet(config, TINY_COND, TINY_LATENT_SHAPE[0])
+    unet = ZConditionedUNet(config, TINY_COND, TINY_LATENT_SHAPE[0], schema)
     meta = {
+        "covariates": schema_to_meta(schema),
         "autoencoder": str(autoencoder),
         "autoencoder_sha256": file_sha256(autoencoder),
         "scale_factor": scale_factor,
@@ -117,9 +125,15 @@ def save_tiny_ldm(
 
 
 def save_tiny_pixelcnn(
-    path: Path, autoencoder: Path, *, n_slices: int = 4, config: PriorConfig = TINY_PRIOR
+    path: Path,
+    autoencoder: Path,
+    *,
+    n_slices: int = 4,
+    config: PriorConfig = TINY_PRIOR,
+    schema: Schema = (),
 ) -> Path:
-    """An untrained PixelCNN over ``autoencoder``'s 8x8 grids of 16 codes."""
+    """An untrained PixelCNN over ``autoencoder``'s 8x8 grids of 16 codes (conditioned on
+    ``schema``'s covariates besides z)."""
     from pipeline.core.identity import file_sha256
     from pipeline.models.files import save_model
     from pipeline.models.pixelcnn import GatedPixelCNN
@@ -131,8 +145,10 @@ def save_tiny_pixelcnn(
         "num_codes": 16,
         "code_shape": list(TINY_LATENT_SHAPE[1:]),
         "n_slices": n_slices,
+        "covariates": schema_to_meta(schema),
     }
-    save_model(path, "pixelcnn", GatedPixelCNN(16, config, TINY_COND), config, meta, TINY_COND)
+    prior = GatedPixelCNN(16, config, TINY_COND, schema=schema)
+    save_model(path, "pixelcnn", prior, config, meta, TINY_COND)
     return path
 
 
@@ -152,6 +168,31 @@ def write_tiny_generators(root: Path, n_slices: int = 4) -> dict[str, Path]:
     return {
         "ldm": save_tiny_ldm(root / "ldm.pt", ae["vaegan"], n_slices=n_slices),
         "pixelcnn": save_tiny_pixelcnn(root / "pixelcnn.pt", ae["vqvae"], n_slices=n_slices),
+        **ae,
+    }
+
+
+#: The covariates of the labelled tiny generators (OASIS-like ranges).
+TINY_SCHEMA: Schema = (
+    Covariate("age", "continuous", 18.0, 96.0),
+    Covariate("sex", "categorical", categories=("F", "M")),
+    Covariate("cdr", "categorical", categories=("0", "0.5", "1")),
+)
+
+
+def write_labelled_generators(root: Path, n_slices: int = 4) -> dict[str, Path]:
+    """Like :func:`write_tiny_generators`, but the generators condition on
+    :data:`TINY_SCHEMA` and the autoencoders have tissue heads (masks)."""
+    root.mkdir(parents=True, exist_ok=True)
+    ae = {
+        kind: save_tiny_autoencoder(root / f"ae_{kind}.pt", kind, n_slices=n_slices, tissue=True)
+        for kind in ("vqvae", "vaegan")
+    }
+    return {
+        "ldm": save_tiny_ldm(root / "ldm.pt", ae["vaegan"], n_slices=n_slices, schema=TINY_SCHEMA),
+        "pixelcnn": save_tiny_pixelcnn(
+            root / "pixelcnn.pt", ae["vqvae"], n_slices=n_slices, schema=TINY_SCHEMA
+        ),
         **ae,
     }
 

@@ -13,6 +13,8 @@ import pytest
 from data_prep.demo_cohort import (
     CSV_COLUMNS,
     OASIS_SHAPE,
+    SEX_SCALE,
+    anatomy_scale,
     build_demo_cohort,
     cohort_sessions,
     save_template_maps,
@@ -112,6 +114,30 @@ def test_subjects_differ_and_atrophy_follows_severity(tmp_path: Path) -> None:
     young, old = segs
     assert (old == 1).sum() > 1.2 * (young == 1).sum()  # more CSF (sulci, ventricles)
     assert (old == 2).sum() < 0.97 * (young == 2).sum()  # thinner grey matter
+
+
+def test_male_anatomy_is_larger_and_the_segmentation_follows(tmp_path: Path) -> None:
+    rng = [np.random.default_rng(3) for _ in range(2)]
+    ratio = anatomy_scale("M", rng[0]) / anatomy_scale("F", rng[1])
+    assert SEX_SCALE == 1.05
+    np.testing.assert_allclose(ratio, SEX_SCALE)
+    save_template_maps(tmp_path / "maps", step=4)
+    maps = {p.stem: np.load(p) for p in (tmp_path / "maps").glob("*.npy")}
+    session = cohort_sessions(2, 1, seed=0)[0]
+    shape = (44, 52, 44)
+    out = {}
+    for sex in ("F", "M"):  # one subject, same age and severity, only the sex differs
+        subject = dataclasses.replace(session.subject, sex=sex)
+        image, seg = synthesise_session(
+            dataclasses.replace(session, subject=subject), maps, TINY, 0, shape
+        )
+        assert set(np.unique(seg)) == {0, 1, 2, 3}
+        assert np.mean((seg > 0) == (image > 0)) > 0.999  # labels cover the imaged brain
+        out[sex] = seg
+    volumes = {sex: (seg > 0).sum() for sex, seg in out.items()}
+    assert 1.08 < volumes["M"] / volumes["F"] < 1.25  # 1.05 ** 3 = 1.16
+    for label in (2, 3):  # grey and white matter both scale
+        assert (out["M"] == label).sum() > (out["F"] == label).sum()
 
 
 def test_rescan_shares_anatomy(tmp_path: Path) -> None:

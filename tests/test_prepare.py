@@ -23,7 +23,7 @@ from data_prep.volume import load_volume, volume_slices
 from pipeline.core.config import DemoConfig, PrepareConfig, SplitConfig
 
 SMALL = PrepareConfig(n_slices=5, image_size=24, workers=1)
-OUTPUTS = ("slices.npy", "masks.npy", "manifest.csv")
+OUTPUTS = ("slices.npy", "masks.npy", "tissue.npy", "manifest.csv")
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +56,17 @@ def test_demo_cohort_end_to_end(demo_root: Path, tmp_path: Path) -> None:
     report = json.loads((tmp_path / "reports" / "prepare_report.json").read_text())
     assert report == result.report and report["status"] == "ok" and report["format"] == "oasis1"
     assert report["skipped"] == [] and report["total"]["volumes"] == 5
+    assert report["tissue_labels"] == {"written": True, "reason": None}  # FSL_SEG 0/1/2/3
     assert (tmp_path / "reports" / "prepare_preview.png").stat().st_size > 0
     total = 0
     for split in SPLITS:
         images, masks, manifest = read_split(tmp_path, split)
         assert images.dtype == np.float16 and masks.dtype == np.uint8
         assert images.shape == masks.shape == (len(manifest), 1, 24, 24)
+        tissue = np.load(tmp_path / "prepared" / split / "tissue.npy")
+        assert tissue.dtype == np.uint8 and tissue.shape == masks.shape
+        np.testing.assert_array_equal(tissue > 0, masks == 1)
+        assert set(np.unique(tissue)) == {0, 1, 2, 3}
         assert images.min() >= 0 and images.max() <= 1
         assert list(manifest.columns) == list(MANIFEST_COLUMNS)
         assert (manifest["split"] == split).all()

@@ -201,7 +201,10 @@ def test_png_release_reader(tmp_path: Path, write_png_release) -> None:
     ]
     stack = load_case(scan.cases[1])
     assert stack.images.shape == (6, 32, 32) and stack.masks is not None
-    assert load_case(scan.cases[0]).masks is None  # one segmentation missing
+    assert stack.labels is not None and set(np.unique(stack.labels)) == {0, 85}  # as stored
+    np.testing.assert_array_equal(stack.masks, stack.labels > 0)
+    missing = load_case(scan.cases[0])
+    assert missing.masks is None and missing.labels is None  # one segmentation missing
 
 
 def test_png_k_comes_from_the_largest_slice_index(tmp_path: Path, write_png_release) -> None:

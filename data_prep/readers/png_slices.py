@@ -9,8 +9,10 @@ The release's split is kept (``validate`` → ``val``); a case number found in t
 folders names two subjects there, kept apart as ``case_NNN_<split>``. Images are already
 upright axial slices (the display convention of :mod:`data_prep.volume`); z comes from the
 file name, with K = largest slice index + 1 per case. A segmentation becomes the brain mask
-(label > 0); a case with any slice lacking its segmentation falls back to the
-threshold mask for all its slices.
+(label > 0) and, when its grey levels are the release's four classes (0, 85, 170, 255 =
+background, CSF, GM, WM; :mod:`data_prep.tissue`), the tissue labels 0..3; a case with any
+slice lacking its segmentation falls back to the threshold mask for all its slices, and
+has no tissue labels.
 
 Re-exports of the release are read too: names in any letter case, ``.png`` without the
 ``.nii``, 16-bit or colour PNGs, and single-slice NIfTI files (``case_NNN_slice_K.nii.gz``,
@@ -119,12 +121,15 @@ class PngStack:
         masks: (N, H, W) bool brain masks, or None when a segmentation is missing.
         slices: the N slices read, in order.
         skipped: slices that could not be used.
+        labels: (N, H, W) float32 segmentation values as stored (e.g. 0/85/170/255), or
+            None when a segmentation is missing; ``masks == labels > 0``.
     """
 
     images: np.ndarray
     masks: np.ndarray | None
     slices: tuple[PngSlice, ...]
     skipped: tuple[Skip, ...]
+    labels: np.ndarray | None = None
 
 
 def load_case(case: PngCase) -> PngStack:
@@ -137,7 +142,7 @@ def load_case(case: PngCase) -> PngStack:
         The stack (possibly empty: ``images.shape[0] == 0``).
     """
     stack: list[np.ndarray] = []
-    masks: list[np.ndarray | None] = []
+    labels: list[np.ndarray | None] = []
     kept: list[PngSlice] = []
     skipped: list[Skip] = []
     for item in case.slices:
@@ -150,7 +155,7 @@ def load_case(case: PngCase) -> PngStack:
             shape = "x".join(map(str, stack[0].shape))
             skipped.append(Skip(item.image, f"size {image.shape} differs from the case's {shape}"))
             continue
-        mask = None
+        label = None
         if item.seg is not None:
             try:
                 seg = images.read_raw_slice(
@@ -160,7 +165,7 @@ def load_case(case: PngCase) -> PngStack:
                 skipped.append(Skip(item.seg, f"{err.reason}; threshold mask used for the case"))
             else:
                 if seg.data.shape == image.shape:
-                    mask = seg.data > 0
+                    label = seg.data
                 else:
                     skipped.append(
                         Skip(
@@ -169,12 +174,14 @@ def load_case(case: PngCase) -> PngStack:
                         )
                     )
         stack.append(image)
-        masks.append(mask)
+        labels.append(label)
         kept.append(item)
-    have_all_masks = bool(masks) and all(m is not None for m in masks)
+    have_all = bool(labels) and all(m is not None for m in labels)
+    stored = np.stack(labels).astype(np.float32) if have_all else None  # type: ignore[arg-type]
     return PngStack(
         images=np.stack(stack).astype(np.float32) if stack else np.zeros((0, 1, 1), np.float32),
-        masks=np.stack(masks) if have_all_masks else None,  # type: ignore[arg-type]
+        masks=None if stored is None else stored > 0,
         slices=tuple(kept),
         skipped=tuple(skipped),
+        labels=stored,
     )

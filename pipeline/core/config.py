@@ -547,6 +547,8 @@ class EvaluateConfig(_Section):
         intensity_threshold: foreground threshold of the per-z intensity histograms.
         c2st: the realism judge (classifier two-sample test).
         novelty: the near-copy check (also used by ``generate.novelty``).
+        label_samples: test slices whose (z, covariates) each generator is asked to match
+            for the label probes (and as many again for the shuffled control).
     """
 
     blur_sigma: float = Field(1.5, gt=0)
@@ -557,6 +559,7 @@ class EvaluateConfig(_Section):
     intensity_threshold: float = Field(0.05, ge=0, lt=1)
     c2st: C2STConfig = C2STConfig()
     novelty: NoveltyConfig = NoveltyConfig()
+    label_samples: int = Field(128, ge=2)
 
 
 class GenerateConfig(_Section):
@@ -574,6 +577,10 @@ class GenerateConfig(_Section):
         out_dir: output folder (``manifest.csv`` + one file per slice).
         novelty: re-sample copy-like slices (``evaluate.novelty`` settings) and record each
             kept slice's nearest-training similarity in the manifest.
+        masks: also write each slice's tissue labels (needs an autoencoder with a tissue
+            head trained on tissue labels).
+        spec: a CSV/YAML spec file (rows: z, count, covariates) instead of ``z``/``per_z``;
+            ``null``: every requested slice is unconditioned on covariates.
     """
 
     model: GeneratorName = "ldm"
@@ -583,6 +590,8 @@ class GenerateConfig(_Section):
     format: OutputFormat = "png"
     out_dir: str = "synthetic"
     novelty: bool = False
+    masks: bool = False
+    spec: str | None = None
 
 
 class Params(_Section):

@@ -31,6 +31,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "train_prior": ("seed", "conditioning", "prior", "data.prepared_dir"),
     "train_ldm": ("seed", "conditioning", "ldm", "prepare.n_slices"),
     "train_zprobe": ("seed", "zprobe", "prepare.n_slices"),
+    "train_probes": ("seed", "probes", "prepare.n_slices"),
     "encode_latents": ("autoencoder.kinds", "data.prepared_dir"),
     "evaluate": ("seed", "evaluate", "prepare.n_slices", "autoencoder.kinds"),
     "generate": ("generate", "evaluate.novelty", "data.prepared_dir"),

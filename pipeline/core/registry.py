@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,8 @@ REGISTERED_NAMES: dict[str, str] = {
     "pixelcnn": "braingen-pixelcnn",
     "ldm": "braingen-ldm",
     "zprobe": "braingen-zprobe",
+    "covariate_probe": "braingen-covariate-probe",
+    "segmenter": "braingen-segmenter",
 }
 #: What each registered model is (its description in the registry).
 DESCRIPTIONS: dict[str, str] = {
@@ -56,6 +58,8 @@ DESCRIPTIONS: dict[str, str] = {
     "pixelcnn": "z-conditioned PixelCNN prior over the VQ-VAE's codes",
     "ldm": "z-conditioned latent diffusion UNet over the VAE-GAN's latents",
     "zprobe": "z-index probe: the judge of z-conditioning",
+    "covariate_probe": "age / CDR / sex probe: the judge of covariate conditioning",
+    "segmenter": "CSF / GM / WM segmenter: the judge of tissue-mask conditioning",
 }
 #: Folder of downloaded registry models (default ``~/.cache/braingen/models``).
 CACHE_ENV = "BRAINGEN_MODEL_CACHE"
@@ -135,18 +139,20 @@ def model_run(
     *,
     run_name: str,
     datasets: str | Path,
-    model: str | Path,
+    model: str | Path | Sequence[str | Path],
 ) -> Iterator[StageRun]:
     """The run of a training stage: rank 0 alone tracks, with system metrics; the split
-    folders under ``datasets`` are its inputs, and the ``model`` file it wrote is logged and
-    registered (:func:`log_model`) when the body ends without an error.
+    folders under ``datasets`` are its inputs, and the ``model`` file it wrote (or each of
+    several files) is logged and registered (:func:`log_model`) when the body ends without
+    an error.
     """
     with StageRun(
         stage, identity, run_name=run_name, enabled=distributed.is_main(), system_metrics=True
     ) as run:
         run.log_datasets(datasets)
         yield run
-        log_model(run, model)
+        for path in [model] if isinstance(model, str | Path) else model:
+            log_model(run, path)
 
 
 def _log_and_register(

@@ -26,6 +26,10 @@ Sections of ``reports/metrics.json`` (a DVC metric; every number also goes to ML
   slice's similarity to its nearest training slice and the copy-like fraction
   (:mod:`pipeline.metrics.novelty`). More than ``evaluate.novelty.max_copy_like`` copy-like
   samples logs a warning.
+- ``labels`` in each generator (:mod:`pipeline.evaluation.label_fidelity`): the label probes
+  of ``train_probes`` (models/covariate_probe.pt, models/segmenter.pt; skipped with a reason
+  when absent) on real test slices, on slices generated at the same z and covariates, and on
+  the shuffled-covariate control; mask Dice of generated image against generated mask.
 
 Beside the figures every section records ``n_samples``, ``seed`` and the sha256 of the model
 file(s) it measured. Per-z curves go to ``reports/per_z/<metric>.csv`` (a DVC plot, column
@@ -48,6 +52,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from torch import nn
 
 from pipeline.core.checkpoint import CheckpointError
 from pipeline.core.config import EvaluateConfig, Params
@@ -57,6 +62,7 @@ from pipeline.core.identity import file_sha256
 from pipeline.core.io import atomic_write, write_json
 from pipeline.core.tracking import StageRun, flatten
 from pipeline.data.datasets import EvalData, SliceDataset
+from pipeline.evaluation.label_fidelity import fidelity_summary, label_fidelity
 from pipeline.inference.sampling import load_generator, sample
 from pipeline.metrics.c2st import C2STResult, blur, strength_curve_figure, two_sample_auc
 from pipeline.metrics.novelty import (
@@ -71,7 +77,13 @@ from pipeline.metrics.quality import (
     ms_ssim_diversity,
 )
 from pipeline.models.conditioning import index_from_z, z_from_index
-from pipeline.models.files import load_autoencoder, load_probe
+from pipeline.models.files import (
+    load_autoencoder,
+    load_covariate_probe,
+    load_probe,
+    load_segmenter,
+)
+from pipeline.models.probes import CovariateProbe
 from pipeline.models.zprobe import ZProbe
 from pipeline.training.autoencoder import reconstruct, reconstruction_report
 from pipeline.training.zprobe import predict_z
@@ -574,6 +586,19 @@ def evaluate(
             metrics[name]["zprobe_mae"],
             metrics["real"]["zprobe_mae"],
         )
+    covariate_probe, segmenter = _label_probes(paths.models, device)
+    test_manifest = SliceDataset(paths.test).manifest
+    for name in GENERATORS:
+        metrics[name]["labels"] = label_fidelity(
+            load_generator(paths.models / f"{name}.pt", device),
+            real,
+            test_manifest,
+            probe=covariate_probe,
+            segmenter=segmenter,
+            n=cfg.label_samples,
+            seed=seed + 2,
+        )
+        logger.info("%s label fidelity: %s", name, fidelity_summary(metrics[name]["labels"]))
     for kind in params.autoencoder.kinds:
         section = f"ae_{kind}"
         path = paths.models / f"{section}.pt"
@@ -601,6 +626,20 @@ def evaluate(
     write_json(paths.metrics, metrics)
     _log(run, metrics, tables, figure, paths)
     return metrics
+
+
+def _label_probes(
+    models: Path, device: torch.device
+) -> tuple[CovariateProbe | None, nn.Module | None]:
+    """The covariate probe and tissue segmenter of ``train_probes``, None where absent (a
+    segmenter trained without tissue labels counts as absent)."""
+    probe_path, seg_path = models / "covariate_probe.pt", models / "segmenter.pt"
+    probe = load_covariate_probe(probe_path, device)[0] if probe_path.is_file() else None
+    segmenter = None
+    if seg_path.is_file():
+        network, meta = load_segmenter(seg_path, device)
+        segmenter = network if meta.get("trained") else None
+    return probe, segmenter
 
 
 def _halves(metrics: Mapping[str, Any], key: str) -> float:

@@ -1,8 +1,9 @@
 """Pass/short verdicts of each generator against its real reference (the report's first table).
 
 A figure alone does not tell a reader whether a model is good enough; a figure beside its real
-reference and a bar does. :data:`BARS` holds the bars of issue 15 ("realism and novelty") per
-generator, each relative to a reference that ``evaluate`` measured on real slices:
+reference and a bar does. :data:`BARS` holds the bars of issues 15 ("realism and novelty")
+and 17 ("labelled slices") per generator, each relative to a reference that ``evaluate``
+measured on real slices:
 
 - **realism, anatomy**: classifier two-sample AUC with both sides blurred by
   ``evaluate.c2st.blur_sigma`` px (0.5 = a strong judge cannot tell; the autoencoder's own
@@ -13,7 +14,11 @@ generator, each relative to a reference that ``evaluate`` measured on real slice
 - **novelty**: the fraction of copy-like samples (nearer a training slice than the real held-out
   slices' ``evaluate.novelty.quantile``);
 - **z fidelity**: the z-probe's MAE on samples at their requested level against its MAE on real
-  test slices (the floor).
+  test slices (the floor);
+- **labels** (issue 17): the covariate probe's age MAE and CDR > 0 AUC on slices generated at
+  the test slices' own z and covariates, against the same on the real test slices, and the
+  Dice of the tissue segmenter's reading of each generated image against the mask generated
+  with it, against the segmenter's Dice on real test slices.
 
 Verdicts are computed from ``reports/metrics.json`` only, so the report, tests and a reader of
 the JSON agree.
@@ -28,7 +33,7 @@ from typing import Any, Literal
 #: Generators that get a verdict table, in report order.
 JUDGED = ("ldm", "pixelcnn")
 
-Rule = Literal["max_abs", "min_abs", "max_ratio"]
+Rule = Literal["max_abs", "min_abs", "max_ratio", "min_ratio"]
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,12 @@ class Bar:
     Attributes:
         label: the row's name in the report.
         figure: dotted key in the generator's section of ``metrics.json``.
-        rule: ``max_abs`` (figure <= bound), ``min_abs`` (figure >= bound) or ``max_ratio``
-            (figure <= bound x reference).
+        rule: ``max_abs`` (figure <= bound), ``min_abs`` (figure >= bound), ``max_ratio``
+            (figure <= bound x reference) or ``min_ratio`` (figure >= bound x reference).
         bound: the number of the rule.
         reference: dotted key in ``metrics.json`` of the real reference shown beside the
-            figure (also the base of ``max_ratio``), or None.
+            figure (also the base of the ratios), or None; ``{self}`` stands for the
+            generator's own section.
         ceiling: dotted key of a second reference shown beside it (the autoencoder's own
             figure: the best a second stage can do), or None; ``{ae}`` stands for the
             generator's autoencoder section.
@@ -57,8 +63,8 @@ class Bar:
 
     def describe(self) -> str:
         """The bar in words, e.g. ``<= 1.5 x real``."""
-        if self.rule == "max_ratio":
-            return f"≤ {self.bound:g} × real"
+        if self.rule in ("max_ratio", "min_ratio"):
+            return f"{'≤' if self.rule == 'max_ratio' else '≥'} {self.bound:g} × real"
         return f"{'≤' if self.rule == 'max_abs' else '≥'} {self.bound:g}"
 
 
@@ -71,7 +77,22 @@ _NOVELTY = Bar(
     0.05,
     "real.novelty.copy_like_fraction",
 )
-#: The bars of each judged generator (issue 15).
+_AGE = "age from the image (probe MAE, years)"
+_CDR = Bar(
+    "CDR > 0 from the image (probe AUC)",
+    "labels.matched.cdr_auc",
+    "min_ratio",
+    0.9,
+    "{self}.labels.real.cdr_auc",
+)
+_MASK = Bar(
+    "mask agreement (segmenter vs generated mask, Dice)",
+    "labels.mask_dice.dice_mean",
+    "min_ratio",
+    0.9,
+    "{self}.labels.real_mask_dice.dice_mean",
+)
+#: The bars of each judged generator (issues 15 and 17).
 BARS: dict[str, tuple[Bar, ...]] = {
     "ldm": (
         Bar(
@@ -95,6 +116,9 @@ BARS: dict[str, tuple[Bar, ...]] = {
         Bar("recall", "recall", "min_abs", 0.8, "real.split_halves.recall"),
         _NOVELTY,
         Bar("z fidelity (z-probe MAE, slices)", "zprobe_mae", "max_ratio", 1.5, "real.zprobe_mae"),
+        Bar(_AGE, "labels.matched.age_mae", "max_ratio", 1.5, "{self}.labels.real.age_mae"),
+        _CDR,
+        _MASK,
     ),
     "pixelcnn": (
         Bar(
@@ -108,6 +132,9 @@ BARS: dict[str, tuple[Bar, ...]] = {
         Bar("fd_alex", "fd_alex", "max_ratio", 2.0, "real.split_halves.fd_alex"),
         _NOVELTY,
         Bar("z fidelity (z-probe MAE, slices)", "zprobe_mae", "max_ratio", 2.0, "real.zprobe_mae"),
+        Bar(_AGE, "labels.matched.age_mae", "max_ratio", 2.0, "{self}.labels.real.age_mae"),
+        _CDR,
+        _MASK,
     ),
 }
 #: The autoencoder whose latents (or codes) each generator models.
@@ -159,6 +186,8 @@ def judge(bar: Bar, value: float | None, reference: float | None) -> bool | None
         return value >= bar.bound
     if reference is None:
         return None
+    if bar.rule == "min_ratio":
+        return value >= bar.bound * reference
     return value <= bar.bound * reference
 
 
@@ -178,7 +207,7 @@ def model_verdicts(metrics: Mapping[str, Any], model: str) -> list[Verdict]:
     rows = []
     for bar in BARS[model]:
         value = lookup(section, bar.figure)
-        reference = lookup(metrics, bar.reference)
+        reference = lookup(metrics, bar.reference.format(self=model) if bar.reference else None)
         ceiling_key = bar.ceiling.format(ae=AUTOENCODER[model]) if bar.ceiling else None
         rows.append(
             Verdict(

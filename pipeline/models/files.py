@@ -13,12 +13,18 @@ loaded with ``torch.load(weights_only=True)``::
 
 The metadata a kind needs besides ``code_version`` and ``conditioning``:
 
-- ``ae_*``: ``data`` (image_size, n_slices, percentiles, n_train);
+- ``ae_*``: ``data`` (image_size, n_slices, percentiles, n_train), ``tissue_labels`` (the
+  decoder's tissue head was trained on tissue labels, so it can make masks);
 - ``pixelcnn``: ``autoencoder`` (path), ``autoencoder_sha256``, ``num_codes``,
-  ``code_shape`` (h, w), ``n_slices``;
+  ``code_shape`` (h, w), ``n_slices``, ``covariates`` (the schema,
+  :func:`~pipeline.core.labels.schema_to_meta`; absent in z-only files);
 - ``ldm``: ``autoencoder``, ``autoencoder_sha256``, ``scale_factor``, ``latent_shape``
-  (C, h, w), ``latent_source``, ``n_slices``, ``scheduler``;
-- ``zprobe``: ``n_slices``.
+  (C, h, w), ``latent_source``, ``n_slices``, ``scheduler``, ``covariates``;
+- ``zprobe``: ``n_slices``;
+- ``covariate_probe``: ``heads`` (the covariates it predicts), ``age_mean`` and ``age_std``
+  (years; the age head's normalisation), ``n_train``;
+- ``segmenter``: ``classes`` (the tissue class of each output channel), ``trained`` (False:
+  the training split had no tissue labels and the weights are the initial ones).
 
 Files written before ``code_version`` was stored by every kind still load.
 """
@@ -39,14 +45,18 @@ from pipeline.core.config import (
     KINDS,
     AutoencoderConfig,
     ConditioningConfig,
+    CovariateProbeConfig,
     LDMConfig,
     PriorConfig,
+    SegmenterConfig,
     ZProbeConfig,
 )
 from pipeline.core.identity import code_version
+from pipeline.core.labels import Schema, schema_from_meta
 
 if TYPE_CHECKING:
     from pipeline.models.autoencoder import Autoencoder
+    from pipeline.models.probes import CovariateProbe
     from pipeline.models.zprobe import ZProbe
 
 #: Which stage writes each kind (named in errors).
@@ -59,6 +69,8 @@ WRITTEN_BY = {
 #: The ``modules`` key of each kind's network (kept from the first file format).
 MODULE_NAME = {**{f"ae_{k}": "model" for k in KINDS}, "pixelcnn": "prior", "ldm": "unet"}
 MODULE_NAME["zprobe"] = "probe"
+WRITTEN_BY |= {"covariate_probe": "train_probes", "segmenter": "train_probes"}
+MODULE_NAME |= {"covariate_probe": "probe", "segmenter": "segmenter"}
 
 
 @dataclass
@@ -83,6 +95,12 @@ def _conditioning(metadata: dict[str, Any]) -> ConditioningConfig:
     return ConditioningConfig.model_validate(metadata["conditioning"])
 
 
+def model_schema(metadata: dict[str, Any]) -> Schema:
+    """The covariates a second-stage model file conditions on (its ``covariates``
+    metadata); () for a z-only file, including every file from before covariates."""
+    return schema_from_meta(metadata.get("covariates"))
+
+
 # Each builder imports its network's module itself: a stage that loads one kind does not pay
 # for importing the others (the UNet pulls in MONAI, seconds of start-up).
 
@@ -100,7 +118,9 @@ def _build_pixelcnn(kind: str, ckpt: dict[str, Any]) -> tuple[nn.Module, BaseMod
     cfg = PriorConfig.model_validate(ckpt["config"])
     meta = ckpt["metadata"]
     shape = ckpt["modules"]["prior"]["input_codes.codebook"].shape  # filled by the state dict
-    prior = GatedPixelCNN(int(meta["num_codes"]), cfg, _conditioning(meta), torch.zeros(shape))
+    prior = GatedPixelCNN(
+        int(meta["num_codes"]), cfg, _conditioning(meta), torch.zeros(shape), model_schema(meta)
+    )
     return prior, cfg
 
 
@@ -109,7 +129,10 @@ def _build_ldm(kind: str, ckpt: dict[str, Any]) -> tuple[nn.Module, BaseModel]:
 
     cfg = LDMConfig.model_validate(ckpt["config"])
     meta = ckpt["metadata"]
-    return ZConditionedUNet(cfg, _conditioning(meta), int(meta["latent_shape"][0])), cfg
+    unet = ZConditionedUNet(
+        cfg, _conditioning(meta), int(meta["latent_shape"][0]), model_schema(meta)
+    )
+    return unet, cfg
 
 
 def _build_zprobe(kind: str, ckpt: dict[str, Any]) -> tuple[nn.Module, BaseModel]:
@@ -119,12 +142,34 @@ def _build_zprobe(kind: str, ckpt: dict[str, Any]) -> tuple[nn.Module, BaseModel
     return ZProbe(cfg.channels), cfg
 
 
+def _build_covariate_probe(kind: str, ckpt: dict[str, Any]) -> tuple[nn.Module, BaseModel]:
+    from pipeline.models.probes import CovariateProbe
+
+    cfg = CovariateProbeConfig.model_validate(ckpt["config"])
+    meta = ckpt["metadata"]
+    probe = CovariateProbe(
+        cfg.channels,
+        tuple(meta["heads"]),
+        age_mean=float(meta["age_mean"]),
+        age_std=float(meta["age_std"]),
+    )
+    return probe, cfg
+
+
+def _build_segmenter(kind: str, ckpt: dict[str, Any]) -> tuple[nn.Module, BaseModel]:
+    from pipeline.models.probes import tissue_segmenter
+
+    cfg = SegmenterConfig.model_validate(ckpt["config"])
+    return tissue_segmenter(cfg), cfg
+
+
 _BUILDERS: dict[str, Callable[[str, dict[str, Any]], tuple[nn.Module, BaseModel]]] = {
     **{f"ae_{k}": _build_autoencoder for k in KINDS},
     "pixelcnn": _build_pixelcnn,
     "ldm": _build_ldm,
     "zprobe": _build_zprobe,
 }
+_BUILDERS |= {"covariate_probe": _build_covariate_probe, "segmenter": _build_segmenter}
 
 
 def save_model(
@@ -224,3 +269,21 @@ def load_autoencoder(
     """Load ``models/ae_vqvae.pt`` or ``models/ae_vaegan.pt``: (autoencoder, metadata)."""
     loaded = load_model(path, device, tuple(f"ae_{k}" for k in KINDS), "an autoencoder")
     return loaded.network, loaded.metadata  # type: ignore[return-value]
+
+
+def load_covariate_probe(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[CovariateProbe, dict[str, Any]]:
+    """Load ``models/covariate_probe.pt``: (probe in eval mode, metadata with ``heads``,
+    ``age_mean`` and ``age_std``)."""
+    loaded = load_model(path, device, ("covariate_probe",), "a covariate probe")
+    return loaded.network, loaded.metadata  # type: ignore[return-value]
+
+
+def load_segmenter(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load ``models/segmenter.pt``: (segmenter in eval mode, metadata with ``classes`` and
+    ``trained``)."""
+    loaded = load_model(path, device, ("segmenter",), "a tissue segmenter")
+    return loaded.network, loaded.metadata

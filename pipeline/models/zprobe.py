@@ -1,4 +1,5 @@
-"""A small CNN that predicts a slice's normalised axial position z from its pixels."""
+"""A small CNN that predicts a slice's normalised axial position z from its pixels, and the
+conv trunk it shares with the covariate probe (:mod:`pipeline.models.probes`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,33 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import InputError
+
+
+def conv_trunk(channels: tuple[int, ...]) -> nn.Sequential:
+    """The conv stack of the probes: per width, a stride-2 3x3 conv, GroupNorm and SiLU.
+
+    Args:
+        channels: widths of the conv layers; each layer halves the resolution.
+
+    Returns:
+        A module mapping (B, 1, H, W) slices to (B, channels[-1], H / 2^L, W / 2^L) features
+        (L = ``len(channels)``, sizes rounded up).
+
+    Raises:
+        InputError: ``channels`` is empty or holds a width below 1.
+    """
+    if not channels or min(channels) < 1:
+        raise InputError(f"channels must name at least one layer of width >= 1, got {channels}")
+    layers: list[nn.Module] = []
+    c_in = 1
+    for c_out in channels:
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
+            nn.GroupNorm(min(8, c_out), c_out),
+            nn.SiLU(),
+        ]
+        c_in = c_out
+    return nn.Sequential(*layers)
 
 
 class ZProbe(nn.Module):
@@ -19,19 +47,8 @@ class ZProbe(nn.Module):
 
     def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 128)) -> None:
         super().__init__()
-        if not channels:
-            raise InputError("channels must name at least one layer")
-        layers: list[nn.Module] = []
-        c_in = 1
-        for c_out in channels:
-            layers += [
-                nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
-                nn.GroupNorm(min(8, c_out), c_out),
-                nn.SiLU(),
-            ]
-            c_in = c_out
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(c_in, 1)
+        self.features = conv_trunk(channels)
+        self.head = nn.Linear(channels[-1], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predict z.

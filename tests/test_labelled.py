@@ -1,0 +1,233 @@
+"""Labelled synthesis: covariate conditioning (unknown tokens, subsets, guidance), the schema
+in model files, tissue masks decoded with their image, and ``generate``'s labelled requests."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from support import TINY_COND, TINY_LATENT_SHAPE, TINY_LDM, TINY_SCHEMA
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.core.errors import InputError
+from pipeline.core.labels import (
+    Covariate,
+    covariate_codes,
+    covariate_schema,
+    schema_from_meta,
+    schema_to_meta,
+)
+from pipeline.data.manifests import read_manifest
+from pipeline.inference.diffusion import BoundCovariates, guided_output
+from pipeline.inference.generate import generate
+from pipeline.inference.sampling import load_generator, sample_slices
+from pipeline.models.conditioning import Conditioner, drop_covariates
+from pipeline.models.unet import ZConditionedUNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAN = math.nan
+
+
+def _conditioner() -> Conditioner:
+    torch.manual_seed(0)
+    cond = Conditioner(TINY_COND, TINY_SCHEMA, null_token=True)
+    with torch.no_grad():  # distinct unknown tokens (they start at zero)
+        cond.unknown.normal_()  # type: ignore[union-attr]
+        cond.null.normal_()  # type: ignore[union-attr]
+    return cond
+
+
+# --- schema ------------------------------------------------------------------------------
+
+
+def test_schema_from_a_manifest_reads_ranges_categories_and_blanks() -> None:
+    manifest = pd.DataFrame(
+        {"age": [20, 71.5, None], "sex": ["F", "m", "F"], "cdr": [None, 0.5, 1.0]}
+    )
+    schema = covariate_schema(manifest, ["age", "sex", "cdr"])
+    assert schema == (
+        Covariate("age", "continuous", 20.0, 71.5),
+        Covariate("sex", "categorical", categories=("F", "M")),
+        Covariate("cdr", "categorical", categories=("0.5", "1")),
+    )
+    codes = covariate_codes(manifest, schema)
+    np.testing.assert_array_equal(np.isnan(codes), [[0, 0, 1], [0, 0, 0], [1, 0, 0]])
+    assert codes[1].tolist() == [71.5, 1.0, 0.0]
+    assert schema_from_meta(schema_to_meta(schema)) == schema
+    assert schema_from_meta(None) == ()  # a model file from before covariates
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [(["height"], "'height' is not a known covariate"), (["mmse"], "has no 'mmse' value")],
+)
+def test_schema_refuses_unknown_or_absent_covariates(names: list[str], message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        covariate_schema(pd.DataFrame({"age": [30.0], "mmse": [None]}), names)
+
+
+# --- the Conditioner ----------------------------------------------------------------------
+
+
+def test_unknown_token_serves_blanks_dropout_and_omitted_covariates() -> None:
+    cond = _conditioner()
+    z = torch.tensor([0.3, 0.3])
+    blank = torch.full((2, 3), NAN)
+    assert torch.equal(cond(z, covariates=blank), cond(z))  # NaN == not given
+    given = torch.tensor([[70.0, 1.0, 2.0], [70.0, 1.0, 2.0]])
+    dropped = drop_covariates(given, 1.0)
+    assert torch.isnan(dropped).all()
+    assert torch.equal(cond(z, covariates=dropped), cond(z))
+    assert torch.equal(drop_covariates(given, 0.0), given)
+
+
+def test_any_subset_conditions_and_each_covariate_moves_the_embedding() -> None:
+    cond = _conditioner()
+    z = torch.tensor([0.5])
+    full = torch.tensor([[70.0, 1.0, 2.0]])
+    base = cond(z, covariates=full)
+    for j in range(3):
+        subset = full.clone()
+        subset[0, j] = NAN
+        assert not torch.allclose(cond(z, covariates=subset), base)
+    older = full.clone()
+    older[0, 0] = 90.0
+    assert not torch.allclose(cond(z, covariates=older), base)
+    # dropping the whole condition ignores the covariates too
+    drop = torch.tensor([True])
+    assert torch.equal(cond(z, drop, full), cond(z, drop))
+
+
+def test_classifier_free_guidance_on_covariates_is_u_plus_w_c_minus_u() -> None:
+    torch.manual_seed(0)
+    unet = ZConditionedUNet(TINY_LDM, TINY_COND, TINY_LATENT_SHAPE[0], TINY_SCHEMA).eval()
+    x = torch.randn(2, *TINY_LATENT_SHAPE)
+    t = torch.tensor([500, 500])
+    z = torch.tensor([0.2, 0.8])
+    cov = torch.tensor([[60.0, 0.0, NAN], [85.0, 1.0, 2.0]])
+    with torch.no_grad():
+        guided = guided_output(BoundCovariates(unet, cov), x, t, z, 3.0)
+        c = unet(x, t, z, torch.zeros(2, dtype=torch.bool), cov)
+        u = unet(x, t, z, torch.ones(2, dtype=torch.bool), cov)
+    torch.testing.assert_close(guided, u + 3.0 * (c - u), rtol=1e-4, atol=1e-5)
+
+
+# --- model files ----------------------------------------------------------------------------
+
+
+def test_model_files_keep_their_schema_and_old_files_load_on_z_alone(
+    labelled_generators, tiny_generators
+) -> None:
+    for kind in ("ldm", "pixelcnn"):
+        assert load_generator(labelled_generators[kind]).schema == TINY_SCHEMA
+        old = load_generator(tiny_generators[kind])
+        assert old.schema == ()
+        out = sample_slices(old, torch.tensor([0.5]), 0)  # samples on z alone
+        assert out.images.shape == (1, 1, 32, 32) and out.tissue is None
+
+
+@pytest.mark.parametrize("kind", ["ldm", "pixelcnn"])
+def test_masks_come_from_the_same_decoder_pass_as_the_image(labelled_generators, kind) -> None:
+    gm = load_generator(labelled_generators[kind])
+    z = torch.tensor([0.25, 0.75])
+    cov = torch.tensor([[70.0, 1.0, 1.0], [NAN, 0.0, NAN]])
+    with_masks = sample_slices(gm, z, 3, covariates=cov, masks=True, texture=False)
+    plain = sample_slices(gm, z, 3, covariates=cov, texture=False)
+    torch.testing.assert_close(with_masks.images, plain.images)  # masks change no pixel
+    assert with_masks.tissue is not None
+    assert with_masks.tissue.shape == (2, 32, 32) and with_masks.tissue.dtype == torch.int64
+    assert set(with_masks.tissue.unique().tolist()) <= {0, 1, 2, 3}
+
+
+def test_masks_from_a_model_without_a_tissue_head_are_refused(tiny_generators) -> None:
+    gm = load_generator(tiny_generators["ldm"])
+    with pytest.raises(InputError, match="has no masks"):
+        sample_slices(gm, torch.tensor([0.5]), 0, masks=True)
+
+
+# --- generate ----------------------------------------------------------------------------------
+
+
+def test_generate_writes_labels_masks_and_crossed_lists(labelled_generators, tmp_path) -> None:
+    out = tmp_path / "syn"
+    result = generate(
+        labelled_generators["ldm"],
+        "1,2",
+        2,
+        seed=5,
+        out_dir=out,
+        progress=False,
+        device="cpu",
+        covariates={"age": "60:90", "sex": "F,M", "cdr": "1"},
+        masks=True,
+    )
+    rows = read_manifest(result.manifest)  # type: ignore[arg-type]
+    assert result.slices == len(rows) == 2 * 2 * 2  # z levels x sexes x per_z
+    assert {(r["z_index"], r["sex"]) for r in rows} == {(i, s) for i in "12" for s in "FM"}
+    assert all(60 <= float(r["age"]) <= 90 and r["cdr"] == "1" for r in rows)
+    assert {r["mmse"] for r in rows} == {""}  # not a covariate of this model
+    for row in rows:
+        image = np.asarray(Image.open(out / row["file"]))
+        mask = np.asarray(Image.open(out / row["mask_file"]))
+        assert row["mask_file"] == row["file"].replace(".png", "_mask.png")
+        assert mask.shape == image.shape and set(np.unique(mask)) <= {0, 85, 170, 255}
+
+
+def test_spec_and_validate_only(labelled_generators, tmp_path) -> None:
+    spec = tmp_path / "spec.csv"
+    spec.write_text("z,count,cdr,age\n1,3,1,70\n2,2,,\n")
+    out = tmp_path / "syn"
+    checked = generate(
+        labelled_generators["pixelcnn"], seed=0, out_dir=out, spec=spec, validate_only=True,
+        progress=False, device="cpu",
+    )  # fmt: skip
+    assert checked.slices == 5 and checked.manifest is None and not out.exists()
+    result = generate(
+        labelled_generators["pixelcnn"], seed=0, out_dir=out, spec=spec, progress=False,
+        device="cpu",
+    )  # fmt: skip
+    rows = read_manifest(result.manifest)  # type: ignore[arg-type]
+    assert [(r["z_index"], r["cdr"], r["age"]) for r in rows] == [
+        *[("1", "1", "70.0")] * 3,
+        *[("2", "", "")] * 2,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--age", "250"], "age 250 is outside the model's training range (18 to 96)"),
+        (["--cdr", "3"], "cdr '3' is not one the model was trained on (allowed: 0, 0.5, 1"),
+        (["--sex", "X"], "sex 'X' is not a sex code"),
+        (["--covariate", "mmse=28"], "not trained on covariate 'mmse'"),
+        (["--covariate", "mmse"], "expected NAME=VALUE"),
+    ],
+)
+def test_bad_labelled_requests_are_one_line_and_write_nothing(
+    labelled_generators, tmp_path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "syn"
+    result = CliRunner().invoke(
+        app,
+        ["generate", "--checkpoint", str(labelled_generators["ldm"]), "--z", "1", "--out",
+         str(out), "--device", "cpu", *args],
+    )  # fmt: skip
+    assert result.exit_code != 0
+    assert message in result.output and result.output.strip().count("\n") == 0, result.output
+    assert not out.exists()
+
+
+def test_masks_and_covariates_from_an_old_model_say_why(tiny_generators, tmp_path) -> None:
+    runner = CliRunner()
+    base = ["generate", "--checkpoint", str(tiny_generators["ldm"]), "--z", "1", "--out",
+            str(tmp_path / "syn"), "--device", "cpu"]  # fmt: skip
+    masks = runner.invoke(app, [*base, "--masks"])
+    assert masks.exit_code != 0 and "has no masks" in masks.output
+    age = runner.invoke(app, [*base, "--age", "70"])
+    assert age.exit_code != 0 and "covariate 'age'" in age.output
