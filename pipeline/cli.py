@@ -128,6 +128,29 @@ def resolve_model(model: str | None, checkpoint: Path | None) -> Path:
     return MODELS[name]
 
 
+AgeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--age",
+        help="Age in years, within the model's training range. generate: a value (70), a "
+        "list (60,80) or a range (60:90, drawn uniformly per slice); sdedit/inpaint: a value.",
+    ),
+]
+SexOpt = Annotated[str | None, typer.Option("--sex", help="F or M (generate: also F,M).")]
+CdrOpt = Annotated[
+    str | None,
+    typer.Option("--cdr", help="Clinical dementia rating 0, 0.5, 1 or 2 (generate: also a list)."),
+]
+CovariateOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--covariate",
+        help="Another covariate the model conditions on, NAME=VALUE (mmse=28; generate: also "
+        "etiv=1400:1600); repeatable.",
+    ),
+]
+
+
 @app.command()
 def generate(
     z: Annotated[
@@ -183,26 +206,10 @@ def generate(
             "decoder's clean output.",
         ),
     ] = True,
-    age: Annotated[
-        str | None,
-        typer.Option(
-            "--age",
-            help="Age in years: a value (70), a list (60,80) or a range (60:90, drawn "
-            "uniformly per slice); within the model's training range.",
-        ),
-    ] = None,
-    sex: Annotated[str | None, typer.Option("--sex", help="F, M or a list (F,M).")] = None,
-    cdr: Annotated[
-        str | None, typer.Option("--cdr", help="Clinical dementia rating: 0, 0.5, 1, 2 or a list.")
-    ] = None,
-    covariate: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--covariate",
-            help="Another covariate the model conditions on, NAME=VALUE (mmse=28, "
-            "etiv=1400:1600); repeatable.",
-        ),
-    ] = None,
+    age: AgeOpt = None,
+    sex: SexOpt = None,
+    cdr: CdrOpt = None,
+    covariate: CovariateOpt = None,
     spec: Annotated[
         Path | None,
         typer.Option(
@@ -295,6 +302,10 @@ def sdedit(
     guidance: GuidanceOpt = None,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
+    age: AgeOpt = None,
+    sex: SexOpt = None,
+    cdr: CdrOpt = None,
+    covariate: CovariateOpt = None,
 ) -> None:
     """Re-imagine your slice at position z with the latent diffusion model (SDEdit)."""
     from pipeline.inference.edit import sdedit_file
@@ -311,6 +322,7 @@ def sdedit(
             seed=seed,
             device=_choice(device, DEVICES, "--device"),
             overwrite=overwrite,
+            covariates=_covariate_options(age, sex, cdr, covariate or []),
         )
         typer.echo(f"wrote {path}")
 
@@ -332,6 +344,10 @@ def inpaint(
     guidance: GuidanceOpt = None,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
+    age: AgeOpt = None,
+    sex: SexOpt = None,
+    cdr: CdrOpt = None,
+    covariate: CovariateOpt = None,
 ) -> None:
     """Regenerate the masked region of your slice, keeping the rest (latent diffusion)."""
     from pipeline.inference.edit import inpaint_file
@@ -348,6 +364,7 @@ def inpaint(
             seed=seed,
             device=_choice(device, DEVICES, "--device"),
             overwrite=overwrite,
+            covariates=_covariate_options(age, sex, cdr, covariate or []),
         )
         typer.echo(f"wrote {path}")
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.core.errors import InputError
 from pipeline.data.augment import AugmentedDataset
 from pipeline.data.datasets import PreparedDataError, SliceDataset
 from pipeline.inference.generate import generate
@@ -99,3 +100,49 @@ def test_folder_without_pngs_is_refused(tiny_generators, tmp_path) -> None:
     generate(tiny_generators["ldm"], "0", 1, 0, tmp_path / "nii", "nifti", progress=False)
     with pytest.raises(ValueError, match="lists no PNG slices; generate with --format png"):
         AugmentedDataset(_split(tmp_path / "train"), tmp_path / "nii", 0.2)
+
+
+def _labelled_split(root: Path, n: int = 12, size: int = 32) -> Path:
+    """:func:`_split` with covariates and tissue labels (label = column // 8 % 4)."""
+    _split(root, n, size)
+    manifest = pd.read_csv(root / "manifest.csv")
+    manifest["age"] = [70.0] * (n - 1) + [None]
+    manifest["sex"] = ["F", "M"] * (n // 2)
+    manifest["cdr"] = 0.5
+    manifest.to_csv(root / "manifest.csv", index=False)
+    tissue = np.broadcast_to((np.arange(size) // 8 % 4).astype(np.uint8), (n, 1, size, size))
+    np.save(root / "tissue.npy", np.ascontiguousarray(tissue))
+    np.save(root / "masks.npy", (tissue > 0).astype(np.uint8))
+    return root
+
+
+def test_real_and_synthetic_items_carry_the_same_labels(labelled_generators, tmp_path) -> None:
+    out = tmp_path / "syn"
+    generate(
+        labelled_generators["ldm"], "1", 4, 0, out, progress=False, device="cpu",
+        covariates={"age": "80", "sex": "M"}, masks=True,
+    )  # fmt: skip
+    data = AugmentedDataset(_labelled_split(tmp_path / "train"), out, 0.25, require_tissue=True)
+    real, last_real, fake = data[1], data[11], data[12]
+    assert set(real) == set(fake)  # one format for both
+    assert float(real["age"]) == 70 and float(real["sex"]) == 1 and float(real["cdr"]) == 0.5
+    assert np.isnan(float(last_real["age"])) and np.isnan(float(real["mmse"]))
+    assert float(fake["age"]) == 80 and float(fake["sex"]) == 1 and np.isnan(float(fake["cdr"]))
+    assert real["tissue"].dtype == fake["tissue"].dtype == torch.int64
+    assert fake["tissue"].shape == (32, 32) and set(fake["tissue"].unique().tolist()) <= {
+        0,
+        1,
+        2,
+        3,
+    }
+    torch.testing.assert_close(real["tissue"][0, :9], torch.tensor([0] * 8 + [1]))
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=16)))
+    assert batch["tissue"].shape == (16, 32, 32) and batch["age"].shape == (16,)
+
+
+def test_tissue_required_but_missing_is_one_line(labelled_generators, synthetic, tmp_path) -> None:
+    with pytest.raises(InputError, match="has slices without masks"):
+        AugmentedDataset(_labelled_split(tmp_path / "a"), synthetic, 0.25, require_tissue=True)
+    with pytest.raises(InputError, match=r"has no tissue\.npy"):
+        AugmentedDataset(_split(tmp_path / "b"), synthetic, 0.25, require_tissue=True)
+    assert "tissue" not in AugmentedDataset(_split(tmp_path / "c"), synthetic, 0.25)[0]

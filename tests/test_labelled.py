@@ -231,3 +231,24 @@ def test_masks_and_covariates_from_an_old_model_say_why(tiny_generators, tmp_pat
     assert masks.exit_code != 0 and "has no masks" in masks.output
     age = runner.invoke(app, [*base, "--age", "70"])
     assert age.exit_code != 0 and "covariate 'age'" in age.output
+
+
+def test_sdedit_and_inpaint_take_one_value_per_covariate(labelled_generators, tmp_path) -> None:
+    from pipeline.data.slice_files import write_png16
+    from pipeline.inference.edit import inpaint_file, sdedit_file
+
+    slice_path, mask_path = tmp_path / "in.png", tmp_path / "mask.png"
+    image = np.zeros((32, 32), np.float32)
+    image[8:24, 8:24] = 0.6
+    write_png16(image, slice_path)
+    Image.fromarray((image > 0).astype(np.uint8) * 255).save(mask_path)
+    model = labelled_generators["ldm"]
+    kw = {"device": "cpu", "steps": 2}
+    sdedit_file(model, slice_path, tmp_path / "a.png", "1", covariates={"age": "80"}, **kw)
+    inpaint_file(model, slice_path, mask_path, tmp_path / "b.png", "1",
+                 covariates={"sex": "F", "cdr": "0.5"}, **kw)  # fmt: skip
+    assert (tmp_path / "a.png").is_file() and (tmp_path / "b.png").is_file()
+    for bad, message in (({"age": "60:90"}, "one value"), ({"mmse": "28"}, "covariate 'mmse'")):
+        with pytest.raises(InputError, match=message):
+            sdedit_file(model, slice_path, tmp_path / "c.png", "1", covariates=bad, **kw)
+    assert not (tmp_path / "c.png").exists()

@@ -16,7 +16,7 @@ from pipeline.core import tracking
 from pipeline.core.figures import save_png
 from pipeline.core.io import write_json
 from pipeline.core.tracking import StageRun
-from pipeline.evaluation.report import ReportPaths, build_report, write_report
+from pipeline.evaluation.report import ReportPaths, build_report, labels_html, write_report
 from pipeline.training.ldm import save_gif
 
 CHROMIUM = next(
@@ -183,3 +183,21 @@ def test_training_curves_and_run_ids_come_from_mlflow(
     if CHROMIUM is not None:
         result = _render(paths.out, tmp_path)
         assert result["errors"] == [] and all(w > 0 for _, w, _ in result["images"])
+
+
+def test_label_tables_show_real_matched_and_shuffled_beside_each_other() -> None:
+    labels = {
+        "covariates": ["age", "cdr"],
+        "real": {"age_mae": 9.5, "cdr_auc": 0.8},
+        "matched": {"age_mae": 11.25, "cdr_auc": 0.7},
+        "shuffled": {"age_mae": 17.75, "cdr_auc": 0.5},
+        "mask_dice": {"dice_mean": 0.61},
+        "real_mask_dice": {"dice_mean": 0.78},
+        "skipped": {"sex_auc": "only one class"},
+    }
+    page = labels_html({"ldm": {"labels": labels}})
+    assert "conditions on age, cdr" in page and "shuffled control" in page
+    age_row = page[page.index("probe MAE") : page.index("</tr>", page.index("probe MAE"))]
+    assert [v in age_row for v in ("9.5", "11.25", "17.75")] == [True] * 3
+    assert "0.61" in page and "0.78" in page and "not measured: sex_auc: only one class" in page
+    assert "labels in reports/metrics.json" in labels_html({"ldm": {"fd_alex": 1.0}})

@@ -61,6 +61,25 @@ def _blank(value: object) -> bool:
     return isinstance(value, str) and value.strip().lower() in UNKNOWN_WORDS
 
 
+def label_value(name: str, value: object) -> float:
+    """A covariate cell as one number for a downstream task: the value itself, sex as 1.0 for
+    M and 0.0 for F, NaN where blank or unreadable (no schema needed).
+
+    Args:
+        name: covariate name (a key of :data:`KNOWN_COVARIATES`).
+        value: a manifest cell.
+    """
+    if _blank(value):
+        return math.nan
+    if name == "sex":
+        code = SEX_CODES.get(str(value).strip().lower())
+        return math.nan if code is None else float(code == "M")
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        return math.nan
+
+
 def _category_name(name: str, value: object) -> str:
     """Canonical category string: ``F``/``M`` for sex, ``0``/``0.5``/``1``/``2`` for CDR."""
     text = str(value).strip()

@@ -11,6 +11,12 @@ folder's ``manifest.csv`` (written by ``braingen generate``) are drawn without r
 that they make up ``synthetic_ratio`` of the items. They are read by
 :func:`data_prep.images.read_slice`, the reader of ``sdedit``/``inpaint``: braingen's own
 16-bit PNGs come back as written, in [0, 1].
+
+Real and synthetic items carry the same labels in one format: z, every covariate of
+:data:`pipeline.core.labels.KNOWN_COVARIATES` (from the prepared manifest for real slices,
+from the generate manifest for synthetic ones: the value it was generated with; NaN where
+unknown or unconditioned) and, when both sides have them, the tissue labels (``tissue.npy``
+for real slices, the ``mask_file`` written by ``generate --masks`` for synthetic ones).
 """
 
 from __future__ import annotations
@@ -19,13 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from data_prep.files import file_kind
 from data_prep.images import read_slice
 from pipeline.core.errors import InputError
+from pipeline.core.labels import KNOWN_COVARIATES, label_value
 from pipeline.data.datasets import SliceDataset
 from pipeline.data.manifests import MANIFEST, read_manifest
+from pipeline.data.slice_files import LABEL_PNG_STEP
 
 
 class AugmentedDataset(Dataset):
@@ -35,7 +44,11 @@ class AugmentedDataset(Dataset):
 
     * ``image``: (1, H, W) float32 intensities in [0, 1];
     * ``z``: float32 scalar tensor, slice position in [0, 1];
-    * ``is_synthetic``: bool scalar tensor.
+    * ``is_synthetic``: bool scalar tensor;
+    * one float32 scalar tensor per covariate name (``age`` in years, ``sex`` 1 = M,
+      0 = F, ``cdr``, ``mmse``, ...): NaN where unknown or unconditioned;
+    * ``tissue``: (H, W) int64 labels 0..3 (background, CSF, GM, WM), only when
+      :attr:`has_tissue`.
 
     Items ``0 .. n_real-1`` are the real slices in split order, the rest the drawn synthetic
     slices (shuffle with the DataLoader).
@@ -47,6 +60,8 @@ class AugmentedDataset(Dataset):
         synthetic_ratio: fraction of all items that are synthetic, in [0, 1):
             ``n_synthetic = round(n_real * r / (1 - r))``.
         seed: seeds which synthetic slices are drawn.
+        require_tissue: refuse (one line) unless real and synthetic slices all have tissue
+            labels (a segmentation task); otherwise items simply lack ``tissue``.
 
     Raises:
         PreparedDataError: the real split is missing or inconsistent.
@@ -62,6 +77,7 @@ class AugmentedDataset(Dataset):
         synthetic_dir: str | Path,
         synthetic_ratio: float,
         seed: int = 0,
+        require_tissue: bool = False,
     ) -> None:
         if not 0.0 <= synthetic_ratio < 1.0:
             raise InputError(f"synthetic_ratio must be in [0, 1), got {synthetic_ratio}")
@@ -79,9 +95,29 @@ class AugmentedDataset(Dataset):
         picks = np.random.default_rng(seed).choice(len(pool), n_synthetic, replace=False)
         self.synthetic = [pool[i] for i in np.sort(picks)]
         self._check_size()
+        self._real_labels = {
+            name: np.asarray(
+                [
+                    label_value(name, v)
+                    for v in self.real.manifest.get(name, [None] * len(self.real))
+                ],
+                dtype=np.float32,
+            )
+            for name in KNOWN_COVARIATES
+        }
+        synthetic_masks = all(row["mask_file"] for _, row in self.synthetic)
+        #: True when every item carries ``tissue`` (real tissue.npy and synthetic masks).
+        self.has_tissue = self.real.has_tissue and synthetic_masks
+        if require_tissue and not self.has_tissue:
+            why = (
+                f"{self.real.split_dir} has no tissue.npy (the cohort has no tissue segmentations)"
+                if not self.real.has_tissue
+                else f"{self.synthetic_dir} has slices without masks (generate with --masks)"
+            )
+            raise InputError(f"tissue labels needed but {why}")
 
-    def _synthetic_pool(self) -> list[tuple[Path, float]]:
-        """(PNG path, z) of every generated slice listed in the manifest."""
+    def _synthetic_pool(self) -> list[tuple[Path, dict[str, str]]]:
+        """(PNG path, manifest row) of every generated slice listed in the manifest."""
         manifest = self.synthetic_dir / MANIFEST
         if not manifest.is_file():
             raise FileNotFoundError(
@@ -97,7 +133,10 @@ class AugmentedDataset(Dataset):
             path = self.synthetic_dir / row["file"]
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is listed in {manifest} but missing")
-            pool.append((path, float(row["z"])))
+            mask = row["mask_file"]
+            if mask and (Path(mask).name != mask or not (self.synthetic_dir / mask).is_file()):
+                raise FileNotFoundError(f"{manifest}: mask {mask!r} of {row['file']} is missing")
+            pool.append((path, row))
         if not pool:
             raise InputError(f"{manifest} lists no PNG slices; generate with --format png or both")
         return pool
@@ -123,11 +162,21 @@ class AugmentedDataset(Dataset):
         index %= len(self)
         if index < len(self.real):
             item = self.real[index]
-            return {"image": item["image"], "z": item["z"], "is_synthetic": torch.tensor(False)}
-        path, z = self.synthetic[index - len(self.real)]
-        image = torch.from_numpy(read_slice(path)[None])
-        return {
-            "image": image,
-            "z": torch.tensor(z, dtype=torch.float32),
+            out = {"image": item["image"], "z": item["z"], "is_synthetic": torch.tensor(False)}
+            out |= {n: torch.tensor(v[index]) for n, v in self._real_labels.items()}
+            if self.has_tissue:
+                out["tissue"] = item["tissue"]
+            return out
+        path, row = self.synthetic[index - len(self.real)]
+        out = {
+            "image": torch.from_numpy(read_slice(path)[None]),
+            "z": torch.tensor(float(row["z"]), dtype=torch.float32),
             "is_synthetic": torch.tensor(True),
         }
+        out |= {
+            n: torch.tensor(label_value(n, row[n]), dtype=torch.float32) for n in KNOWN_COVARIATES
+        }
+        if self.has_tissue:
+            grey = np.asarray(Image.open(self.synthetic_dir / row["mask_file"]), dtype=np.int64)
+            out["tissue"] = torch.from_numpy(grey // LABEL_PNG_STEP)
+        return out

@@ -35,7 +35,9 @@ Beside the figures every section records ``n_samples``, ``seed`` and the sha256 
 file(s) it measured. Per-z curves go to ``reports/per_z/<metric>.csv`` (a DVC plot, column
 ``z_index`` plus one column per section) and to ``reports/eval_per_z.png``; the judges' AUC
 over training steps to ``reports/c2st_strength.png``; each generator's closest sample/training
-pairs to ``reports/novelty_<generator>.png``.
+pairs to ``reports/novelty_<generator>.png``; real slices with their tissue maps above the
+slices generated at their z and covariates with the generated masks to
+``reports/labelled_<generator>.png``.
 """
 
 from __future__ import annotations
@@ -589,7 +591,7 @@ def evaluate(
     covariate_probe, segmenter = _label_probes(paths.models, device)
     test_manifest = SliceDataset(paths.test).manifest
     for name in GENERATORS:
-        metrics[name]["labels"] = label_fidelity(
+        metrics[name]["labels"], pairs = label_fidelity(
             load_generator(paths.models / f"{name}.pt", device),
             real,
             test_manifest,
@@ -598,6 +600,7 @@ def evaluate(
             n=cfg.label_samples,
             seed=seed + 2,
         )
+        save_png(pairs, paths.reports / f"labelled_{name}.png")
         logger.info("%s label fidelity: %s", name, fidelity_summary(metrics[name]["labels"]))
     for kind in params.autoencoder.kinds:
         section = f"ae_{kind}"

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from pipeline.core.figures import grid
 from pipeline.core.labels import covariate_codes
 from pipeline.data.datasets import EvalData
 from pipeline.inference.sampling import GeneratorModel, sample_slices
@@ -58,7 +59,7 @@ def label_fidelity(
     segmenter: nn.Module | None,
     n: int,
     seed: int,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], np.ndarray]:
     """Probe scores of real, matched and shuffled slices, and mask agreement.
 
     Args:
@@ -71,6 +72,7 @@ def label_fidelity(
         seed: sampling seed (the shuffled control uses ``seed + SHUFFLE_SEED_OFFSET``).
 
     Returns:
+        The report and :func:`pairs_figure` of the matched slices. The report:
         ``covariates`` (the conditioned names), ``n``; with a probe and covariates:
         ``real``, ``matched``, ``shuffled`` (each :func:`score_covariates`' report);
         with masks: ``mask_dice`` (segmenter on generated images vs generated masks) and
@@ -115,7 +117,42 @@ def label_fidelity(
             else "no segmenter (run train_probes) or no tissue labels in the test split"
         )  # fmt: skip
     report["skipped"] = skipped
-    return report
+    return report, pairs_figure(test, idx, matched.images, matched.tissue)
+
+
+#: Columns (test slices, evenly over z) of :func:`pairs_figure`.
+FIGURE_COLUMNS = 8
+
+
+def pairs_figure(
+    test: EvalData,
+    idx: torch.Tensor,
+    images: torch.Tensor,
+    tissue: torch.Tensor | None,
+    columns: int = FIGURE_COLUMNS,
+) -> np.ndarray:
+    """Real slices with their tissue maps above generated slices (same z and covariates)
+    with their generated masks, at full size: one column per test slice.
+
+    Args:
+        test: the real test split.
+        idx: (n,) the test slices the generator matched.
+        images: (n, 1, H, W) the matched synthetic slices.
+        tissue: (n, H, W) their generated masks, or None (that row is left out).
+        columns: test slices shown, evenly over ``idx``.
+
+    Returns:
+        (H', W') array in [0, 1]: rows real, real tissue (if any), synthetic, synthetic mask
+        (if any); tissue labels 0..3 shown as grey levels 0, 1/3, 2/3, 1.
+    """
+    picks = torch.linspace(0, len(idx) - 1, min(columns, len(idx))).round().long()
+    rows = [test.image[idx[picks]]]
+    if test.tissue is not None:
+        rows.append(test.tissue[idx[picks]][:, None].float() / 3)
+    rows.append(images[picks])
+    if tissue is not None:
+        rows.append(tissue[picks][:, None].float() / 3)
+    return grid(torch.cat(rows), ncol=len(picks))
 
 
 def fidelity_summary(report: dict[str, Any]) -> dict[str, float]:

@@ -46,6 +46,13 @@ STAGE_REPORTS = (
     ("PixelCNN prior", "prior.json"),
     ("latent diffusion", "ldm.json"),
     ("z-probe", "zprobe.json"),
+    ("label probes", "probes.json"),
+)
+#: Rows of the label tables: (label, key in a ``labels`` arm, better when higher).
+LABEL_ROWS = (
+    ("age from the image, probe MAE (years)", "age_mae"),
+    ("CDR > 0 from the image, probe AUC", "cdr_auc"),
+    ("sex from the image, probe AUC", "sex_auc"),
 )
 #: Column order of the evaluation table (sections of ``reports/metrics.json``).
 SECTIONS = ("real", "blurred_real", "ldm", "pixelcnn", "ae_vqvae", "ae_vaegan")
@@ -366,6 +373,33 @@ def mlflow_sections(tracking_uri: str) -> tuple[str, str]:
     return "".join(curves) or missing("training runs in MLflow"), runs_html
 
 
+def labels_html(metrics: Mapping[str, Any]) -> str:
+    """One table per generator: the label probes on real test slices, on slices generated at
+    their z and covariates, and on the shuffled-covariate control; and mask Dice."""
+    parts = []
+    for model in ("ldm", "pixelcnn"):
+        section = metrics.get(model) if isinstance(metrics, Mapping) else None
+        labels = section.get("labels") if isinstance(section, Mapping) else None
+        if not isinstance(labels, Mapping):
+            continue
+        rows = [
+            (label, *(labels.get(arm, {}).get(key) for arm in ("real", "matched", "shuffled")))
+            for label, key in LABEL_ROWS
+        ]
+        if "mask_dice" in labels:
+            real_dice = labels.get("real_mask_dice", {}).get("dice_mean")
+            dice = labels["mask_dice"].get("dice_mean")
+            rows.append(("mask Dice, segmenter vs mask (CSF/GM/WM mean)", real_dice, dice, None))
+        skipped = "; ".join(f"{k}: {v}" for k, v in labels.get("skipped", {}).items())
+        parts.append(
+            f"<h3>{html.escape(model)} (conditions on "
+            f"{html.escape(', '.join(labels.get('covariates', [])) or 'z only')})</h3>"
+            + table_html(["label", "real slices", "matched synthetic", "shuffled control"], rows)
+            + (f"<p class='note'>not measured: {html.escape(skipped)}</p>" if skipped else "")
+        )
+    return "".join(parts) or missing("labels in reports/metrics.json")
+
+
 def build_report(paths: ReportPaths, *, tracking_uri: str, stand_in: bool) -> str:
     """The whole page.
 
@@ -419,6 +453,24 @@ def build_report(paths: ReportPaths, *, tracking_uri: str, stand_in: bool) -> st
         figure_html(
             r / "novelty_pixelcnn.png", "PixelCNN: samples nearest a training slice, beside it"
         ),
+        "</div>",
+        "<h2>Labels: are covariates and masks obeyed?</h2>",
+        "<p>Independent probes trained on real training slices read age, CDR &gt; 0 and sex "
+        "off real test slices (the floor), off slices generated at those slices' own z and "
+        "covariates (matched), and off slices generated with the covariates shuffled across "
+        "slices (a generator that ignores its covariates scores the same there); scored "
+        "against the real labels. Mask Dice: the tissue segmenter's map of each generated "
+        "image against the mask generated with it; the real row is the segmenter against the "
+        "true tissue of real slices.</p>",
+        labels_html(metrics),
+        "<div class='row'>",
+        figure_html(
+            r / "labelled_ldm.png",
+            "latent diffusion: real slices and tissue (top two rows), generated at the same "
+            "z and covariates with their masks (bottom two)",
+        ),
+        figure_html(r / "labelled_pixelcnn.png", "PixelCNN: the same"),
+        figure_html(r / "probes.png", "label probes on the real test split"),
         "</div>",
         "<details><summary>Every evaluation figure</summary>",
         "<p><code>fd_alex</code> is a Fréchet distance on AlexNet (LPIPS trunk) features, not "

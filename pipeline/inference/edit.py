@@ -11,20 +11,22 @@ model's resolution.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from data_prep.files import file_kind
 from data_prep.volume import square_resize
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
 from pipeline.data.slice_files import OutputExistsError, publish, read_mask, read_slice, write_png16
-from pipeline.inference.diffusion import build_scheduler, inpaint, sdedit
-from pipeline.inference.requests import parse_z
+from pipeline.inference.diffusion import BoundCovariates, build_scheduler, inpaint, sdedit
+from pipeline.inference.requests import parse_z, single_codes
 from pipeline.inference.sampling import GeneratorModel, SamplingSettings, load_generator
 
 
@@ -38,6 +40,8 @@ class _Input:
         z: (1,) target position in [0, 1].
         latent: (1, C, h, w) scaled latent of ``image``.
         shape: (H, W) of the original file (masks must match it).
+        network: the UNet, with the requested covariates bound
+            (:class:`~pipeline.inference.diffusion.BoundCovariates`) for a covariate model.
     """
 
     gm: GeneratorModel
@@ -45,6 +49,7 @@ class _Input:
     z: torch.Tensor
     latent: torch.Tensor
     shape: tuple[int, int]
+    network: nn.Module
 
 
 def _check_output(out_path: Path, overwrite: bool) -> None:
@@ -55,8 +60,15 @@ def _check_output(out_path: Path, overwrite: bool) -> None:
 
 
 @torch.no_grad()
-def _load(model_path: Path, image_path: Path, z: str, device: str | torch.device) -> _Input:
-    """Load the ldm model and the input slice, resize it and encode it."""
+def _load(
+    model_path: Path,
+    image_path: Path,
+    z: str,
+    device: str | torch.device,
+    covariates: Mapping[str, str | None] | None,
+) -> _Input:
+    """Load the ldm model and the input slice, resize it and encode it; bind the
+    covariates (one value each, checked against the model's schema before any work)."""
     gm = load_generator(model_path, resolve_device(device) if isinstance(device, str) else device)
     if gm.kind != "ldm":
         raise InputError(
@@ -66,13 +78,17 @@ def _load(model_path: Path, image_path: Path, z: str, device: str | torch.device
     levels = parse_z(z, gm.n_slices)
     if len(levels) != 1:
         raise InputError(f"--z {z}: give exactly one slice position, got {len(levels)}")
+    codes = single_codes(gm.schema, covariates or {})
+    network = gm.network
+    if gm.schema:
+        network = BoundCovariates(gm.network, torch.tensor([codes], device=gm.device))
     raw = read_slice(image_path)
     size = gm.latent_shape[-1] * gm.codec.autoencoder.downsample_factor
     resized = np.clip(square_resize(raw[None], size, nearest=False), 0.0, 1.0)
     image = torch.from_numpy(resized[None]).float().to(gm.device)
     zt = torch.tensor([levels[0].z], device=gm.device)
     latent = gm.codec.encode_stage_2_inputs(image, zt)
-    return _Input(gm, image, zt, latent, (int(raw.shape[0]), int(raw.shape[1])))
+    return _Input(gm, image, zt, latent, (int(raw.shape[0]), int(raw.shape[1])), network)
 
 
 def _ddim_settings(
@@ -101,6 +117,7 @@ def sdedit_file(
     seed: int = 0,
     device: str | torch.device = "auto",
     overwrite: bool = False,
+    covariates: Mapping[str, str | None] | None = None,
 ) -> Path:
     """Re-imagine a slice at position ``z`` (SDEdit, Meng et al. 2022).
 
@@ -116,6 +133,8 @@ def sdedit_file(
         seed: seeds the added noise.
         device: ``auto``, ``cpu`` or ``cuda``.
         overwrite: replace an existing output.
+        covariates: one value per covariate to condition on (``{"age": "80"}``); others
+            unconditioned.
 
     Returns:
         ``out_path``.
@@ -130,12 +149,12 @@ def sdedit_file(
     _check_output(out_path, overwrite)
     if not 0.0 <= strength <= 1.0:
         raise InputError(f"strength must be in [0, 1], got {strength}")
-    inp = _load(Path(model_path), Path(image_path), z, device)
+    inp = _load(Path(model_path), Path(image_path), z, device, covariates)
     gm = inp.gm
     s = _ddim_settings(gm, steps, guidance)
     gen = torch.Generator(device=gm.device).manual_seed(seed)
     scheduler = build_scheduler(gm.schedule, "ddim")
-    latent = sdedit(gm.network, scheduler, inp.latent, inp.z, strength, s.steps, s.guidance, gen)
+    latent = sdedit(inp.network, scheduler, inp.latent, inp.z, strength, s.steps, s.guidance, gen)
     return _save(gm.codec.decode_stage_2_outputs(latent, inp.z), out_path, overwrite)
 
 
@@ -151,6 +170,7 @@ def inpaint_file(
     seed: int = 0,
     device: str | torch.device = "auto",
     overwrite: bool = False,
+    covariates: Mapping[str, str | None] | None = None,
 ) -> Path:
     """Regenerate the masked region of a slice, keeping the rest (RePaint-style).
 
@@ -170,6 +190,7 @@ def inpaint_file(
         seed: seeds the generated region.
         device: ``auto``, ``cpu`` or ``cuda``.
         overwrite: replace an existing output.
+        covariates: one value per covariate to condition on; others unconditioned.
 
     Returns:
         ``out_path``.
@@ -184,7 +205,7 @@ def inpaint_file(
     out_path = Path(out_path)
     _check_output(out_path, overwrite)
     mask_raw = read_mask(mask_path)
-    inp = _load(Path(model_path), Path(image_path), z, device)
+    inp = _load(Path(model_path), Path(image_path), z, device, covariates)
     if mask_raw.shape != inp.shape:
         raise InputError(
             f"mask {mask_path} is {mask_raw.shape[0]}x{mask_raw.shape[1]} but the image "
@@ -200,7 +221,7 @@ def inpaint_file(
     gen = torch.Generator(device=gm.device).manual_seed(seed)
     scheduler = build_scheduler(gm.schedule, "ddim")
     latent = inpaint(
-        gm.network, scheduler, inp.latent, latent_mask, inp.z, s.steps, s.guidance, gen
+        inp.network, scheduler, inp.latent, latent_mask, inp.z, s.steps, s.guidance, gen
     )
     decoded = gm.codec.decode_stage_2_outputs(latent, inp.z)
     return _save(mask * decoded + (1 - mask) * inp.image, out_path, overwrite)

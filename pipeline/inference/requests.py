@@ -518,3 +518,22 @@ def read_spec(
 def total_slices(requests: Iterable[SliceRequest]) -> int:
     """The number of slices the requests ask for."""
     return sum(request.count for request in requests)
+
+
+def single_codes(schema: Schema, options: Mapping[str, str | None]) -> list[float]:
+    """Codes of one fixed value per named covariate (``sdedit``/``inpaint``), NaN for the
+    others: ``{"age": "70", "sex": "F"}`` → ``[70.0, 0.0, nan]`` for an (age, sex, cdr) schema.
+
+    Raises:
+        InputError: a covariate the model lacks, or a value that is not one allowed single
+            value (lists and ranges are for ``generate``).
+    """
+    values: dict[str, Any] = {}
+    for raw_name, text in options.items():
+        if text is None:
+            continue
+        cov = _schema_covariate(_option_name(raw_name), schema)
+        if "," in text or (":" in text and cov.kind == "continuous"):
+            raise InputError(f"{cov.name} {text!r}: give one value here, not a list or range")
+        values[cov.name] = cov.canonical(text)
+    return [cov.code(values.get(cov.name)) for cov in schema]
