@@ -127,11 +127,21 @@ def missing(what: str) -> str:
     return f'<p class="missing">not produced: {html.escape(what)}</p>'
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """Encode a (H, W) or (H, W, 3) array (values in [0, 1], or uint8) as PNG."""
-    arr = np.asarray(image)
+def png_bytes(image: np.ndarray | Image.Image) -> bytes:
+    """Encode an image compactly as PNG for embedding: greyscale as 8-bit grey, colour
+    (plots) as a 256-colour palette (lossless for plots with fewer colours), zlib-optimised.
+
+    Args:
+        image: a (H, W) or (H, W, 3) array (values in [0, 1], or uint8), or a PIL image.
+    """
+    if not isinstance(image, Image.Image):
+        arr = np.asarray(image)
+        image = Image.fromarray(arr if arr.dtype == np.uint8 else to_uint8_image(arr))
+    rgb = np.asarray(image.convert("RGB"))
+    grey = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+    compact = image.convert("L") if grey else image.convert("RGB").quantize(256)
     buf = io.BytesIO()
-    Image.fromarray(arr if arr.dtype == np.uint8 else to_uint8_image(arr)).save(buf, "PNG")
+    compact.save(buf, "PNG", optimize=True)
     return buf.getvalue()
 
 
@@ -150,9 +160,12 @@ def figure_html(source: Path | np.ndarray | None, caption: str) -> str:
     """
     if source is None or (isinstance(source, Path) and not source.is_file()):
         return missing(f"{caption} ({source})" if isinstance(source, Path) else caption)
-    if isinstance(source, Path):
-        data, mime = source.read_bytes(), "image/gif" if source.suffix == ".gif" else "image/png"
+    if isinstance(source, Path) and source.suffix == ".gif":
+        data, mime = source.read_bytes(), "image/gif"
         width = Image.open(io.BytesIO(data)).width
+    elif isinstance(source, Path):
+        with Image.open(source) as image:
+            data, mime, width = png_bytes(image), "image/png", image.width
     else:
         data, mime, width = png_bytes(source), "image/png", np.asarray(source).shape[1]
     uri = f"data:{mime};base64,{base64.b64encode(data).decode()}"
