@@ -133,7 +133,8 @@ AgeOpt = Annotated[
     typer.Option(
         "--age",
         help="Age in years, within the model's training range. generate: a value (70), a "
-        "list (60,80) or a range (60:90, drawn uniformly per slice); sdedit/inpaint: a value.",
+        "list (60,80), a range (60:90, drawn uniformly per slice) or 'match' (drawn from the "
+        "training subjects that agree with the other values); sdedit/inpaint: a value.",
     ),
 ]
 SexOpt = Annotated[str | None, typer.Option("--sex", help="F or M (generate: also F,M).")]

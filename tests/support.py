@@ -113,6 +113,7 @@ def save_tiny_ldm(
     unet = ZConditionedUNet(config, TINY_COND, TINY_LATENT_SHAPE[0], schema)
     meta = {
         "covariates": schema_to_meta(schema),
+        "covariate_reference": TINY_REFERENCE if schema else [],
         "autoencoder": str(autoencoder),
         "autoencoder_sha256": file_sha256(autoencoder),
         "scale_factor": scale_factor,
@@ -146,6 +147,7 @@ def save_tiny_pixelcnn(
         "code_shape": list(TINY_LATENT_SHAPE[1:]),
         "n_slices": n_slices,
         "covariates": schema_to_meta(schema),
+        "covariate_reference": TINY_REFERENCE if schema else [],
     }
     prior = GatedPixelCNN(16, config, TINY_COND, schema=schema)
     save_model(path, "pixelcnn", prior, config, meta, TINY_COND)
@@ -178,6 +180,15 @@ TINY_SCHEMA: Schema = (
     Covariate("sex", "categorical", categories=("F", "M")),
     Covariate("cdr", "categorical", categories=("0", "0.5", "1")),
 )
+
+
+#: Training subjects of the labelled tiny generators (what ``match`` draws from).
+TINY_REFERENCE: list[dict[str, Any]] = [
+    {"age": 25.0, "sex": "F", "cdr": None},
+    {"age": 71.0, "sex": "M", "cdr": "0"},
+    {"age": 78.0, "sex": "F", "cdr": "1"},
+    {"age": 84.0, "sex": "M", "cdr": "1"},
+]
 
 
 def write_labelled_generators(root: Path, n_slices: int = 4) -> dict[str, Path]:

@@ -252,3 +252,19 @@ def test_sdedit_and_inpaint_take_one_value_per_covariate(labelled_generators, tm
         with pytest.raises(InputError, match=message):
             sdedit_file(model, slice_path, tmp_path / "c.png", "1", covariates=bad, **kw)
     assert not (tmp_path / "c.png").exists()
+
+
+def test_match_draws_covariates_from_agreeing_training_subjects(labelled_generators, tmp_path):
+    result = generate(
+        labelled_generators["pixelcnn"], "1,2", 6, seed=0, out_dir=tmp_path / "syn",
+        progress=False, device="cpu", covariates={"cdr": "1", "age": "match", "sex": "match"},
+    )  # fmt: skip
+    rows = read_manifest(result.manifest)  # type: ignore[arg-type]
+    pairs = {(float(r["age"]), r["sex"]) for r in rows}
+    assert pairs <= {(78.0, "F"), (84.0, "M")} and len(pairs) == 2  # jointly, CDR-1 subjects
+    assert {r["cdr"] for r in rows} == {"1"}
+    with pytest.raises(InputError, match="no training subject with sex F, cdr 0 has a known age"):
+        generate(
+            labelled_generators["pixelcnn"], "1", 1, out_dir=tmp_path / "none", progress=False,
+            device="cpu", covariates={"sex": "F", "cdr": "0", "age": "match"},
+        )  # fmt: skip

@@ -38,7 +38,7 @@ from pipeline.core.checkpoint import CheckpointError, load_checkpoint
 from pipeline.core.config import PrepareConfig
 from pipeline.data.datasets import PreparedDataError, SliceDataset
 
-ARRAYS = ("slices.npy", "masks.npy")
+ARRAYS = ("slices.npy", "masks.npy", "tissue.npy")
 SPLIT_FILES = (*ARRAYS, "manifest.csv")
 #: Kill points tried and survived, by test (read by the report; see the module docstring).
 KILLS: dict[str, list[str]] = {}
@@ -62,7 +62,8 @@ class _Killed(BaseException):
 
 
 def _split_state(prepared: Path) -> dict[str, dict[str, bytes] | None]:
-    """Per split, the bytes of its three files if its manifest exists, else None."""
+    """Per split, the bytes of its files (b"" for an absent one) if its manifest exists,
+    else None."""
     out: dict[str, dict[str, bytes] | None] = {}
     for split in SPLITS:
         folder = prepared / split
@@ -310,7 +311,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Ha
             reply = harness.ok(*argv)
             reference[argv[0]] = {
                 "seconds": reply["seconds"],
-                "files": {f: (dest / f).read_bytes() for f in outputs},
+                "files": {
+                    f: (dest / f).read_bytes() if (dest / f).exists() else b"" for f in outputs
+                },
             }
         yield dest, harness, reference
     finally:
@@ -504,7 +507,10 @@ def test_killed_prepare_stage_leaves_nothing_half_written(project) -> None:
 
 
 def _restore(root: Path, files: dict[str, bytes]) -> None:
-    """Put reference output bytes back in place."""
+    """Put reference output bytes back in place (b"": the file did not exist)."""
     for rel, blob in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(blob)
+        if blob:
+            (root / rel).write_bytes(blob)
+        else:
+            (root / rel).unlink(missing_ok=True)

@@ -294,3 +294,11 @@ def test_every_spec_row_is_checked_before_returning(tmp_path: Path) -> None:
 
 def test_a_missing_spec_file_is_one_line(tmp_path: Path) -> None:
     _one_line_error(read_spec, tmp_path / "none.csv", SCHEMA, K, match="cannot read the spec")
+
+
+def test_match_without_a_reference_says_why() -> None:
+    schema = (Covariate("age", "continuous", 18.0, 96.0),)
+    with pytest.raises(InputError, match="records no training covariates to match"):
+        build_requests(schema, 4, "1", 2, {"age": "match"}, seed=0)
+    drawn = build_requests(schema, 4, "1", 3, {"age": "match"}, 0, [{"age": 40.0}, {"age": None}])
+    assert [r.covariates["age"] for r in drawn] == [40.0] * 3  # unknown ages are never drawn

@@ -252,3 +252,31 @@ def schema_from_meta(meta: Iterable[Mapping[str, Any]] | None) -> Schema:
         )
         for m in (meta or ())
     )
+
+
+def covariate_reference(manifest: pd.DataFrame, schema: Schema) -> list[dict[str, Any]]:
+    """The training subjects' covariates, one row per subject (no ids): what ``match``
+    requests draw from (``generate --age match --cdr 1``: ages of the CDR-1 training
+    subjects). Stored in second-stage model files as ``covariate_reference``.
+
+    Args:
+        manifest: the training manifest (one row per slice; ``subject`` column if present,
+            else every row counts).
+        schema: the covariates to keep (canonical values; None where unknown or outside it).
+
+    Returns:
+        Rows ``{name: value}`` in subject order.
+    """
+    if not schema:
+        return []
+    rows = manifest.drop_duplicates("subject") if "subject" in manifest.columns else manifest
+    out = []
+    for _, row in rows.iterrows():
+        values: dict[str, Any] = {}
+        for cov in schema:
+            try:
+                values[cov.name] = cov.canonical(row.get(cov.name))
+            except InputError:
+                values[cov.name] = None
+        out.append(values)
+    return out

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from pipeline.core.errors import InputError
 from pipeline.core.identity import file_sha256
-from pipeline.core.labels import Schema, covariate_codes, covariate_schema
+from pipeline.core.labels import Schema, covariate_codes, covariate_reference, covariate_schema
 
 SPLITS = ("train", "val", "test")
 
@@ -73,17 +73,22 @@ def latents_identity(latents_dir: str | Path) -> dict[str, Any]:
     return {"autoencoder_sha256": meta["autoencoder_sha256"], "scale_factor": meta["scale_factor"]}
 
 
-def training_schema(split_dir: str | Path, names: tuple[str, ...]) -> Schema:
-    """The covariate schema a second stage trains with: ``names`` as found in the manifest
-    of its training split (ranges and categories of the training subjects).
+def training_covariates(
+    split_dir: str | Path, names: tuple[str, ...]
+) -> tuple[Schema, list[dict[str, Any]]]:
+    """What a second stage conditions on, from the manifest of its training split: the
+    covariate schema of ``names`` (ranges and categories of the training subjects) and the
+    subjects' covariates (:func:`~pipeline.core.labels.covariate_reference`), both stored in
+    its model file.
 
     Raises:
         InputError: a named covariate is unknown or has no value in the training split.
     """
     if not names:
-        return ()
+        return (), []
     manifest = pd.read_csv(Path(split_dir) / "manifest.csv", keep_default_na=False, na_values=[""])
-    return covariate_schema(manifest, names)
+    schema = covariate_schema(manifest, names)
+    return schema, covariate_reference(manifest, schema)
 
 
 class LatentDataset(Dataset):

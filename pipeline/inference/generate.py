@@ -400,9 +400,13 @@ def generate(
     gm = load_generator(model_path, device)
     n_slices = gm.n_slices
     if spec is not None:
-        requests = read_spec(Path(spec), gm.schema, n_slices, seed=seed)
+        requests = read_spec(
+            Path(spec), gm.schema, n_slices, seed=seed, reference=gm.covariate_reference
+        )
     else:
-        requests = build_requests(gm.schema, n_slices, z_levels, per_z, covariates or {}, seed)
+        requests = build_requests(
+            gm.schema, n_slices, z_levels, per_z, covariates or {}, seed, gm.covariate_reference
+        )
     if masks:
         check_masks(gm)
     plans = plan_levels(requests, gm.schema)

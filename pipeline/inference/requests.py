@@ -15,7 +15,11 @@ Covariate values (``--age 70``, a spec cell) are written as (:func:`parse_covari
 * a range ``60:90`` (continuous covariates only; both ends inside the training range):
   every slice draws its own value uniformly from [60, 90]. A combination with a range is
   therefore returned as ``count`` requests of one slice each, each with its own draw;
-* ``unknown`` (or blank): unconditioned, as is every covariate not mentioned.
+* ``unknown`` (or blank): unconditioned, as is every covariate not mentioned;
+* ``match``: drawn per slice from the training subjects (the model file's
+  ``covariate_reference``) that agree with the combination's fixed values, so
+  ``--cdr 1 --age match`` gives the ages of the CDR-1 training subjects. Several ``match``
+  covariates are drawn jointly (one training subject per slice).
 
 Draws are deterministic: the values of one combination come from a numpy Generator seeded
 from (seed, z, spec row, the combination), so a level's draws do not depend on which other
@@ -28,7 +32,7 @@ import csv
 import itertools
 import re
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,11 +200,13 @@ class CovariateChoice:
         values: canonical values, one per list item (``(None,)`` for unknown); empty for a
             range.
         span: ``(low, high)`` of a range, drawn uniformly per slice; None otherwise.
+        match: drawn per slice from the training subjects that agree with the fixed values.
     """
 
     name: str
     values: tuple[CovariateValue, ...] = (None,)
     span: tuple[float, float] | None = None
+    match: bool = False
 
 
 def _number(cov: Covariate, text: str) -> float:
@@ -234,6 +240,8 @@ def parse_covariate_option(cov: Covariate, text: str) -> CovariateChoice:
             item, or a value listed twice.
     """
     text = str(text).strip()
+    if text.lower() == "match":
+        return CovariateChoice(cov.name, (), None, match=True)
     if ":" in text:
         if cov.kind != "continuous":
             raise InputError(
@@ -312,28 +320,63 @@ def _expand(
     count: int,
     seed: int,
     row: int = 0,
+    reference: Sequence[Mapping[str, CovariateValue]] = (),
 ) -> list[SliceRequest]:
-    """Cross ``levels`` with the choices' values; a combination with a range → one per slice."""
+    """Cross ``levels`` with the choices' values; a combination with a range or ``match``
+    → one request per slice."""
     names = [cov.name for cov in schema]
     fixed_axes = [
         [(name, v) for v in choices[name].values]
         for name in names
-        if name in choices and choices[name].span is None
+        if name in choices and choices[name].span is None and not choices[name].match
     ]
     spans = {n: choices[n].span for n in names if n in choices and choices[n].span is not None}
+    matched = [n for n in names if n in choices and choices[n].match]
     requests: list[SliceRequest] = []
     for level in levels:
         for combination in itertools.product(*fixed_axes):
             fixed = dict(combination)
             base = {name: fixed.get(name) for name in names}
-            if not spans:
+            if not spans and not matched:
                 requests.append(SliceRequest(level, base, count))
                 continue
-            rng = _draw_rng(seed, level, row, [*base.items(), *spans.items()])
+            pool = _matching_subjects(fixed, matched, reference)
+            rng = _draw_rng(seed, level, row, [*base.items(), *spans.items(), ("match", matched)])
             for _ in range(count):
                 drawn = {n: float(rng.uniform(lo, hi)) for n, (lo, hi) in spans.items()}
+                if matched:
+                    subject = pool[int(rng.integers(len(pool)))]
+                    drawn |= {n: subject[n] for n in matched}
                 requests.append(SliceRequest(level, base | drawn, 1))
     return requests
+
+
+def _matching_subjects(
+    fixed: Mapping[str, CovariateValue],
+    matched: Sequence[str],
+    reference: Sequence[Mapping[str, CovariateValue]],
+) -> list[Mapping[str, CovariateValue]]:
+    """Training subjects that agree with the fixed values and know every matched covariate."""
+    if not matched:
+        return []
+    if not reference:
+        raise InputError(
+            f"{matched[0]} match: this model file records no training covariates to match "
+            "(made before covariate_reference was stored); give values or ranges"
+        )
+    pool = [
+        subject
+        for subject in reference
+        if all(v is None or subject.get(n) == v for n, v in fixed.items())
+        and all(subject.get(n) is not None for n in matched)
+    ]
+    if not pool:
+        wanted = ", ".join(f"{n} {v}" for n, v in fixed.items() if v is not None) or "any values"
+        raise InputError(
+            f"{', '.join(matched)} match: no training subject with {wanted} has a known "
+            f"{' and '.join(matched)}"
+        )
+    return pool
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
@@ -349,6 +392,7 @@ def build_requests(
     per_z: int,
     options: Mapping[str, str | None],
     seed: int,
+    reference: Sequence[Mapping[str, CovariateValue]] = (),
 ) -> list[SliceRequest]:
     """The requests of a ``braingen generate`` command line.
 
@@ -367,6 +411,8 @@ def build_requests(
             (:func:`parse_covariate_option`); a None value counts as not given. Covariates
             not named are unconditioned.
         seed: >= 0; fixes every range draw.
+        reference: the training subjects' covariates (the model's ``covariate_reference``)
+            that ``match`` draws from.
 
     Returns:
         The requests; :func:`total_slices` counts their slices.
@@ -383,7 +429,7 @@ def build_requests(
             continue
         name = _option_name(raw_name)
         choices[name] = parse_covariate_option(_schema_covariate(name, schema), text)
-    return _expand(parse_z(z, n_slices), choices, schema, per_z, seed)
+    return _expand(parse_z(z, n_slices), choices, schema, per_z, seed, reference=reference)
 
 
 def _cell_text(value: object) -> str:
@@ -451,7 +497,12 @@ def _read_rows(path: Path) -> list[dict[str, object]]:
 
 
 def read_spec(
-    path: str | Path, schema: Schema, n_slices: int | None, *, seed: int = 0
+    path: str | Path,
+    schema: Schema,
+    n_slices: int | None,
+    *,
+    seed: int = 0,
+    reference: Sequence[Mapping[str, CovariateValue]] = (),
 ) -> list[SliceRequest]:
     """The requests of a spec file: one row per (z, count, covariates) group.
 
@@ -468,6 +519,7 @@ def read_spec(
         schema: the model's covariate schema.
         n_slices: K, the model's number of slice levels, or None (fractions only).
         seed: >= 0; fixes every range draw.
+        reference: the training subjects' covariates that ``match`` cells draw from.
 
     Returns:
         The requests of all rows.
@@ -511,7 +563,10 @@ def read_spec(
                 choices[column] = parse_covariate_option(cov, text)
             except InputError as err:
                 raise InputError(f"{where}, column {column!r}: {err}") from None
-        requests += _expand(levels, choices, schema, int(count_text), seed, number)
+        try:
+            requests += _expand(levels, choices, schema, int(count_text), seed, number, reference)
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
     return requests
 
 

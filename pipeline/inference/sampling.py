@@ -89,6 +89,12 @@ class GeneratorModel:
         return model_schema(self.metadata)
 
     @property
+    def covariate_reference(self) -> list[dict[str, Any]]:
+        """The training subjects' covariates (``match`` requests draw from them); [] for a
+        file made before they were stored."""
+        return list(self.metadata.get("covariate_reference") or [])
+
+    @property
     def n_slices(self) -> int | None:
         """K, the number of slice levels the model was trained on (None if not recorded)."""
         k = self.metadata.get("n_slices")

@@ -17,7 +17,9 @@ The metadata a kind needs besides ``code_version`` and ``conditioning``:
   decoder's tissue head was trained on tissue labels, so it can make masks);
 - ``pixelcnn``: ``autoencoder`` (path), ``autoencoder_sha256``, ``num_codes``,
   ``code_shape`` (h, w), ``n_slices``, ``covariates`` (the schema,
-  :func:`~pipeline.core.labels.schema_to_meta`; absent in z-only files);
+  :func:`~pipeline.core.labels.schema_to_meta`; absent in z-only files) and
+  ``covariate_reference`` (the training subjects' covariates, no ids, that ``match``
+  requests draw from: :func:`~pipeline.core.labels.covariate_reference`);
 - ``ldm``: ``autoencoder``, ``autoencoder_sha256``, ``scale_factor``, ``latent_shape``
   (C, h, w), ``latent_source``, ``n_slices``, ``scheduler``, ``covariates``;
 - ``zprobe``: ``n_slices``;

@@ -37,7 +37,7 @@ from pipeline.core.io import atomic_write, write_json
 from pipeline.core.labels import schema_to_meta
 from pipeline.core.stage import StagePaths
 from pipeline.core.tracking import StageRun, to_uint8_image
-from pipeline.data.latents import LatentDataset, read_latent_meta, training_schema
+from pipeline.data.latents import LatentDataset, read_latent_meta, training_covariates
 from pipeline.inference.diffusion import (
     Trajectory,
     build_scheduler,
@@ -394,7 +394,7 @@ def train_ldm(
     meta = read_latent_meta(paths.latents)
     scale = float(meta["scale_factor"])
     shape = tuple(int(s) for s in meta["latent_shape"])
-    schema = training_schema(paths.latents / "train", cond_cfg.covariates)
+    schema, reference = training_covariates(paths.latents / "train", cond_cfg.covariates)
     train = LatentDataset(paths.latents / "train", schema)
     val = LatentSet.from_dataset(LatentDataset(paths.latents / "val"), VAL_LIMIT)
     codec = LatentCodec(load_autoencoder(meta["autoencoder"], device)[0], scale)
@@ -443,6 +443,7 @@ def train_ldm(
         "scheduler": scheduler_config(cfg),
         "texture_sigma": float(meta.get("texture_sigma") or 0.0),
         "covariates": schema_to_meta(schema),
+        "covariate_reference": reference,
     }
     network = result.ema if result.ema is not None else unet
     save_model(paths.model, "ldm", network, cfg, metadata, cond_cfg)

@@ -34,7 +34,7 @@ from pipeline.core.labels import schema_to_meta
 from pipeline.core.stage import StagePaths
 from pipeline.core.tracking import StageRun
 from pipeline.data.datasets import EvalData, SliceDataset
-from pipeline.data.latents import LatentDataset, read_latent_meta, training_schema
+from pipeline.data.latents import LatentDataset, read_latent_meta, training_covariates
 from pipeline.inference.autoregressive import sample_codes
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.conditioning import drop_covariates
@@ -348,7 +348,7 @@ def train_prior(
             f"{paths.latents} holds {meta.get('source')!r} latents without codes; the prior "
             f"needs the vqvae latents (add vqvae to autoencoder.kinds and run encode_latents)"
         )
-    schema = training_schema(paths.latents / "train", cond_cfg.covariates)
+    schema, reference = training_covariates(paths.latents / "train", cond_cfg.covariates)
     train = CodeSet.from_dataset(LatentDataset(paths.latents / "train", schema))
     val, test = (CodeSet.from_dataset(LatentDataset(paths.latents / s)) for s in ("val", "test"))
     num_codes = int(meta["num_codes"])
@@ -398,6 +398,7 @@ def train_prior(
         "n_slices": params.prepare.n_slices,
         "texture_sigma": float(meta.get("texture_sigma") or 0.0),
         "covariates": schema_to_meta(schema),
+        "covariate_reference": reference,
     }
     save_model(paths.model, "pixelcnn", final, cfg, metadata, cond_cfg)
     final.eval()
