@@ -391,6 +391,27 @@ STAGES = {
 }
 
 
+@app.command("augment-study")
+def augment_study(
+    synthetic: Annotated[
+        Path | None,
+        typer.Option(
+            "--synthetic",
+            help="A `braingen generate` folder to draw synthetic slices from (its manifest "
+            "needs masks for segmentation, ages for age regression); default: generate a "
+            "pool matched to the training slices with the study's generator.",
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+) -> None:
+    """Measure whether synthetic slices help a real task (reports/augmentation.*)."""
+    args = [] if synthetic is None else ["--synthetic", str(synthetic)]
+    if model is not None or checkpoint is not None:
+        args += ["--model", str(_run(lambda: resolve_model(model, checkpoint)))]
+    _run_stage("augment_study", args)
+
+
 def _run_stage(module: str, args: list[str]) -> None:
     """Run ``python -m stages.<module> <args>`` (what ``dvc repro`` runs) and exit with its code.
 

@@ -268,3 +268,28 @@ def test_match_draws_covariates_from_agreeing_training_subjects(labelled_generat
             labelled_generators["pixelcnn"], "1", 1, out_dir=tmp_path / "none", progress=False,
             device="cpu", covariates={"sex": "F", "cdr": "0", "age": "match"},
         )  # fmt: skip
+
+
+def test_unknown_covariates_train_without_skipped_steps(tmp_path) -> None:
+    """Blank covariates (young subjects' CDR) reach the model as NaN codes, but batches stay
+    finite: the loop skips any batch holding a non-finite float."""
+    from support import TINY_PRIOR, quiet_fit
+
+    from pipeline.core.config import TrainConfig
+    from pipeline.models.conditioning import batch_covariates
+    from pipeline.models.pixelcnn import GatedPixelCNN
+    from pipeline.training.prior import CodeSet, PriorTask
+
+    codes = torch.randint(0, 16, (8, 8, 8))
+    cov = torch.tensor([[30.0, 0.0, NAN], [80.0, 1.0, 2.0]] * 4)
+    data = CodeSet(codes, torch.linspace(0, 1, 8), cov)
+    item = data[0]
+    assert torch.isfinite(item["covariates"]).all() and item["covariates_known"].tolist() == [
+        True, True, False,
+    ]  # fmt: skip
+    batch = {k: torch.stack([data[i][k] for i in range(2)]) for k in item}
+    torch.testing.assert_close(batch_covariates(batch), cov[:2], equal_nan=True)
+    prior = GatedPixelCNN(16, TINY_PRIOR, TINY_COND, schema=TINY_SCHEMA)
+    cfg = TrainConfig(steps=3, batch_size=4, warmup_steps=1, ckpt_every=3, eval_every=3)
+    result = quiet_fit(PriorTask(prior, cfg, covariate_dropout=0.2), data, cfg, tmp_path)
+    assert result.skipped_steps == 0 and result.step == 3

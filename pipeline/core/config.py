@@ -594,6 +594,71 @@ class GenerateConfig(_Section):
     spec: str | None = None
 
 
+StudyTask = Literal["segmentation", "age"]
+
+
+class StudyConfig(_Section):
+    """The augmentation study (``augment_study``): does adding synthetic slices help a real
+    downstream task? Every arm trains the same network for the same optimizer steps on
+    the same seeds and is scored on the real test subjects.
+
+    Attributes:
+        tasks: ``segmentation`` (background/CSF/GM/WM, Dice per test subject; needs tissue
+            labels) and/or ``age`` (age regression, MAE of the per-subject mean prediction,
+            years).
+        seeds: training seeds per arm (>= 5 for the CIs to mean anything).
+        ratios: synthetic slices added per real slice (0.5 = half as many as real).
+        fractions: fractions of the training subjects (the low-data regimes); each gets
+            its own real-only baseline and ratio arms.
+        synthetic_only: add the "train on synthetic, test on real" arm (as many synthetic
+            slices as real ones).
+        conventional: add the conventional-augmentation arm (MONAI flips, small affine,
+            bias field, contrast) and conventional + synthetic at the best ratio.
+        generator: which generator makes the synthetic pool when ``synthetic_dir`` is null.
+        synthetic_dir: a ``braingen generate`` folder to draw synthetic slices from
+            (manifest with the labels the tasks need); null = the stage generates a pool
+            matched to the training slices' z and covariates, with masks.
+        pool_ratio: size of a generated pool per real training slice (>= the largest ratio).
+        segmenter: the segmentation network and its training settings.
+        regressor: the age network (the covariate probe's trunk, age head) and its settings.
+        n_boot: bootstrap resamples of each paired difference.
+        confidence: confidence level of the CIs.
+        alpha: family-wise error rate of the Holm correction across arms.
+    """
+
+    tasks: tuple[StudyTask, ...] = ("segmentation", "age")
+    seeds: int = Field(5, ge=2)
+    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
+    synthetic_only: bool = True
+    conventional: bool = True
+    generator: GeneratorName = "ldm"
+    synthetic_dir: str | None = None
+    pool_ratio: float = Field(2.0, gt=0)
+    segmenter: SegmenterConfig = SegmenterConfig(
+        features=(8, 8, 16, 32, 64, 8), train=TrainConfig(steps=200, batch_size=16, lr=2e-3)
+    )
+    regressor: CovariateProbeConfig = CovariateProbeConfig(
+        train=TrainConfig(steps=200, batch_size=32, lr=1e-3)
+    )
+    n_boot: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyConfig:
+        if any(r <= 0 for r in self.ratios) or any(not 0 < f <= 1 for f in self.fractions):
+            raise InputError("study.ratios must be > 0 and study.fractions in (0, 1]")
+        if 1.0 not in self.fractions:
+            raise InputError("study.fractions must include 1.0 (the full training set)")
+        if self.ratios and self.pool_ratio < max(self.ratios):
+            raise InputError(
+                f"study.pool_ratio {self.pool_ratio} is below the largest ratio "
+                f"{max(self.ratios)}; raise it"
+            )
+        return self
+
+
 class Params(_Section):
     """Everything in ``params.yaml`` after the active profile is applied."""
 
@@ -611,6 +676,7 @@ class Params(_Section):
     probes: ProbesConfig = ProbesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     generate: GenerateConfig = GenerateConfig()
+    study: StudyConfig = StudyConfig()
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

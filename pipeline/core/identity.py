@@ -35,6 +35,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "encode_latents": ("autoencoder.kinds", "data.prepared_dir"),
     "evaluate": ("seed", "evaluate", "prepare.n_slices", "autoencoder.kinds"),
     "generate": ("generate", "evaluate.novelty", "data.prepared_dir"),
+    "augment_study": ("seed", "study", "data.prepared_dir"),
 }
 
 

@@ -21,6 +21,7 @@ for real slices, the ``mask_file`` written by ``generate --masks`` for synthetic
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,12 @@ class AugmentedDataset(Dataset):
         seed: seeds which synthetic slices are drawn.
         require_tissue: refuse (one line) unless real and synthetic slices all have tissue
             labels (a segmentation task); otherwise items simply lack ``tissue``.
+        real_indices: use only these real slices (e.g. a subset of the training subjects);
+            None = all. ``n_real`` in the ratio is their number.
+        synthetic_count: draw exactly this many synthetic slices instead of the ratio's
+            number (e.g. a synthetic-only set with ``real_indices=[]``).
+        preload: read the drawn synthetic slices (and masks) once, into memory, instead of
+            from their files at every access (for many epochs over a small set).
 
     Raises:
         PreparedDataError: the real split is missing or inconsistent.
@@ -78,18 +85,26 @@ class AugmentedDataset(Dataset):
         synthetic_ratio: float,
         seed: int = 0,
         require_tissue: bool = False,
+        real_indices: Sequence[int] | None = None,
+        synthetic_count: int | None = None,
+        preload: bool = False,
     ) -> None:
         if not 0.0 <= synthetic_ratio < 1.0:
             raise InputError(f"synthetic_ratio must be in [0, 1), got {synthetic_ratio}")
         self.real = real if isinstance(real, SliceDataset) else SliceDataset(real)
+        self.real_indices = (
+            np.arange(len(self.real))
+            if real_indices is None
+            else np.asarray(real_indices, dtype=np.int64)
+        )
         self.synthetic_dir = Path(synthetic_dir)
         pool = self._synthetic_pool()
-        r = synthetic_ratio
-        n_synthetic = round(len(self.real) * r / (1.0 - r))
+        r, n_real = synthetic_ratio, len(self.real_indices)
+        n_synthetic = round(n_real * r / (1.0 - r)) if synthetic_count is None else synthetic_count
         if n_synthetic > len(pool):
             raise InputError(
-                f"synthetic_ratio={r} needs {n_synthetic} synthetic slices for "
-                f"{len(self.real)} real ones, but {self.synthetic_dir} has {len(pool)}; "
+                f"synthetic_ratio={r} needs {n_synthetic} synthetic slices for {n_real} "
+                f"real ones, but {self.synthetic_dir} has {len(pool)}; "
                 "generate more (braingen generate --per-z) or lower the ratio"
             )
         picks = np.random.default_rng(seed).choice(len(pool), n_synthetic, replace=False)
@@ -115,6 +130,9 @@ class AugmentedDataset(Dataset):
                 else f"{self.synthetic_dir} has slices without masks (generate with --masks)"
             )
             raise InputError(f"tissue labels needed but {why}")
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+        if preload:
+            self._cache = {i: self._synthetic_item(i) for i in range(len(self.synthetic))}
 
     def _synthetic_pool(self) -> list[tuple[Path, dict[str, str]]]:
         """(PNG path, manifest row) of every generated slice listed in the manifest."""
@@ -154,20 +172,27 @@ class AugmentedDataset(Dataset):
             )
 
     def __len__(self) -> int:
-        return len(self.real) + len(self.synthetic)
+        return len(self.real_indices) + len(self.synthetic)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         index %= len(self)
-        if index < len(self.real):
+        n_real = len(self.real_indices)
+        if index < n_real:
+            index = int(self.real_indices[index])
             item = self.real[index]
             out = {"image": item["image"], "z": item["z"], "is_synthetic": torch.tensor(False)}
             out |= {n: torch.tensor(v[index]) for n, v in self._real_labels.items()}
             if self.has_tissue:
                 out["tissue"] = item["tissue"]
             return out
-        path, row = self.synthetic[index - len(self.real)]
+        cached = self._cache.get(index - n_real)
+        return dict(cached) if cached is not None else self._synthetic_item(index - n_real)
+
+    def _synthetic_item(self, number: int) -> dict[str, torch.Tensor]:
+        """The ``number``-th drawn synthetic slice as an item, read from its files."""
+        path, row = self.synthetic[number]
         out = {
             "image": torch.from_numpy(read_slice(path)[None]),
             "z": torch.tensor(float(row["z"]), dtype=torch.float32),

@@ -96,8 +96,10 @@ class LatentDataset(Dataset):
 
     Items are dicts: ``latent`` (C, h, w) float32, the stage-2 input as stored (already
     multiplied by the codec's scale factor), ``codes`` (h, w) int64 (only if the split has
-    ``codes.npy``), ``z`` float32 scalar in [0, 1], ``z_index`` int64 and ``covariates``
-    (len(schema),) float32 codes (NaN = unknown; only with a non-empty schema).
+    ``codes.npy``), ``z`` float32 scalar in [0, 1], ``z_index`` int64 and, with a
+    non-empty schema, ``covariates`` (len(schema),) float32 codes (0 where unknown) with
+    ``covariates_known`` (len(schema),) bool
+    (:func:`pipeline.models.conditioning.batch_covariates` turns them back into NaN codes).
 
     Args:
         split_dir: ``data/latents/<source>/<split>``.
@@ -147,5 +149,8 @@ class LatentDataset(Dataset):
         if self.codes is not None:
             item["codes"] = torch.from_numpy(self.codes[i].astype(np.int64))
         if self.covariates is not None:
-            item["covariates"] = torch.from_numpy(self.covariates[i])
+            codes = torch.from_numpy(self.covariates[i])
+            # NaN-free for the training loop's finite-batch guard; the mask says what is known
+            item["covariates"] = torch.nan_to_num(codes)
+            item["covariates_known"] = ~torch.isnan(codes)
         return item

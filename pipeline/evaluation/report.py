@@ -413,6 +413,33 @@ def labels_html(metrics: Mapping[str, Any]) -> str:
     return "".join(parts) or missing("labels in reports/metrics.json")
 
 
+def augmentation_html(study: Mapping[str, Any]) -> str:
+    """The augmentation study: its conclusions first, then one table per task (mean score,
+    paired difference from the baseline with its CI and p-value, Holm flag)."""
+    tasks = study.get("tasks") if isinstance(study, Mapping) else None
+    if not isinstance(tasks, Mapping):
+        return missing("reports/augmentation.json (the augment_study stage)")
+    lines = [
+        f"<li>{html.escape(str(res.get('conclusion', res.get('skipped'))))}</li>"
+        for res in tasks.values()
+    ]
+    parts = [f"<ul>{''.join(lines)}</ul>"]
+    for task, res in tasks.items():
+        if "arms" not in res:
+            continue
+        rows = []
+        for name, arm in res["arms"].items():
+            e = res["effects"].get(name, {})
+            ci = f"[{e['low']:+.3g}, {e['high']:+.3g}]" if e else "reference"
+            holm_mark = "survives" if e.get("survives_holm") else ("—" if e else "")
+            rows.append((name, arm["mean"], e.get("mean"), ci, e.get("p_value"), holm_mark))
+        parts.append(
+            f"<h3>{html.escape(task)}</h3>"
+            + table_html(["arm", "mean", "difference", "CI", "p", "Holm"], rows)
+        )
+    return "".join(parts)
+
+
 def build_report(paths: ReportPaths, *, tracking_uri: str, stand_in: bool) -> str:
     """The whole page.
 
@@ -484,6 +511,18 @@ def build_report(paths: ReportPaths, *, tracking_uri: str, stand_in: bool) -> st
         ),
         figure_html(r / "labelled_pixelcnn.png", "PixelCNN: the same"),
         figure_html(r / "probes.png", "label probes on the real test split"),
+        "</div>",
+        "<h2>Augmentation study: do synthetic slices help a real task?</h2>",
+        "<p>Each arm trains the same network for the same steps on the same seeds; scores are "
+        "per real test subject; differences are paired (seed x subject) against the arm's "
+        "real-only baseline, with a bootstrap CI and Holm's correction across arms.</p>",
+        augmentation_html(read_json(r / "augmentation.json")),
+        "<div class='row'>",
+        figure_html(r / "augmentation.png", "score against synthetic ratio, per data regime"),
+        figure_html(
+            r / "augmentation_pairs.png",
+            "training pairs: real image and tissue (top), synthetic image and mask (bottom)",
+        ),
         "</div>",
         "<details><summary>Every evaluation figure</summary>",
         "<p><code>fd_alex</code> is a Fréchet distance on AlexNet (LPIPS trunk) features, not "

@@ -203,6 +203,19 @@ class Conditioner(nn.Module):
         return emb
 
 
+def batch_covariates(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """A training batch's covariate codes with NaN where unknown, or None without covariates.
+
+    Datasets hand covariates over as ``covariates`` (codes, 0 where unknown) and
+    ``covariates_known`` (bool), because the training loop skips any batch holding a
+    non-finite float; this puts the NaN the :class:`Conditioner` reads back.
+    """
+    if "covariates" not in batch:
+        return None
+    values, known = batch["covariates"], batch["covariates_known"]
+    return torch.where(known, values, torch.full_like(values, math.nan))
+
+
 def drop_covariates(
     covariates: torch.Tensor, p: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:

@@ -48,7 +48,7 @@ from pipeline.inference.diffusion import (
 )
 from pipeline.inference.sampling import load_generator, sample
 from pipeline.models.codec import LatentCodec
-from pipeline.models.conditioning import drop_covariates, index_from_z
+from pipeline.models.conditioning import batch_covariates, drop_covariates, index_from_z
 from pipeline.models.files import load_autoencoder, save_model
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.training.loop import Optimization, TrainingTask, adamw, finish_resume, fit
@@ -137,7 +137,7 @@ class LDMTask(TrainingTask):
         drop = torch.rand(n, device=latent.device) < cfg.cond_dropout
         if cfg.mirror_latents:
             latent = random_mirror(latent)
-        covariates = batch.get("covariates")
+        covariates = batch_covariates(batch)
         if covariates is not None:
             covariates = drop_covariates(covariates, self.covariate_dropout)
         loss = diffusion_loss(

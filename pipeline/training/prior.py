@@ -37,7 +37,7 @@ from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.data.latents import LatentDataset, read_latent_meta, training_covariates
 from pipeline.inference.autoregressive import sample_codes
 from pipeline.models.autoencoder import Autoencoder
-from pipeline.models.conditioning import drop_covariates
+from pipeline.models.conditioning import batch_covariates, drop_covariates
 from pipeline.models.files import load_autoencoder, save_model
 from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.training.loop import Optimization, TrainingTask, adamw, finish_resume, fit
@@ -105,7 +105,7 @@ class PriorTask(TrainingTask):
     ) -> dict[str, float]:
         """One step on a batch with ``codes`` (B, h, w) int64, ``z`` (B,) and, for a
         covariate-conditioned prior, ``covariates`` (B, n) codes."""
-        covariates = batch.get("covariates")
+        covariates = batch_covariates(batch)
         if covariates is not None:
             covariates = drop_covariates(covariates, self.covariate_dropout)
         loss = code_nll(self.net("prior"), batch["codes"], batch["z"], covariates=covariates)
@@ -133,8 +133,10 @@ class CodeSet(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = {"codes": self.codes[i], "z": self.z[i]}
-        if self.covariates is not None:
-            item["covariates"] = self.covariates[i]
+        if self.covariates is not None:  # as LatentDataset hands them over
+            codes = self.covariates[i]
+            item["covariates"] = torch.nan_to_num(codes)
+            item["covariates_known"] = ~torch.isnan(codes)
         return item
 
     @classmethod
