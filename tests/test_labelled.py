@@ -293,3 +293,43 @@ def test_unknown_covariates_train_without_skipped_steps(tmp_path) -> None:
     cfg = TrainConfig(steps=3, batch_size=4, warmup_steps=1, ckpt_every=3, eval_every=3)
     result = quiet_fit(PriorTask(prior, cfg, covariate_dropout=0.2), data, cfg, tmp_path)
     assert result.skipped_steps == 0 and result.step == 3
+
+
+def test_label_fidelity_scores_real_matched_shuffled_and_masks(labelled_generators) -> None:
+    from pipeline.core.config import SegmenterConfig
+    from pipeline.data.datasets import EvalData
+    from pipeline.evaluation.label_fidelity import fidelity_summary, label_fidelity
+    from pipeline.models.probes import CovariateProbe, tissue_segmenter
+
+    n = 12
+    tissue = torch.zeros(n, 32, 32, dtype=torch.long)
+    tissue[:, 8:24, 8:24] = 3
+    test = EvalData(
+        image=tissue[:, None].float() / 3,
+        mask=(tissue > 0)[:, None].float(),
+        z=torch.linspace(0, 1, n),
+        z_index=torch.arange(n) % 4,
+        tissue=tissue,
+    )
+    manifest = pd.DataFrame(
+        {"age": np.linspace(30, 90, n), "sex": ["F", "F", "M"] * 4, "cdr": ["0", "1"] * 6}
+    )
+    torch.manual_seed(0)
+    probe = CovariateProbe((4, 8), ("age", "cdr", "sex"), age_mean=60.0, age_std=20.0).eval()
+    segmenter = tissue_segmenter(SegmenterConfig(features=(4, 4, 8, 8, 8, 4))).eval()
+    report, figures = label_fidelity(
+        load_generator(labelled_generators["ldm"]), test, manifest,
+        probe=probe, segmenter=segmenter, n=8, seed=0,
+    )  # fmt: skip
+    assert report["covariates"] == ["age", "sex", "cdr"] and report["n"] == 8
+    for arm in ("real", "matched", "shuffled"):
+        assert {"age_mae", "cdr_auc", "sex_auc"} <= set(report[arm]), report[arm]
+    assert 0 <= report["mask_dice"]["dice_mean"] <= 1 and "real_mask_dice" in report
+    summary = fidelity_summary(report)
+    assert {"matched_age_mae", "shuffled_age_mae", "mask_dice", "real_mask_dice"} <= set(summary)
+    assert figures["pairs"].shape[1] == 8 * 34 + 2 and figures["age"].ndim == 3
+    no_probe, _ = label_fidelity(
+        load_generator(labelled_generators["ldm"]), test, manifest,
+        probe=None, segmenter=None, n=4, seed=0,
+    )  # fmt: skip
+    assert set(no_probe["skipped"]) == {"covariates", "masks"}

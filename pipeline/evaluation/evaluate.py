@@ -37,7 +37,8 @@ file(s) it measured. Per-z curves go to ``reports/per_z/<metric>.csv`` (a DVC pl
 over training steps to ``reports/c2st_strength.png``; each generator's closest sample/training
 pairs to ``reports/novelty_<generator>.png``; real slices with their tissue maps above the
 slices generated at their z and covariates with the generated masks to
-``reports/labelled_<generator>.png``.
+``reports/labelled_<generator>.png``; the age probe's readings of real, matched and shuffled
+slices against the asked-for age to ``reports/labels_age_<generator>.png``.
 """
 
 from __future__ import annotations
@@ -591,7 +592,7 @@ def evaluate(
     covariate_probe, segmenter = _label_probes(paths.models, device)
     test_manifest = SliceDataset(paths.test).manifest
     for name in GENERATORS:
-        metrics[name]["labels"], pairs = label_fidelity(
+        metrics[name]["labels"], figures = label_fidelity(
             load_generator(paths.models / f"{name}.pt", device),
             real,
             test_manifest,
@@ -600,7 +601,9 @@ def evaluate(
             n=cfg.label_samples,
             seed=seed + 2,
         )
-        save_png(pairs, paths.reports / f"labelled_{name}.png")
+        save_png(figures["pairs"], paths.reports / f"labelled_{name}.png")
+        if "age" in figures:
+            save_png(figures["age"], paths.reports / f"labels_age_{name}.png")
         logger.info("%s label fidelity: %s", name, fidelity_summary(metrics[name]["labels"]))
     for kind in params.autoencoder.kinds:
         section = f"ae_{kind}"

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
-from pipeline.core.figures import grid
+from pipeline.core.figures import figure_image, grid
 from pipeline.core.labels import covariate_codes
 from pipeline.data.datasets import EvalData
 from pipeline.inference.sampling import GeneratorModel, sample_slices
@@ -36,6 +37,7 @@ from pipeline.models.probes import CovariateProbe
 from pipeline.training.probes import (
     CovariateLabels,
     dice_per_class,
+    predict_covariates,
     predict_tissue,
     score_covariates,
 )
@@ -59,7 +61,7 @@ def label_fidelity(
     segmenter: nn.Module | None,
     n: int,
     seed: int,
-) -> tuple[dict[str, Any], np.ndarray]:
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Probe scores of real, matched and shuffled slices, and mask agreement.
 
     Args:
@@ -72,7 +74,8 @@ def label_fidelity(
         seed: sampling seed (the shuffled control uses ``seed + SHUFFLE_SEED_OFFSET``).
 
     Returns:
-        The report and :func:`pairs_figure` of the matched slices. The report:
+        The report and its figures: ``pairs`` (:func:`pairs_figure` of the matched
+        slices) and, with an age probe, ``age`` (:func:`age_figure`). The report:
         ``covariates`` (the conditioned names), ``n``; with a probe and covariates:
         ``real``, ``matched``, ``shuffled`` (each :func:`score_covariates`' report);
         with masks: ``mask_dice`` (segmenter on generated images vs generated masks) and
@@ -86,6 +89,7 @@ def label_fidelity(
     z = test.z[idx]
     report: dict[str, Any] = {"covariates": [c.name for c in schema], "n": len(idx)}
     skipped: dict[str, str] = {}
+    figures: dict[str, np.ndarray] = {}
     masks = generator.tissue_labels and segmenter is not None and test.tissue is not None
     codes = torch.from_numpy(covariate_codes(rows, schema)) if schema else None
     matched = sample_slices(generator, z, seed, covariates=codes, masks=masks)
@@ -106,6 +110,16 @@ def label_fidelity(
         report["real"] = _scores(probe, test.image[idx], labels)
         report["matched"] = _scores(probe, matched.images, labels)
         report["shuffled"] = _scores(probe, shuffled.images, labels)
+        if "age" in probe.heads:
+            readings = {
+                name: predict_covariates(probe, images)["age"].numpy()
+                for name, images in (
+                    ("real slices", test.image[idx]),
+                    ("matched synthetic", matched.images),
+                    ("shuffled control", shuffled.images),
+                )
+            }
+            figures["age"] = age_figure(labels.age, readings)
     if masks:
         seg_fake = predict_tissue(segmenter, matched.images)  # type: ignore[arg-type]
         seg_real = predict_tissue(segmenter, test.image[idx])  # type: ignore[arg-type]
@@ -117,7 +131,26 @@ def label_fidelity(
             else "no segmenter (run train_probes) or no tissue labels in the test split"
         )  # fmt: skip
     report["skipped"] = skipped
-    return report, pairs_figure(test, idx, matched.images, matched.tissue)
+    figures["pairs"] = pairs_figure(test, idx, matched.images, matched.tissue)
+    return report, figures
+
+
+def age_figure(age: np.ndarray, readings: dict[str, np.ndarray]) -> np.ndarray:
+    """The probe's age reading against the slice's true (requested) age, one panel per set:
+    real slices, matched synthetic, shuffled control (whose images were generated for other
+    ages, so a model that obeys age scatters there)."""
+    fig = Figure(figsize=(4 * len(readings), 3.6), dpi=100)
+    axes = fig.subplots(1, len(readings), squeeze=False)[0]
+    known = ~np.isnan(age)
+    lo, hi = float(np.nanmin(age)), float(np.nanmax(age))
+    for ax, (name, reading) in zip(axes, readings.items(), strict=True):
+        ax.scatter(age[known], reading[known], s=6, alpha=0.5)
+        ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1)
+        mae = float(np.abs(reading[known] - age[known]).mean()) if known.any() else float("nan")
+        ax.set(xlabel="age asked for / true (years)", ylabel="probe reading (years)",
+               title=f"{name}: MAE {mae:.1f} y")  # fmt: skip
+    fig.tight_layout()
+    return figure_image(fig)
 
 
 #: Columns (test slices, evenly over z) of :func:`pairs_figure`.

@@ -510,6 +510,11 @@ def build_report(paths: ReportPaths, *, tracking_uri: str, stand_in: bool) -> st
             "z and covariates with their masks (bottom two)",
         ),
         figure_html(r / "labelled_pixelcnn.png", "PixelCNN: the same"),
+        figure_html(
+            r / "labels_age_ldm.png",
+            "latent diffusion: age read off real, matched and shuffled slices against the age",
+        ),
+        figure_html(r / "labels_age_pixelcnn.png", "PixelCNN: the same"),
         figure_html(r / "probes.png", "label probes on the real test split"),
         "</div>",
         "<h2>Augmentation study: do synthetic slices help a real task?</h2>",
