@@ -333,3 +333,20 @@ def test_label_fidelity_scores_real_matched_shuffled_and_masks(labelled_generato
         probe=None, segmenter=None, n=4, seed=0,
     )  # fmt: skip
     assert set(no_probe["skipped"]) == {"covariates", "masks"}
+
+
+def test_the_tissue_head_never_trains_the_image_path() -> None:
+    from support import TINY_AE
+
+    from pipeline.models.autoencoder import Autoencoder
+
+    torch.manual_seed(0)
+    model = Autoencoder(TINY_AE.model_copy(update={"tissue_weight": 1.0}), TINY_COND, "vaegan")
+    out = model(torch.rand(2, 1, 32, 32), torch.tensor([0.2, 0.7]))
+    torch.nn.functional.cross_entropy(
+        out.tissue_logits, torch.randint(0, 4, (2, 32, 32))
+    ).backward()
+    assert model.decoder.tissue[-1].weight.grad.abs().sum() > 0  # the head learns
+    for name, param in model.named_parameters():
+        if not name.startswith("decoder.tissue"):
+            assert param.grad is None or not param.grad.any(), name  # nothing else does
