@@ -663,7 +663,8 @@ def augment_study(
     report = {"synthetic_dir": str(source), "seeds": cfg.seeds, "tasks": results}
     write_json(paths.json, report)
     write_text(paths.markdown, markdown(results, cfg, stand_in))
-    save_png(figure(results, cfg), paths.figure)
+    plot = figure(results, cfg)
+    save_png(plot, paths.figure)
     save_png(pairs_figure(data), paths.pairs)
     for task, res in results.items():
         for name, arm in res.get("arms", {}).items():
@@ -671,7 +672,7 @@ def augment_study(
         if "conclusion" in res:
             logger.info("%s", res["conclusion"])
     run.log_artifact(paths.markdown, "reports")
-    run.log_image(figure(results, cfg), f"reports/{paths.figure.name}")
+    run.log_image(plot, f"reports/{paths.figure.name}")
     return report
 
 

@@ -342,13 +342,10 @@ def sample_slices(
                 guidance=s.guidance,  # type: ignore[arg-type]
                 generator=gen,
             )
-            if masks:
-                out, labels = gm.codec.decode_stage_2_with_tissue(latent, zb)
-                tissue.append(labels.cpu())
-            else:
-                out = gm.codec.decode_stage_2_outputs(latent, zb)
+            decode = gm.codec.decode_stage_2_outputs
+            decode_with_tissue = gm.codec.decode_stage_2_with_tissue
         else:
-            codes = sample_codes(
+            latent = sample_codes(
                 gm.network,
                 zb,
                 gm.latent_shape,  # type: ignore[arg-type]
@@ -357,11 +354,12 @@ def sample_slices(
                 generator=gen,
                 covariates=cb,
             )
-            if masks:
-                out, labels = gm.codec.decode_codes_with_tissue(codes, zb)
-                tissue.append(labels.cpu())
-            else:
-                out = gm.codec.decode_codes(codes, zb)
+            decode, decode_with_tissue = gm.codec.decode_codes, gm.codec.decode_codes_with_tissue
+        if masks:  # the tissue map comes from the same decoder pass as the image
+            out, labels = decode_with_tissue(latent, zb)
+            tissue.append(labels.cpu())
+        else:
+            out = decode(latent, zb)
         images.append(out.float().cpu())
     result = torch.cat(images)
     if texture and gm.texture_sigma > 0:
