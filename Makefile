@@ -89,7 +89,10 @@ lint: install
 bench: install
 	$(BIN)/python -m benchmarks.run
 
+# MLflow 3.17's UI opens an experiment on its GenAI page whatever the experiment's tags say;
+# the link below opens the training runs (the browser then remembers the switch).
 mlflow-ui: install
+	@echo "braingen runs: http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
 
 clean:

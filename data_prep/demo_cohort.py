@@ -92,8 +92,8 @@ seed={seed}  subjects={n}  grid={shape} at {voxel:g} mm
 _WM_LEVEL = 0.87
 _OUTPUT_WM = 1000.0
 #: Largest grey-matter thickness loss and ventricle growth (mm) at severity 1.
-_MAX_THINNING_MM = 1.3
-_MAX_VENTRICLE_MM = 4.0
+_MAX_THINNING_MM = 2.0
+_MAX_VENTRICLE_MM = 6.0
 #: Spacing (mm) of the coarse grid on which smooth random fields are drawn.
 _COARSE_MM = 8.0
 #: Linear size of an ``M`` subject's anatomy relative to an ``F`` subject's (head size).

@@ -7,7 +7,8 @@ Usage::
 Reads ``params.yaml`` (generate, device; with ``generate.novelty`` also evaluate.novelty and
 data.prepared_dir) and ``models/<generate.model>.pt``; writes ``<generate.out_dir>/`` (one file
 per slice and ``manifest.csv``). Existing files of the same request are replaced (``dvc repro``
-empties the folder first anyway).
+empties the folder first anyway). The run lists the registered versions of the generator and
+its first stage as model inputs (:func:`pipeline.core.registry.link_generator`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from pipeline.core.config import load_params
 from pipeline.core.identity import stage_identity
+from pipeline.core.registry import link_generator
 from pipeline.core.stage import main
 from pipeline.core.tracking import StageRun
 from pipeline.inference.generate import NoveltySettings, generate
@@ -25,9 +27,11 @@ def run() -> None:
     """Generate the default request and log its size and speed."""
     params = load_params()
     cfg = params.generate
+    model = Path("models") / f"{cfg.model}.pt"
     with StageRun("generate", stage_identity(params, "generate")) as tracking:
+        link_generator(tracking, model)
         result = generate(
-            Path("models") / f"{cfg.model}.pt",
+            model,
             cfg.z,
             per_z=cfg.per_z,
             seed=cfg.seed,

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 from torch import nn
 
@@ -225,6 +224,7 @@ class RecordingRun:
         dicts: logged dicts by name.
         artifacts: the bytes of each logged file, by where MLflow would store it
             (``"<artifact_path>/<file name>"``, or the file name alone).
+        children: the runs opened with :meth:`child`, in order (their ``tags`` set).
     """
 
     def __init__(self, run_name: str = "test", params: Mapping[str, Any] | None = None) -> None:
@@ -234,6 +234,8 @@ class RecordingRun:
         self.images: dict[str, Any] = {}
         self.dicts: dict[str, Any] = {}
         self.artifacts: dict[str, bytes] = {}
+        self.children: list[RecordingRun] = []
+        self.tags: dict[str, str] = {}
 
     def __enter__(self) -> RecordingRun:
         return self
@@ -256,6 +258,19 @@ class RecordingRun:
         self.artifacts[f"{artifact_path}/{name}" if artifact_path else name] = Path(
             path
         ).read_bytes()
+
+    @contextmanager
+    def child(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> Iterator[RecordingRun]:
+        """A nested run (``StageRun.child``), recorded in :attr:`children`."""
+        child = RecordingRun(name, params)
+        child.tags = dict(tags or {})
+        self.children.append(child)
+        yield child
 
     def values(self, key: str) -> list[float]:
         """Every value logged under ``key``, in order."""
@@ -350,19 +365,28 @@ class MlflowServer:
 
 
 @contextmanager
-def mlflow_server(tmp_path: Path, start_timeout_s: float = 180) -> Iterator[MlflowServer]:
-    """``mlflow server`` on a free 127.0.0.1 port, sqlite store and artifacts in ``tmp_path``.
+def mlflow_server(
+    tmp_path: Path,
+    start_timeout_s: float = 180,
+    *,
+    database: Path | None = None,
+    artifacts: Path | None = None,
+) -> Iterator[MlflowServer]:
+    """``mlflow server`` on a free 127.0.0.1 port, sqlite store and artifacts in ``tmp_path``
+    (or the given ``database`` file and ``artifacts`` folder); its log in ``tmp_path``.
 
     The server runs in its own process group so that it stops with its workers; it is
-    killed on exit if still alive. Fails the test if it does not answer ``/health`` in time.
+    killed on exit if still alive. RuntimeError (a failed test) if it does not answer
+    ``/health`` in time.
     """
-    port, store = free_port(), tmp_path / "server.db"
+    port, store = free_port(), database or tmp_path / "server.db"
+    artifacts = artifacts or tmp_path / "server-artifacts"
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{store}",
-             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+             "--artifacts-destination", str(artifacts)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -378,7 +402,7 @@ def mlflow_server(tmp_path: Path, start_timeout_s: float = 180) -> Iterator[Mlfl
                 except OSError:
                     pass
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {log_path.read_text()}")
+                    raise RuntimeError(f"mlflow server did not start: {log_path.read_text()}")
                 time.sleep(0.3)
             yield MlflowServer(url, proc, store)
         finally:

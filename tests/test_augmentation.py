@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from support import RecordingRun
 
 from pipeline.core.config import (
     CovariateProbeConfig,
@@ -18,35 +19,43 @@ from pipeline.core.config import (
 )
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.evaluation.augmentation import (
+    REBALANCED,
+    Arm,
     Conventional,
     QuietRun,
     StudyData,
-    _arm_scores,
+    Training,
+    Trainings,
     conclusion,
     effects,
+    log_arms,
+    rebalancing,
     run_study,
     study_arms,
     subject_subset,
+    training_set,
 )
 from pipeline.inference.generate import generate
+from pipeline.training.probes import CovariateLabels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_TRAIN = TrainConfig(steps=3, batch_size=4, warmup_steps=1, ckpt_every=3, eval_every=3)
 TINY_STUDY = StudyConfig(
-    tasks=("segmentation", "age"),
+    tasks=("segmentation", "age", "cdr"),
     seeds=2,
     ratios=(1.0,),
     fractions=(0.5, 1.0),
     pool_ratio=1.0,
     n_boot=200,
     segmenter=SegmenterConfig(features=(4, 4, 8, 8, 8, 4), train=TINY_TRAIN),
-    regressor=CovariateProbeConfig(channels=(4, 8), train=TINY_TRAIN),
+    covariate_net=CovariateProbeConfig(channels=(4, 8), train=TINY_TRAIN),
 )
 
 
 def _split(root: Path, subjects: int, seed: int) -> Path:
-    """A labelled 32x32 split: 4 slices per subject, ages 30 + 10 i, tissue stripes."""
+    """A labelled 32x32 split: 4 slices per subject, ages 30 + 10 i, CDR 0 for even i and
+    0.5 for odd i, tissue stripes."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
     n = 4 * subjects
@@ -65,7 +74,7 @@ def _split(root: Path, subjects: int, seed: int) -> Path:
             "z": z_index / 3,
             "age": np.repeat(30.0 + 10 * np.arange(subjects), 4),
             "sex": np.repeat(["F", "M"] * subjects, 2)[:n],
-            "cdr": "",
+            "cdr": np.repeat([0.5 * (i % 2) for i in range(subjects)], 4),
         }
     ).to_csv(root / "manifest.csv", index=False)
     return root
@@ -78,18 +87,18 @@ def study_data(labelled_generators, tmp_path_factory) -> StudyData:
     test_set = SliceDataset(_split(root / "test", 3, 1))
     pool = root / "pool"
     generate(labelled_generators["ldm"], "0:3", 4, 0, pool, progress=False, device="cpu",
-             covariates={"age": "30:60"}, masks=True)  # fmt: skip
+             covariates={"age": "30:60", "cdr": "0,0.5"}, masks=True)  # fmt: skip
     return StudyData(
         train,
         EvalData.from_dataset(test_set),
         test_set.manifest["subject"].astype(str).to_numpy(),
-        test_set.manifest["age"].to_numpy(float),
+        CovariateLabels.from_manifest(test_set.manifest),
         pool,
     )
 
 
 def test_arms_and_their_baselines() -> None:
-    names = [(a.name, a.baseline) for a in study_arms(TINY_STUDY, best_ratio=1.0)]
+    names = [(a.name, a.baseline) for a in study_arms(TINY_STUDY, "segmentation", 1.0)]
     assert names == [
         ("real", None),
         ("real + 1x synthetic", "real"),
@@ -99,6 +108,8 @@ def test_arms_and_their_baselines() -> None:
         ("conventional", "real"),
         ("conventional + 1x synthetic", "real"),
     ]
+    cdr = [(a.name, a.baseline) for a in study_arms(TINY_STUDY, "cdr")]
+    assert (REBALANCED, "real") in cdr and REBALANCED not in dict(names)
 
 
 def test_subject_subsets_are_nested_and_whole_subjects() -> None:
@@ -108,16 +119,15 @@ def test_subject_subsets_are_nested_and_whole_subjects() -> None:
     assert len(subject_subset(manifest, 0.01, 0)) == 3  # at least one subject
 
 
-def test_identical_arms_differ_by_exactly_zero(study_data) -> None:
+def test_identical_arms_differ_by_exactly_zero(study_data, tmp_path) -> None:
     params = Params(study=TINY_STUDY)
-    arm = study_arms(TINY_STUDY)[0]
-    kw = {"params": params, "data": study_data, "device": torch.device("cpu"), "run": QuietRun()}
-    first = _arm_scores(
-        "segmentation", arm, **kw, work_dir=Path(study_data.synthetic_dir).parent / "a"
-    )
-    again = _arm_scores(
-        "segmentation", arm, **kw, work_dir=Path(study_data.synthetic_dir).parent / "b"
-    )
+    arm = study_arms(TINY_STUDY, "segmentation")[0]
+    with Trainings(params, study_data, torch.device("cpu"), tmp_path, workers=1) as trainings:
+        done: dict = {}
+        trainings.arms("segmentation", [arm], done)
+        first = np.stack([s.per_subject for s in done["real"]])
+        rerun = trainings.run([Training("segmentation", arm, seed) for seed in (0, 1)])
+        again = np.stack([s.per_subject for s in rerun])
     np.testing.assert_array_equal(first, again)  # same seeds, same data: same scores
     table = effects({"real": first, "copy": again}, [arm, type(arm)("copy", baseline="real")],
                     TINY_STUDY, True)  # fmt: skip
@@ -126,6 +136,20 @@ def test_identical_arms_differ_by_exactly_zero(study_data) -> None:
     assert not e["survives_holm"] and "no arm differs" in conclusion(
         "segmentation", table, TINY_STUDY
     )
+
+
+def test_side_by_side_trainings_score_as_one_after_the_other(study_data, tmp_path) -> None:
+    params = Params(study=TINY_STUDY)
+    arm = study_arms(TINY_STUDY, "cdr")[1]  # real + 1x synthetic
+    jobs = [Training(task, arm, seed) for task in ("segmentation", "cdr") for seed in (0, 1)]
+    cpu = torch.device("cpu")
+    with Trainings(params, study_data, cpu, tmp_path / "one", workers=1) as trainings:
+        alone = trainings.run(jobs)  # this process: one thread (the one_thread fixture)
+    with Trainings(params, study_data, cpu, tmp_path / "two", workers=2) as trainings:
+        pooled = trainings.run(jobs)
+    for a, b in zip(alone, pooled, strict=True):
+        np.testing.assert_array_equal(a.per_subject, b.per_subject)
+        assert a.summary == b.summary
 
 
 def test_conventional_augmentation_moves_image_and_tissue_together(study_data) -> None:
@@ -146,20 +170,35 @@ def test_a_tiny_study_runs_and_a_task_without_labels_says_why(
 ) -> None:
     params = Params(study=TINY_STUDY)
     cpu = torch.device("cpu")
-    results = run_study(params, study_data, device=cpu, run=QuietRun())
-    seg, age = results["segmentation"], results["age"]
-    assert set(seg["arms"]) == {a.name for a in study_arms(TINY_STUDY, 1.0)}
+    results = run_study(params, study_data, device=cpu)
+    seg, age, cdr = results["segmentation"], results["age"], results["cdr"]
+    assert set(seg["arms"]) == {a.name for a in study_arms(TINY_STUDY, "segmentation", 1.0)}
     assert np.asarray(seg["arms"]["real"]["scores"]).shape == (2, 3)  # seeds x test subjects
     assert set(seg["effects"]) == set(seg["arms"]) - {"real"}
     assert seg["conclusion"].startswith("segmentation: ") and "conclusion" in age
+    assert set(cdr["arms"]) == {a.name for a in study_arms(TINY_STUDY, "cdr", 1.0)}
+    real = cdr["arms"]["real"]
+    assert np.asarray(real["scores"]).shape == (2, 3) and len(real["auc"]) == 2
+    assert all(0 <= b <= 1 for b in np.ravel(real["scores"]))  # Brier score of each subject
+    assert cdr["arms"][REBALANCED]["settings"]["rebalance"] is True
+    run = RecordingRun("augment_study")
+    log_arms(run, results)  # one MLflow child run per (task, arm), nested under the stage run
+    children = {c.run_name: c for c in run.children}
+    assert set(children) == {f"{t}: {a}" for t, r in results.items() for a in r["arms"]}
+    rebalanced = children[f"cdr: {REBALANCED}"]
+    assert rebalanced.params["rebalance"] is True and rebalanced.tags == {"study_task": "cdr"}
+    logged = rebalanced.metrics[0][1]
+    assert logged["delta_mean"] == cdr["effects"][REBALANCED]["mean"] and "auc" in logged
+    assert run.last("segmentation/real/mean") == seg["arms"]["real"]["mean"]
     plain = tmp_path / "plain"  # unlabelled slices without masks: neither task can use them
     generate(tiny_generators["ldm"], "0:3", 2, 0, plain, progress=False, device="cpu")
     data = StudyData(
-        study_data.train, study_data.test, study_data.test_subjects, study_data.test_ages, plain
+        study_data.train, study_data.test, study_data.test_subjects, study_data.test_labels, plain
     )
-    skipped = run_study(params, data, device=cpu, run=QuietRun())
+    skipped = run_study(params, data, device=cpu)
     assert "without masks" in skipped["segmentation"]["skipped"]
     assert "generated with an age" in skipped["age"]["skipped"]
+    assert "generated with a CDR" in skipped["cdr"]["skipped"]
 
 
 def test_a_folder_without_a_manifest_is_one_line(tmp_path) -> None:
@@ -191,3 +230,17 @@ def test_report_tables_lead_with_the_conclusion() -> None:
     assert page.index("no arm differs") < page.index("<table")
     assert "age: the test split has no known ages" in page and "[-0.02, +0.04]" in page
     assert "not produced" in augmentation_html({})
+
+
+def test_rebalancing_adds_only_the_minority_class(study_data) -> None:
+    # slices of subjects 0, 1, 2: CDR 0, 0.5, 0 → 8 CDR-0 slices against 4 CDR > 0
+    minority, count = rebalancing(study_data, np.arange(12))
+    assert (minority, count) == ("CDR > 0", 4)
+    arm = Arm("rebalanced", fraction=0.75, rebalance=True)  # 3 of the 4 subjects: unbalanced
+    minority, count = rebalancing(study_data, subject_subset(study_data.train.manifest, 0.75, 0))
+    assert count == 4
+    items = training_set(arm, study_data, "cdr", seed=0, study_seed=0)
+    synthetic = [items.data[i] for i in range(len(items)) if items.data[i]["is_synthetic"]]
+    assert len(synthetic) == 4 and len(items) == 12 + 4
+    assert all((float(s["cdr"]) > 0) == (minority == "CDR > 0") for s in synthetic)
+    assert set(items[0]) == {"image", "cdr"}

@@ -327,7 +327,7 @@ def test_label_fidelity_scores_real_matched_shuffled_and_masks(labelled_generato
     assert 0 <= report["mask_dice"]["dice_mean"] <= 1 and "real_mask_dice" in report
     summary = fidelity_summary(report)
     assert {"matched_age_mae", "shuffled_age_mae", "mask_dice", "real_mask_dice"} <= set(summary)
-    assert figures["pairs"].shape[1] == 8 * 34 + 2 and figures["age"].ndim == 3
+    assert figures["pairs"].shape[1] == 8 * 34 + 2 and figures["covariates"].ndim == 3
     no_probe, _ = label_fidelity(
         load_generator(labelled_generators["ldm"]), test, manifest,
         probe=None, segmenter=None, n=4, seed=0,

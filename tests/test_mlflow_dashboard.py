@@ -3,11 +3,14 @@
 One pipeline run groups its stage runs under a parent; the experiment opens on training
 runs; models are logged and registered, and ``generate --model models:/braingen-ldm/latest``
 samples what the local file samples; datasets are inputs with DVC's hash; images have a
-history of steps; ``evaluate`` is linked to the models it scored.
+history of steps; ``evaluate`` is linked to the models it scored, ``generate`` to those it
+sampled. A study's arms are child runs of its stage run (fast, on a local sqlite store).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import shutil
 import time
@@ -15,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import mlflow_server, write_ellipse_splits, write_tiny_generators
+from support import free_port, mlflow_server, write_ellipse_splits, write_tiny_generators
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.core import tracking
 from pipeline.core.identity import file_sha256
-from pipeline.core.registry import link_models, log_model
-from pipeline.core.tracking import StageRun, dvc_dir_md5, pipeline_run_id
+from pipeline.core.registry import link_generator, link_models, log_model
+from pipeline.core.tracking import StageRun, dvc_dir_md5, iter_offline, pipeline_run_id
 
 
 def test_dvc_dir_md5_is_the_hash_dvc_records(tmp_path: Path) -> None:
@@ -48,6 +51,75 @@ def test_pipeline_run_id_is_shared_and_follows_params(
     assert pipeline_run_id() != first  # another repro
     monkeypatch.setenv(tracking.PIPELINE_RUN_ENV, "demo-1")
     assert pipeline_run_id() == "demo-1"
+
+
+@pytest.fixture
+def local_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder as cwd whose runs go to its own ``mlflow.db`` (returned)."""
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv(tracking.PIPELINE_RUN_ENV, "repro-2")
+    return tmp_path / "mlflow.db"
+
+
+def test_child_runs_nest_under_the_stage_run(local_store: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    with StageRun("augment_study", {"a": 1}) as run:
+        with run.child("arm 1x", params={"arm": {"ratio": 1.0}}, tags={"arm": "1x"}) as arm:
+            arm.log_metrics({"dice": 0.8}, step=0)
+            arm.log_metrics({"dice": 0.9}, step=1)
+        with pytest.raises(RuntimeError), run.child("arm 2x") as failed:
+            failed.log_metrics({"dice": 0.1})
+            raise RuntimeError("the arm's training failed")
+        run.log_metrics({"after": 1.0})  # the stage run is still the active run
+    assert not run.offline
+
+    client = MlflowClient(f"sqlite:///{local_store}")
+    child = client.get_run(arm.run_id)
+    assert child.info.run_name == "arm 1x" and child.info.status == "FINISHED"
+    assert child.data.tags["mlflow.parentRunId"] == run.run_id
+    assert child.data.tags["pipeline_run"] == "repro-2" and child.data.tags["arm"] == "1x"
+    assert child.data.params == {"arm.ratio": "1.0"}
+    assert [(m.step, m.value) for m in client.get_metric_history(arm.run_id, "dice")] == [
+        (0, 0.8),
+        (1, 0.9),
+    ]
+    assert client.get_run(failed.run_id).info.status == "FAILED"
+    stage = client.get_run(run.run_id)
+    assert stage.data.metrics == {"after": 1.0} and stage.info.status == "FINISHED"
+    # three levels: pipeline run > stage run > arms; the arms stay out of the stage summary
+    parent = client.get_run(stage.data.tags["mlflow.parentRunId"])
+    assert parent.data.metrics == {"augment_study.after": 1.0}
+
+
+def test_child_runs_without_tracking_do_nothing(
+    local_store: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rank1 = StageRun("augment_study", {"a": 1}, enabled=False)  # a non-main DDP rank
+    with rank1 as run, run.child("arm 1x", params={"ratio": 1.0}) as arm:
+        arm.log_metrics({"dice": 0.8})
+    assert arm.run_id is None and not local_store.exists()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # refused
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    started = time.monotonic()
+    with (
+        caplog.at_level(logging.WARNING),
+        StageRun("augment_study", {"a": 1}) as run,
+        run.child("arm 1x", params={"ratio": 1.0}) as arm,
+    ):
+        arm.log_metrics({"dice": 0.8}, step=3)
+    assert time.monotonic() - started < 30
+    assert run.offline and arm.run_id is None
+    assert len([r for r in caplog.records if "MLflow tracking" in r.getMessage()]) == 1
+    offline = local_store.parent / "reports" / "tracking_offline" / "augment_study.jsonl"
+    recorded = list(iter_offline(offline))
+    children = [(e["kind"], e["args"][0]) for e in recorded if e["kind"].endswith("child")]
+    assert children == [("start_child", "arm 1x"), ("end_child", "arm 1x")]
+    (metrics,) = [e["args"] for e in recorded if e["kind"] == "log_child_metrics"]
+    assert metrics == ["arm 1x", {"dice": 0.8}, 3]
 
 
 def _steps(client, run_id: str, key: str) -> set[int]:
@@ -91,14 +163,16 @@ def test_dashboard_against_a_real_server(tmp_path: Path, monkeypatch: pytest.Mon
         with StageRun("evaluate", {"c": 3}, run_name="evaluate") as ev:
             link_models(ev, {"ldm": files["ldm"], "ae_vaegan": files["vaegan"]})
             ev.log_metrics({"ldm.fd_alex": 1.5, "real.fd_alex": 0.1})
-        assert not (ae.offline or ldm.offline or ev.offline)
+        with StageRun("generate", {"d": 4}) as gen:
+            link_generator(gen, files["ldm"])
+        assert not (ae.offline or ldm.offline or ev.offline or gen.offline)
 
         client = MlflowClient(server.url)
         experiment = client.get_experiment_by_name("braingen")
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
         runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
         (parent,) = [r for r in runs.values() if r.data.tags.get("pipeline_role") == "parent"]
-        for name in ("ae_vaegan", "ldm", "evaluate"):
+        for name in ("ae_vaegan", "ldm", "evaluate", "generate"):
             tags = runs[name].data.tags
             assert tags["mlflow.parentRunId"] == parent.info.run_id
             assert tags["pipeline_run"] == "repro-1"
@@ -121,6 +195,8 @@ def test_dashboard_against_a_real_server(tmp_path: Path, monkeypatch: pytest.Mon
         assert logged["ldm"].tags["autoencoder_sha256"] == file_sha256(files["vaegan"])
         (version,) = client.search_model_versions("name = 'braingen-ldm'")
         assert version.tags["sha256"] == file_sha256(files["ldm"]) and version.tags["code_version"]
+        link = json.loads(logged["ldm"].tags["mlflow.modelVersions"])  # the UI's link
+        assert link == [{"name": "braingen-ldm", "version": version.version}]
         assert client.search_model_versions("name = 'braingen-ae-vaegan'")
 
         # evaluate is linked to what it scored
@@ -129,6 +205,15 @@ def test_dashboard_against_a_real_server(tmp_path: Path, monkeypatch: pytest.Mon
         assert evaluated.data.tags["scored.ldm"] == "braingen-ldm/1"
         model_metrics = {m.key for m in client.get_logged_model(logged["ldm"].model_id).metrics}
         assert model_metrics == {"ldm.fd_alex"}
+
+        # generate is linked to the generator and the first stage it sampled
+        generated = client.get_run(gen.run_id)
+        assert {m.model_id for m in generated.inputs.model_inputs} == {
+            logged["ldm"].model_id,
+            logged["ae_vaegan"].model_id,
+        }
+        assert generated.data.tags["used.ldm"] == "braingen-ldm/1"
+        assert generated.data.tags["used.ae_vaegan"] == "braingen-ae-vaegan/1"
 
         # generate from the registry = generate from the local file, same seed
         request = ["generate", "--z", "0,3", "--per-z", "2", "--seed", "3", "--device", "cpu"]

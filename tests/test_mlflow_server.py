@@ -64,8 +64,13 @@ def test_tiny_stage_logs_metrics_grids_and_checkpoint_to_a_server(
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     grids = [p for p in images if p.startswith("images/grids~recon+step+") and p.endswith(".png")]
     assert grids  # the reconstruction grid's image history (log_image with a key and a step)
-    models = {a.path: a.file_size for a in client.list_artifacts(run.info.run_id, "model")}
-    assert models.get("model/ae_vqvae.pt") == (project / "models" / "ae_vqvae.pt").stat().st_size
+    # the model file is stored once: in the run's logged model, not as a run artifact
+    assert not client.list_artifacts(run.info.run_id, "model")
+    (logged,) = client.search_logged_models([experiment.experiment_id])
+    assert logged.source_run_id == run.info.run_id
+    files = client.list_logged_model_artifacts(logged.model_id)
+    stored = {Path(a.path).name: a.file_size for a in files}
+    assert stored == {"ae_vqvae.pt": (project / "models" / "ae_vqvae.pt").stat().st_size}
 
     local = Path(client.download_artifacts(run.info.run_id, grids[0], str(tmp_path / "dl")))
     from PIL import Image

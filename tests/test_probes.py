@@ -15,7 +15,7 @@ import torch
 import yaml
 from support import ROOT, RecordingRun, quiet_fit, stage_kwargs, write_ellipse_splits
 
-from pipeline.core.checkpoint import CheckpointError
+from pipeline.core.checkpoint import CheckpointError, load_checkpoint
 from pipeline.core.config import (
     CovariateProbeConfig,
     DataConfig,
@@ -24,6 +24,7 @@ from pipeline.core.config import (
     ZProbeConfig,
     load_params,
 )
+from pipeline.core.registry import REGISTERED_NAMES, model_tags
 from pipeline.models.files import load_covariate_probe, load_segmenter, save_model
 from pipeline.models.probes import CovariateProbe, tissue_segmenter
 from pipeline.models.zprobe import ZProbe
@@ -261,7 +262,12 @@ def test_stage_trains_both_probes_and_reports_floors_and_baselines(tmp_path: Pat
     assert set(segmenter["test"]) == {"dice_csf", "dice_gm", "dice_wm", "dice_mean"}
     assert set(segmenter["baseline"]) == set(segmenter["test"])
     assert paths.figure.is_file() and "reports/probes.png" in run.images
-    assert {"model/covariate_probe.pt", "model/segmenter.pt"} <= set(run.artifacts)
+    assert not any(a.startswith("model/") for a in run.artifacts)  # stored once: a logged model
+    registered = {
+        REGISTERED_NAMES[model_tags(p, load_checkpoint(p))["kind"]]
+        for p in (paths.covariate_probe, paths.segmenter)
+    }
+    assert registered == {"braingen-covariate-probe", "braingen-segmenter"}
     assert run.values("covariate/loss") and run.values("segmenter/dice_ce")
     assert not (paths.resume_dir / "covariate" / "last.pt").exists()
     probe, meta = load_covariate_probe(paths.covariate_probe)

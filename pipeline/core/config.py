@@ -594,7 +594,7 @@ class GenerateConfig(_Section):
     spec: str | None = None
 
 
-StudyTask = Literal["segmentation", "age"]
+StudyTask = Literal["segmentation", "age", "cdr"]
 
 
 class StudyConfig(_Section):
@@ -604,8 +604,9 @@ class StudyConfig(_Section):
 
     Attributes:
         tasks: ``segmentation`` (background/CSF/GM/WM, Dice per test subject; needs tissue
-            labels) and/or ``age`` (age regression, MAE of the per-subject mean prediction,
-            years).
+            labels), ``age`` (age regression, MAE of the per-subject mean prediction, years)
+            and/or ``cdr`` (CDR > 0 classification: Brier score of the per-subject mean
+            probability, with subject-level AUC and balanced accuracy beside it).
         seeds: training seeds per arm (>= 5 for the CIs to mean anything).
         ratios: synthetic slices added per real slice (0.5 = half as many as real).
         fractions: fractions of the training subjects (the low-data regimes); each gets
@@ -614,31 +615,36 @@ class StudyConfig(_Section):
             slices as real ones).
         conventional: add the conventional-augmentation arm (MONAI flips, small affine,
             bias field, contrast) and conventional + synthetic at the best ratio.
+        rebalance: for ``cdr``, add the class-rebalancing arm: all real slices plus synthetic
+            slices of the under-represented CDR class only (generated at that class through
+            the covariate conditioning) until both classes have as many slices.
         generator: which generator makes the synthetic pool when ``synthetic_dir`` is null.
         synthetic_dir: a ``braingen generate`` folder to draw synthetic slices from
             (manifest with the labels the tasks need); null = the stage generates a pool
             matched to the training slices' z and covariates, with masks.
         pool_ratio: size of a generated pool per real training slice (>= the largest ratio).
         segmenter: the segmentation network and its training settings.
-        regressor: the age network (the covariate probe's trunk, age head) and its settings.
+        covariate_net: the age / CDR network (the covariate probe's trunk with the task's one
+            head) and its settings.
         n_boot: bootstrap resamples of each paired difference.
         confidence: confidence level of the CIs.
         alpha: family-wise error rate of the Holm correction across arms.
     """
 
-    tasks: tuple[StudyTask, ...] = ("segmentation", "age")
+    tasks: tuple[StudyTask, ...] = ("segmentation", "cdr")
     seeds: int = Field(5, ge=2)
     ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
     synthetic_only: bool = True
     conventional: bool = True
+    rebalance: bool = True
     generator: GeneratorName = "ldm"
     synthetic_dir: str | None = None
     pool_ratio: float = Field(2.0, gt=0)
     segmenter: SegmenterConfig = SegmenterConfig(
         features=(8, 8, 16, 32, 64, 8), train=TrainConfig(steps=200, batch_size=16, lr=2e-3)
     )
-    regressor: CovariateProbeConfig = CovariateProbeConfig(
+    covariate_net: CovariateProbeConfig = CovariateProbeConfig(
         train=TrainConfig(steps=200, batch_size=32, lr=1e-3)
     )
     n_boot: int = Field(2000, ge=100)

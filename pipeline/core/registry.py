@@ -1,12 +1,14 @@
 """Model files in MLflow: logged models of their runs, registered under stable names.
 
-Every model file a stage writes (:mod:`pipeline.models.files`) becomes, besides the run's
-artifact ``model/<file>``, an MLflow *logged model* (the Models column of the runs page)
-holding the file, with the file's metadata as tags and its config as params, and a new
-version of the registered model :data:`REGISTERED_NAMES` ``[kind]`` whose tags carry the
-file's ``sha256`` and ``code_version``. ``evaluate`` links its run (model inputs, tags
-``scored.<section>``) and its figures (metrics ``<section>.*`` attached to the logged model)
-to the versions of the files it scored (:func:`link_models`).
+Every model file a stage writes (:mod:`pipeline.models.files`) becomes an MLflow *logged
+model* of its run (the Models column of the runs page) holding the file (the one copy MLflow
+stores: it is not a run artifact too), with the file's metadata as tags and its config as
+params, and a new version of the registered model :data:`REGISTERED_NAMES` ``[kind]`` whose
+tags carry the file's ``sha256`` and ``code_version``. ``evaluate`` links its run (model
+inputs, tags ``scored.<section>``) and its figures (metrics ``<section>.*`` attached to the
+logged model) to the versions of the files it scored (:func:`link_models`); ``generate``
+links its run to the versions of the generator and first stage it sampled
+(:func:`link_generator`, tags ``used.<kind>``).
 
 ``braingen generate --model models:/braingen-ldm/latest`` (or ``/<version>``,
 ``@<alias>``) goes through :func:`fetch_model`: it downloads the version's file and the
@@ -117,8 +119,6 @@ def model_tags(path: str | Path, ckpt: Mapping[str, Any]) -> dict[str, str]:
 def log_model(run: StageRun, path: str | Path) -> None:
     """Log a model file as a logged model of ``run`` and register it as a new version.
 
-    (The training code logs the file as the run's artifact ``model/<file>`` too.)
-
     Args:
         run: the stage's run (nothing happens when it is disabled; offline, the call is
             recorded in its local file).
@@ -190,6 +190,9 @@ def _log_and_register(
         await_creation_for=0,
         model_id=model.model_id,
     )
+    # as mlflow.register_model does: the logged models page then names the version
+    link = json.dumps([{"name": name, "version": version.version}])
+    client.set_logged_model_tags(model.model_id, {"mlflow.modelVersions": link})
     logger.info("registered %s version %s (logged model %s)", name, version.version, model.model_id)
 
 
@@ -226,21 +229,72 @@ def link_models(run: StageRun, files: Mapping[str, str | Path]) -> None:
 
 
 def _link(run: StageRun, shas: dict[str, str]) -> None:
+    client = run.mlflow.MlflowClient()
+    versions = {
+        section: _version_with_sha(client, list(REGISTERED_NAMES.values()), sha)
+        for section, sha in shas.items()
+    }
+    for section, model_id in _log_model_inputs(run, versions, "scored").items():
+        run.link_metrics(f"{section}.", model_id)
+
+
+def _log_model_inputs(run: StageRun, versions: Mapping[str, Any], tag: str) -> dict[str, str]:
+    """Log the logged models of ``versions`` as model inputs of ``run``, each with a tag
+    ``<tag>.<section>`` = ``<registered name>/<version>``.
+
+    Args:
+        run: the run that used or scored them.
+        versions: ``{section: model version}``; None (not registered) is skipped.
+        tag: the tags' prefix (``scored``, ``used``).
+
+    Returns:
+        The logged model id of each section linked.
+    """
     from mlflow.entities import LoggedModelInput
 
-    client = run.mlflow.MlflowClient()
-    inputs, tags = [], {}
-    for section, sha in shas.items():
-        version = _version_with_sha(client, list(REGISTERED_NAMES.values()), sha)
+    linked, tags = {}, {}
+    for section, version in versions.items():
         model_id = None if version is None else _model_id(version)
-        if model_id is None:
-            continue
-        inputs.append(LoggedModelInput(model_id))
-        tags[f"scored.{section}"] = f"{version.name}/{version.version}"
-        run.link_metrics(f"{section}.", model_id)
-    if inputs:
-        client.log_inputs(run.run_id, models=inputs)
+        if model_id is not None:
+            linked[section] = model_id
+            tags[f"{tag}.{section}"] = f"{version.name}/{version.version}"
+    if linked:
+        client = run.mlflow.MlflowClient()
+        client.log_inputs(run.run_id, models=[LoggedModelInput(m) for m in linked.values()])
         run.mlflow.set_tags(tags)
+    return linked
+
+
+def link_generator(run: StageRun, path: str | Path) -> None:
+    """Link ``run`` (``generate``) to the registered versions of the generator it samples.
+
+    The generator file's version (found by sha256) and the version of the first stage it
+    was trained on (by the version's ``autoencoder_sha256`` tag) become model inputs of the
+    run, with tags ``used.<kind>`` = ``<registered name>/<version>``. A file not in the
+    registry links nothing.
+
+    Args:
+        run: the ``generate`` run.
+        path: the generator file (``models/ldm.pt``, ``models/pixelcnn.pt``).
+    """
+    if run.enabled and Path(path).is_file():
+        run.guarded(_link_generator, run, file_sha256(path))
+
+
+def _link_generator(run: StageRun, sha: str) -> None:
+    client = run.mlflow.MlflowClient()
+    generators = [REGISTERED_NAMES[k] for k in ("ldm", "pixelcnn")]
+    version = _version_with_sha(client, generators, sha)
+    if version is None:
+        return
+    versions = {version.tags["kind"]: version}
+    ae_sha = version.tags.get("autoencoder_sha256")
+    if ae_sha:
+        first_stages = [n for k, n in REGISTERED_NAMES.items() if k.startswith("ae_")]
+        ae_version = _version_with_sha(client, first_stages, ae_sha)
+        if ae_version is not None:
+            versions[ae_version.tags["kind"]] = ae_version
+    _log_model_inputs(run, versions, "used")
 
 
 # ------------------------------------------------------------------ resolving models:/ URIs

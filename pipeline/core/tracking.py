@@ -6,12 +6,14 @@ tagged ``pipeline_run`` (:func:`pipeline_run_id`: the commit, the code's uncommi
 ``params.yaml``, or ``BRAINGEN_PIPELINE_RUN``); under ``dvc repro`` (``DVC_STAGE`` set) or with
 ``BRAINGEN_PIPELINE_RUN`` set, it is also a child of one parent run per pipeline run, which
 collects each stage's last metric values (``<run name>.<metric>``) for comparing two repros.
-A stage DVC skips (cached) starts no run, so nothing is duplicated.
+A stage DVC skips (cached) starts no run, so nothing is duplicated. A sub-experiment of a
+stage (one arm of a study) is a child run of the stage run (:meth:`StageRun.child`).
 
 Training images go through :meth:`StageRun.log_image` with a step (MLflow's image history:
 the UI's slider over one key); the prepared splits through :meth:`StageRun.log_datasets`
 (digest: DVC's md5 of the folder, :func:`dvc_dir_md5`); training stages sample system
-metrics (CPU, memory, disk, network; GPU with ``pynvml``) with ``system_metrics=True``.
+metrics (CPU, memory, disk, network; GPU through ``nvidia-ml-py`` when there is one) with
+``system_metrics=True``.
 Logged and registered models: :mod:`pipeline.core.registry`.
 
 By default runs go to a sqlite store ``mlflow.db`` with artifacts in ``mlartifacts/`` at the
@@ -28,6 +30,8 @@ Usage::
         run.log_metrics({"loss": 0.1}, step=10)
         run.log_image(grid, "samples/recon", step=100)      # image history (key, step)
         run.log_image(grid, "reports/ae_vqvae_recon.png")   # one image file
+        with run.child("arm 1x", params={"synthetic": 1.0}) as arm:  # a nested run
+            arm.log_metrics({"dice": 0.8})
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +220,8 @@ class StageRun:
         self.enabled = enabled
         self.system_metrics = system_metrics and os.environ.get(SYSTEM_METRICS_ENV) != "0"
         self.run_id: str | None = None
+        #: The ``pipeline_run`` tag (set on entering).
+        self.pipeline_run: str | None = None
         #: The parent run of the pipeline run (None outside ``dvc repro`` and without
         #: ``BRAINGEN_PIPELINE_RUN``).
         self.parent_run_id: str | None = None
@@ -231,10 +238,11 @@ class StageRun:
     def __enter__(self) -> StageRun:
         if not self.enabled:
             return self
+        self.pipeline_run = pipeline_run_id()
         tags = {
             "stage": self.stage,
             "pipeline_id": pipeline_id(self.params),
-            "pipeline_run": pipeline_run_id(),
+            "pipeline_run": self.pipeline_run,
             "git_commit": git_commit(),
             "params_hash": params_hash(self.params),
         }
@@ -260,6 +268,45 @@ class StageRun:
         """Call ``fn(*args)`` under the run's failure policy (warn once, then record offline)."""
         if self.enabled:
             self._call(fn, *args)
+
+    @contextmanager
+    def child(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> Iterator[ChildRun]:
+        """A run nested under this stage run, for one sub-experiment (a study's arm).
+
+        The child is created with MLflow's client (the fluent active run stays the stage
+        run), tagged ``mlflow.parentRunId`` = this run, the same ``stage`` and
+        ``pipeline_run``, and ended ``FINISHED`` (``FAILED`` when the body raises). It follows
+        the stage run's failure policy: disabled, it does nothing; offline (server down, or
+        dead mid-run), its calls go to the stage's local file and never raise.
+
+        Args:
+            name: the child's run name, e.g. ``"arm 1x"``.
+            params: its parameters (nested mappings are flattened).
+            tags: extra tags.
+
+        Yields:
+            The child, with ``log_metrics`` and ``log_params``.
+        """
+        child = ChildRun(self, name)
+        child_tags = {
+            "stage": self.stage,
+            "pipeline_run": self.pipeline_run or "",
+            "mlflow.parentRunId": self.run_id or "",
+            **(tags or {}),
+        }
+        child._start(child_tags)
+        child.log_params(flatten(params or {}))
+        try:
+            yield child
+        except BaseException:
+            child._end("FAILED")
+            raise
+        child._end("FINISHED")
 
     def _start(self, tags: dict[str, str]) -> None:
         import mlflow
@@ -504,6 +551,64 @@ class StageRun:
                 self._mlflow.log_input(dataset, context=context, tags={"split": split})
 
         self._call(log_datasets, found)
+
+
+class ChildRun:
+    """A run nested under a :class:`StageRun` (made by :meth:`StageRun.child`).
+
+    Every call goes through the stage run's failure policy (:meth:`StageRun.guarded`):
+    nothing when the stage run is disabled, the local file when it is offline.
+
+    Args:
+        stage_run: the stage run it is nested under.
+        name: its run name.
+    """
+
+    def __init__(self, stage_run: StageRun, name: str) -> None:
+        self.stage_run = stage_run
+        self.name = name
+        #: Its MLflow run id (None until created, and when disabled or offline).
+        self.run_id: str | None = None
+
+    def _start(self, tags: dict[str, str]) -> None:
+        def start_child(name: str, t: dict[str, str]) -> None:
+            client = self.stage_run.mlflow.MlflowClient()
+            created = client.create_run(self.stage_run.experiment_id, run_name=name, tags=t)
+            self.run_id = created.info.run_id
+
+        self.stage_run.guarded(start_child, self.name, tags)
+
+    def _end(self, status: str) -> None:
+        def end_child(name: str, s: str) -> None:
+            self.stage_run.mlflow.MlflowClient().set_terminated(self.run_id, s)
+
+        self.stage_run.guarded(end_child, self.name, status)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log parameters (values stringified, truncated to MLflow's 6000-char limit)."""
+        clean = {k: str(v)[:6000] for k, v in params.items()}
+
+        def log_child_params(name: str, p: dict[str, str]) -> None:
+            from mlflow.entities import Param
+
+            entries = [Param(k, v) for k, v in p.items()]
+            self.stage_run.mlflow.MlflowClient().log_batch(self.run_id, params=entries)
+
+        if clean:
+            self.stage_run.guarded(log_child_params, self.name, clean)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log scalar metrics at ``step`` (0 when None, as MLflow does)."""
+        clean = {k: float(v) for k, v in metrics.items()}
+
+        def log_child_metrics(name: str, m: dict[str, float], s: int | None) -> None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            entries = [Metric(k, v, now, s or 0) for k, v in m.items()]
+            self.stage_run.mlflow.MlflowClient().log_batch(self.run_id, metrics=entries)
+
+        self.stage_run.guarded(log_child_metrics, self.name, clean, step)
 
 
 def iter_offline(path: str | Path) -> Iterator[dict[str, Any]]:

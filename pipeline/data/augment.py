@@ -21,7 +21,7 @@ for real slices, the ``mask_file`` written by ``generate --masks`` for synthetic
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,8 @@ class AugmentedDataset(Dataset):
             number (e.g. a synthetic-only set with ``real_indices=[]``).
         preload: read the drawn synthetic slices (and masks) once, into memory, instead of
             from their files at every access (for many epochs over a small set).
+        synthetic_filter: draw only from the generated slices whose manifest row (column →
+            text) it accepts, e.g. one CDR class for class rebalancing; None = all.
 
     Raises:
         PreparedDataError: the real split is missing or inconsistent.
@@ -88,6 +90,7 @@ class AugmentedDataset(Dataset):
         real_indices: Sequence[int] | None = None,
         synthetic_count: int | None = None,
         preload: bool = False,
+        synthetic_filter: Callable[[Mapping[str, str]], bool] | None = None,
     ) -> None:
         if not 0.0 <= synthetic_ratio < 1.0:
             raise InputError(f"synthetic_ratio must be in [0, 1), got {synthetic_ratio}")
@@ -98,7 +101,11 @@ class AugmentedDataset(Dataset):
             else np.asarray(real_indices, dtype=np.int64)
         )
         self.synthetic_dir = Path(synthetic_dir)
-        pool = self._synthetic_pool()
+        pool = [
+            (path, row)
+            for path, row in self._synthetic_pool()
+            if synthetic_filter is None or synthetic_filter(row)
+        ]
         r, n_real = synthetic_ratio, len(self.real_indices)
         n_synthetic = round(n_real * r / (1.0 - r)) if synthetic_count is None else synthetic_count
         if n_synthetic > len(pool):

@@ -2,20 +2,28 @@
 
 For every task (:data:`~pipeline.core.config.StudyTask`), every arm trains the same network
 (:class:`~pipeline.training.probes.SegmenterTask` for tissue segmentation,
-:class:`~pipeline.training.probes.CovariateProbeTask` with an age head for age regression)
-for the same optimizer steps on the same seeds, through the one training loop, and is scored
-on the real test subjects only (never seen by the generator or the downstream network):
+:class:`~pipeline.training.probes.CovariateProbeTask` with one head for age regression or
+CDR > 0 classification) for the same optimizer steps on the same seeds, through the one
+training loop, and is scored on the real test subjects only (never seen by the generator or
+the downstream network):
 
 - segmentation: mean Dice over CSF, GM and WM of each test subject's slices;
-- age: |mean prediction over a subject's slices - the subject's age| (years; lower is better).
+- age: |mean prediction over a subject's slices - the subject's age| (years; lower is better);
+- cdr: (p - y)^2, the Brier score of the subject's mean probability of CDR > 0 against its
+  label (lower is better; subjects with an unknown CDR are not scored). Beside it, per seed,
+  the subject-level ROC AUC and balanced accuracy (threshold 0.5), the figures a reader of a
+  classification paper expects; the paired statistics use the per-subject Brier score, which
+  is defined for every subject (an AUC is not).
 
 Arms (:func:`study_arms`), per fraction of the training subjects (the low-data regimes; the
 generator is the one the pipeline trained on all of them: the "pretrained generator, small
 labelled set" setting): real only, and real + synthetic at each ratio; then synthetic only
 (as many synthetic slices as real ones: train on synthetic, test on real), conventional
 augmentation (MONAI flips, small affine, bias field, contrast) and conventional + synthetic
-at the best ratio. Each arm's baseline is real only at its own fraction; the real-only
-arms of the smaller fractions are compared with the full set.
+at the best ratio; for ``cdr``, class rebalancing (all real slices plus synthetic slices of
+the under-represented CDR class only, generated at that class through the covariate
+conditioning, until the classes have as many slices). Each arm's baseline is real only at
+its own fraction; the real-only arms of the smaller fractions are compared with the full set.
 
 Statistics (:mod:`pipeline.metrics.paired`): per arm the table of paired differences
 (seeds x test subjects) from its baseline, a two-level bootstrap CI and p-value, and Holm's
@@ -27,8 +35,11 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +47,20 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from torch import nn
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from pipeline.core.config import Params, StudyConfig, StudyTask, TrainConfig
 from pipeline.core.errors import InputError
 from pipeline.core.figures import figure_image
+from pipeline.core.labels import label_value
 from pipeline.data.augment import AugmentedDataset
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.data.manifests import MANIFEST, read_manifest
 from pipeline.metrics.paired import holm, paired_bootstrap
+from pipeline.training.concurrency import parallel_setting, usable_cores
 from pipeline.training.loop import fit
 from pipeline.training.probes import (
     CovariateLabels,
@@ -63,6 +78,7 @@ logger = logging.getLogger(__name__)
 TASK_SCORES: dict[str, tuple[str, bool]] = {
     "segmentation": ("mean Dice (CSF, GM, WM) per test subject", True),
     "age": ("age MAE per test subject (years)", False),
+    "cdr": ("Brier score of CDR > 0 per test subject", False),
 }
 
 
@@ -76,6 +92,8 @@ class Arm:
         ratio: synthetic slices per real slice (0: none).
         synthetic_only: no real slices; as many synthetic slices as the real set has.
         conventional: MONAI flips, small affine, bias field and contrast on every item.
+        rebalance: add synthetic slices of the under-represented CDR class only, until both
+            classes have as many slices (the ``cdr`` task).
         baseline: the arm it is compared with (None for the reference arm).
     """
 
@@ -84,6 +102,7 @@ class Arm:
     ratio: float = 0.0
     synthetic_only: bool = False
     conventional: bool = False
+    rebalance: bool = False
     baseline: str | None = None
 
 
@@ -91,11 +110,16 @@ def _real_name(fraction: float) -> str:
     return "real" if fraction == 1.0 else f"{fraction:.0%} real"
 
 
-def study_arms(cfg: StudyConfig, best_ratio: float | None = None) -> list[Arm]:
-    """The arms of ``cfg``, baselines first.
+#: The class-rebalancing arm of the ``cdr`` task.
+REBALANCED = "real + synthetic minority class"
+
+
+def study_arms(cfg: StudyConfig, task: StudyTask, best_ratio: float | None = None) -> list[Arm]:
+    """The arms of ``cfg`` for ``task``, baselines first.
 
     Args:
         cfg: the study settings.
+        task: the downstream task (class rebalancing is an arm of ``cdr`` only).
         best_ratio: the ratio whose arm scored best at the full set; adds
             "conventional + synthetic" at it (None: that arm is not planned yet).
     """
@@ -106,6 +130,8 @@ def study_arms(cfg: StudyConfig, best_ratio: float | None = None) -> list[Arm]:
         arms += [Arm(f"{real} + {r:g}x synthetic", fraction, r, baseline=real) for r in cfg.ratios]
     if cfg.synthetic_only:
         arms.append(Arm("synthetic only", synthetic_only=True, baseline="real"))
+    if cfg.rebalance and task == "cdr":
+        arms.append(Arm(REBALANCED, rebalance=True, baseline="real"))
     if cfg.conventional:
         arms.append(Arm("conventional", conventional=True, baseline="real"))
         if best_ratio is not None:
@@ -198,38 +224,96 @@ class StudyData:
         train: the real training split.
         test: the real test split (the only scoring data).
         test_subjects: (N,) subject id of each test slice.
-        test_ages: (N,) age of each test slice's subject in years (NaN unknown).
+        test_labels: the test slices' covariate targets (age in years, CDR > 0; NaN unknown).
         synthetic_dir: the synthetic pool (a ``generate`` folder).
     """
 
     train: SliceDataset
     test: EvalData
     test_subjects: np.ndarray
-    test_ages: np.ndarray
+    test_labels: CovariateLabels
     synthetic_dir: Path
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One trained network's scores on the real test subjects.
+
+    Attributes:
+        per_subject: (n_scored_subjects,) the task's score per test subject, sorted by id.
+        summary: split-level figures beside it (``cdr``: subject-level ``auc`` and
+            ``balanced_accuracy``); empty for the other tasks.
+    """
+
+    per_subject: np.ndarray
+    summary: dict[str, float]
+
+
+def _synthetic_rows(data: StudyData) -> list[dict[str, str]]:
+    return [r for r in read_manifest(data.synthetic_dir / MANIFEST) if r["type"] == "slice"]
 
 
 def task_problem(task: StudyTask, data: StudyData) -> str | None:
     """Why ``task`` cannot run on ``data`` (one line), or None."""
-    rows = read_manifest(data.synthetic_dir / MANIFEST)
-    slices = [r for r in rows if r["type"] == "slice"]
+    slices = _synthetic_rows(data)
     if task == "segmentation":
         if not data.train.has_tissue or data.test.tissue is None:
             return "segmentation: the prepared splits have no tissue.npy (no segmentations)"
         if not all(r["mask_file"] for r in slices):
             return f"segmentation: {data.synthetic_dir} has slices without masks (--masks)"
-    if task == "age":
-        if np.isnan(data.test_ages).all():
-            return "age: the test split has no known ages"
-        if not any(r["age"] for r in slices):
-            return f"age: no slice in {data.synthetic_dir} was generated with an age"
+        return None
+    target = data.test_labels.target(task)
+    known = target[~np.isnan(target)]
+    if task == "age" and known.size == 0:
+        return "age: the test split has no known ages"
+    if task == "cdr":
+        if np.unique(known).size < 2:
+            return "cdr: the test split needs subjects with CDR 0 and with CDR > 0"
+        train = CovariateLabels.from_manifest(data.train.manifest).cdr_positive
+        if np.unique(train[~np.isnan(train)]).size < 2:
+            return "cdr: the training split needs subjects with CDR 0 and with CDR > 0"
+    if not any(r[task] for r in slices):
+        label = {"age": "an age", "cdr": "a CDR"}[task]
+        return f"{task}: no slice in {data.synthetic_dir} was generated with {label}"
     return None
+
+
+def _cdr_positive(row: Mapping[str, str]) -> bool:
+    return bool(row["cdr"]) and label_value("cdr", row["cdr"]) > 0
+
+
+def _cdr_negative(row: Mapping[str, str]) -> bool:
+    return bool(row["cdr"]) and label_value("cdr", row["cdr"]) == 0
+
+
+def rebalancing(data: StudyData, real: np.ndarray) -> tuple[str, int]:
+    """The under-represented CDR class among the real slices ``real`` and how many synthetic
+    slices of it balance the classes (at most as many as the pool holds).
+
+    Returns:
+        (``"CDR > 0"`` or ``"CDR 0"``, count).
+    """
+    positive = CovariateLabels.from_manifest(data.train.manifest).cdr_positive[real]
+    n_pos, n_neg = int((positive == 1).sum()), int((positive == 0).sum())
+    minority, accept = ("CDR > 0", _cdr_positive) if n_pos < n_neg else ("CDR 0", _cdr_negative)
+    available = sum(accept(r) for r in _synthetic_rows(data))
+    need = abs(n_neg - n_pos)
+    if available < need:
+        logger.warning(
+            "augment_study: rebalancing needs %d synthetic %s slices, the pool has %d",
+            need, minority, available,
+        )  # fmt: skip
+    return minority, min(need, available)
 
 
 def training_set(arm: Arm, data: StudyData, task: StudyTask, seed: int, study_seed: int) -> Any:
     """The arm's training dataset (items with ``image`` and the task's target)."""
     real = subject_subset(data.train.manifest, arm.fraction, study_seed)
     count = len(real) if arm.synthetic_only else round(arm.ratio * len(real))
+    accept = None
+    if arm.rebalance:
+        minority, count = rebalancing(data, real)
+        accept = _cdr_positive if minority == "CDR > 0" else _cdr_negative
     mixed = AugmentedDataset(
         data.train,
         data.synthetic_dir,
@@ -239,8 +323,9 @@ def training_set(arm: Arm, data: StudyData, task: StudyTask, seed: int, study_se
         real_indices=[] if arm.synthetic_only else real,
         synthetic_count=count,
         preload=True,
+        synthetic_filter=accept,
     )
-    keys = ("image", "tissue") if task == "segmentation" else ("image", "age")
+    keys = ("image", "tissue") if task == "segmentation" else ("image", task)
     selected = Selected(mixed, keys)
     return Conventional(selected, seed) if arm.conventional else selected
 
@@ -265,12 +350,17 @@ class Selected(Dataset):
         return {key: item[key] for key in self.keys}
 
 
-def _age_targets(dataset: Dataset, age_mean: float, age_std: float) -> LabelledSlices:
-    ages = np.asarray([float(dataset[i]["age"]) for i in range(len(dataset))])  # type: ignore[arg-type]
-    nan = np.full_like(ages, np.nan)
-    return LabelledSlices(
-        dataset, CovariateLabels(ages, nan, nan), ("age",), age_mean=age_mean, age_std=age_std
-    )
+def _covariate_targets(
+    dataset: Dataset, head: str, age_mean: float, age_std: float
+) -> LabelledSlices:
+    """``dataset`` with the targets of the covariate network's one ``head`` (age or cdr)."""
+    values = np.asarray([float(dataset[i][head]) for i in range(len(dataset))])  # type: ignore[arg-type]
+    nan = np.full_like(values, np.nan)
+    if head == "age":
+        labels = CovariateLabels(values, nan, nan)
+    else:
+        labels = CovariateLabels(nan, np.where(np.isnan(values), np.nan, values > 0), nan)
+    return LabelledSlices(dataset, labels, (head,), age_mean=age_mean, age_std=age_std)
 
 
 def train_and_score(
@@ -283,36 +373,43 @@ def train_and_score(
     device: torch.device,
     run: Any,
     work_dir: Path,
-) -> np.ndarray:
-    """Train the task's network on ``dataset``; its score on each test subject.
-
-    Returns:
-        (n_test_subjects,) scores in sorted subject order.
-    """
+) -> Scored:
+    """Train the task's network on ``dataset`` and score it on each real test subject."""
     torch.manual_seed(seed)
-    net: nn.Module
     n_items = len(dataset)  # type: ignore[arg-type]
     if task == "segmentation":
         seg_task = SegmenterTask(cfg.segmenter, device)
         fit(seg_task, dataset, _fitting(cfg.segmenter.train, n_items), run=run,
             resume_dir=work_dir, seed=seed, device=device, progress=False)  # fmt: skip
-        net = seg_task.modules["segmenter"]
-        pred = predict_tissue(net, data.test.image)
-        return _per_subject(
-            data.test_subjects,
-            lambda rows: dice_per_class(pred[rows], data.test.tissue[rows])["dice_mean"],  # type: ignore[index]
+        pred = predict_tissue(seg_task.modules["segmenter"], data.test.image)
+        return Scored(
+            _per_subject(
+                data.test_subjects,
+                lambda rows: dice_per_class(pred[rows], data.test.tissue[rows])["dice_mean"],  # type: ignore[index]
+            ),
+            {},
         )
     known = data.train.manifest["age"].dropna().astype(float)
     age_mean, age_std = float(known.mean()), float(known.std() or 1.0)
-    age_task = CovariateProbeTask(
-        cfg.regressor, ("age",), age_mean=age_mean, age_std=age_std, device=device
+    net_task = CovariateProbeTask(
+        cfg.covariate_net, (task,), age_mean=age_mean, age_std=age_std, device=device
     )
-    fit(age_task, _age_targets(dataset, age_mean, age_std),
-        _fitting(cfg.regressor.train, n_items), run=run, resume_dir=work_dir, seed=seed,
+    fit(net_task, _covariate_targets(dataset, task, age_mean, age_std),
+        _fitting(cfg.covariate_net.train, n_items), run=run, resume_dir=work_dir, seed=seed,
         device=device, progress=False)  # fmt: skip
-    ages = predict_covariates(age_task.modules["probe"], data.test.image)["age"].numpy()
-    return _per_subject(
-        data.test_subjects, lambda rows: abs(ages[rows].mean() - data.test_ages[rows][0])
+    pred = predict_covariates(net_task.modules["probe"], data.test.image)[task].numpy()
+    target = data.test_labels.target(task)
+    scored = ~np.isnan(target)
+    subject_pred = _per_subject(data.test_subjects, lambda rows: pred[rows].mean(), scored)
+    subject_target = _per_subject(data.test_subjects, lambda rows: target[rows][0], scored)
+    if task == "age":
+        return Scored(np.abs(subject_pred - subject_target), {})
+    return Scored(
+        (subject_pred - subject_target) ** 2,
+        {
+            "auc": float(roc_auc_score(subject_target, subject_pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(subject_target, subject_pred > 0.5)),
+        },
     )
 
 
@@ -322,8 +419,13 @@ def _fitting(train: TrainConfig, n_items: int) -> TrainConfig:
     return train.model_copy(update={"batch_size": min(train.batch_size, n_items)})
 
 
-def _per_subject(subjects: np.ndarray, score: Callable[[np.ndarray], float]) -> np.ndarray:
-    return np.asarray([float(score(np.flatnonzero(subjects == s))) for s in sorted(set(subjects))])
+def _per_subject(
+    subjects: np.ndarray, score: Callable[[np.ndarray], float], keep: np.ndarray | None = None
+) -> np.ndarray:
+    """``score(rows)`` of each subject's slice rows, in sorted subject order; only the
+    subjects with a slice in ``keep`` (a (N,) bool mask; None = all)."""
+    kept = subjects if keep is None else subjects[keep]
+    return np.asarray([float(score(np.flatnonzero(subjects == s))) for s in sorted(set(kept))])
 
 
 def effects(
@@ -377,16 +479,20 @@ def conclusion(task: StudyTask, task_effects: Mapping[str, Mapping[str, Any]], c
 
 
 def figure(results: Mapping[str, Any], cfg: StudyConfig) -> np.ndarray:
-    """Per task: the score against the synthetic ratio, one line per data regime, with the
-    paired CI of each point against its real-only baseline as a band."""
+    """One column per task. Top: the score against the synthetic ratio, one line per data
+    regime, with the paired CI of each point against its real-only baseline as a band.
+    Bottom: every arm's paired difference from its baseline with its CI (a forest plot;
+    red: survives Holm and hurts, green: survives and helps, grey: does not survive)."""
     tasks = list(results)
-    fig = Figure(figsize=(5 * max(1, len(tasks)), 3.6), dpi=100)
-    axes = fig.subplots(1, max(1, len(tasks)), squeeze=False)[0]
-    for ax, task in zip(axes, tasks, strict=False):
+    fig = Figure(figsize=(5.5 * max(1, len(tasks)), 7.0), dpi=100)
+    axes = fig.subplots(2, max(1, len(tasks)), squeeze=False)
+    for top, bottom, task in zip(axes[0], axes[1], tasks, strict=False):
         res = results[task]
         if "skipped" in res:
-            ax.set_title(f"{task}: not run")
-            ax.text(0.02, 0.5, res["skipped"], wrap=True, fontsize=8, transform=ax.transAxes)
+            top.set_title(f"{task}: not run")
+            top.text(0.02, 0.5, res["skipped"], wrap=True, fontsize=8, transform=top.transAxes)
+            top.axis("off")
+            bottom.axis("off")
             continue
         for fraction in sorted(cfg.fractions):
             real = _real_name(fraction)
@@ -396,12 +502,34 @@ def figure(results: Mapping[str, Any], cfg: StudyConfig) -> np.ndarray:
             y = [res["arms"][n]["mean"] for n in names]
             lows = [base] + [base + res["effects"][n]["low"] for n in names[1:]]
             highs = [base] + [base + res["effects"][n]["high"] for n in names[1:]]
-            line = ax.plot(x, y, marker="o", label=real)[0]
-            ax.fill_between(x, lows, highs, color=line.get_color(), alpha=0.2)
-        ax.set(xlabel="synthetic slices per real slice", ylabel=TASK_SCORES[task][0], title=task)
-        ax.legend(fontsize=8)
+            line = top.plot(x, y, marker="o", label=real)[0]
+            top.fill_between(x, lows, highs, color=line.get_color(), alpha=0.2)
+        top.set(xlabel="synthetic slices per real slice", ylabel=TASK_SCORES[task][0], title=task)
+        top.legend(fontsize=8)
+        _forest(bottom, res, cfg.confidence)
     fig.tight_layout()
     return figure_image(fig)
+
+
+def _forest(ax: Any, res: Mapping[str, Any], confidence: float) -> None:
+    """Each arm's paired difference from its baseline with its CI, on ``ax``."""
+    names = list(res["effects"])[::-1]
+    for y, name in enumerate(names):
+        e = res["effects"][name]
+        colour = ("tab:green" if e["helps"] else "tab:red") if e["survives_holm"] else "grey"
+        ax.errorbar(e["mean"], y, xerr=[[e["mean"] - e["low"]], [e["high"] - e["mean"]]],
+                    fmt="o", color=colour, capsize=3)  # fmt: skip
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.set_yticks(range(len(names)), [f"{n}\nvs {res['effects'][n]['baseline']}" for n in names],
+                  fontsize=7)  # fmt: skip
+    better = "higher" if res["higher_is_better"] else "lower"
+    ax.set(xlabel=f"paired difference ({better} is better), {confidence:.0%} CI",
+           title="each arm against its baseline")  # fmt: skip
+
+
+#: Split-level figures that a task's arms carry per seed, shown beside its table.
+SUMMARY_COLUMNS = {"auc": "AUC (subjects)", "balanced_accuracy": "balanced accuracy"}
 
 
 def markdown(results: Mapping[str, Any], cfg: StudyConfig, stand_in: bool) -> str:
@@ -413,66 +541,181 @@ def markdown(results: Mapping[str, Any], cfg: StudyConfig, stand_in: bool) -> st
             "",
         ]
     lines += [f"- {res.get('conclusion', res.get('skipped'))}" for res in results.values()]
+    if len(cfg.fractions) > 1:
+        lines += [
+            "",
+            "The low-data arms train on a fraction of the training subjects; the generator is "
+            "the one the pipeline trained on all of them (a pretrained generator, a small "
+            "labelled set).",
+        ]
     for task, res in results.items():
         if "skipped" in res:
             continue
         unit, higher = TASK_SCORES[task]
+        extra = [k for k in SUMMARY_COLUMNS if k in res["arms"]["real"]]
         lines += [
             "",
             f"## {task}: {unit} ({'higher' if higher else 'lower'} is better), "
             f"{cfg.seeds} seeds x {res['n_subjects']} test subjects",
             "",
-            "| arm | mean | vs | difference | CI | p | Holm |",
-            "|---|---|---|---|---|---|---|",
+            "| arm | mean | vs | difference | CI | p | Holm |"
+            + "".join(f" {SUMMARY_COLUMNS[k]} |" for k in extra),
+            "|---|---|---|---|---|---|---|" + "---|" * len(extra),
         ]
         for name, arm in res["arms"].items():
             e = res["effects"].get(name)
+            summary = "".join(f" {np.mean(arm[k]):.3g} |" for k in extra)
             if e is None:
-                lines.append(f"| {name} | {arm['mean']:.4g} | — | — | — | — | reference |")
+                lines.append(f"| {name} | {arm['mean']:.4g} | — | — | — | — | reference |{summary}")
                 continue
             lines.append(
                 f"| {name} | {arm['mean']:.4g} | {e['baseline']} | {e['mean']:+.4g} | "
                 f"[{e['low']:+.4g}, {e['high']:+.4g}] | {e['p_value']:.3g} | "
-                f"{'survives' if e['survives_holm'] else '—'} |"
+                f"{'survives' if e['survives_holm'] else '—'} |{summary}"
             )
+        if REBALANCED in res["arms"]:
+            lines += [
+                "",
+                f"{REBALANCED}: every real slice plus synthetic slices of the under-represented "
+                "CDR class only, generated at that class, until both classes have as many.",
+            ]
     return "\n".join(lines) + "\n"
 
 
-def _arm_scores(
-    task: StudyTask,
-    arm: Arm,
-    *,
-    params: Params,
-    data: StudyData,
-    device: torch.device,
-    run: Any,
-    work_dir: Path,
-) -> np.ndarray:
-    """(seeds, test subjects) scores of one arm: seed ``params.seed + s`` for s < seeds."""
-    cfg = params.study
-    per_seed = [
-        train_and_score(
-            task,
-            training_set(arm, data, task, params.seed + s, params.seed),
-            data,
-            cfg,
-            seed=params.seed + s,
-            device=device,
-            run=run,
-            work_dir=work_dir / task / arm.name.replace(" ", "_") / str(s),
+@dataclass(frozen=True)
+class Training:
+    """One downstream training of the study.
+
+    Attributes:
+        task: the downstream task.
+        arm: the arm whose training set it uses.
+        seed: its seed (training set draw, initialisation, batch order).
+    """
+
+    task: StudyTask
+    arm: Arm
+    seed: int
+
+
+def _train(
+    job: Training, params: Params, data: StudyData, device: torch.device, work_dir: Path
+) -> Scored:
+    """Train and score one job (its checkpoints under ``work_dir``)."""
+    return train_and_score(
+        job.task,
+        training_set(job.arm, data, job.task, job.seed, params.seed),
+        data,
+        params.study,
+        seed=job.seed,
+        device=device,
+        run=QuietRun(),
+        work_dir=work_dir / job.task / job.arm.name.replace(" ", "_") / str(job.seed),
+    )
+
+
+#: A worker process's study (set once by :func:`_init_worker`, not per job).
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(params: Params, data: StudyData, work_dir: Path) -> None:
+    torch.set_num_threads(1)
+    _WORKER.update(params=params, data=data, work_dir=work_dir)
+
+
+def _train_in_worker(job: Training) -> Scored:
+    return _train(job, _WORKER["params"], _WORKER["data"], torch.device("cpu"), _WORKER["work_dir"])
+
+
+def study_workers(device: torch.device) -> int:
+    """Processes for the downstream trainings: one per usable CPU core on the CPU (one with
+    ``BRAINGEN_PARALLEL=0``), one on a GPU (the trainings share it one after the other)."""
+    if device.type != "cpu" or parallel_setting() is False:
+        return 1
+    return usable_cores()
+
+
+class Trainings:
+    """Runs the study's downstream trainings, side by side on CPU cores.
+
+    Small networks use two cores poorly (:mod:`pipeline.training.concurrency`), and the study
+    trains many: with ``workers`` > 1 each training runs in one of ``workers`` processes of
+    one thread each (started once, each holding the study's data); with 1, one after the
+    other in this process. A job is seeded by its own seed and its process keeps one thread,
+    so its scores do not depend on which process ran it, or when.
+
+    Args:
+        params: all parameters (``study``, ``seed``).
+        data: the real splits and the synthetic pool.
+        device: where the networks train.
+        work_dir: scratch folder for the trainings' checkpoints.
+        workers: processes (see :func:`study_workers`).
+    """
+
+    def __init__(
+        self, params: Params, data: StudyData, device: torch.device, work_dir: Path, workers: int
+    ) -> None:
+        self.params, self.data, self.device, self.work_dir = params, data, device, work_dir
+        self.pool = (
+            ProcessPoolExecutor(
+                workers,
+                mp_context=get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(params, data, work_dir),
+            )
+            if workers > 1
+            else None
         )
-        for s in range(cfg.seeds)
-    ]
-    return np.stack(per_seed)
+
+    def __enter__(self) -> Trainings:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def run(self, jobs: list[Training]) -> list[Scored]:
+        """Each job's scores, in the order of ``jobs``."""
+        with tqdm(total=len(jobs), desc="augment_study", unit="training", leave=False) as bar:
+            if self.pool is None:
+                out = []
+                for job in jobs:
+                    out.append(_train(job, self.params, self.data, self.device, self.work_dir))
+                    bar.update()
+                return out
+            futures = [self.pool.submit(_train_in_worker, job) for job in jobs]
+            for _ in as_completed(futures):
+                bar.update()
+            return [f.result() for f in futures]
+
+    def arms(self, task: StudyTask, arms: list[Arm], done: dict[str, list[Scored]]) -> None:
+        """Train and score every seed of the arms not yet in ``done`` (arm name → per-seed
+        scores, in seed order), all at once."""
+        todo = [a for a in arms if a.name not in done]
+        seeds = [self.params.seed + s for s in range(self.params.study.seeds)]
+        scored = iter(self.run([Training(task, arm, seed) for arm in todo for seed in seeds]))
+        for arm in todo:
+            done[arm.name] = [next(scored) for _ in seeds]
+            mean = np.mean([s.per_subject for s in done[arm.name]])
+            logger.info("augment_study: %s / %s: %.4g", task, arm.name, mean)
+
+
+def _arm_result(arm: Arm, per_seed: list[Scored]) -> dict[str, Any]:
+    """An arm's entry in the results: its settings, per-seed, per-subject scores, their
+    mean, and each summary figure per seed."""
+    scores = np.stack([s.per_subject for s in per_seed])
+    settings = {k: v for k, v in asdict(arm).items() if k not in ("name", "baseline")}
+    out: dict[str, Any] = {
+        "settings": settings,
+        "scores": scores.tolist(),
+        "mean": float(scores.mean()),
+    }
+    for key in per_seed[0].summary:
+        out[key] = [s.summary[key] for s in per_seed]
+    return out
 
 
 def run_study(
-    params: Params,
-    data: StudyData,
-    *,
-    device: torch.device,
-    run: Any,
-    progress: Callable[[str], None] = lambda _: None,
+    params: Params, data: StudyData, *, device: torch.device, workers: int = 1
 ) -> dict[str, Any]:
     """Every task's arms, seeds, scores and effects.
 
@@ -480,49 +723,45 @@ def run_study(
         params: all parameters (``study``, ``seed``).
         data: the real splits and the synthetic pool.
         device: where the downstream networks train.
-        run: tracking run for the per-arm losses (a quiet stand-in is fine).
-        progress: called with a line per finished (task, arm).
+        workers: processes for the trainings (:class:`Trainings`, :func:`study_workers`).
 
     Returns:
-        task → ``{"arms": {name: {"scores": [[...]], "mean": float}}, "effects": ...,
-        "conclusion": str, "n_subjects": int}`` or ``{"skipped": reason}``.
+        task → ``{"arms": {name: {"settings": ..., "scores": [[...]], "mean": float, ...}},
+        "effects": ..., "conclusion": str, "n_subjects": int, ...}`` or ``{"skipped":
+        reason}``; a ``cdr`` arm also holds ``auc`` and ``balanced_accuracy`` per seed.
     """
     cfg = params.study
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Trainings(params, data, device, Path(tmp), workers) as trainings,
+    ):
         for task in cfg.tasks:
             problem = task_problem(task, data)
             if problem:
                 logger.warning("augment_study: %s", problem)
                 results[task] = {"skipped": problem}
                 continue
-            scores: dict[str, np.ndarray] = {}
             higher = TASK_SCORES[task][1]
-            common = {"params": params, "data": data, "device": device, "run": run}
-            arms = study_arms(cfg)
-            for arm in arms:
-                scores[arm.name] = _arm_scores(task, arm, **common, work_dir=Path(tmp))
-                progress(f"{task} / {arm.name}: {scores[arm.name].mean():.4g}")
+            arms = study_arms(cfg, task)
+            done: dict[str, list[Scored]] = {}
+            trainings.arms(task, arms, done)
             if cfg.conventional and cfg.ratios:
                 sign = 1 if higher else -1
-                best = max(
-                    cfg.ratios, key=lambda r: sign * scores[f"real + {r:g}x synthetic"].mean()
-                )
-                arms = study_arms(cfg, best)
-                scores[arms[-1].name] = _arm_scores(task, arms[-1], **common, work_dir=Path(tmp))
-                progress(f"{task} / {arms[-1].name}: {scores[arms[-1].name].mean():.4g}")
+                ratio_arms = {r: done[f"real + {r:g}x synthetic"] for r in cfg.ratios}
+                mean = {r: np.mean([s.per_subject for s in arm]) for r, arm in ratio_arms.items()}
+                arms = study_arms(cfg, task, max(cfg.ratios, key=lambda r: sign * mean[r]))
+                trainings.arms(task, arms, done)
+            table = {a.name: _arm_result(a, done[a.name]) for a in arms}
+            scores = {name: np.asarray(arm["scores"]) for name, arm in table.items()}
             task_effects = effects(scores, arms, cfg, higher)
             results[task] = {
-                "arms": {
-                    a.name: {
-                        "scores": scores[a.name].tolist(),
-                        "mean": float(scores[a.name].mean()),
-                    }
-                    for a in arms
-                },
+                "score": TASK_SCORES[task][0],
+                "higher_is_better": higher,
+                "arms": table,
                 "effects": task_effects,
                 "conclusion": conclusion(task, task_effects, cfg),
-                "n_subjects": int(next(iter(scores.values())).shape[1]),
+                "n_subjects": int(scores["real"].shape[1]),
             }
     return results
 
@@ -651,29 +890,51 @@ def augment_study(
         )
     train = SliceDataset(prepared / "train")
     test_set = SliceDataset(prepared / "test")
-    ages = CovariateLabels.from_manifest(test_set.manifest).age
     data = StudyData(
         train,
         EvalData.from_dataset(test_set),
         test_set.manifest["subject"].astype(str).to_numpy(),
-        ages,
+        CovariateLabels.from_manifest(test_set.manifest),
         Path(source),
     )
-    results = run_study(params, data, device=device, run=QuietRun(), progress=logger.info)
-    report = {"synthetic_dir": str(source), "seeds": cfg.seeds, "tasks": results}
+    workers = study_workers(device)
+    results = run_study(params, data, device=device, workers=workers)
+    report = {
+        "synthetic_dir": str(source),
+        "seeds": cfg.seeds,
+        "training_processes": workers,
+        "tasks": results,
+    }
     write_json(paths.json, report)
     write_text(paths.markdown, markdown(results, cfg, stand_in))
     plot = figure(results, cfg)
     save_png(plot, paths.figure)
     save_png(pairs_figure(data), paths.pairs)
-    for task, res in results.items():
-        for name, arm in res.get("arms", {}).items():
-            run.log_metrics({f"{task}/{name.replace(' ', '_')}/mean": arm["mean"]})
-        if "conclusion" in res:
-            logger.info("%s", res["conclusion"])
+    log_arms(run, results)
+    for res in results.values():
+        logger.info("%s", res.get("conclusion", res.get("skipped")))
     run.log_artifact(paths.markdown, "reports")
     run.log_image(plot, f"reports/{paths.figure.name}")
     return report
+
+
+def log_arms(run: Any, results: Mapping[str, Any]) -> None:
+    """One MLflow child run per (task, arm) under the stage run: the arm's settings as
+    params; its mean score, per-seed means, summary figures and paired effect as metrics.
+    The stage run keeps ``<task>/<arm>/mean`` too, for comparing repros at a glance."""
+    for task, res in results.items():
+        for name, arm in res.get("arms", {}).items():
+            run.log_metrics({f"{task}/{name.replace(' ', '_')}/mean": arm["mean"]})
+            metrics = {"mean": arm["mean"]}
+            metrics |= {f"seed_{i}": float(np.mean(s)) for i, s in enumerate(arm["scores"])}
+            metrics |= {k: float(np.mean(arm[k])) for k in SUMMARY_COLUMNS if k in arm}
+            effect = res["effects"].get(name)
+            if effect is not None:
+                metrics |= {f"delta_{k}": effect[k] for k in ("mean", "low", "high", "p_value")}
+                metrics["survives_holm"] = float(effect["survives_holm"])
+            params = {"task": task, "arm": name, **arm["settings"]}
+            with run.child(f"{task}: {name}", params=params, tags={"study_task": task}) as child:
+                child.log_metrics(metrics)
 
 
 class QuietRun:
@@ -684,6 +945,11 @@ class QuietRun:
 
     def log_metrics(self, *_: Any, **__: Any) -> None:
         """Dropped."""
+
+    @contextmanager
+    def child(self, *_: Any, **__: Any) -> Iterator[QuietRun]:
+        """No child run: itself."""
+        yield self
 
     def log_image(self, *_: Any, **__: Any) -> None:
         """Dropped."""

@@ -37,8 +37,9 @@ file(s) it measured. Per-z curves go to ``reports/per_z/<metric>.csv`` (a DVC pl
 over training steps to ``reports/c2st_strength.png``; each generator's closest sample/training
 pairs to ``reports/novelty_<generator>.png``; real slices with their tissue maps above the
 slices generated at their z and covariates with the generated masks to
-``reports/labelled_<generator>.png``; the age probe's readings of real, matched and shuffled
-slices against the asked-for age to ``reports/labels_age_<generator>.png``.
+``reports/labelled_<generator>.png``; the covariate probe's readings of real, matched and
+shuffled slices against the asked-for age and CDR, and the age error per z, to
+``reports/labels_<generator>.png``.
 """
 
 from __future__ import annotations
@@ -602,8 +603,8 @@ def evaluate(
             seed=seed + 2,
         )
         save_png(figures["pairs"], paths.reports / f"labelled_{name}.png")
-        if "age" in figures:
-            save_png(figures["age"], paths.reports / f"labels_age_{name}.png")
+        if "covariates" in figures:
+            save_png(figures["covariates"], paths.reports / f"labels_{name}.png")
         logger.info("%s label fidelity: %s", name, fidelity_summary(metrics[name]["labels"]))
     for kind in params.autoencoder.kinds:
         section = f"ae_{kind}"

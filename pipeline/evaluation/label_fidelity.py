@@ -75,7 +75,8 @@ def label_fidelity(
 
     Returns:
         The report and its figures: ``pairs`` (:func:`pairs_figure` of the matched
-        slices) and, with an age probe, ``age`` (:func:`age_figure`). The report:
+        slices) and, with an age or CDR probe head, ``covariates``
+        (:func:`covariates_figure`). The report:
         ``covariates`` (the conditioned names), ``n``; with a probe and covariates:
         ``real``, ``matched``, ``shuffled`` (each :func:`score_covariates`' report);
         with masks: ``mask_dice`` (segmenter on generated images vs generated masks) and
@@ -110,16 +111,17 @@ def label_fidelity(
         report["real"] = _scores(probe, test.image[idx], labels)
         report["matched"] = _scores(probe, matched.images, labels)
         report["shuffled"] = _scores(probe, shuffled.images, labels)
-        if "age" in probe.heads:
+        if {"age", "cdr"} & set(probe.heads):
             readings = {
-                name: predict_covariates(probe, images)["age"].numpy()
+                name: {h: v.numpy() for h, v in predict_covariates(probe, images).items()}
                 for name, images in (
                     ("real slices", test.image[idx]),
                     ("matched synthetic", matched.images),
                     ("shuffled control", shuffled.images),
                 )
             }
-            figures["age"] = age_figure(labels.age, readings)
+            z_index = test.z_index[idx].numpy()
+            figures["covariates"] = covariates_figure(labels, z_index, readings)
     if masks:
         seg_fake = predict_tissue(segmenter, matched.images)  # type: ignore[arg-type]
         seg_real = predict_tissue(segmenter, test.image[idx])  # type: ignore[arg-type]
@@ -135,20 +137,55 @@ def label_fidelity(
     return report, figures
 
 
-def age_figure(age: np.ndarray, readings: dict[str, np.ndarray]) -> np.ndarray:
-    """The probe's age reading against the slice's true (requested) age, one panel per set:
-    real slices, matched synthetic, shuffled control (whose images were generated for other
-    ages, so a model that obeys age scatters there)."""
-    fig = Figure(figsize=(4 * len(readings), 3.6), dpi=100)
-    axes = fig.subplots(1, len(readings), squeeze=False)[0]
-    known = ~np.isnan(age)
-    lo, hi = float(np.nanmin(age)), float(np.nanmax(age))
-    for ax, (name, reading) in zip(axes, readings.items(), strict=True):
-        ax.scatter(age[known], reading[known], s=6, alpha=0.5)
-        ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1)
-        mae = float(np.abs(reading[known] - age[known]).mean()) if known.any() else float("nan")
-        ax.set(xlabel="age asked for / true (years)", ylabel="probe reading (years)",
-               title=f"{name}: MAE {mae:.1f} y")  # fmt: skip
+def covariates_figure(
+    labels: CovariateLabels, z_index: np.ndarray, readings: dict[str, dict[str, np.ndarray]]
+) -> np.ndarray:
+    """What the covariate probe reads off each set of slices (real test slices, matched
+    synthetic, shuffled control, whose images were generated for other covariates, so a
+    model that obeys them scatters there), against the covariates asked for.
+
+    Rows: age read against age asked (one panel per set, with the MAE; when the probe has an
+    age head); P(CDR > 0) by the CDR class asked (one panel per set; when it has a CDR
+    head); last, the age reading's absolute error per z level, one line per set.
+
+    Args:
+        labels: the covariates asked for (the real slices' own), one row per slice.
+        z_index: (n,) each slice's z level.
+        readings: set name → head (``age`` years, ``cdr`` probability) → (n,) readings.
+    """
+    heads = [h for h in ("age", "cdr") if all(h in r for r in readings.values())]
+    n_sets = len(readings)
+    fig = Figure(figsize=(4 * n_sets, 3.2 * (len(heads) + ("age" in heads))), dpi=100)
+    axes = fig.subplots(len(heads) + ("age" in heads), n_sets, squeeze=False)
+    age, cdr = labels.age, labels.cdr_positive
+    for row, head in enumerate(heads):
+        for ax, (name, reading) in zip(axes[row], readings.items(), strict=True):
+            if head == "age":
+                known = ~np.isnan(age)
+                lo, hi = float(np.nanmin(age)), float(np.nanmax(age))
+                ax.scatter(age[known], reading["age"][known], s=6, alpha=0.5)
+                ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1)
+                mae = float(np.abs(reading["age"][known] - age[known]).mean())
+                ax.set(xlabel="age asked for (years)", ylabel="probe reading (years)",
+                       title=f"{name}: MAE {mae:.1f} y")  # fmt: skip
+            else:
+                groups = [reading["cdr"][cdr == c] for c in (0.0, 1.0)]
+                ax.boxplot(groups, tick_labels=["CDR 0", "CDR > 0"], showfliers=False)
+                for x, g in enumerate(groups, start=1):
+                    jitter = np.random.default_rng(x).uniform(-0.15, 0.15, len(g))
+                    ax.scatter(x + jitter, g, s=5, alpha=0.4)
+                ax.set(ylim=(0, 1), ylabel="probe P(CDR > 0)", title=f"{name}: CDR asked")
+    if "age" in heads:
+        ax = axes[-1][0]
+        known = ~np.isnan(age)
+        levels = np.unique(z_index[known])
+        for name, reading in readings.items():
+            error = np.abs(reading["age"] - age)
+            ax.plot(levels, [error[known & (z_index == z)].mean() for z in levels], label=name)
+        ax.set(xlabel="z level", ylabel="|age read - asked| (years)", title="age error per z")
+        ax.legend(fontsize=7)
+        for ax in axes[-1][1:]:
+            ax.axis("off")
     fig.tight_layout()
     return figure_image(fig)
 

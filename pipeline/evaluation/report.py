@@ -427,15 +427,26 @@ def augmentation_html(study: Mapping[str, Any]) -> str:
     for task, res in tasks.items():
         if "arms" not in res:
             continue
+        summaries = {"auc": "AUC (subjects)", "balanced_accuracy": "balanced accuracy"}
+        extra = [k for k in summaries if k in res["arms"].get("real", {})]
         rows = []
         for name, arm in res["arms"].items():
             e = res["effects"].get(name, {})
             ci = f"[{e['low']:+.3g}, {e['high']:+.3g}]" if e else "reference"
             holm_mark = "survives" if e.get("survives_holm") else ("—" if e else "")
-            rows.append((name, arm["mean"], e.get("mean"), ci, e.get("p_value"), holm_mark))
+            means = (sum(arm[k]) / len(arm[k]) for k in extra)
+            rows.append((name, arm["mean"], e.get("mean"), ci, e.get("p_value"), holm_mark, *means))
+        direction = (
+            f" ({'higher' if res['higher_is_better'] else 'lower'} is better)"
+            if "higher_is_better" in res
+            else ""
+        )
         parts.append(
-            f"<h3>{html.escape(task)}</h3>"
-            + table_html(["arm", "mean", "difference", "CI", "p", "Holm"], rows)
+            f"<h3>{html.escape(task)}: {html.escape(str(res.get('score', '')))}{direction}</h3>"
+            + table_html(
+                ["arm", "mean", "difference", "CI", "p", "Holm", *(summaries[k] for k in extra)],
+                rows,
+            )
         )
     return "".join(parts)
 
@@ -511,10 +522,11 @@ def build_report(paths: ReportPaths, *, tracking_uri: str, stand_in: bool) -> st
         ),
         figure_html(r / "labelled_pixelcnn.png", "PixelCNN: the same"),
         figure_html(
-            r / "labels_age_ldm.png",
-            "latent diffusion: age read off real, matched and shuffled slices against the age",
+            r / "labels_ldm.png",
+            "latent diffusion: age and CDR read off real, matched and shuffled slices against "
+            "what was asked for, and the age error per z",
         ),
-        figure_html(r / "labels_age_pixelcnn.png", "PixelCNN: the same"),
+        figure_html(r / "labels_pixelcnn.png", "PixelCNN: the same"),
         figure_html(r / "probes.png", "label probes on the real test split"),
         "</div>",
         "<h2>Augmentation study: do synthetic slices help a real task?</h2>",

@@ -511,7 +511,6 @@ def train_first_stage(
     write_json(paths.report, report)
     grid_png = recon_grid(model, test, device)
     save_png(grid_png, paths.grid)
-    run.log_artifact(paths.model, "model")
     run.log_dict(report, f"reports/{paths.report.name}")
     run.log_image(grid_png, f"reports/{paths.grid.name}")
     run.log_metrics(

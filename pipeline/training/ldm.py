@@ -461,7 +461,6 @@ def train_ldm(
     if evaluator.trajectory is not None:
         save_gif(evaluator.trajectory[0], paths.grid.with_name(TRAJECTORY_GIF))
         save_png(evaluator.trajectory[1], paths.grid.with_name(TRAJECTORY_PNG))
-    run.log_artifact(paths.model, "model")
     run.log_dict(report, f"reports/{paths.report.name}")
     run.log_metrics({"sampling_slices_per_s": report["sampling"]["slices_per_s"]}, result.step)
     finish_resume(paths.resume_dir)

@@ -417,7 +417,6 @@ def train_prior(
     if evaluator.last_grid is not None:
         save_png(evaluator.last_grid, paths.grid)
         run.log_image(evaluator.last_grid, f"reports/{paths.grid.name}")
-    run.log_artifact(paths.model, "model")
     run.log_dict(report, f"reports/{paths.report.name}")
     run.log_metrics({"test_bits_per_code": report["test_bits_per_code"]}, step=result.step)
     finish_resume(paths.resume_dir)

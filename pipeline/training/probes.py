@@ -700,8 +700,6 @@ def train_probes(
     save_png(figure, paths.figure)
     run.log_image(figure, f"reports/{paths.figure.name}")
     run.log_metrics(_numbers(report))
-    for path in (paths.covariate_probe, paths.segmenter):
-        run.log_artifact(path, "model")
     for sub in ("covariate", "segmenter"):
         finish_resume(paths.resume_dir / sub)
     return report

@@ -144,7 +144,6 @@ def train_zprobe(
     save_png(scatter, paths.grid)
     run.log_image(scatter, f"reports/{paths.grid.name}")
     run.log_metrics({f"test_{k}": float(v) for k, v in report.items()}, step=result.step)
-    run.log_artifact(paths.model, "model")
     finish_resume(paths.resume_dir)
     return report
 
