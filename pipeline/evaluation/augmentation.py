@@ -326,28 +326,31 @@ def training_set(arm: Arm, data: StudyData, task: StudyTask, seed: int, study_se
         synthetic_filter=accept,
     )
     keys = ("image", "tissue") if task == "segmentation" else ("image", task)
-    selected = Selected(mixed, keys)
-    return Conventional(selected, seed) if arm.conventional else selected
+    held = InMemory(mixed, keys)
+    return Conventional(held, seed) if arm.conventional else held
 
 
-class Selected(Dataset):
-    """The items of ``data`` with only ``keys`` (the training loop skips a batch holding
-    any non-finite float, and unknown covariates are NaN).
+class InMemory(Dataset):
+    """The items of ``data`` with only ``keys``, read once and held as stacked tensors: an
+    arm's training set is read hundreds of times, and building an item from its files and
+    labels costs more than a training step of the study's small networks.
 
     Args:
-        data: items are dicts of tensors.
+        data: items are dicts of tensors (unknown covariates NaN: the training loop skips a
+            batch holding any non-finite float, so only the task's keys are kept).
         keys: the keys kept.
     """
 
     def __init__(self, data: Dataset, keys: tuple[str, ...]) -> None:
-        self.data, self.keys = data, keys
+        items = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
+        self.tensors = {key: torch.stack([item[key] for item in items]) for key in keys}
+        self.length = len(items)
 
     def __len__(self) -> int:
-        return len(self.data)  # type: ignore[arg-type]
+        return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = self.data[index]
-        return {key: item[key] for key in self.keys}
+        return {key: values[index] for key, values in self.tensors.items()}
 
 
 def _covariate_targets(
