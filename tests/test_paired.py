@@ -50,3 +50,9 @@ def test_holm_known_answers() -> None:
 def test_bad_tables_are_refused(bad) -> None:
     with pytest.raises(InputError):
         paired_bootstrap(bad)
+
+
+def test_a_difference_no_draw_crosses_has_the_smallest_p_not_zero() -> None:
+    delta = np.full((5, 6), 0.3) + np.random.default_rng(0).normal(0, 0.01, (5, 6))
+    effect = paired_bootstrap(delta, n_boot=999, seed=0)
+    assert effect.low > 0 and effect.p_value == pytest.approx(2 / 1000)

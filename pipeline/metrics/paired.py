@@ -32,8 +32,9 @@ class PairedEffect:
         mean: mean of ``delta`` over seeds and subjects (arm minus baseline).
         low: lower end of the percentile CI.
         high: upper end.
-        p_value: two-sided bootstrap p-value of "no difference" (twice the smaller tail
-            mass of the bootstrap means at zero, at most 1).
+        p_value: two-sided bootstrap p-value of "no difference": twice the smaller tail
+            of the bootstrap means at zero, each counted as (k + 1) / (n_boot + 1), at most
+            1 (so at least 2 / (n_boot + 1)).
         n_seeds: seeds in the table.
         n_subjects: test subjects in the table.
     """
@@ -84,7 +85,10 @@ def paired_bootstrap(
     means /= n_seeds * n_subjects
     tail = (1 - confidence) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
-    p_value = min(1.0, 2 * min(np.mean(means <= 0), np.mean(means >= 0)))
+    # (k + 1) / (n + 1) per tail (Davison & Hinkley 1997): never 0 from a finite bootstrap,
+    # so a difference no draw crossed reads p < 2 / n_boot, not p = 0
+    tails = (np.sum(means <= 0) + 1) / (n_boot + 1), (np.sum(means >= 0) + 1) / (n_boot + 1)
+    p_value = min(1.0, 2 * min(tails))
     return PairedEffect(
         float(delta.mean()), float(low), float(high), float(p_value), n_seeds, n_subjects
     )
