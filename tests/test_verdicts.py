@@ -75,3 +75,24 @@ def test_lookup_reads_numbers_only() -> None:
     assert lookup(METRICS, "real.nothing.here") is None
     assert lookup({"flag": True}, "flag") is None
     assert lookup(METRICS, None) is None
+
+
+def test_a_label_bar_whose_probe_reads_nothing_on_real_slices_is_not_judged() -> None:
+    def labels(real_age: float, real_cdr: float) -> dict:
+        return {
+            "ldm": {
+                "labels": {
+                    "real": {"age_mae": real_age, "cdr_auc": real_cdr},
+                    "matched": {"age_mae": 13.0, "cdr_auc": 0.9},
+                    "chance": {"age_mae": 14.0, "cdr_auc": 0.5},
+                }
+            }
+        }
+
+    age, cdr = "age from the image (probe MAE, years)", "CDR > 0 from the image (probe AUC)"
+    at_chance = {r.label: r for r in model_verdicts(labels(13.8, 0.56), "ldm")}
+    assert at_chance[age].passed is None and "chance" in at_chance[age].note
+    assert at_chance[cdr].passed is None and "0.56 vs chance 0.5" in at_chance[cdr].note
+    reading = {r.label: r for r in model_verdicts(labels(9.0, 0.8), "ldm")}
+    assert reading[age].passed is True and reading[age].note is None  # 13 <= 1.5 x 9
+    assert reading[cdr].passed is True  # 0.9 >= 0.9 x 0.8

@@ -52,6 +52,16 @@ def _scores(probe: CovariateProbe, images: torch.Tensor, labels: CovariateLabels
     return score_covariates(probe, images, labels.age, labels.cdr_positive, labels.sex_male)
 
 
+def _chance(probe: CovariateProbe, labels: CovariateLabels) -> dict[str, float]:
+    """What a probe that ignores the image scores on these slices: the training mean age
+    for every slice (MAE, years), and AUC 0.5 for CDR > 0 and sex."""
+    chance = {"cdr_auc": 0.5, "sex_auc": 0.5}
+    known = ~np.isnan(labels.age)
+    if "age" in probe.heads and known.any():
+        chance["age_mae"] = float(np.abs(labels.age[known] - float(probe.age_mean)).mean())
+    return chance
+
+
 def label_fidelity(
     generator: GeneratorModel,
     test: EvalData,
@@ -78,7 +88,9 @@ def label_fidelity(
         slices) and, with an age or CDR probe head, ``covariates``
         (:func:`covariates_figure`). The report:
         ``covariates`` (the conditioned names), ``n``; with a probe and covariates:
-        ``real``, ``matched``, ``shuffled`` (each :func:`score_covariates`' report);
+        ``real``, ``matched``, ``shuffled`` (each :func:`score_covariates`' report) and
+        ``chance`` (what a probe that ignores the image scores on them: ``age_mae`` with the
+        training mean age, ``cdr_auc`` and ``sex_auc`` 0.5);
         with masks: ``mask_dice`` (segmenter on generated images vs generated masks) and
         ``real_mask_dice`` (segmenter on real test slices vs their tissue maps); ``skipped``
         names what could not be measured and why.
@@ -108,6 +120,7 @@ def label_fidelity(
             seed + SHUFFLE_SEED_OFFSET,
             covariates=codes[perm],  # type: ignore[index]
         )
+        report["chance"] = _chance(probe, labels)
         report["real"] = _scores(probe, test.image[idx], labels)
         report["matched"] = _scores(probe, matched.images, labels)
         report["shuffled"] = _scores(probe, shuffled.images, labels)

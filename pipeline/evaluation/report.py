@@ -223,10 +223,12 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
     )
 
 
-def verdict_mark(passed: bool | None) -> str:
-    """The verdict cell: pass (green), short (red) or not measured (grey)."""
+def verdict_mark(passed: bool | None, note: str | None = None) -> str:
+    """The verdict cell: pass (green), short (red), or not measured / cannot judge (grey,
+    with ``note`` saying why)."""
     if passed is None:
-        return '<span class="unknown">not measured</span>'
+        text = f"cannot judge: {note}" if note else "not measured"
+        return f'<span class="unknown">{html.escape(text)}</span>'
     return '<span class="pass">pass</span>' if passed else '<span class="short">short</span>'
 
 
@@ -239,13 +241,13 @@ def verdict_table(model: str, rows: Sequence[Verdict]) -> str:
         if short == 0 and measured == len(rows)
         else f"short of {short} of {len(rows)} bars"
         if short
-        else f"{len(rows) - measured} of {len(rows)} figures not measured"
+        else f"{len(rows) - measured} of {len(rows)} bars not judged"
     )
     body = "".join(
         f"<tr><td>{html.escape(row.label)}</td><td class='num'>{format_value(row.value)}</td>"
         f"<td class='num'>{format_value(row.reference)}</td>"
         f"<td class='num'>{format_value(row.ceiling)}</td>"
-        f"<td>{html.escape(row.bar)}</td><td>{verdict_mark(row.passed)}</td></tr>"
+        f"<td>{html.escape(row.bar)}</td><td>{verdict_mark(row.passed, row.note)}</td></tr>"
         for row in rows
     )
     head = "".join(

@@ -52,6 +52,10 @@ class Bar:
         ceiling: dotted key of a second reference shown beside it (the autoencoder's own
             figure: the best a second stage can do), or None; ``{ae}`` stands for the
             generator's autoencoder section.
+        chance: dotted key of what a probe that ignores the image scores on the same slices
+            (label bars), or None. When the real reference is not clearly better than it
+            (:func:`informative`), the probe reads nothing on real slices and the bar cannot
+            be judged, whatever the generator's figure.
     """
 
     label: str
@@ -60,6 +64,7 @@ class Bar:
     bound: float
     reference: str | None = None
     ceiling: str | None = None
+    chance: str | None = None
 
     def describe(self) -> str:
         """The bar in words, e.g. ``<= 1.5 x real``."""
@@ -77,13 +82,27 @@ _NOVELTY = Bar(
     0.05,
     "real.novelty.copy_like_fraction",
 )
-_AGE = "age from the image (probe MAE, years)"
+
+
+def _age(bound: float) -> Bar:
+    """The age bar: matched synthetic age MAE at most ``bound`` x the real slices' MAE."""
+    return Bar(
+        "age from the image (probe MAE, years)",
+        "labels.matched.age_mae",
+        "max_ratio",
+        bound,
+        "{self}.labels.real.age_mae",
+        chance="{self}.labels.chance.age_mae",
+    )
+
+
 _CDR = Bar(
     "CDR > 0 from the image (probe AUC)",
     "labels.matched.cdr_auc",
     "min_ratio",
     0.9,
     "{self}.labels.real.cdr_auc",
+    chance="{self}.labels.chance.cdr_auc",
 )
 _MASK = Bar(
     "mask agreement (segmenter vs generated mask, Dice)",
@@ -116,7 +135,7 @@ BARS: dict[str, tuple[Bar, ...]] = {
         Bar("recall", "recall", "min_abs", 0.8, "real.split_halves.recall"),
         _NOVELTY,
         Bar("z fidelity (z-probe MAE, slices)", "zprobe_mae", "max_ratio", 1.5, "real.zprobe_mae"),
-        Bar(_AGE, "labels.matched.age_mae", "max_ratio", 1.5, "{self}.labels.real.age_mae"),
+        _age(1.5),
         _CDR,
         _MASK,
     ),
@@ -132,7 +151,7 @@ BARS: dict[str, tuple[Bar, ...]] = {
         Bar("fd_alex", "fd_alex", "max_ratio", 2.0, "real.split_halves.fd_alex"),
         _NOVELTY,
         Bar("z fidelity (z-probe MAE, slices)", "zprobe_mae", "max_ratio", 2.0, "real.zprobe_mae"),
-        Bar(_AGE, "labels.matched.age_mae", "max_ratio", 2.0, "{self}.labels.real.age_mae"),
+        _age(2.0),
         _CDR,
         _MASK,
     ),
@@ -151,7 +170,8 @@ class Verdict:
         reference: the real reference (None: not measured or none).
         ceiling: the autoencoder's own figure (None: not applicable or not measured).
         bar: the bar in words.
-        passed: True (pass), False (short) or None (not measured: cannot judge).
+        passed: True (pass), False (short) or None (cannot judge: see ``note``).
+        note: why it cannot be judged (None: not measured, or judged).
     """
 
     label: str
@@ -160,6 +180,7 @@ class Verdict:
     ceiling: float | None
     bar: str
     passed: bool | None
+    note: str | None = None
 
 
 def lookup(metrics: Mapping[str, Any], dotted: str | None) -> float | None:
@@ -191,6 +212,23 @@ def judge(bar: Bar, value: float | None, reference: float | None) -> bool | None
     return value <= bar.bound * reference
 
 
+#: How much better than chance the real reference of a label bar must be for the probe to
+#: count as reading something: an MAE at most this fraction of the chance MAE; an AUC at
+#: least this fraction of the way from chance (0.5) to 1.
+INFORMATIVE_MAE_RATIO = 0.9
+INFORMATIVE_AUC_GAIN = 0.2
+
+
+def informative(bar: Bar, reference: float | None, chance: float | None) -> bool:
+    """Whether the probe reads the label off real slices clearly better than chance (True
+    when there is no chance figure to compare with)."""
+    if reference is None or chance is None:
+        return True
+    if bar.rule in ("max_ratio", "max_abs"):
+        return reference <= INFORMATIVE_MAE_RATIO * chance
+    return reference >= chance + INFORMATIVE_AUC_GAIN * (1 - chance)
+
+
 def model_verdicts(metrics: Mapping[str, Any], model: str) -> list[Verdict]:
     """The verdict rows of one generator.
 
@@ -209,6 +247,8 @@ def model_verdicts(metrics: Mapping[str, Any], model: str) -> list[Verdict]:
         value = lookup(section, bar.figure)
         reference = lookup(metrics, bar.reference.format(self=model) if bar.reference else None)
         ceiling_key = bar.ceiling.format(ae=AUTOENCODER[model]) if bar.ceiling else None
+        chance = lookup(metrics, bar.chance.format(self=model) if bar.chance else None)
+        readable = informative(bar, reference, chance)
         rows.append(
             Verdict(
                 label=bar.label,
@@ -216,7 +256,10 @@ def model_verdicts(metrics: Mapping[str, Any], model: str) -> list[Verdict]:
                 reference=reference,
                 ceiling=lookup(metrics, ceiling_key),
                 bar=bar.describe(),
-                passed=judge(bar, value, reference),
+                passed=judge(bar, value, reference) if readable else None,
+                note=None
+                if readable
+                else f"probe at chance on real slices ({reference:.3g} vs chance {chance:.3g})",
             )
         )
     return rows
