@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,14 @@ def test_a_tiny_study_runs_and_a_task_without_labels_says_why(
     logged = rebalanced.metrics[0][1]
     assert logged["delta_mean"] == cdr["effects"][REBALANCED]["mean"] and "auc" in logged
     assert run.last("segmentation/real/mean") == seg["arms"]["real"]["mean"]
+    assert run.last("segmentation/50pct_real_plus_1x_synthetic/mean") == pytest.approx(
+        seg["arms"]["50% real + 1x synthetic"]["mean"]
+    )
+    mlflow_name = re.compile(r"^[A-Za-z0-9_\-. :/]+$")  # what MLflow accepts as a metric name
+    names = [k for _, m in run.metrics for k in m] + [
+        k for c in run.children for _, m in c.metrics for k in m
+    ]
+    assert names and all(mlflow_name.match(k) for k in names), names
     plain = tmp_path / "plain"  # unlabelled slices without masks: neither task can use them
     generate(tiny_generators["ldm"], "0:3", 2, 0, plain, progress=False, device="cpu")
     data = StudyData(

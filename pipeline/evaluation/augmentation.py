@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -921,13 +922,20 @@ def augment_study(
     return report
 
 
+def metric_name(arm: str) -> str:
+    """An arm's name as an MLflow metric name (letters, digits, ``_-. :/`` only):
+    ``"50% real + 1x synthetic"`` → ``"50pct_real_plus_1x_synthetic"``."""
+    words = arm.replace("%", "pct").replace("+", "plus").split()
+    return re.sub(r"[^A-Za-z0-9_\-.]", "_", "_".join(words))
+
+
 def log_arms(run: Any, results: Mapping[str, Any]) -> None:
     """One MLflow child run per (task, arm) under the stage run: the arm's settings as
     params; its mean score, per-seed means, summary figures and paired effect as metrics.
     The stage run keeps ``<task>/<arm>/mean`` too, for comparing repros at a glance."""
     for task, res in results.items():
         for name, arm in res.get("arms", {}).items():
-            run.log_metrics({f"{task}/{name.replace(' ', '_')}/mean": arm["mean"]})
+            run.log_metrics({f"{task}/{metric_name(name)}/mean": arm["mean"]})
             metrics = {"mean": arm["mean"]}
             metrics |= {f"seed_{i}": float(np.mean(s)) for i, s in enumerate(arm["scores"])}
             metrics |= {k: float(np.mean(arm[k])) for k in SUMMARY_COLUMNS if k in arm}
