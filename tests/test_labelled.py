@@ -300,6 +300,7 @@ def test_label_fidelity_scores_real_matched_shuffled_and_masks(labelled_generato
     from pipeline.data.datasets import EvalData
     from pipeline.evaluation.label_fidelity import fidelity_summary, label_fidelity
     from pipeline.models.probes import CovariateProbe, tissue_segmenter
+    from pipeline.training.probes import CovariateLabels
 
     n = 12
     tissue = torch.zeros(n, 32, 32, dtype=torch.long)
@@ -317,10 +318,14 @@ def test_label_fidelity_scores_real_matched_shuffled_and_masks(labelled_generato
     torch.manual_seed(0)
     probe = CovariateProbe((4, 8), ("age", "cdr", "sex"), age_mean=60.0, age_std=20.0).eval()
     segmenter = tissue_segmenter(SegmenterConfig(features=(4, 4, 8, 8, 8, 4))).eval()
+    train_labels = CovariateLabels.from_manifest(pd.DataFrame({"age": [40.0, 50.0, 90.0]}))
     report, figures = label_fidelity(
         load_generator(labelled_generators["ldm"]), test, manifest,
-        probe=probe, segmenter=segmenter, n=8, seed=0,
+        probe=probe, segmenter=segmenter, n=8, seed=0, train_labels=train_labels,
     )  # fmt: skip
+    asked = CovariateLabels.from_manifest(manifest.iloc[test.spread_over_z(8).numpy()]).age
+    assert report["chance"]["age_mae"] == pytest.approx(np.abs(asked - 50.0).mean())  # median
+    assert report["chance"]["cdr_auc"] == 0.5
     assert report["covariates"] == ["age", "sex", "cdr"] and report["n"] == 8
     for arm in ("real", "matched", "shuffled"):
         assert {"age_mae", "cdr_auc", "sex_auc"} <= set(report[arm]), report[arm]

@@ -90,6 +90,7 @@ from pipeline.models.files import (
 from pipeline.models.probes import CovariateProbe
 from pipeline.models.zprobe import ZProbe
 from pipeline.training.autoencoder import reconstruct, reconstruction_report
+from pipeline.training.probes import CovariateLabels
 from pipeline.training.zprobe import predict_z
 
 logger = logging.getLogger(__name__)
@@ -592,6 +593,7 @@ def evaluate(
         )
     covariate_probe, segmenter = _label_probes(paths.models, device)
     test_manifest = SliceDataset(paths.test).manifest
+    train_labels = CovariateLabels.from_manifest(SliceDataset(paths.train).manifest)
     for name in GENERATORS:
         metrics[name]["labels"], figures = label_fidelity(
             load_generator(paths.models / f"{name}.pt", device),
@@ -601,6 +603,7 @@ def evaluate(
             segmenter=segmenter,
             n=cfg.label_samples,
             seed=seed + 2,
+            train_labels=train_labels,
         )
         save_png(figures["pairs"], paths.reports / f"labelled_{name}.png")
         if "covariates" in figures:

@@ -36,6 +36,7 @@ from pipeline.inference.sampling import GeneratorModel, sample_slices
 from pipeline.models.probes import CovariateProbe
 from pipeline.training.probes import (
     CovariateLabels,
+    constant_covariate_scores,
     dice_per_class,
     predict_covariates,
     predict_tissue,
@@ -52,16 +53,6 @@ def _scores(probe: CovariateProbe, images: torch.Tensor, labels: CovariateLabels
     return score_covariates(probe, images, labels.age, labels.cdr_positive, labels.sex_male)
 
 
-def _chance(probe: CovariateProbe, labels: CovariateLabels) -> dict[str, float]:
-    """What a probe that ignores the image scores on these slices: the training mean age
-    for every slice (MAE, years), and AUC 0.5 for CDR > 0 and sex."""
-    chance = {"cdr_auc": 0.5, "sex_auc": 0.5}
-    known = ~np.isnan(labels.age)
-    if "age" in probe.heads and known.any():
-        chance["age_mae"] = float(np.abs(labels.age[known] - float(probe.age_mean)).mean())
-    return chance
-
-
 def label_fidelity(
     generator: GeneratorModel,
     test: EvalData,
@@ -71,6 +62,7 @@ def label_fidelity(
     segmenter: nn.Module | None,
     n: int,
     seed: int,
+    train_labels: CovariateLabels | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Probe scores of real, matched and shuffled slices, and mask agreement.
 
@@ -82,6 +74,8 @@ def label_fidelity(
         segmenter: the tissue segmenter, or None (no mask scores).
         n: test slices used (spread over z; fewer if the split is smaller).
         seed: sampling seed (the shuffled control uses ``seed + SHUFFLE_SEED_OFFSET``).
+        train_labels: the training slices' labels, for ``chance`` (the training median age
+            read for every slice); None leaves ``chance`` out.
 
     Returns:
         The report and its figures: ``pairs`` (:func:`pairs_figure` of the matched
@@ -89,8 +83,8 @@ def label_fidelity(
         (:func:`covariates_figure`). The report:
         ``covariates`` (the conditioned names), ``n``; with a probe and covariates:
         ``real``, ``matched``, ``shuffled`` (each :func:`score_covariates`' report) and
-        ``chance`` (what a probe that ignores the image scores on them: ``age_mae`` with the
-        training mean age, ``cdr_auc`` and ``sex_auc`` 0.5);
+        ``chance`` (with ``train_labels``: what a probe that ignores the image scores on
+        them, :func:`~pipeline.training.probes.constant_covariate_scores`);
         with masks: ``mask_dice`` (segmenter on generated images vs generated masks) and
         ``real_mask_dice`` (segmenter on real test slices vs their tissue maps); ``skipped``
         names what could not be measured and why.
@@ -120,7 +114,8 @@ def label_fidelity(
             seed + SHUFFLE_SEED_OFFSET,
             covariates=codes[perm],  # type: ignore[index]
         )
-        report["chance"] = _chance(probe, labels)
+        if train_labels is not None:
+            report["chance"] = constant_covariate_scores(train_labels, labels)
         report["real"] = _scores(probe, test.image[idx], labels)
         report["matched"] = _scores(probe, matched.images, labels)
         report["shuffled"] = _scores(probe, shuffled.images, labels)
