@@ -96,3 +96,19 @@ def test_a_label_bar_whose_probe_reads_nothing_on_real_slices_is_not_judged() ->
     reading = {r.label: r for r in model_verdicts(labels(9.0, 0.8), "ldm")}
     assert reading[age].passed is True and reading[age].note is None  # 13 <= 1.5 x 9
     assert reading[cdr].passed is True  # 0.9 >= 0.9 x 0.8
+
+
+def test_a_covariate_is_obeyed_only_when_the_shuffled_control_is_clearly_worse() -> None:
+    labels = {
+        "real": {"age_mae": 9.0, "cdr_auc": 0.8},
+        "chance": {"age_mae": 14.0, "cdr_auc": 0.5},
+        "matched": {"age_mae": 12.0, "cdr_auc": 0.75},
+        "shuffled": {"age_mae": 12.5, "cdr_auc": 0.6},
+    }
+    rows = {r.label: r for r in model_verdicts({"ldm": {"labels": labels}}, "ldm")}
+    age = rows["age obeyed (matched vs shuffled control, MAE)"]
+    assert (age.reference, age.passed, age.bar) == (12.5, False, "≤ 0.9 × shuffled")  # 12 > 11.25
+    assert rows["CDR obeyed (matched vs shuffled control, AUC)"].passed is True  # 0.75 >= 0.66
+    labels["real"]["cdr_auc"] = 0.55  # the probe reads nothing: not judged, whatever matched is
+    rows = {r.label: r for r in model_verdicts({"ldm": {"labels": labels}}, "ldm")}
+    assert rows["CDR obeyed (matched vs shuffled control, AUC)"].passed is None

@@ -233,7 +233,8 @@ def verdict_mark(passed: bool | None, note: str | None = None) -> str:
 
 
 def verdict_table(model: str, rows: Sequence[Verdict]) -> str:
-    """One generator's verdicts: figure, real reference, autoencoder ceiling, bar, mark."""
+    """One generator's verdicts: figure, reference (real slices, or the shuffled control),
+    autoencoder ceiling, bar, mark."""
     short = sum(row.passed is False for row in rows)
     measured = sum(row.passed is not None for row in rows)
     headline = f"{MODEL_NAMES.get(model, model)}: " + (
@@ -252,7 +253,7 @@ def verdict_table(model: str, rows: Sequence[Verdict]) -> str:
     )
     head = "".join(
         f"<th>{h}</th>"
-        for h in ("criterion", "model", "real reference", "autoencoder ceiling", "bar", "verdict")
+        for h in ("criterion", "model", "reference", "autoencoder ceiling", "bar", "verdict")
     )
     return f"<h3>{html.escape(headline)}</h3><table><tr>{head}</tr>{body}</table>"
 

@@ -53,9 +53,12 @@ class Bar:
             figure: the best a second stage can do), or None; ``{ae}`` stands for the
             generator's autoencoder section.
         chance: dotted key of what a probe that ignores the image scores on the same slices
-            (label bars), or None. When the real reference is not clearly better than it
-            (:func:`informative`), the probe reads nothing on real slices and the bar cannot
-            be judged, whatever the generator's figure.
+            (label bars), or None. When the probe's real-slice figure is not clearly better
+            than it (:func:`informative`), the probe reads nothing on real slices and the bar
+            cannot be judged, whatever the generator's figure.
+        real: dotted key of that real-slice figure (default: ``reference``; the shuffled-
+            control bars compare with the shuffled figure but are gated by the real one).
+        versus: what ``reference`` is, in the bar's words (``real``, ``shuffled``).
     """
 
     label: str
@@ -65,11 +68,13 @@ class Bar:
     reference: str | None = None
     ceiling: str | None = None
     chance: str | None = None
+    real: str | None = None
+    versus: str = "real"
 
     def describe(self) -> str:
         """The bar in words, e.g. ``<= 1.5 x real``."""
         if self.rule in ("max_ratio", "min_ratio"):
-            return f"{'≤' if self.rule == 'max_ratio' else '≥'} {self.bound:g} × real"
+            return f"{'≤' if self.rule == 'max_ratio' else '≥'} {self.bound:g} × {self.versus}"
         return f"{'≤' if self.rule == 'max_abs' else '≥'} {self.bound:g}"
 
 
@@ -104,6 +109,28 @@ _CDR = Bar(
     "{self}.labels.real.cdr_auc",
     chance="{self}.labels.chance.cdr_auc",
 )
+#: The shuffled controls must be clearly worse than the matched slices (issue 17): a model
+#: that ignores a covariate scores the same on both.
+_AGE_OBEYED = Bar(
+    "age obeyed (matched vs shuffled control, MAE)",
+    "labels.matched.age_mae",
+    "max_ratio",
+    0.9,
+    "{self}.labels.shuffled.age_mae",
+    chance="{self}.labels.chance.age_mae",
+    real="{self}.labels.real.age_mae",
+    versus="shuffled",
+)
+_CDR_OBEYED = Bar(
+    "CDR obeyed (matched vs shuffled control, AUC)",
+    "labels.matched.cdr_auc",
+    "min_ratio",
+    1.1,
+    "{self}.labels.shuffled.cdr_auc",
+    chance="{self}.labels.chance.cdr_auc",
+    real="{self}.labels.real.cdr_auc",
+    versus="shuffled",
+)
 _MASK = Bar(
     "mask agreement (segmenter vs generated mask, Dice)",
     "labels.mask_dice.dice_mean",
@@ -136,7 +163,9 @@ BARS: dict[str, tuple[Bar, ...]] = {
         _NOVELTY,
         Bar("z fidelity (z-probe MAE, slices)", "zprobe_mae", "max_ratio", 1.5, "real.zprobe_mae"),
         _age(1.5),
+        _AGE_OBEYED,
         _CDR,
+        _CDR_OBEYED,
         _MASK,
     ),
     "pixelcnn": (
@@ -152,7 +181,9 @@ BARS: dict[str, tuple[Bar, ...]] = {
         _NOVELTY,
         Bar("z fidelity (z-probe MAE, slices)", "zprobe_mae", "max_ratio", 2.0, "real.zprobe_mae"),
         _age(2.0),
+        _AGE_OBEYED,
         _CDR,
+        _CDR_OBEYED,
         _MASK,
     ),
 }
@@ -219,14 +250,14 @@ INFORMATIVE_MAE_RATIO = 0.9
 INFORMATIVE_AUC_GAIN = 0.2
 
 
-def informative(bar: Bar, reference: float | None, chance: float | None) -> bool:
+def informative(bar: Bar, real: float | None, chance: float | None) -> bool:
     """Whether the probe reads the label off real slices clearly better than chance (True
     when there is no chance figure to compare with)."""
-    if reference is None or chance is None:
+    if real is None or chance is None:
         return True
     if bar.rule in ("max_ratio", "max_abs"):
-        return reference <= INFORMATIVE_MAE_RATIO * chance
-    return reference >= chance + INFORMATIVE_AUC_GAIN * (1 - chance)
+        return real <= INFORMATIVE_MAE_RATIO * chance
+    return real >= chance + INFORMATIVE_AUC_GAIN * (1 - chance)
 
 
 def model_verdicts(metrics: Mapping[str, Any], model: str) -> list[Verdict]:
@@ -248,7 +279,8 @@ def model_verdicts(metrics: Mapping[str, Any], model: str) -> list[Verdict]:
         reference = lookup(metrics, bar.reference.format(self=model) if bar.reference else None)
         ceiling_key = bar.ceiling.format(ae=AUTOENCODER[model]) if bar.ceiling else None
         chance = lookup(metrics, bar.chance.format(self=model) if bar.chance else None)
-        readable = informative(bar, reference, chance)
+        real = lookup(metrics, bar.real.format(self=model)) if bar.real else reference
+        readable = informative(bar, real, chance)
         rows.append(
             Verdict(
                 label=bar.label,
@@ -259,7 +291,7 @@ def model_verdicts(metrics: Mapping[str, Any], model: str) -> list[Verdict]:
                 passed=judge(bar, value, reference) if readable else None,
                 note=None
                 if readable
-                else f"probe at chance on real slices ({reference:.3g} vs chance {chance:.3g})",
+                else f"probe at chance on real slices ({real:.3g} vs chance {chance:.3g})",
             )
         )
     return rows
