@@ -47,8 +47,9 @@ from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.data.latents import latents_identity
 from pipeline.evaluation.evaluate import (
     generate_like,
-    judge_pair,
+    judge_jobs,
     judge_sample_index,
+    run_judges,
     set_figures,
 )
 from pipeline.inference.sampling import load_generator, sample
@@ -92,9 +93,10 @@ def score(
 ) -> dict[str, Any]:
     """evaluate's generator figures plus the C2ST AUCs of one arm's samples."""
     figures, _ = set_figures(ctx["real"], images, index, **ctx["scoring"])
-    judged = judge_pair(
-        ctx["train"].image, judge_fakes, ctx["real"].image, images, **ctx["judging"]
+    jobs = judge_jobs(
+        "arm", ctx["train"].image, judge_fakes, ctx["real"].image, images, **ctx["judging"]
     )
+    judged = {job.variant: r for job, r in zip(jobs, run_judges(jobs, ctx["device"]), strict=True)}
     return {
         **{k: figures[k] for k in ("fd_alex", "precision", "recall", "zprobe_mae")},
         "c2st_raw": judged["raw"].auc,
@@ -176,7 +178,7 @@ def main() -> None:
             "seed": seed,
             "real_features": alex_features(real.image, device=device),
         },
-        "judging": {"cfg": cfg, "device": device, "seed": seed},
+        "judging": {"cfg": cfg, "seed": seed},
     }
     judge_index = judge_sample_index(train, cfg.c2st.train_samples, seed)
     latents_dir = Path("data/latents") / params.ldm.latent_source

@@ -13,10 +13,14 @@ installed package, no download):
    range (overall scale within 0.94-1.062 of the template, the largest the 176x208x176
    grid holds), F brains 0.90-1.01. The CSV's eTIV carries the same M/F ratio cubed
    (about 1590 vs 1380 cm³, as in OASIS-1); its spread, and ASF, are drawn separately;
-3. ageing: an age variable (and dementia rating) sets an atrophy severity that thins grey
-   matter from its outer surface (a smooth per-subject thickness loss turns GM into CSF),
-   enlarges the ventricles (CSF grows by a smooth per-subject margin) and darkens the
-   periventricular white matter;
+3. age and dementia, as two separate image signals, so that a probe (and a generator
+   conditioned on both) can tell them apart: *ageing* (from age alone) enlarges the
+   ventricles (CSF grows by a smooth per-subject margin of up to
+   :data:`_MAX_VENTRICLE_MM`) and thins the cortex a little; *dementia* (from CDR alone)
+   thins grey matter from its outer surface (a smooth per-subject thickness loss of up to
+   :data:`_MAX_THINNING_MM` turns GM into CSF) and darkens the periventricular white matter.
+   In real brains both show as atrophy and overlap; the stand-in keeps them apart on
+   purpose, and its CDR > 0 subjects are all 60 or older, as in OASIS-1;
 4. scan: contrast gamma, a smooth multiplicative bias field and Rician noise; a rescan
    (``_MR2``) shares the anatomy and gets its own small repositioning and scan effects.
 
@@ -78,7 +82,8 @@ README = """SYNTHETIC STAND-IN COHORT - NOT OASIS DATA
 
 Every volume in this folder was synthesised by braingen (data_prep/demo_cohort.py) from
 the MNI152 2009a template shipped inside the nilearn package: random affine and elastic
-warps, age-driven atrophy (thinner grey matter, larger ventricles), bias field and noise.
+warps, age-driven ventricle growth, CDR-driven cortical thinning and white-matter
+darkening (kept apart on purpose; real atrophy mixes them), bias field and noise.
 Sex shows in the images as head size only: the anatomy of an M subject is scaled 5 %
 larger than that of an F subject (on top of a random per-subject scale within 6 %).
 No image or value here comes from a real person or from the OASIS project. The folder
@@ -91,9 +96,15 @@ seed={seed}  subjects={n}  grid={shape} at {voxel:g} mm
 #: Template intensity (t1 scaled to max 1) of white matter; output int16 puts it at 1000.
 _WM_LEVEL = 0.87
 _OUTPUT_WM = 1000.0
-#: Largest grey-matter thickness loss and ventricle growth (mm) at severity 1.
-_MAX_THINNING_MM = 2.0
-_MAX_VENTRICLE_MM = 6.0
+#: Largest ventricle growth (mm) at ageing 1, and grey-matter thickness loss (mm) at dementia 1
+#: (ageing adds :data:`_AGEING_THINNING` of it). 64-pixel slices have about 2.8 mm pixels.
+_MAX_VENTRICLE_MM = 8.0
+_MAX_THINNING_MM = 3.0
+_AGEING_THINNING = 0.3
+#: Darkening of the periventricular white matter at dementia 1 (fraction of its intensity).
+_MAX_WM_DARKENING = 0.25
+#: Dementia level of each CDR (0 for unknown: OASIS-1 leaves CDR blank under 60).
+DEMENTIA = {0.0: 0.0, 0.5: 0.5, 1.0: 0.8, 2.0: 1.0}
 #: Spacing (mm) of the coarse grid on which smooth random fields are drawn.
 _COARSE_MM = 8.0
 #: Linear size of an ``M`` subject's anatomy relative to an ``F`` subject's (head size).
@@ -121,7 +132,8 @@ class Subject:
         ses: socio-economic status 1-5 (None under 60).
         mmse: mini-mental state examination 0-30 (None under 60).
         cdr: clinical dementia rating 0, 0.5, 1, 2 (None under 60).
-        severity: atrophy severity in [0, 1].
+        ageing: age-driven atrophy in [0, 1] (ventricles).
+        dementia: CDR-driven atrophy in [0, 1] (cortex, periventricular white matter).
         etiv: estimated total intracranial volume (cm³).
         nwbv: normalised whole-brain volume.
     """
@@ -135,7 +147,8 @@ class Subject:
     ses: int | None
     mmse: int | None
     cdr: float | None
-    severity: float
+    ageing: float
+    dementia: float
     etiv: int
     nwbv: float
 
@@ -245,11 +258,11 @@ def cohort_sessions(n_subjects: int, n_discs: int, seed: int) -> list[Session]:
             )
             educ, ses = int(rng.integers(1, 6)), int(rng.integers(1, 6))
             mmse = int(np.clip(round(29.3 - 5 * cdr + rng.normal(0, 1.2)), 14, 30))
-        severity = float(
-            np.clip(((age - 18) / 78) ** 1.6 + 0.3 * (cdr or 0) + rng.normal(0, 0.05), 0, 1)
-        )
+        ageing = float(np.clip(((age - 18) / 78) ** 1.3 + rng.normal(0, 0.05), 0, 1))
+        dementia = DEMENTIA[cdr or 0.0]  # no draw: the demographics stay those of one seed
         sex = str(rng.choice(["F", "M"], p=[0.6, 0.4]))
         etiv = 1480 * SEX_SCALE ** (1.5 if sex == "M" else -1.5) * math.exp(rng.normal(0, 0.1))
+        nwbv = float(np.clip(0.87 - 0.1 * ageing - 0.08 * dementia + rng.normal(0, 0.01), 0.6, 0.9))
         subject = Subject(
             subject=f"OAS1_{i + 1:04d}",
             index=i,
@@ -260,9 +273,10 @@ def cohort_sessions(n_subjects: int, n_discs: int, seed: int) -> list[Session]:
             ses=ses,
             mmse=mmse,
             cdr=cdr,
-            severity=severity,
+            ageing=ageing,
+            dementia=dementia,
             etiv=round(float(np.clip(etiv, 1120, 2000))),
-            nwbv=float(np.clip(0.87 - 0.17 * severity + rng.normal(0, 0.01), 0.6, 0.9)),
+            nwbv=nwbv,
         )
         sessions.append(Session(subject, "MR1", int(variants[i])))
         if i == 1:
@@ -441,8 +455,9 @@ def synthesise_session(
     scale = anatomy_scale(subject.sex, anatomy)
     shift = anatomy.normal(0, 3, 3) + scan.normal(0, 1, 3)
     elastic = _displacement(anatomy, coarse) * cfg.elastic_mm
-    thinning = subject.severity * _MAX_THINNING_MM * (0.5 + _unit_field(anatomy, coarse))
-    growth = subject.severity * _MAX_VENTRICLE_MM * (0.6 + 0.8 * _unit_field(anatomy, coarse))
+    cortex = min(1.0, subject.dementia + _AGEING_THINNING * subject.ageing)
+    thinning = cortex * _MAX_THINNING_MM * (0.5 + _unit_field(anatomy, coarse))
+    growth = subject.ageing * _MAX_VENTRICLE_MM * (0.6 + 0.8 * _unit_field(anatomy, coarse))
     bias = np.exp(cfg.bias_field * (2 * _unit_field(scan, coarse, sigma=1.5) - 1))
 
     # Template voxel coordinates of each coarse node, then trilinear upsampling.
@@ -475,7 +490,7 @@ def synthesise_session(
     )
     csf_level = _WM_LEVEL * anatomy.uniform(0.25, 0.35)
     value = t1 * (1 - to_csf) + csf_level * to_csf
-    value *= 1 - 0.12 * subject.severity * wm * np.exp(-ventricle / 8)
+    value *= 1 - _MAX_WM_DARKENING * subject.dementia * wm * np.exp(-ventricle / 8)
     value = _WM_LEVEL * (value / _WM_LEVEL).clip(0) ** scan.uniform(0.9, 1.1) * bias
     noise = scan.standard_normal((2, value.size), dtype=np.float32) * (cfg.noise * _WM_LEVEL)
     value = np.sqrt((value + noise[0]) ** 2 + noise[1] ** 2) * (_OUTPUT_WM / _WM_LEVEL)

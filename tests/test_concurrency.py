@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -11,12 +12,26 @@ import torch
 from pipeline.training.concurrency import (
     ChildFailedError,
     Job,
+    WorkerPool,
     parallel_setting,
+    pool_workers,
     run_jobs,
     side_by_side_envs,
 )
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+#: What :func:`_remember` stored in this process (a worker's own copy).
+_SHARED: dict[str, int] = {}
+
+
+def _remember(offset: int) -> None:
+    _SHARED["offset"] = offset
+
+
+def _job(x: int) -> tuple[int, int, int]:
+    """(x + the shared offset, this process's torch threads, its pid)."""
+    return x + _SHARED["offset"], torch.get_num_threads(), os.getpid()
 
 
 def python(code: str, label: str) -> Job:
@@ -118,3 +133,24 @@ def test_a_child_keeps_its_thread_count_when_its_sibling_finishes(tmp_path) -> N
     ]
     run_jobs(jobs, side_by_side=True)
     assert threads.read_text() == "1"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_pool_keeps_order_and_shares_data(workers: int) -> None:
+    with WorkerPool(workers, _remember, (100,)) as pool:
+        out = pool.map(_job, list(range(8)), desc="test", unit="job")
+    assert [value for value, _, _ in out] == [100 + x for x in range(8)]
+    if workers > 1:  # other processes, one thread each
+        assert all(pid != os.getpid() for _, _, pid in out)
+        assert {threads for _, threads, _ in out} == {1}
+    else:
+        assert {pid for _, _, pid in out} == {os.getpid()}
+
+
+def test_pool_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pipeline.training.concurrency.usable_cores", lambda: 4)
+    monkeypatch.delenv("BRAINGEN_PARALLEL", raising=False)
+    assert pool_workers(CPU) == 4
+    assert pool_workers(CUDA) == 1
+    monkeypatch.setenv("BRAINGEN_PARALLEL", "0")
+    assert pool_workers(CPU) == 1

@@ -97,7 +97,7 @@ def test_rebuild_replaces_the_folder(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]  # no temporary folder left
 
 
-def test_subjects_differ_and_atrophy_follows_severity(tmp_path: Path) -> None:
+def test_subjects_differ_and_age_and_dementia_show_apart(tmp_path: Path) -> None:
     save_template_maps(tmp_path / "maps", step=2)  # atrophy is sub-voxel on coarser grids
     maps = {p.stem: np.load(p) for p in (tmp_path / "maps").glob("*.npy")}
     shape = (88, 104, 88)
@@ -105,15 +105,22 @@ def test_subjects_differ_and_atrophy_follows_severity(tmp_path: Path) -> None:
     a, _ = synthesise_session(first, maps, TINY, 0, shape)
     b, _ = synthesise_session(second, maps, TINY, 0, shape)
     assert np.mean(a != b) > 0.1
-    segs = []
-    for severity in (0.0, 1.0):
-        subject = dataclasses.replace(first.subject, severity=severity)
-        segs.append(
-            synthesise_session(dataclasses.replace(first, subject=subject), maps, TINY, 0, shape)[1]
+    out = {}
+    for name, ageing, dementia in (("none", 0, 0), ("aged", 1, 0), ("demented", 0, 1)):
+        subject = dataclasses.replace(first.subject, ageing=ageing, dementia=dementia)
+        out[name] = synthesise_session(
+            dataclasses.replace(first, subject=subject), maps, TINY, 0, shape
         )
-    young, old = segs
-    assert (old == 1).sum() > 1.2 * (young == 1).sum()  # more CSF (sulci, ventricles)
-    assert (old == 2).sum() < 0.97 * (young == 2).sum()  # thinner grey matter
+    (_, none), (_, aged), (_, demented) = (out[k] for k in ("none", "aged", "demented"))
+    # ventricles grow into white matter, the cortex thins from its grey outer surface
+    assert (aged == 1).sum() > 1.3 * (none == 1).sum()  # more CSF
+    assert (aged == 3).sum() < 0.95 * (none == 3).sum()  # ... where white matter was
+    assert (aged == 2).sum() > 0.9 * (none == 2).sum()  # the cortex thins only a little
+    assert (demented == 2).sum() < 0.85 * (none == 2).sum()  # thinner grey matter
+    assert (demented == 3).sum() > 0.99 * (none == 3).sum()  # the ventricles stay
+    wm = (none == 3) & (demented == 3)
+    ratio = out["demented"][0][wm] / np.maximum(out["none"][0][wm], 1)
+    assert np.quantile(ratio, 0.01) < 0.85 < 0.98 < np.median(ratio)  # periventricular WM darker
 
 
 def test_male_anatomy_is_larger_and_the_segmentation_follows(tmp_path: Path) -> None:
@@ -126,7 +133,7 @@ def test_male_anatomy_is_larger_and_the_segmentation_follows(tmp_path: Path) -> 
     session = cohort_sessions(2, 1, seed=0)[0]
     shape = (44, 52, 44)
     out = {}
-    for sex in ("F", "M"):  # one subject, same age and severity, only the sex differs
+    for sex in ("F", "M"):  # one subject, same age and atrophy, only the sex differs
         subject = dataclasses.replace(session.subject, sex=sex)
         image, seg = synthesise_session(
             dataclasses.replace(session, subject=subject), maps, TINY, 0, shape

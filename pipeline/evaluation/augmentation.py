@@ -37,10 +37,8 @@ import math
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +49,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from pipeline.core.config import Params, StudyConfig, StudyTask, TrainConfig
 from pipeline.core.errors import InputError
@@ -61,7 +58,7 @@ from pipeline.data.augment import AugmentedDataset
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.data.manifests import MANIFEST, read_manifest
 from pipeline.metrics.paired import holm, paired_bootstrap
-from pipeline.training.concurrency import parallel_setting, usable_cores
+from pipeline.training.concurrency import WorkerPool, pool_workers
 from pipeline.training.loop import fit
 from pipeline.training.probes import (
     CovariateLabels,
@@ -617,25 +614,17 @@ def _train(
     )
 
 
-#: A worker process's study (set once by :func:`_init_worker`, not per job).
+#: This process's study (set once per worker process by :func:`_init_worker`, not per job).
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(params: Params, data: StudyData, work_dir: Path) -> None:
-    torch.set_num_threads(1)
-    _WORKER.update(params=params, data=data, work_dir=work_dir)
+def _init_worker(params: Params, data: StudyData, device: torch.device, work_dir: Path) -> None:
+    _WORKER.update(params=params, data=data, device=device, work_dir=work_dir)
 
 
 def _train_in_worker(job: Training) -> Scored:
-    return _train(job, _WORKER["params"], _WORKER["data"], torch.device("cpu"), _WORKER["work_dir"])
-
-
-def study_workers(device: torch.device) -> int:
-    """Processes for the downstream trainings: one per usable CPU core on the CPU (one with
-    ``BRAINGEN_PARALLEL=0``), one on a GPU (the trainings share it one after the other)."""
-    if device.type != "cpu" or parallel_setting() is False:
-        return 1
-    return usable_cores()
+    w = _WORKER
+    return _train(job, w["params"], w["data"], w["device"], w["work_dir"])
 
 
 class Trainings:
@@ -643,53 +632,33 @@ class Trainings:
 
     Small networks use two cores poorly (:mod:`pipeline.training.concurrency`), and the study
     trains many: with ``workers`` > 1 each training runs in one of ``workers`` processes of
-    one thread each (started once, each holding the study's data); with 1, one after the
-    other in this process. A job is seeded by its own seed and its process keeps one thread,
-    so its scores do not depend on which process ran it, or when.
+    one thread each (:class:`~pipeline.training.concurrency.WorkerPool`, started once, each
+    holding the study's data); with 1, one after the other in this process.
 
     Args:
         params: all parameters (``study``, ``seed``).
         data: the real splits and the synthetic pool.
-        device: where the networks train.
+        device: where the networks train (the CPU when ``workers`` > 1).
         work_dir: scratch folder for the trainings' checkpoints.
-        workers: processes (see :func:`study_workers`).
+        workers: processes (see :func:`~pipeline.training.concurrency.pool_workers`).
     """
 
     def __init__(
         self, params: Params, data: StudyData, device: torch.device, work_dir: Path, workers: int
     ) -> None:
-        self.params, self.data, self.device, self.work_dir = params, data, device, work_dir
-        self.pool = (
-            ProcessPoolExecutor(
-                workers,
-                mp_context=get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(params, data, work_dir),
-            )
-            if workers > 1
-            else None
-        )
+        self.params = params
+        device = device if workers == 1 else torch.device("cpu")
+        self.workers = WorkerPool(workers, _init_worker, (params, data, device, work_dir))
 
     def __enter__(self) -> Trainings:
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+        self.workers.__exit__()
 
     def run(self, jobs: list[Training]) -> list[Scored]:
         """Each job's scores, in the order of ``jobs``."""
-        with tqdm(total=len(jobs), desc="augment_study", unit="training", leave=False) as bar:
-            if self.pool is None:
-                out = []
-                for job in jobs:
-                    out.append(_train(job, self.params, self.data, self.device, self.work_dir))
-                    bar.update()
-                return out
-            futures = [self.pool.submit(_train_in_worker, job) for job in jobs]
-            for _ in as_completed(futures):
-                bar.update()
-            return [f.result() for f in futures]
+        return self.workers.map(_train_in_worker, jobs, desc="augment_study", unit="training")
 
     def arms(self, task: StudyTask, arms: list[Arm], done: dict[str, list[Scored]]) -> None:
         """Train and score every seed of the arms not yet in ``done`` (arm name → per-seed
@@ -727,7 +696,8 @@ def run_study(
         params: all parameters (``study``, ``seed``).
         data: the real splits and the synthetic pool.
         device: where the downstream networks train.
-        workers: processes for the trainings (:class:`Trainings`, :func:`study_workers`).
+        workers: processes for the trainings (:class:`Trainings`,
+            :func:`~pipeline.training.concurrency.pool_workers`).
 
     Returns:
         task → ``{"arms": {name: {"settings": ..., "scores": [[...]], "mean": float, ...}},
@@ -901,7 +871,7 @@ def augment_study(
         CovariateLabels.from_manifest(test_set.manifest),
         Path(source),
     )
-    workers = study_workers(device)
+    workers = pool_workers(device)
     results = run_study(params, data, device=device, workers=workers)
     report = {
         "synthetic_dir": str(source),

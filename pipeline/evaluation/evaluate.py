@@ -90,6 +90,7 @@ from pipeline.models.files import (
 from pipeline.models.probes import CovariateProbe
 from pipeline.models.zprobe import ZProbe
 from pipeline.training.autoencoder import reconstruct, reconstruction_report
+from pipeline.training.concurrency import WorkerPool, pool_workers
 from pipeline.training.probes import CovariateLabels
 from pipeline.training.zprobe import predict_z
 
@@ -370,45 +371,79 @@ def autoencoder_figures(
     return report, curves
 
 
-def judge_pair(
+@dataclass(frozen=True)
+class JudgeJob:
+    """One classifier two-sample test to run: which section and variant it scores, and its sets.
+
+    Attributes:
+        section: the ``metrics.json`` section it belongs to (``real``, ``ldm``, ...).
+        variant: ``raw``, or ``blur`` (all four sets blurred by ``cfg.c2st.blur_sigma`` px).
+        real_train: (M, 1, H, W) real slices the judge learns as real.
+        fake_train: (M', 1, H, W) slices it learns as synthetic.
+        real_test: (N, 1, H, W) unseen real slices.
+        fake_test: (N', 1, H, W) unseen synthetic slices.
+        cfg: the ``evaluate`` section (``c2st`` settings).
+        seed: the judge's seed (the same for every job, so jobs differ only in their data).
+    """
+
+    section: str
+    variant: str
+    real_train: torch.Tensor
+    fake_train: torch.Tensor
+    real_test: torch.Tensor
+    fake_test: torch.Tensor
+    cfg: EvaluateConfig
+    seed: int
+
+
+def judge_jobs(
+    section: str,
     real_train: torch.Tensor,
     fake_train: torch.Tensor,
     real_test: torch.Tensor,
     fake_test: torch.Tensor,
     *,
     cfg: EvaluateConfig,
-    device: torch.device,
     seed: int,
     variants: tuple[str, ...] = ("raw", "blur"),
-) -> dict[str, C2STResult]:
-    """The classifier two-sample test of one synthetic (or reference) set, raw and blurred.
+) -> list[JudgeJob]:
+    """The judges of one synthetic (or reference) set: one :class:`JudgeJob` per variant."""
+    sets = (real_train, fake_train, real_test, fake_test)
+    return [JudgeJob(section, v, *(x.cpu() for x in sets), cfg, seed) for v in variants]
 
-    Args:
-        real_train: (M, 1, H, W) real slices the judge learns as real.
-        fake_train: (M', 1, H, W) slices it learns as synthetic.
-        real_test: (N, 1, H, W) unseen real slices.
-        fake_test: (N', 1, H, W) unseen synthetic slices.
-        cfg: the ``evaluate`` section (``c2st`` settings).
-        device: where the judge trains.
-        seed: the judge's seed (the same for every pair, so pairs differ only in their data).
-        variants: ``raw`` and/or ``blur`` (both sides blurred by ``cfg.c2st.blur_sigma`` px).
+
+#: The device judges run on in this process (set by :func:`_judge_device`).
+_JUDGE: dict[str, torch.device] = {}
+
+
+def _judge_device(device: torch.device) -> None:
+    _JUDGE["device"] = device
+
+
+def _run_judge(job: JudgeJob) -> C2STResult:
+    return two_sample_auc(
+        job.real_train,
+        job.fake_train,
+        job.real_test,
+        job.fake_test,
+        cfg=job.cfg.c2st,
+        device=_JUDGE["device"],
+        seed=job.seed,
+        blur_sigma=job.cfg.c2st.blur_sigma if job.variant == "blur" else None,
+    )
+
+
+def run_judges(jobs: list[JudgeJob], device: torch.device) -> list[C2STResult]:
+    """Train every judge, side by side on CPU cores (one thread each: the judge is small and
+    uses two threads poorly, :mod:`pipeline.metrics.c2st`), else one after the other.
 
     Returns:
-        ``{variant: result}``.
+        One result per job, in order.
     """
-    return {
-        variant: two_sample_auc(
-            real_train,
-            fake_train,
-            real_test,
-            fake_test,
-            cfg=cfg.c2st,
-            device=device,
-            seed=seed,
-            blur_sigma=cfg.c2st.blur_sigma if variant == "blur" else None,
-        )
-        for variant in variants
-    }
+    workers = min(pool_workers(device), len(jobs))
+    device = device if workers == 1 else torch.device("cpu")
+    with WorkerPool(workers, _judge_device, (device,)) as pool:
+        return pool.map(_run_judge, jobs, desc="c2st judges", unit="judge")
 
 
 def judge_sample_index(train: EvalData, count: int, seed: int) -> torch.Tensor:
@@ -510,14 +545,10 @@ def evaluate(
         )
     probe_sha = {"zprobe_sha256": file_sha256(probe_path)}
     scoring = {"probe": probe, "n_slices": n_slices, "cfg": cfg, "device": device, "seed": seed}
-    judging = {"cfg": cfg, "device": device, "seed": seed}
+    judging = {"cfg": cfg, "seed": seed}
     metrics: dict[str, Any] = {}
     curves: Curves = {}
-    judge_curves: dict[str, list[tuple[int, float]]] = {}
-
-    def record_judges(section: str, results: Mapping[str, C2STResult]) -> None:
-        metrics[section]["c2st"] = {v: r.as_dict() for v, r in results.items()}
-        judge_curves.update({f"{section} ({v})": r.curve for v, r in results.items()})
+    judges: list[JudgeJob] = []  # trained together at the end, side by side
 
     metrics["real"], new = real_figures(real, **scoring)
     metrics["real"] |= probe_sha
@@ -527,9 +558,8 @@ def evaluate(
     # levels alternate between the halves, so both hold every subject (the split is stored
     # volume by volume, levels in order) and subject identity cannot decide
     test_a, test_b = torch.arange(0, len(real.z), 2), torch.arange(1, len(real.z), 2)
-    record_judges(
-        "real",
-        judge_pair(train.image, val.image, real.image[test_a], real.image[test_b], **judging),
+    judges += judge_jobs(
+        "real", train.image, val.image, real.image[test_a], real.image[test_b], **judging
     )
     train_features = alex_features(train.image, device=device)
     reference = nearest_training(
@@ -546,16 +576,14 @@ def evaluate(
     metrics["blurred_real"], new = set_figures(real, blurred, real.z_index, **scoring)
     metrics["blurred_real"] |= {"sigma_px": cfg.blur_sigma} | probe_sha
     _merge(curves, "blurred_real", new)
-    record_judges(
+    judges += judge_jobs(
         "blurred_real",
-        judge_pair(
-            train.image,
-            blur(train.image, cfg.blur_sigma),
-            real.image,
-            blurred,
-            variants=("raw",),
-            **judging,
-        ),
+        train.image,
+        blur(train.image, cfg.blur_sigma),
+        real.image,
+        blurred,
+        variants=("raw",),
+        **judging,
     )
     for name in GENERATORS:
         path = paths.models / f"{name}.pt"
@@ -565,7 +593,7 @@ def evaluate(
         _merge(curves, name, new)
         judge_index = judge_sample_index(train, cfg.c2st.train_samples, seed)
         judge_fakes, _, _ = generate_like(path, judge_index, n_slices, seed + 1, device)
-        record_judges(name, judge_pair(train.image, judge_fakes, real.image, images, **judging))
+        judges += judge_jobs(name, train.image, judge_fakes, real.image, images, **judging)
         nearest = nearest_training(
             images,
             train.image,
@@ -580,12 +608,8 @@ def evaluate(
         )
         _warn_copies(name, metrics[name]["novelty"], cfg)
         logger.info(
-            "%s: C2ST AUC %.3g raw, %.3g blurred (real vs real %.3g); fd_alex %.4g (real "
-            "halves %.4g); z-probe MAE %.3g (real %.3g) slices",
+            "%s: fd_alex %.4g (real halves %.4g); z-probe MAE %.3g (real %.3g) slices",
             name,
-            metrics[name]["c2st"]["raw"]["auc"],
-            metrics[name]["c2st"]["blur"]["auc"],
-            metrics["real"]["c2st"]["blur"]["auc"],
             metrics[name]["fd_alex"],
             _halves(metrics, "fd_alex"),
             metrics[name]["zprobe_mae"],
@@ -615,15 +639,25 @@ def evaluate(
         metrics[section], new = autoencoder_figures(path, real, device, seed)
         _merge(curves, section, new)
         model, _ = load_autoencoder(path, device)
-        record_judges(
+        judges += judge_jobs(
             section,
-            judge_pair(
-                train.image,
-                reconstruct(model, train.image, train.z, device),
-                real.image,
-                reconstruct(model, real.image, real.z, device),
-                **judging,
-            ),
+            train.image,
+            reconstruct(model, train.image, train.z, device),
+            real.image,
+            reconstruct(model, real.image, real.z, device),
+            **judging,
+        )
+    judge_curves: dict[str, list[tuple[int, float]]] = {}
+    for job, result in zip(judges, run_judges(judges, device), strict=True):
+        metrics[job.section].setdefault("c2st", {})[job.variant] = result.as_dict()
+        judge_curves[f"{job.section} ({job.variant})"] = result.curve
+    for name in GENERATORS:
+        logger.info(
+            "%s: C2ST AUC %.3g raw, %.3g blurred (real vs real %.3g)",
+            name,
+            metrics[name]["c2st"]["raw"]["auc"],
+            metrics[name]["c2st"]["blur"]["auc"],
+            metrics["real"]["c2st"]["blur"]["auc"],
         )
 
     tables = curve_tables(curves)

@@ -1,4 +1,5 @@
-"""Run a stage's independent trainings side by side (the VQ-VAE and the VAE-GAN).
+"""Run a stage's independent trainings side by side (the VQ-VAE and the VAE-GAN; the
+evaluation's realism judges and the augmentation study's downstream networks).
 
 Small networks use two CPU cores poorly: one 12-image autoencoder step takes 0.28-0.38 s on
 two threads and 0.46 s on one, so two trainings on one core each finish about 30 % sooner
@@ -35,16 +36,23 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from types import FrameType
+from typing import Any, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.core.distributed import requested_processes
 from pipeline.core.errors import BraingenError, InputError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: Environment variable choosing side by side (1), one after the other (0) or auto.
 PARALLEL_ENV = "BRAINGEN_PARALLEL"
@@ -228,3 +236,76 @@ def run_side_by_side(jobs: Sequence[Job], device: torch.device) -> None:
     run_jobs(
         [Job(j.label, j.argv, {**j.env, **env}) for j, env in zip(jobs, envs, strict=True)], True
     )
+
+
+def pool_workers(device: torch.device) -> int:
+    """Processes for many small independent trainings in one stage (:class:`WorkerPool`): one
+    per usable CPU core on the CPU (one with ``BRAINGEN_PARALLEL=0``), one on a GPU (the
+    trainings share it one after the other)."""
+    if device.type != "cpu" or parallel_setting() is False:
+        return 1
+    return usable_cores()
+
+
+def _init_single_thread(initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+    torch.set_num_threads(1)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+class WorkerPool:
+    """Independent jobs (small trainings) in ``workers`` processes of one CPU thread each.
+
+    The in-stage counterpart of :func:`run_side_by_side`, for jobs too small and too many to
+    be a child stage each: the augmentation study's downstream networks, the evaluation's
+    realism judges. Processes are spawned (a fork of a process that has run torch's thread
+    pool can deadlock) and started once; ``initializer(*initargs)`` runs once in each, so data
+    every job shares is pickled once per process, not once per job. Each job keeps one
+    thread, so its result does not depend on which process ran it, or when. With one worker
+    everything runs in this process, on its own threads, without pickling.
+
+    Args:
+        workers: processes (:func:`pool_workers`).
+        initializer: run once in each process (and once here with one worker), e.g. to
+            store shared data in a module-level dict.
+        initargs: its arguments.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        initializer: Callable[..., None] | None = None,
+        initargs: tuple[Any, ...] = (),
+    ) -> None:
+        self.pool = None
+        if workers > 1:
+            self.pool = ProcessPoolExecutor(
+                workers,
+                mp_context=get_context("spawn"),
+                initializer=_init_single_thread,
+                initargs=(initializer, initargs),
+            )
+        elif initializer is not None:
+            initializer(*initargs)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def map(self, fn: Callable[[T], R], jobs: Sequence[T], *, desc: str, unit: str) -> list[R]:
+        """``[fn(job) for job in jobs]``, in order, with a progress bar; ``fn`` must be a
+        module-level function (picklable) when there is more than one worker."""
+        with tqdm(total=len(jobs), desc=desc, unit=unit, leave=False) as bar:
+            if self.pool is None:
+                out = []
+                for job in jobs:
+                    out.append(fn(job))
+                    bar.update()
+                return out
+            futures = [self.pool.submit(fn, job) for job in jobs]
+            for _ in as_completed(futures):
+                bar.update()
+            return [f.result() for f in futures]
