@@ -64,7 +64,7 @@ from data_prep.readers import (
 )
 from data_prep.readers.png_slices import load_case
 from data_prep.skull import detect_skull, extract_brain, extraction_problem
-from data_prep.split import split_subjects
+from data_prep.split import split_subjects, stratum
 from data_prep.tissue import SLICE_STEPS, tissue_labels
 from data_prep.volume import (
     SliceSet,
@@ -571,9 +571,19 @@ def _assign_splits(
     if fmt == "png":
         splits = {(r.subject, r.session): str(r.split) for r in results}
         return splits, "the PNG release's own train/validate/test folders"
-    by_subject = split_subjects((r.subject for r in results), cfg.split, seed)
+    strata = {  # a subject's first session decides (the sessions of OASIS-1 share age and CDR)
+        r.subject: stratum(r.demographics.get("age"), r.demographics.get("cdr"))
+        for r in sorted(results, key=lambda r: r.session, reverse=True)
+    }
+    by_subject = split_subjects((r.subject for r in results), cfg.split, seed, strata)
     splits = {(r.subject, r.session): by_subject[r.subject] for r in results}
-    return splits, f"seeded subject-level split {cfg.split.model_dump()}"
+    counts = {
+        name: sum(v == name for v in strata.values()) for name in sorted(set(strata.values()))
+    }
+    return splits, (
+        f"seeded subject-level split {cfg.split.model_dump()}, stratified by age band and "
+        f"CDR > 0 (subjects per stratum: {counts})"
+    )
 
 
 def _write_split(

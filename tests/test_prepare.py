@@ -18,7 +18,7 @@ from data_prep.errors import PrepareError
 from data_prep.intensity import threshold_mask
 from data_prep.prepare import MANIFEST_COLUMNS, prepare_dataset
 from data_prep.readers.base import SPLITS
-from data_prep.split import split_sizes, split_subjects
+from data_prep.split import allocate, split_sizes, split_subjects, stratum
 from data_prep.volume import load_volume, volume_slices
 from pipeline.core.config import DemoConfig, PrepareConfig, SplitConfig
 
@@ -170,6 +170,49 @@ def test_split_sizes_and_seeding() -> None:
     first = split_subjects(ids, ratios, seed=3)
     assert first == split_subjects(list(reversed(ids)) + ids, ratios, seed=3)
     assert first != split_subjects(ids, ratios, seed=4)
+
+
+def test_split_is_stratified_by_age_band_and_cdr() -> None:
+    ratios = SplitConfig()
+    ids = [f"s{i:02d}" for i in range(31)]
+    kinds = ["age<60"] * 12 + ["age60+"] * 10 + ["cdr>0"] * 8 + ["unknown"]
+    strata = dict(zip(ids, kinds, strict=True))
+    sizes = split_sizes(len(ids), ratios)
+    for seed in range(20):
+        split = split_subjects(ids, ratios, seed, strata)
+        assert {k: sum(v == k for v in split.values()) for k in sizes} == sizes
+        for kind, n in (("age<60", 12), ("age60+", 10), ("cdr>0", 8)):
+            members = [split[s] for s in ids if strata[s] == kind]
+            for name in ("test", "train"):
+                assert abs(members.count(name) - n * sizes[name] / len(ids)) < 1, (seed, kind)
+    assert split_subjects(ids, ratios, 0, strata) != split_subjects(ids, ratios, 1, strata)
+
+
+def test_allocation_is_proportional_and_adds_up_both_ways() -> None:
+    strata = {"a": 12, "b": 10, "c": 8, "d": 1}
+    splits = {"train": 21, "val": 5, "test": 5}
+    for seed in range(10):
+        cells = allocate(strata, splits, np.random.default_rng(seed))
+        assert {h: sum(c.values()) for h, c in cells.items()} == strata
+        assert {s: sum(c[s] for c in cells.values()) for s in splits} == splits
+        for h, size in strata.items():
+            for s, count in splits.items():
+                assert abs(cells[h][s] - size * count / 31) < 1, (seed, h, s)
+
+
+@pytest.mark.parametrize(
+    ("age", "cdr", "expected"),
+    [
+        (30.0, None, "age<60"),
+        (75.0, 0.0, "age60+"),
+        (75.0, 0.5, "cdr>0"),
+        (None, None, "unknown"),
+        (float("nan"), float("nan"), "unknown"),
+        (59.0, float("nan"), "age<60"),
+    ],
+)
+def test_stratum(age: float | None, cdr: float | None, expected: str) -> None:
+    assert stratum(age, cdr) == expected
 
 
 def test_same_seed_same_bytes_any_worker_count(demo_root: Path, tmp_path: Path) -> None:
