@@ -109,8 +109,8 @@ def split_subjects(
     Args:
         subjects: subject ids (duplicates, e.g. one per session, are fine).
         ratios: split ratios.
-        seed: order of strata and of subjects within them; the same ids, strata and seed
-            always give the same split.
+        seed: the order in which each stratum's subjects take its places, and ties between
+            equal remainders; the same ids, strata and seed always give the same split.
         strata: {subject: stratum} (:func:`stratum`); a subject absent from it (or no
             mapping) is in stratum ``unknown``.
 
