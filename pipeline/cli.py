@@ -379,6 +379,10 @@ STAGES = {
     "make-demo": ("make_demo", "Synthesise the demo stand-in cohort (OASIS-1 layout)."),
     "prepare": ("prepare", "Volumes or PNG release -> axial slices with z, split by subject."),
     "encode-latents": ("encode_latents", "Encode the slices with the trained autoencoders."),
+    "train-generators": (
+        "train_generators",
+        "Train the LDM and the PixelCNN prior, side by side where the machine allows.",
+    ),
     "train-prior": ("train_prior", "Train the z-conditioned PixelCNN prior over VQ codes."),
     "train-ldm": ("train_ldm", "Train the z-conditioned latent diffusion UNet."),
     "train-zprobe": ("train_zprobe", "Train the z-index probe (judge of z-conditioning)."),

@@ -92,6 +92,21 @@ def closure(module: str) -> set[str]:
     return seen
 
 
+def child_stages(module: str) -> tuple[str, ...]:
+    """The stage modules ``module`` runs as child processes: its ``CHILD_STAGES`` tuple."""
+    for node in ast.parse(modules()[module].read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "CHILD_STAGES" for t in node.targets
+        ):
+            return tuple(ast.literal_eval(node.value))
+    return ()
+
+
+def stage_closure(module: str) -> set[str]:
+    """:func:`closure` of a stage module and of the stage modules it runs as children."""
+    return closure(module).union(*(closure(child) for child in child_stages(module)))
+
+
 def layer_of(module: str) -> str:
     """The layer name of a module: ``pipeline.<layer>`` or the top-level package."""
     parts = module.split(".")
@@ -219,9 +234,8 @@ def _covered(path: str, deps: list[str]) -> bool:
 def test_dvc_deps_cover_the_code_each_stage_runs(stage: str) -> None:
     """Every project module a stage's command can import is a dep (file or folder) of it."""
     spec = dvc_stages()[stage]
-    module = spec["cmd"].split("-m", 1)[1].split()[0]
     deps = [str(d) for d in spec.get("deps", [])]
-    files = sorted(str(modules()[m].relative_to(ROOT)) for m in closure(module))
+    files = sorted(str(modules()[m].relative_to(ROOT)) for m in stage_closure(stage_module(stage)))
     missing = [f for f in files if not _covered(f, deps)]
     assert not missing, f"{stage}: dvc.yaml deps miss the code it runs: {missing}"
     assert "data/prepared" not in deps or spec.get("deps").count("${data.prepared_dir}") == 0, (
@@ -246,8 +260,37 @@ def test_dvc_params_name_only_the_active_profile(stage: str) -> None:
     assert "profiles" not in params, f"{stage} depends on every profile"
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_PARAMS))
+def stage_module(stage: str) -> str:
+    """The module a ``dvc.yaml`` stage's command runs (``python -m <module>``)."""
+    return dvc_stages()[stage]["cmd"].split("-m", 1)[1].split()[0]
+
+
+def identities(stage: str) -> list[str]:
+    """The :data:`STAGE_PARAMS` names a DVC stage runs: its own, or its children's."""
+    children = child_stages(stage_module(stage))
+    return [child.rsplit(".", 1)[1] for child in children] if children else [stage]
+
+
+@pytest.mark.parametrize(
+    "stage", sorted(s for s in dvc_stages() if set(identities(s)) & set(STAGE_PARAMS))
+)
 def test_dvc_params_are_the_stage_identity(stage: str) -> None:
-    """DVC re-runs a stage exactly when its identity (MLflow params, resume hash) changes."""
+    """DVC re-runs a stage exactly when its identity (MLflow params, resume hash) changes; a
+    stage that runs child stages has the union of their identities."""
     params = {p for p in dvc_stages()[stage].get("params", []) if isinstance(p, str)}
-    assert params - {"device", "profile", "profiles.${profile}"} == set(STAGE_PARAMS[stage])
+    expected = set().union(*(STAGE_PARAMS[name] for name in identities(stage)))
+    assert params - {"device", "profile", "profiles.${profile}"} == expected
+
+
+def test_every_stage_identity_is_run_by_a_dvc_stage() -> None:
+    """Each identity in STAGE_PARAMS belongs to a DVC stage or to a child of one."""
+    run = {name for stage in dvc_stages() for name in identities(stage)}
+    assert set(STAGE_PARAMS) <= run, sorted(set(STAGE_PARAMS) - run)
+
+
+def test_a_stage_running_child_stages_owns_their_code() -> None:
+    """train_generators imports neither trainer; its CHILD_STAGES make their code its code."""
+    assert child_stages("stages.train_generators") == ("stages.train_ldm", "stages.train_prior")
+    assert "pipeline.training.ldm" not in closure("stages.train_generators")
+    owned = stage_closure("stages.train_generators")
+    assert {"pipeline.training.ldm", "pipeline.training.prior"} <= owned

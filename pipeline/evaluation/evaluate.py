@@ -67,7 +67,7 @@ from pipeline.core.io import atomic_write, write_json
 from pipeline.core.tracking import StageRun, flatten
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.evaluation.label_fidelity import fidelity_summary, label_fidelity
-from pipeline.inference.sampling import load_generator, sample
+from pipeline.inference.sampling import load_generator, sample_slices
 from pipeline.metrics.c2st import C2STResult, blur, strength_curve_figure, two_sample_auc
 from pipeline.metrics.novelty import (
     closest_pairs_figure,
@@ -189,11 +189,8 @@ def zprobe_errors(
 def generate_like(
     generator_path: Path, z_index: torch.Tensor, n_slices: int, seed: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Generate as many slices per z level as ``z_index`` holds.
-
-    Every level 0..K-1 is sampled ``max count`` times in one
-    :func:`pipeline.inference.sampling.sample` call (the generator's default sampling
-    settings); the first ``count`` slices of each level are kept.
+    """Generate one slice per entry of ``z_index``, on z alone (the generator's default
+    sampling settings), so the synthetic set has the real set's levels and counts.
 
     Args:
         generator_path: ``models/ldm.pt`` or ``models/pixelcnn.pt``.
@@ -203,18 +200,14 @@ def generate_like(
         device: where to sample.
 
     Returns:
-        (images (N, 1, H, W) in [0, 1], their z_index (N,), provenance: checkpoint and
+        (images (N, 1, H, W) in [0, 1], their z_index (N,) sorted, provenance: checkpoint and
         autoencoder sha256, sampling settings, seconds).
     """
     generator = load_generator(generator_path, device)
-    counts = torch.bincount(z_index, minlength=n_slices)
-    n_max = int(counts.max())
-    levels = z_from_index(torch.arange(n_slices, dtype=torch.float32), n_slices)
+    index = torch.sort(z_index).values
     started = time.perf_counter()
-    images, z = sample(generator, levels, n_max, seed)
+    images = sample_slices(generator, z_from_index(index.float(), n_slices), seed).images
     seconds = time.perf_counter() - started
-    fake_index = torch.arange(n_slices).repeat_interleave(n_max)
-    keep = (torch.arange(len(z)) % n_max) < counts[fake_index]
     cfg = generator.config
     settings = (
         {"sampler": cfg.sampler, "steps": cfg.sample_steps, "guidance": cfg.guidance}
@@ -227,7 +220,7 @@ def generate_like(
         "sampling": settings,
         "sample_seconds": seconds,
     }
-    return images[keep], fake_index[keep], provenance
+    return images, index, provenance
 
 
 def set_figures(
@@ -446,15 +439,25 @@ def run_judges(jobs: list[JudgeJob], device: torch.device) -> list[C2STResult]:
         return pool.map(_run_judge, jobs, desc="c2st judges", unit="judge")
 
 
+def judge_train_rows(n_train: int, count: int, seed: int) -> torch.Tensor:
+    """Training slices whose synthetic counterparts a judge learns: ``count`` of the ``n_train``
+    rows, drawn at random (seeded).
+
+    Returns:
+        (min(count, n_train),) int64 row indices, sorted.
+    """
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    return torch.sort(order[:count]).values
+
+
 def judge_sample_index(train: EvalData, count: int, seed: int) -> torch.Tensor:
-    """z indices of the synthetic slices a judge trains on: ``count`` drawn from the training
-    split's own z_index (so the judge cannot tell the sets apart by level alone).
+    """z indices of the synthetic slices a judge trains on: those of
+    :func:`judge_train_rows` (so the judge cannot tell the sets apart by level alone).
 
     Returns:
         (min(count, M),) int64 slice indices, sorted.
     """
-    order = torch.randperm(len(train.z_index), generator=torch.Generator().manual_seed(seed))
-    return torch.sort(train.z_index[order[:count]]).values
+    return torch.sort(train.z_index[judge_train_rows(len(train.z_index), count, seed)]).values
 
 
 def _merge(curves: Curves, section: str, new: Curves) -> None:
@@ -639,10 +642,11 @@ def evaluate(
         metrics[section], new = autoencoder_figures(path, real, device, seed)
         _merge(curves, section, new)
         model, _ = load_autoencoder(path, device)
+        rows = judge_train_rows(len(train.image), cfg.c2st.train_samples, seed)
         judges += judge_jobs(
             section,
             train.image,
-            reconstruct(model, train.image, train.z, device),
+            reconstruct(model, train.image[rows], train.z[rows], device),
             real.image,
             reconstruct(model, real.image, real.z, device),
             **judging,

@@ -1,5 +1,6 @@
-"""Run a stage's independent trainings side by side (the VQ-VAE and the VAE-GAN; the
-evaluation's realism judges and the augmentation study's downstream networks).
+"""Run a stage's independent trainings side by side (the VQ-VAE and the VAE-GAN; the LDM and
+the PixelCNN prior; the evaluation's realism judges and the augmentation study's downstream
+networks).
 
 Small networks use two CPU cores poorly: one 12-image autoencoder step takes 0.28-0.38 s on
 two threads and 0.46 s on one, so two trainings on one core each finish about 30 % sooner
