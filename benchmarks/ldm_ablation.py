@@ -48,11 +48,11 @@ from pipeline.data.latents import latents_identity
 from pipeline.evaluation.evaluate import (
     generate_like,
     judge_jobs,
-    judge_sample_index,
+    judge_train_rows,
     run_judges,
     set_figures,
 )
-from pipeline.inference.sampling import load_generator, sample
+from pipeline.inference.sampling import load_generator, sample, sample_slices
 from pipeline.metrics.quality import alex_features, fd_alex
 from pipeline.models.conditioning import z_from_index
 from pipeline.models.files import load_probe
@@ -180,7 +180,7 @@ def main() -> None:
         },
         "judging": {"cfg": cfg, "seed": seed},
     }
-    judge_index = judge_sample_index(train, cfg.c2st.train_samples, seed)
+    judge_rows = judge_train_rows(len(train.image), cfg.c2st.train_samples, seed)
     latents_dir = Path("data/latents") / params.ldm.latent_source
     results: dict[str, Any] = {"steps": args.steps, "seed": seed, "arms": {}}
     shown: dict[str, torch.Tensor] = {}
@@ -203,8 +203,10 @@ def main() -> None:
             train_ldm(arm, run=run, device=device, paths=paths, identity=identity)
         seconds = time.perf_counter() - started
         ctx["model"] = paths.model
-        images, index, _ = generate_like(paths.model, real.z_index, n_slices, seed, device)
-        fakes, _, _ = generate_like(paths.model, judge_index, n_slices, seed + 1, device)
+        made, _ = generate_like(paths.model, real.z_index, n_slices, seed, device)
+        images, index = made.images, real.z_index
+        fakes = generate_like(paths.model, train.z_index[judge_rows], n_slices, seed + 1, device)
+        fakes = fakes[0].images
         results["arms"][name] = {"overrides": ARMS[name], "train_seconds": seconds}
         results["arms"][name] |= score(images, index, fakes, ctx)
         shown[name], _ = sample(load_generator(paths.model, device), levels, 2, seed)
@@ -215,18 +217,10 @@ def main() -> None:
             parser.error("sampling-only arms need the baseline arm (train it first)")
         gm = load_generator(base, device)
         over = SAMPLE_ARMS[name]
-        counts = torch.bincount(real.z_index, minlength=n_slices)
-        all_levels = z_from_index(torch.arange(n_slices).float(), n_slices)
-        pool, _ = sample(gm, all_levels, int(counts.max()), seed, **over)
-        pool_index = torch.arange(n_slices).repeat_interleave(int(counts.max()))
-        keep = (torch.arange(len(pool)) % int(counts.max())) < counts[pool_index]
-        judge_counts = torch.bincount(judge_index, minlength=n_slices)
-        fakes, _ = sample(gm, all_levels, int(judge_counts.max()), seed + 1, **over)
-        fake_index = torch.arange(n_slices).repeat_interleave(int(judge_counts.max()))
-        fakes = fakes[
-            (torch.arange(len(fakes)) % int(judge_counts.max())) < judge_counts[fake_index]
-        ]
-        results["arms"][name] = {"sampling": over} | score(pool[keep], pool_index[keep], fakes, ctx)
+        pool = sample_slices(gm, z_from_index(real.z_index.float(), n_slices), seed, **over)
+        judge_z = z_from_index(train.z_index[judge_rows].float(), n_slices)
+        fakes = sample_slices(gm, judge_z, seed + 1, **over).images
+        results["arms"][name] = {"sampling": over} | score(pool.images, real.z_index, fakes, ctx)
         shown[name], _ = sample(gm, levels, 2, seed, **over)
         console.print(name, results["arms"][name])
     if base.is_file():

@@ -18,7 +18,7 @@ from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.evaluation.evaluate import (
     EvaluatePaths,
     evaluate,
-    judge_sample_index,
+    judge_train_rows,
     real_figures,
     set_figures,
     split_halves,
@@ -127,12 +127,13 @@ def test_real_figures_skip_split_halves_that_share_no_level(real: EvalData) -> N
     assert figures["split_halves"]["n_samples"] == len(real.z) // 2
 
 
-def test_judge_samples_follow_the_training_split_levels(real: EvalData) -> None:
-    index = judge_sample_index(real, 12, seed=3)
-    assert len(index) == 12 and torch.equal(index, torch.sort(index).values)
-    assert set(index.tolist()) <= set(real.z_index.tolist())
-    assert torch.equal(index, judge_sample_index(real, 12, seed=3))
-    assert len(judge_sample_index(real, 10_000, seed=3)) == len(real.z_index)
+def test_judge_rows_are_a_seeded_sorted_subset_of_the_training_split() -> None:
+    rows = judge_train_rows(40, 12, seed=3)
+    assert len(rows) == 12 and len(set(rows.tolist())) == 12
+    assert torch.equal(rows, torch.sort(rows).values) and int(rows.max()) < 40
+    assert torch.equal(rows, judge_train_rows(40, 12, seed=3))
+    assert not torch.equal(rows, judge_train_rows(40, 12, seed=4))
+    assert torch.equal(judge_train_rows(40, 10_000, seed=3), torch.arange(40))
 
 
 def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from pipeline.core.labels import (
 from pipeline.data.manifests import read_manifest
 from pipeline.inference.diffusion import BoundCovariates, guided_output
 from pipeline.inference.generate import generate
-from pipeline.inference.sampling import load_generator, sample_slices
+from pipeline.inference.sampling import Samples, load_generator, sample_slices
 from pipeline.models.conditioning import Conditioner, drop_covariates
 from pipeline.models.unet import ZConditionedUNet
 
@@ -338,6 +338,21 @@ def test_label_fidelity_scores_real_matched_shuffled_and_masks(labelled_generato
         probe=None, segmenter=None, n=4, seed=0,
     )  # fmt: skip
     assert set(no_probe["skipped"]) == {"covariates", "masks"}
+    # slices made beforehand (one per test slice) are read, not re-sampled: handing in the
+    # real slices themselves must score exactly as the real slices do
+    given = Samples(test.image, test.z, None, test.tissue)
+    reused, _ = label_fidelity(
+        load_generator(labelled_generators["ldm"]), test, manifest,
+        probe=probe, segmenter=segmenter, n=None, seed=0, matched=given,
+    )  # fmt: skip
+    assert reused["n"] == n and reused["matched"] == reused["real"]
+    assert reused["mask_dice"] == reused["real_mask_dice"]
+    with pytest.raises(ValueError, match="one slice per test slice"):
+        label_fidelity(
+            load_generator(labelled_generators["ldm"]), test, manifest,
+            probe=probe, segmenter=segmenter, n=None, seed=0,
+            matched=Samples(test.image[:3], test.z[:3], None, test.tissue[:3]),
+        )  # fmt: skip
 
 
 def test_the_tissue_head_never_trains_the_image_path() -> None:

@@ -64,10 +64,11 @@ from pipeline.core.errors import InputError
 from pipeline.core.figures import figure_image, save_png
 from pipeline.core.identity import file_sha256
 from pipeline.core.io import atomic_write, write_json
+from pipeline.core.labels import covariate_codes
 from pipeline.core.tracking import StageRun, flatten
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.evaluation.label_fidelity import fidelity_summary, label_fidelity
-from pipeline.inference.sampling import load_generator, sample_slices
+from pipeline.inference.sampling import Samples, load_generator, sample_slices
 from pipeline.metrics.c2st import C2STResult, blur, strength_curve_figure, two_sample_auc
 from pipeline.metrics.novelty import (
     closest_pairs_figure,
@@ -187,26 +188,44 @@ def zprobe_errors(
 
 
 def generate_like(
-    generator_path: Path, z_index: torch.Tensor, n_slices: int, seed: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Generate one slice per entry of ``z_index``, on z alone (the generator's default
-    sampling settings), so the synthetic set has the real set's levels and counts.
+    generator_path: Path,
+    z_index: torch.Tensor,
+    n_slices: int,
+    seed: int,
+    device: torch.device,
+    *,
+    manifest: pd.DataFrame | None = None,
+    masks: bool = False,
+) -> tuple[Samples, dict[str, Any]]:
+    """Generate one slice per real slice: at its z level and, for a covariate-conditioned
+    generator, at its covariates (the generator's default sampling settings).
 
     Args:
         generator_path: ``models/ldm.pt`` or ``models/pixelcnn.pt``.
-        z_index: (N,) slice indices of the real set to match.
+        z_index: (N,) slice indices of the real slices to match.
         n_slices: K.
         seed: sampling seed.
         device: where to sample.
+        manifest: the real slices' manifest rows (row i ↔ ``z_index[i]``), whose ``age``,
+            ``sex``, ``cdr``... columns are the covariates asked for; None: z alone.
+        masks: also decode each slice's tissue labels, where the generator makes them.
 
     Returns:
-        (images (N, 1, H, W) in [0, 1], their z_index (N,) sorted, provenance: checkpoint and
-        autoencoder sha256, sampling settings, seconds).
+        (:class:`~pipeline.inference.sampling.Samples`, row i for real slice i; provenance:
+        checkpoint and autoencoder sha256, sampling settings, seconds).
     """
     generator = load_generator(generator_path, device)
-    index = torch.sort(z_index).values
+    codes = None
+    if manifest is not None and generator.schema:
+        codes = torch.from_numpy(covariate_codes(manifest, generator.schema))
     started = time.perf_counter()
-    images = sample_slices(generator, z_from_index(index.float(), n_slices), seed).images
+    samples = sample_slices(
+        generator,
+        z_from_index(z_index.float(), n_slices),
+        seed,
+        covariates=codes,
+        masks=masks and generator.tissue_labels,
+    )
     seconds = time.perf_counter() - started
     cfg = generator.config
     settings = (
@@ -220,7 +239,7 @@ def generate_like(
         "sampling": settings,
         "sample_seconds": seconds,
     }
-    return images, index, provenance
+    return samples, provenance
 
 
 def set_figures(
@@ -450,16 +469,6 @@ def judge_train_rows(n_train: int, count: int, seed: int) -> torch.Tensor:
     return torch.sort(order[:count]).values
 
 
-def judge_sample_index(train: EvalData, count: int, seed: int) -> torch.Tensor:
-    """z indices of the synthetic slices a judge trains on: those of
-    :func:`judge_train_rows` (so the judge cannot tell the sets apart by level alone).
-
-    Returns:
-        (min(count, M),) int64 slice indices, sorted.
-    """
-    return torch.sort(train.z_index[judge_train_rows(len(train.z_index), count, seed)]).values
-
-
 def _merge(curves: Curves, section: str, new: Curves) -> None:
     for metric, values in new.items():
         curves.setdefault(metric, {})[section] = values
@@ -588,15 +597,28 @@ def evaluate(
         variants=("raw",),
         **judging,
     )
+    test_manifest = SliceDataset(paths.test).manifest
+    train_manifest = SliceDataset(paths.train).manifest
+    judge_rows = judge_train_rows(len(train.image), cfg.c2st.train_samples, seed)
+    synthetic: dict[str, Samples] = {}  # per generator: one slice per test slice (its labels)
     for name in GENERATORS:
         path = paths.models / f"{name}.pt"
-        images, index, provenance = generate_like(path, real.z_index, n_slices, seed, device)
-        metrics[name], new = set_figures(real, images, index, **scoring)
+        synthetic[name], provenance = generate_like(
+            path, real.z_index, n_slices, seed, device, manifest=test_manifest, masks=True
+        )
+        images = synthetic[name].images
+        metrics[name], new = set_figures(real, images, real.z_index, **scoring)
         metrics[name] |= provenance | probe_sha
         _merge(curves, name, new)
-        judge_index = judge_sample_index(train, cfg.c2st.train_samples, seed)
-        judge_fakes, _, _ = generate_like(path, judge_index, n_slices, seed + 1, device)
-        judges += judge_jobs(name, train.image, judge_fakes, real.image, images, **judging)
+        judge_fakes, _ = generate_like(
+            path,
+            train.z_index[judge_rows],
+            n_slices,
+            seed + 1,
+            device,
+            manifest=train_manifest.iloc[judge_rows.numpy()],
+        )
+        judges += judge_jobs(name, train.image, judge_fakes.images, real.image, images, **judging)
         nearest = nearest_training(
             images,
             train.image,
@@ -619,8 +641,7 @@ def evaluate(
             metrics["real"]["zprobe_mae"],
         )
     covariate_probe, segmenter = _label_probes(paths.models, device)
-    test_manifest = SliceDataset(paths.test).manifest
-    train_labels = CovariateLabels.from_manifest(SliceDataset(paths.train).manifest)
+    train_labels = CovariateLabels.from_manifest(train_manifest)
     for name in GENERATORS:
         metrics[name]["labels"], figures = label_fidelity(
             load_generator(paths.models / f"{name}.pt", device),
@@ -631,6 +652,7 @@ def evaluate(
             n=cfg.label_samples,
             seed=seed + 2,
             train_labels=train_labels,
+            matched=synthetic[name],
         )
         save_png(figures["pairs"], paths.reports / f"labelled_{name}.png")
         if "covariates" in figures:
@@ -642,11 +664,10 @@ def evaluate(
         metrics[section], new = autoencoder_figures(path, real, device, seed)
         _merge(curves, section, new)
         model, _ = load_autoencoder(path, device)
-        rows = judge_train_rows(len(train.image), cfg.c2st.train_samples, seed)
         judges += judge_jobs(
             section,
             train.image,
-            reconstruct(model, train.image[rows], train.z[rows], device),
+            reconstruct(model, train.image[judge_rows], train.z[judge_rows], device),
             real.image,
             reconstruct(model, real.image, real.z, device),
             **judging,

@@ -1,8 +1,9 @@
 """Are a generator's labels obeyed? The label probes read covariates and tissue off its slices.
 
-For a covariate-conditioned generator, ``n`` real test slices spread over z are taken with
-their own labels (z, age, sex, CDR) and the generator is asked for one slice per test slice
-at the same z and covariates (*matched*). The covariate probe
+For a covariate-conditioned generator, ``n`` real test slices spread over z (every one by
+default) are taken with their own labels (z, age, sex, CDR) and the generator is asked for
+one slice per test slice at the same z and covariates (*matched*; ``evaluate`` passes the
+slices it generated for its realism figures, which are exactly these). The covariate probe
 (:mod:`pipeline.training.probes`, trained on real training slices only) then reads age,
 CDR > 0 and sex off
 
@@ -32,7 +33,7 @@ from torch import nn
 from pipeline.core.figures import figure_image, grid
 from pipeline.core.labels import covariate_codes
 from pipeline.data.datasets import EvalData
-from pipeline.inference.sampling import GeneratorModel, sample_slices
+from pipeline.inference.sampling import GeneratorModel, Samples, sample_slices
 from pipeline.models.probes import CovariateProbe
 from pipeline.training.probes import (
     CovariateLabels,
@@ -60,9 +61,10 @@ def label_fidelity(
     *,
     probe: CovariateProbe | None,
     segmenter: nn.Module | None,
-    n: int,
+    n: int | None,
     seed: int,
     train_labels: CovariateLabels | None = None,
+    matched: Samples | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Probe scores of real, matched and shuffled slices, and mask agreement.
 
@@ -72,10 +74,13 @@ def label_fidelity(
         test_manifest: its manifest (row i ↔ slice i; ``age``, ``sex``, ``cdr`` columns).
         probe: the covariate probe, or None (no covariate scores).
         segmenter: the tissue segmenter, or None (no mask scores).
-        n: test slices used (spread over z; fewer if the split is smaller).
+        n: test slices used (spread over z; None or more than the split: every one).
         seed: sampling seed (the shuffled control uses ``seed + SHUFFLE_SEED_OFFSET``).
         train_labels: the training slices' labels, for ``chance`` (the training median age
             read for every slice); None leaves ``chance`` out.
+        matched: the generator's slices at every test slice's own z and covariates (row i
+            for test slice i; with ``tissue`` where it makes masks), already made; None
+            samples the ``n`` needed here.
 
     Returns:
         The report and its figures: ``pairs`` (:func:`pairs_figure` of the matched
@@ -90,7 +95,7 @@ def label_fidelity(
         names what could not be measured and why.
     """
     schema = generator.schema
-    idx = test.spread_over_z(n)
+    idx = test.spread_over_z(len(test.z) if n is None else n)
     rows = test_manifest.iloc[idx.numpy()].reset_index(drop=True)
     labels = CovariateLabels.from_manifest(rows)
     z = test.z[idx]
@@ -99,7 +104,17 @@ def label_fidelity(
     figures: dict[str, np.ndarray] = {}
     masks = generator.tissue_labels and segmenter is not None and test.tissue is not None
     codes = torch.from_numpy(covariate_codes(rows, schema)) if schema else None
-    matched = sample_slices(generator, z, seed, covariates=codes, masks=masks)
+    if matched is None:
+        matched = sample_slices(generator, z, seed, covariates=codes, masks=masks)
+    else:
+        if len(matched.images) != len(test.z) or (masks and matched.tissue is None):
+            raise ValueError(
+                f"matched must hold one slice per test slice ({len(test.z)})"
+                + (" with its mask" if masks else "")
+                + f", got {len(matched.images)}"
+            )
+        tissue = None if matched.tissue is None else matched.tissue[idx]
+        matched = Samples(matched.images[idx], matched.z[idx], codes, tissue)
     if probe is None or not schema:
         skipped["covariates"] = (
             "no covariate probe (run train_probes)" if probe is None
