@@ -102,3 +102,13 @@ def test_smoke_run_writes_the_table(tmp_path: Path) -> None:
         assert row["ours"] > 0 and row["reference"] > 0 and math.isfinite(row["ratio"]), row
     assert json.loads((out / "benchmarks.json").read_text())["meta"]["profile"] == "tiny"
     assert "| prior sampling |" in (out / "benchmarks.md").read_text()
+
+
+def test_scaling_figure_has_one_panel_per_figure() -> None:
+    from benchmarks.ldm_scaling import PANELS, curve_figure
+
+    rows = [
+        {"train_minutes": m, **{k: v for k, _ in PANELS for v in [1.0 / m]}} for m in (5.0, 10.0)
+    ]
+    image = curve_figure(rows, {"fd_alex": 0.5, "zprobe_mae": 0.8})
+    assert image.ndim == 3 and image.shape[1] == 100 * 4 * len(PANELS)
