@@ -47,7 +47,7 @@ PANELS = (
     ("precision", "precision"),
     ("recall", "recall"),
     ("zprobe_mae", "z-probe MAE (levels)"),
-    ("c2st_blur", "realism judge AUC, blurred (0.5 = cannot tell)"),
+    ("c2st_blur", "judge AUC, blurred (0.5: cannot tell)"),
 )
 
 
@@ -133,7 +133,10 @@ def main() -> None:
         "",
         "| " + " | ".join(keys) + " |",
         "|" + "---|" * len(keys),
-        *("| " + " | ".join(f"{r[k]:.3g}" for k in keys) + " |" for r in rows),
+        *(
+            "| " + " | ".join(f"{r[k]:.3g}" if k != "steps" else str(r[k]) for k in keys) + " |"
+            for r in rows
+        ),
         "| real test halves | | "
         + " | ".join(f"{reference[k]:.3g}" if k in reference else "" for k, _ in PANELS)
         + " |",
