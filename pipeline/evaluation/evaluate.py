@@ -8,8 +8,9 @@ Sections of ``reports/metrics.json`` (a DVC metric; every number also goes to ML
   the slices, so compare these values only with each other).
 - ``blurred_real``: the real test slices blurred with a Gaussian (``evaluate.blur_sigma``
   px), scored like a generator against the unblurred slices: the reference to beat.
-- ``ldm`` / ``pixelcnn``: as many generated slices per z as the test split holds, scored
-  against the real test slices: ``fd_alex``, ``kid`` (+ ``kid_std``), ``precision``,
+- ``ldm`` / ``pixelcnn``: one generated slice per real test slice, at its z and the
+  covariates the generator conditions on (with its mask), scored against the real test
+  slices: ``fd_alex``, ``kid`` (+ ``kid_std``), ``precision``,
   ``recall``, ``ms_ssim`` (diversity, lower = more diverse), ``zprobe_mae`` (slice units)
   and ``intensity_distance`` (mean over z of the per-z foreground-histogram distance).
 - ``ae_vqvae`` / ``ae_vaegan``: reconstruction ``ssim``, ``ssim_brain``, ``psnr``, ``lpips``
@@ -28,8 +29,9 @@ Sections of ``reports/metrics.json`` (a DVC metric; every number also goes to ML
   samples logs a warning.
 - ``labels`` in each generator (:mod:`pipeline.evaluation.label_fidelity`): the label probes
   of ``train_probes`` (models/covariate_probe.pt, models/segmenter.pt; skipped with a reason
-  when absent) on real test slices, on slices generated at the same z and covariates, and on
-  the shuffled-covariate control; mask Dice of generated image against generated mask.
+  when absent) on real test slices, on the slices above (generated at the same z and
+  covariates), and on the shuffled-covariate control; mask Dice of generated image against
+  generated mask.
 
 Beside the figures every section records ``n_samples``, ``seed`` and the sha256 of the model
 file(s) it measured. Per-z curves go to ``reports/per_z/<metric>.csv`` (a DVC plot, column
