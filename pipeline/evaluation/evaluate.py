@@ -541,14 +541,15 @@ def evaluate(
         CheckpointError: a model file is missing, corrupt, or was made for another K.
     """
     cfg, seed, n_slices = params.evaluate, params.seed, params.prepare.n_slices
-    real = EvalData.from_dataset(SliceDataset(paths.test))
+    test_set, train_set = SliceDataset(paths.test), SliceDataset(paths.train)
+    real = EvalData.from_dataset(test_set)
     if len(real.image) <= cfg.knn_k or int(real.z_index.max()) >= n_slices:
         raise InputError(
             f"{paths.test} holds {len(real.image)} slices with z_index up to "
             f"{int(real.z_index.max())}; evaluate needs more than evaluate.knn_k={cfg.knn_k} "
             f"slices and z_index < prepare.n_slices={n_slices} (re-run prepare)"
         )
-    train = EvalData.from_dataset(SliceDataset(paths.train))
+    train = EvalData.from_dataset(train_set)
     val = EvalData.from_dataset(SliceDataset(paths.val))
     probe_path = paths.models / "zprobe.pt"
     probe, probe_meta = load_probe(probe_path, device)
@@ -599,8 +600,7 @@ def evaluate(
         variants=("raw",),
         **judging,
     )
-    test_manifest = SliceDataset(paths.test).manifest
-    train_manifest = SliceDataset(paths.train).manifest
+    test_manifest, train_manifest = test_set.manifest, train_set.manifest
     judge_rows = judge_train_rows(len(train.image), cfg.c2st.train_samples, seed)
     synthetic: dict[str, Samples] = {}  # per generator: one slice per test slice (its labels)
     for name in GENERATORS:
