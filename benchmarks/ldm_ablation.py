@@ -104,6 +104,65 @@ def score(
     }
 
 
+def scoring_context(params: Params, device: torch.device) -> dict[str, Any]:
+    """What scoring a model needs: the real test and training splits, the z-probe and
+    ``evaluate``'s settings (``scoring`` for :func:`set_figures`, ``judging`` for the judges),
+    and the training rows the judges' synthetic slices are made at (``judge_rows``)."""
+    n_slices, seed, cfg = params.prepare.n_slices, params.seed, params.evaluate
+    prepared = Path(params.data.prepared_dir)
+    real = EvalData.from_dataset(SliceDataset(prepared / "test"))
+    train = EvalData.from_dataset(SliceDataset(prepared / "train"))
+    probe, _ = load_probe(Path("models/zprobe.pt"), device)
+    return {
+        "real": real,
+        "train": train,
+        "device": device,
+        "n_slices": n_slices,
+        "seed": seed,
+        "judge_rows": judge_train_rows(len(train.image), cfg.c2st.train_samples, seed),
+        "scoring": {
+            "probe": probe,
+            "n_slices": n_slices,
+            "cfg": cfg,
+            "device": device,
+            "seed": seed,
+            "real_features": alex_features(real.image, device=device),
+        },
+        "judging": {"cfg": cfg, "seed": seed},
+    }
+
+
+def train_arm(arm: Params, name: str, work: Path, device: torch.device) -> tuple[Path, float]:
+    """Train the LDM of ``arm`` (tracking off) into ``<work>/ldm_<name>.pt``.
+
+    Returns:
+        (the model file, training seconds).
+    """
+    latents_dir = Path("data/latents") / arm.ldm.latent_source
+    paths = StagePaths(
+        model=work / f"ldm_{name}.pt",
+        report=work / f"ldm_{name}.json",
+        grid=work / f"ldm_{name}.png",
+        resume_dir=work / "checkpoints" / name,
+        latents=latents_dir,
+    )
+    identity = stage_identity(arm, "train_ldm", **latents_identity(latents_dir))
+    started = time.perf_counter()
+    with StageRun("ldm_ablation", identity, enabled=False) as run:
+        train_ldm(arm, run=run, device=device, paths=paths, identity=identity)
+    return paths.model, time.perf_counter() - started
+
+
+def score_model(model: Path, ctx: dict[str, Any]) -> dict[str, Any]:
+    """:func:`score` of a model file's slices, made as ``evaluate`` makes them on z alone:
+    one per test slice, and one per judge training row."""
+    real, train, n_slices, seed = ctx["real"], ctx["train"], ctx["n_slices"], ctx["seed"]
+    made, _ = generate_like(model, real.z_index, n_slices, seed, ctx["device"])
+    judge_z = train.z_index[ctx["judge_rows"]]
+    fakes, _ = generate_like(model, judge_z, n_slices, seed + 1, ctx["device"])
+    return score(made.images, real.z_index, fakes.images, ctx)
+
+
 def decoder_check(ctx: dict[str, Any], latents_dir: Path, params: Params) -> list[dict[str, Any]]:
     """fd_alex of real test latents decoded with added noise, by noise level."""
     gm = load_generator(ctx["model"], ctx["device"])
@@ -161,26 +220,8 @@ def main() -> None:
     params = load_params()
     device = resolve_device(args.device)
     n_slices, seed = params.prepare.n_slices, params.seed
-    prepared = Path(params.data.prepared_dir)
-    real = EvalData.from_dataset(SliceDataset(prepared / "test"))
-    train = EvalData.from_dataset(SliceDataset(prepared / "train"))
-    probe, _ = load_probe(Path("models/zprobe.pt"), device)
-    cfg = params.evaluate
-    ctx: dict[str, Any] = {
-        "real": real,
-        "train": train,
-        "device": device,
-        "scoring": {
-            "probe": probe,
-            "n_slices": n_slices,
-            "cfg": cfg,
-            "device": device,
-            "seed": seed,
-            "real_features": alex_features(real.image, device=device),
-        },
-        "judging": {"cfg": cfg, "seed": seed},
-    }
-    judge_rows = judge_train_rows(len(train.image), cfg.c2st.train_samples, seed)
+    ctx = scoring_context(params, device)
+    real, train, judge_rows = ctx["real"], ctx["train"], ctx["judge_rows"]
     latents_dir = Path("data/latents") / params.ldm.latent_source
     results: dict[str, Any] = {"steps": args.steps, "seed": seed, "arms": {}}
     shown: dict[str, torch.Tensor] = {}
@@ -190,26 +231,11 @@ def main() -> None:
     console = Console()
     for name in [a for a in wanted if a in ARMS]:
         arm = arm_params(params, ARMS[name], args.steps)
-        paths = StagePaths(
-            model=args.work / f"ldm_{name}.pt",
-            report=args.work / f"ldm_{name}.json",
-            grid=args.work / f"ldm_{name}.png",
-            resume_dir=args.work / "checkpoints" / name,
-            latents=latents_dir,
-        )
-        identity = stage_identity(arm, "train_ldm", **latents_identity(latents_dir))
-        started = time.perf_counter()
-        with StageRun("ldm_ablation", identity, enabled=False) as run:
-            train_ldm(arm, run=run, device=device, paths=paths, identity=identity)
-        seconds = time.perf_counter() - started
-        ctx["model"] = paths.model
-        made, _ = generate_like(paths.model, real.z_index, n_slices, seed, device)
-        images, index = made.images, real.z_index
-        fakes = generate_like(paths.model, train.z_index[judge_rows], n_slices, seed + 1, device)
-        fakes = fakes[0].images
+        model, seconds = train_arm(arm, name, args.work, device)
+        ctx["model"] = model
         results["arms"][name] = {"overrides": ARMS[name], "train_seconds": seconds}
-        results["arms"][name] |= score(images, index, fakes, ctx)
-        shown[name], _ = sample(load_generator(paths.model, device), levels, 2, seed)
+        results["arms"][name] |= score_model(model, ctx)
+        shown[name], _ = sample(load_generator(model, device), levels, 2, seed)
         console.print(name, results["arms"][name])
     base = args.work / "ldm_baseline.pt"
     for name in [a for a in wanted if a in SAMPLE_ARMS]:

@@ -18,7 +18,6 @@ Needs what ``benchmarks.ldm_ablation`` needs (``dvc repro`` outputs). Writes
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,12 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from benchmarks.ldm_ablation import arm_params, score
+from benchmarks.ldm_ablation import arm_params, score_model, scoring_context, train_arm
 from pipeline.core.config import load_params
 from pipeline.core.device import resolve_device
 from pipeline.core.figures import figure_image, save_png
-from pipeline.core.identity import stage_identity
 from pipeline.core.io import write_json, write_text
-from pipeline.core.stage import StagePaths
-from pipeline.core.tracking import StageRun
-from pipeline.data.datasets import EvalData, SliceDataset
-from pipeline.data.latents import latents_identity
-from pipeline.evaluation.evaluate import generate_like, judge_train_rows, real_figures
-from pipeline.metrics.quality import alex_features
-from pipeline.models.files import load_probe
-from pipeline.training.ldm import train_ldm
+from pipeline.evaluation.evaluate import real_figures
 
 #: Figures on the y axes, with the real-data reference drawn beside each where there is one.
 PANELS = (
@@ -82,49 +73,23 @@ def main() -> None:
 
     params = load_params()
     device = resolve_device(args.device)
-    n_slices, seed, cfg = params.prepare.n_slices, params.seed, params.evaluate
-    prepared = Path(params.data.prepared_dir)
-    real = EvalData.from_dataset(SliceDataset(prepared / "test"))
-    train = EvalData.from_dataset(SliceDataset(prepared / "train"))
-    probe, _ = load_probe(Path("models/zprobe.pt"), device)
-    scoring = {"probe": probe, "n_slices": n_slices, "cfg": cfg, "device": device, "seed": seed}
-    ctx: dict[str, Any] = {
-        "real": real,
-        "train": train,
-        "device": device,
-        "scoring": scoring | {"real_features": alex_features(real.image, device=device)},
-        "judging": {"cfg": cfg, "seed": seed},
-    }
-    real_report, _ = real_figures(real, **scoring)
+    ctx = scoring_context(params, device)
+    scoring = {k: v for k, v in ctx["scoring"].items() if k != "real_features"}
+    real_report, _ = real_figures(ctx["real"], **scoring)
     halves = real_report["split_halves"] or {}
     reference = {k: halves[k] for k in ("fd_alex", "precision", "recall") if k in halves}
     reference |= {"zprobe_mae": real_report["zprobe_mae"], "c2st_blur": 0.5}
-    judge_rows = judge_train_rows(len(train.image), cfg.c2st.train_samples, seed)
-    latents_dir = Path("data/latents") / params.ldm.latent_source
     rows: list[dict[str, Any]] = []
     for steps in budgets:
-        arm = arm_params(params, {}, steps)
-        paths = StagePaths(
-            model=args.work / f"ldm_{steps}.pt",
-            report=args.work / f"ldm_{steps}.json",
-            grid=args.work / f"ldm_{steps}.png",
-            resume_dir=args.work / "checkpoints" / str(steps),
-            latents=latents_dir,
-        )
-        identity = stage_identity(arm, "train_ldm", **latents_identity(latents_dir))
-        started = time.perf_counter()
-        with StageRun("ldm_scaling", identity, enabled=False) as run:
-            train_ldm(arm, run=run, device=device, paths=paths, identity=identity)
-        minutes = (time.perf_counter() - started) / 60
-        made, _ = generate_like(paths.model, real.z_index, n_slices, seed, device)
-        fakes, _ = generate_like(paths.model, train.z_index[judge_rows], n_slices, seed + 1, device)
-        row = {"steps": steps, "train_minutes": minutes, "threads": torch.get_num_threads()}
-        rows.append(row | score(made.images, real.z_index, fakes.images, ctx))
+        model, seconds = train_arm(arm_params(params, {}, steps), str(steps), args.work, device)
+        row = {"steps": steps, "train_minutes": seconds / 60, "threads": torch.get_num_threads()}
+        rows.append(row | score_model(model, ctx))
         print(rows[-1], flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(
-        args.out / "ldm_scaling.json", {"seed": seed, "reference": reference, "budgets": rows}
+        args.out / "ldm_scaling.json",
+        {"seed": params.seed, "reference": reference, "budgets": rows},
     )
     save_png(curve_figure(rows, reference), args.out / "ldm_scaling.png")
     keys = ["steps", "train_minutes", *(k for k, _ in PANELS)]
