@@ -47,6 +47,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.measure import block_reduce
 
@@ -105,6 +107,8 @@ _AGEING_THINNING = 0.3
 _MAX_WM_DARKENING = 0.25
 #: Dementia level of each CDR (0 for unknown: OASIS-1 leaves CDR blank under 60).
 DEMENTIA = {0.0: 0.0, 0.5: 0.5, 1.0: 0.8, 2.0: 1.0}
+#: Distance to the ventricles (mm) outside the template: far from any.
+_FAR_MM = 1e3
 #: Spacing (mm) of the coarse grid on which smooth random fields are drawn.
 _COARSE_MM = 8.0
 #: Linear size of an ``M`` subject's anatomy relative to an ``F`` subject's (head size).
@@ -329,10 +333,12 @@ def template_folder() -> Path:
 def save_template_maps(folder: Path, step: int) -> None:
     """Precompute the template maps every worker needs and save them as ``.npy``.
 
-    Maps (template grid, block-averaged by ``step``): ``t1`` (max 1), ``gm``, ``wm``
-    (probabilities inside the brain), ``depth`` (mm from the nearest non-parenchyma voxel,
-    drives grey-matter thinning), ``ventricle`` (mm from the lateral/third ventricles),
-    ``affine`` (voxel → MNI mm), ``centre`` (MNI mm of the brain's bounding-box centre).
+    Maps (template grid, block-averaged by ``step``): ``t1`` (max 1); ``fields``, the four
+    maps warped together (:func:`_warp`): ``gm``, ``wm`` (probabilities inside the brain),
+    ``depth`` (mm from the nearest non-parenchyma voxel, drives grey-matter thinning) and
+    the distance to the lateral/third ventricles in mm minus :data:`_FAR_MM` (so that
+    outside the template, where sampling gives 0, it reads far); ``affine`` (voxel → MNI
+    mm), ``centre`` (MNI mm of the brain's bounding-box centre).
 
     Args:
         folder: created; one ``<name>.npy`` per map.
@@ -354,9 +360,9 @@ def save_template_maps(folder: Path, step: int) -> None:
     parenchyma = (maps["gm"] + maps["wm"]) > 0.5
     maps["depth"] = ndi.distance_transform_edt(parenchyma, sampling=voxel_mm).astype(np.float32)
     ventricles = _ventricles(maps["t1"], brain, affine, voxel_mm)
-    maps["ventricle"] = ndi.distance_transform_edt(~ventricles, sampling=voxel_mm).astype(
-        np.float32
-    )
+    ventricle = ndi.distance_transform_edt(~ventricles, sampling=voxel_mm) - _FAR_MM
+    fields = np.stack([maps.pop("gm"), maps.pop("wm"), maps.pop("depth"), ventricle])
+    maps["fields"] = fields.astype(np.float32)
     maps["affine"] = affine
     corners = np.argwhere(brain)
     maps["centre"] = affine[:3, :3] @ ((corners.min(0) + corners.max(0)) / 2) + affine[:3, 3]
@@ -383,6 +389,29 @@ def _load_maps(folder: Path) -> dict[str, np.ndarray]:
     return {p.stem: np.load(p, mmap_mode="r") for p in sorted(folder.glob("*.npy"))}
 
 
+def _warp(volume: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Trilinear values of template maps at voxel coordinates, zero outside the template.
+
+    scipy's ``map_coordinates`` takes one map per call, about 0.4 s per map and session
+    here; torch's ``grid_sample`` samples all maps in one pass, several times faster.
+
+    Args:
+        volume: (C, X, Y, Z) maps on the template grid.
+        points: (3, N) template voxel coordinates (x, y, z).
+
+    Returns:
+        (C, N) float32.
+    """
+    data = torch.from_numpy(np.array(volume, dtype=np.float32))[None]
+    # grid_sample reads (x, y, z) as (W, H, D): reversed axes, normalised to [-1, 1]
+    grid = np.empty((points.shape[1], 3), dtype=np.float32)
+    for axis, n in enumerate(volume.shape[1:]):
+        np.multiply(points[axis], 2 / (n - 1), out=grid[:, 2 - axis], casting="unsafe")
+    grid -= 1
+    out = F.grid_sample(data, torch.from_numpy(grid)[None, :, None, None], align_corners=True)
+    return out[0, :, :, 0, 0].numpy()
+
+
 # --------------------------------------------------------------------------- synthesis
 
 
@@ -396,7 +425,12 @@ def _write_session(
     shape: tuple[int, int, int],
 ) -> None:
     """Synthesise one session and write its T88 image and FSL_SEG pair under ``root``."""
-    image, seg = synthesise_session(session, _load_maps(maps_dir), cfg, seed, shape)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each worker process of the pool takes one core
+    try:
+        image, seg = synthesise_session(session, _load_maps(maps_dir), cfg, seed, shape)
+    finally:
+        torch.set_num_threads(threads)
     voxel = OASIS_SHAPE[0] / shape[0]
     folder = session.folder(root) / "PROCESSED" / "MPRAGE"
     write_analyze(folder / "T88_111" / f"{session.image_stem()}.hdr", image, voxel)
@@ -474,16 +508,13 @@ def synthesise_session(
     coords = _upsample(template_vox + inverse[:3, 3, None, None, None], shape)
 
     # Everything after the T1 warp runs on the brain voxels only (a third of the grid).
-    t1_grid = ndi.map_coordinates(maps["t1"], coords, order=1, output=np.float32)
+    t1_grid = _warp(maps["t1"][None], coords.reshape(3, -1))[0].reshape(shape)
     brain = t1_grid > 0.05
     points = coords[:, brain]
     del coords
-
-    def warp(name: str, outside: float = 0.0) -> np.ndarray:
-        return ndi.map_coordinates(maps[name], points, order=1, cval=outside, output=np.float32)
-
-    t1, gm, wm, depth = t1_grid[brain], warp("gm"), warp("wm"), warp("depth")
-    ventricle = warp("ventricle", outside=1e3)
+    t1 = t1_grid[brain]
+    gm, wm, depth, ventricle = _warp(maps["fields"], points)
+    ventricle += _FAR_MM
     thinning, growth, bias = _upsample(np.stack([thinning, growth, bias]), shape)[:, brain]
     to_csf = np.clip(
         gm * np.clip(thinning - depth + 0.5, 0, 1) + np.clip(growth - ventricle + 0.5, 0, 1), 0, 1

@@ -30,6 +30,7 @@ from pipeline.evaluation.augmentation import (
     conclusion,
     effects,
     log_arms,
+    pool_counts,
     rebalancing,
     run_study,
     study_arms,
@@ -252,3 +253,24 @@ def test_rebalancing_adds_only_the_minority_class(study_data) -> None:
     assert len(items) == 12 + 4 and set(items[0]) == {"image", "cdr"}
     cdr = np.asarray([float(items[i]["cdr"]) for i in range(len(items))])
     assert (cdr > 0).sum() == (cdr == 0).sum() == 8  # balanced by the minority class only
+
+
+def test_pool_counts_spread_a_fractional_ratio_over_the_rows() -> None:
+    half = pool_counts(11, 0.5, seed=0)
+    assert half.sum() == 6 and set(half.tolist()) == {0, 1}
+    assert (pool_counts(11, 0.5, seed=0) == half).all()  # seeded
+    assert not (pool_counts(11, 0.5, seed=1) == half).all()
+    assert (pool_counts(4, 2.0, seed=0) == 2).all()
+    one_and_a_half = pool_counts(10, 1.5, seed=0)
+    assert one_and_a_half.sum() == 15 and set(one_and_a_half.tolist()) == {1, 2}
+
+
+def test_synthetic_only_takes_the_whole_pool_when_it_is_smaller(study_data, tmp_path) -> None:
+    pool = len(pd.read_csv(study_data.synthetic_dir / "manifest.csv").query("type == 'slice'"))
+    bigger = SliceDataset(_split(tmp_path / "train", 12, 0))  # 48 real slices
+    assert pool < 48 and len(study_data.train) < pool
+    data = StudyData(bigger, study_data.test, study_data.test_subjects,
+                     study_data.test_labels, study_data.synthetic_dir)  # fmt: skip
+    arm = Arm("synthetic only", synthetic_only=True)
+    assert len(training_set(arm, data, "segmentation", seed=0, study_seed=0)) == pool
+    assert len(training_set(arm, study_data, "segmentation", seed=0, study_seed=0)) == 16

@@ -11,12 +11,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 
 from pipeline.core import tracking
 from pipeline.core.figures import save_png
 from pipeline.core.io import write_json
 from pipeline.core.tracking import StageRun
-from pipeline.evaluation.report import ReportPaths, build_report, labels_html, write_report
+from pipeline.evaluation.report import (
+    ReportPaths,
+    build_report,
+    curves_image,
+    labels_html,
+    write_report,
+)
 from pipeline.training.ldm import save_gif
 
 CHROMIUM = next(
@@ -183,6 +190,12 @@ def test_training_curves_and_run_ids_come_from_mlflow(
     if CHROMIUM is not None:
         result = _render(paths.out, tmp_path)
         assert result["errors"] == [] and all(w > 0 for _, w, _ in result["images"])
+    with StageRun("train_prior", {"a": 1}, run_name="prior") as flat:
+        for step in range(1, 6):
+            flat.log_metrics({"lr": 1e-3}, step=step)  # a flat line is no curve
+    client = MlflowClient(tracking.tracking_uri())
+    assert curves_image(client, client.get_run(flat.run_id)) is None
+    assert curves_image(client, client.get_run(train.run_id)) is not None
 
 
 def test_label_tables_show_real_matched_and_shuffled_beside_each_other() -> None:

@@ -612,7 +612,7 @@ class StudyConfig(_Section):
         fractions: fractions of the training subjects (the low-data regimes); each gets
             its own real-only baseline and ratio arms.
         synthetic_only: add the "train on synthetic, test on real" arm (as many synthetic
-            slices as real ones).
+            slices as real ones, or the whole pool where it holds fewer).
         conventional: add the conventional-augmentation arm (MONAI flips, small affine,
             bias field, contrast) and conventional + synthetic at the best ratio.
         rebalance: for ``cdr``, add the class-rebalancing arm: all real slices plus synthetic
@@ -622,7 +622,8 @@ class StudyConfig(_Section):
         synthetic_dir: a ``braingen generate`` folder to draw synthetic slices from
             (manifest with the labels the tasks need); null = the stage generates a pool
             matched to the training slices' z and covariates, with masks.
-        pool_ratio: size of a generated pool per real training slice (>= the largest ratio).
+        pool_ratio: size of a generated pool per real training slice (>= the largest ratio;
+            below 1 the pool covers a seeded subset of the training slices).
         segmenter: the segmentation network and its training settings.
         covariate_net: the age / CDR network (the covariate probe's trunk with the task's one
             head) and its settings.

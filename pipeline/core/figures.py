@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+from skimage.util import montage
 
 from pipeline.core.io import atomic_write
 from pipeline.core.tracking import to_uint8_image
@@ -18,20 +20,16 @@ def grid(images: torch.Tensor, ncol: int, pad: int = 2) -> np.ndarray:
     """Tile images row by row.
 
     Args:
-        images: (N, 1, H, W) intensities in [0, 1]; N should be a multiple of ``ncol``.
+        images: (N, 1, H, W) intensities in [0, 1]; a short last row is filled grey.
         ncol: images per row.
-        pad: white-ish separator width in pixels.
+        pad: grey (0.5) separator and border width in pixels.
 
     Returns:
         (H', W') float array in [0, 1].
     """
-    # torchvision (through torch._dynamo) takes seconds to import: only stages that tile pay
-    from torchvision.utils import make_grid
-
-    tiled = make_grid(
-        images.detach().float().cpu().clamp(0, 1), nrow=ncol, padding=pad, pad_value=0.5
-    )
-    return tiled[0].numpy()
+    tiles = images.detach().float().cpu().clamp(0, 1)[:, 0].numpy()
+    nrow = math.ceil(len(tiles) / ncol)
+    return montage(tiles, grid_shape=(nrow, ncol), padding_width=pad, fill=0.5)
 
 
 def rows_by_z(rows: list[torch.Tensor], z: torch.Tensor) -> np.ndarray:

@@ -307,7 +307,12 @@ def rebalancing(data: StudyData, real: np.ndarray) -> tuple[str, int]:
 def training_set(arm: Arm, data: StudyData, task: StudyTask, seed: int, study_seed: int) -> Any:
     """The arm's training dataset (items with ``image`` and the task's target)."""
     real = subject_subset(data.train.manifest, arm.fraction, study_seed)
-    count = len(real) if arm.synthetic_only else round(arm.ratio * len(real))
+    # synthetic only: as many slices as the real arm has, or the whole pool if it is smaller
+    count = (
+        min(len(real), len(_synthetic_rows(data)))
+        if arm.synthetic_only
+        else round(arm.ratio * len(real))
+    )
     accept = None
     if arm.rebalance:
         minority, count = rebalancing(data, real)
@@ -740,10 +745,31 @@ def run_study(
     return results
 
 
+def pool_counts(n_rows: int, pool_ratio: float, seed: int) -> np.ndarray:
+    """How many pool slices each training slice gets: ``ceil(pool_ratio * n_rows)`` in all,
+    ``floor(pool_ratio)`` each and one more for a seeded random subset of the rows (so
+    0.5 draws one slice at half the training slices, 2 two at every one).
+
+    Args:
+        n_rows: training slices.
+        pool_ratio: pool size per training slice (> 0).
+        seed: picks the rows that get the extra slice.
+
+    Returns:
+        (n_rows,) int counts (some 0 where ``pool_ratio`` < 1).
+    """
+    total = math.ceil(pool_ratio * n_rows)
+    counts = np.full(n_rows, total // n_rows)
+    extra = np.random.default_rng(seed).permutation(n_rows)[: total % n_rows]
+    counts[extra] += 1
+    return counts
+
+
 def generate_pool(params: Params, model: Path, out_dir: Path, device: torch.device) -> Path:
-    """A synthetic pool matched to the training slices: ``ceil(pool_ratio)`` slices at each
-    training slice's z and covariates (those the generator conditions on), with masks when
-    the generator makes them; written by ``generate`` (a spec file) into ``out_dir``.
+    """A synthetic pool matched to the training slices: ``pool_ratio`` slices per training
+    slice (:func:`pool_counts`), each at its training slice's z and covariates (those the
+    generator conditions on), with masks when the generator makes them; written by
+    ``generate`` (a spec file) into ``out_dir``.
 
     Returns:
         ``out_dir``.
@@ -755,7 +781,8 @@ def generate_pool(params: Params, model: Path, out_dir: Path, device: torch.devi
     gm = load_generator(model, device)
     columns = [c.name for c in gm.schema]
     spec = train.manifest[["z_index", *columns]].rename(columns={"z_index": "z"})
-    spec.insert(1, "count", math.ceil(params.study.pool_ratio))
+    spec.insert(1, "count", pool_counts(len(spec), params.study.pool_ratio, params.seed))
+    spec = spec[spec["count"] > 0]
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out_dir / "pool_spec.csv"
     spec.to_csv(spec_path, index=False)
