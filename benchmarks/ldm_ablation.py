@@ -105,17 +105,20 @@ def score(
 
 
 def scoring_context(params: Params, device: torch.device) -> dict[str, Any]:
-    """What scoring a model needs: the real test and training splits, the z-probe and
-    ``evaluate``'s settings (``scoring`` for :func:`set_figures`, ``judging`` for the judges),
-    and the training rows the judges' synthetic slices are made at (``judge_rows``)."""
+    """What scoring a model needs: the real test and training splits (and their manifests),
+    the z-probe and ``evaluate``'s settings (``scoring`` for :func:`set_figures`, ``judging``
+    for the judges), and the training rows the judges' synthetic slices are made at
+    (``judge_rows``)."""
     n_slices, seed, cfg = params.prepare.n_slices, params.seed, params.evaluate
     prepared = Path(params.data.prepared_dir)
-    real = EvalData.from_dataset(SliceDataset(prepared / "test"))
-    train = EvalData.from_dataset(SliceDataset(prepared / "train"))
+    test_set, train_set = SliceDataset(prepared / "test"), SliceDataset(prepared / "train")
+    real, train = EvalData.from_dataset(test_set), EvalData.from_dataset(train_set)
     probe, _ = load_probe(Path("models/zprobe.pt"), device)
     return {
         "real": real,
         "train": train,
+        "test_manifest": test_set.manifest,
+        "train_manifest": train_set.manifest,
         "device": device,
         "n_slices": n_slices,
         "seed": seed,

@@ -3,15 +3,18 @@
 Each budget is a separate run of the demo's LDM recipe (its own learning-rate schedule, the
 same seed) on the committed latents, for the given number of optimizer steps, scored as
 :mod:`benchmarks.ldm_ablation` scores an arm (``evaluate``'s fd_alex, precision/recall and
-z-probe MAE; the realism judge raw and blurred). The x axis is the measured training time on
-this machine, so the curve tells a user planning a longer run what the minutes buy, and
-whether the demo's budget or the recipe limits its samples.
+z-probe MAE; the realism judge raw and blurred) and by ``evaluate``'s label probes (CDR > 0
+AUC and age MAE read off slices made at every test slice's own z and covariates,
+:func:`pipeline.evaluation.label_fidelity.label_fidelity`). The x axis is the measured
+training time on this machine, so the curve tells a user planning a longer run what the
+minutes buy, and whether the demo's budget or the recipe limits its samples and its labels.
 
 Usage::
 
     python -m benchmarks.ldm_scaling [--steps 640,1280,2560] [--out reports] [--work scaling]
 
-Needs what ``benchmarks.ldm_ablation`` needs (``dvc repro`` outputs). Writes
+Needs what ``benchmarks.ldm_ablation`` needs (``dvc repro`` outputs), and
+``models/covariate_probe.pt`` (``train_probes``). Writes
 ``<out>/ldm_scaling.{json,md,png}``; model files go to ``<work>``.
 """
 
@@ -31,6 +34,11 @@ from pipeline.core.device import resolve_device
 from pipeline.core.figures import figure_image, save_png
 from pipeline.core.io import write_json, write_text
 from pipeline.evaluation.evaluate import real_figures
+from pipeline.evaluation.label_fidelity import label_fidelity
+from pipeline.inference.sampling import load_generator
+from pipeline.models.files import load_covariate_probe
+from pipeline.models.probes import CovariateProbe
+from pipeline.training.probes import CovariateLabels, score_covariates
 
 #: Figures on the y axes, with the real-data reference drawn beside each where there is one.
 PANELS = (
@@ -39,7 +47,36 @@ PANELS = (
     ("recall", "recall"),
     ("zprobe_mae", "z-probe MAE (levels)"),
     ("c2st_blur", "judge AUC, blurred (0.5: cannot tell)"),
+    ("cdr_auc", "CDR > 0 AUC of matched slices (probe)"),
+    ("age_mae", "age MAE of matched slices (probe, years)"),
 )
+#: Label figures kept from :func:`label_fidelity`'s report: (arm, key) -> row key.
+LABELS = {
+    ("matched", "cdr_auc"): "cdr_auc",
+    ("shuffled", "cdr_auc"): "cdr_auc_shuffled",
+    ("matched", "age_mae"): "age_mae",
+    ("shuffled", "age_mae"): "age_mae_shuffled",
+}
+
+
+def label_scores(model: Path, ctx: dict[str, Any], probe: CovariateProbe) -> dict[str, float]:
+    """What the covariate probe reads off the model's slices, as ``evaluate`` measures it: one
+    slice per test slice at its z and covariates (matched) and with the covariates shuffled
+    across slices (the control), sampled with ``evaluate``'s label seed.
+
+    Returns:
+        :data:`LABELS`' row keys -> value (the real slices' floors are in the reference).
+    """
+    report, _ = label_fidelity(
+        load_generator(model, ctx["device"]),
+        ctx["real"],
+        ctx["test_manifest"],
+        probe=probe,
+        segmenter=None,
+        n=None,
+        seed=ctx["seed"] + 2,
+    )
+    return {name: float(report[arm][key]) for (arm, key), name in LABELS.items()}
 
 
 def curve_figure(rows: list[dict[str, Any]], reference: dict[str, float]) -> np.ndarray:
@@ -47,14 +84,15 @@ def curve_figure(rows: list[dict[str, Any]], reference: dict[str, float]) -> np.
 
     Args:
         rows: one dict per budget with ``train_minutes`` and the PANELS keys.
-        reference: real-data value per key (two halves of the test split), where known.
+        reference: real-data value per key (two halves of the test split for fd_alex and
+            precision/recall, the whole split for the probes), where known.
     """
     fig = Figure(figsize=(4 * len(PANELS), 3.2), dpi=100)
     minutes = [r["train_minutes"] for r in rows]
     for ax, (key, label) in zip(fig.subplots(1, len(PANELS)), PANELS, strict=True):
         ax.plot(minutes, [r[key] for r in rows], marker="o")
         if key in reference:
-            ax.axhline(reference[key], color="grey", linestyle="--", label="real test halves")
+            ax.axhline(reference[key], color="grey", linestyle="--", label="real test slices")
             ax.legend(fontsize=7)
         ax.set(xlabel="LDM training time (min, this machine)", title=label)
     fig.tight_layout()
@@ -79,11 +117,17 @@ def main() -> None:
     halves = real_report["split_halves"] or {}
     reference = {k: halves[k] for k in ("fd_alex", "precision", "recall") if k in halves}
     reference |= {"zprobe_mae": real_report["zprobe_mae"], "c2st_blur": 0.5}
+    covariate_probe, _ = load_covariate_probe(Path("models/covariate_probe.pt"), device)
+    labels = CovariateLabels.from_manifest(ctx["test_manifest"])
+    real_labels = score_covariates(
+        covariate_probe, ctx["real"].image, labels.age, labels.cdr_positive, labels.sex_male
+    )
+    reference |= {"cdr_auc": real_labels["cdr_auc"], "age_mae": real_labels["age_mae"]}
     rows: list[dict[str, Any]] = []
     for steps in budgets:
         model, seconds = train_arm(arm_params(params, {}, steps), str(steps), args.work, device)
         row = {"steps": steps, "train_minutes": seconds / 60, "threads": torch.get_num_threads()}
-        rows.append(row | score_model(model, ctx))
+        rows.append(row | score_model(model, ctx) | label_scores(model, ctx, covariate_probe))
         print(rows[-1], flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +136,8 @@ def main() -> None:
         {"seed": params.seed, "reference": reference, "budgets": rows},
     )
     save_png(curve_figure(rows, reference), args.out / "ldm_scaling.png")
-    keys = ["steps", "train_minutes", *(k for k, _ in PANELS)]
+    figures = [*(k for k, _ in PANELS), "cdr_auc_shuffled", "age_mae_shuffled"]
+    keys = ["steps", "train_minutes", *figures]
     lines = [
         "# LDM quality against training time (demo recipe, stand-in cohort, this machine)",
         "",
@@ -102,8 +147,8 @@ def main() -> None:
             "| " + " | ".join(f"{r[k]:.3g}" if k != "steps" else str(r[k]) for k in keys) + " |"
             for r in rows
         ),
-        "| real test halves | | "
-        + " | ".join(f"{reference[k]:.3g}" if k in reference else "" for k, _ in PANELS)
+        "| real test slices (halves) | | "
+        + " | ".join(f"{reference[k]:.3g}" if k in reference else "" for k in figures)
         + " |",
     ]
     write_text(args.out / "ldm_scaling.md", "\n".join(lines) + "\n")
