@@ -105,7 +105,7 @@ def score(
 
 
 def scoring_context(params: Params, device: torch.device) -> dict[str, Any]:
-    """What scoring a model needs: the real test and training splits (and their manifests),
+    """What scoring a model needs: the real test and training splits (and the test manifest),
     the z-probe and ``evaluate``'s settings (``scoring`` for :func:`set_figures`, ``judging``
     for the judges), and the training rows the judges' synthetic slices are made at
     (``judge_rows``)."""
@@ -118,7 +118,6 @@ def scoring_context(params: Params, device: torch.device) -> dict[str, Any]:
         "real": real,
         "train": train,
         "test_manifest": test_set.manifest,
-        "train_manifest": train_set.manifest,
         "device": device,
         "n_slices": n_slices,
         "seed": seed,
