@@ -55,13 +55,13 @@ TINY_STUDY = StudyConfig(
 )
 
 
-def _split(root: Path, subjects: int, seed: int) -> Path:
-    """A labelled 32x32 split: 4 slices per subject, ages 30 + 10 i, CDR 0 for even i and
-    0.5 for odd i, tissue stripes."""
+def _split(root: Path, subjects: int, seed: int, size: int = 32) -> Path:
+    """A labelled size x size split (size >= 24): 4 slices per subject, ages 30 + 10 i, CDR 0
+    for even i and 0.5 for odd i, tissue squares."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
     n = 4 * subjects
-    tissue = np.zeros((n, 1, 32, 32), np.uint8)
+    tissue = np.zeros((n, 1, size, size), np.uint8)
     tissue[:, :, 8:24, 8:24] = 3
     tissue[:, :, 12:20, 12:20] = 1
     images = (tissue / 3 + rng.normal(0, 0.02, tissue.shape)).clip(0, 1)
@@ -222,6 +222,30 @@ def test_a_folder_without_a_manifest_is_one_line(tmp_path) -> None:
             run=QuietRun(),
             paths=StudyPaths.standard(tmp_path),
             synthetic_dir=tmp_path / "nowhere",
+        )
+
+
+def test_slices_of_another_size_stop_the_study_before_any_training(
+    study_data, tmp_path, monkeypatch
+) -> None:
+    from pipeline.core.errors import InputError
+    from pipeline.evaluation import augmentation
+    from pipeline.evaluation.augmentation import StudyPaths, augment_study
+
+    def no_training(*_: object, **__: object) -> None:
+        raise AssertionError("the study started training on slices of the wrong size")
+
+    monkeypatch.setattr(augmentation, "run_study", no_training)
+    prepared = tmp_path / "prepared"  # 48x48 real slices; the pool was generated at 32x32
+    _split(prepared / "train", 4, 0, size=48)
+    _split(prepared / "test", 3, 1, size=48)
+    with pytest.raises(InputError, match=r"are 32x32 but the real slices in .* are 48x48"):
+        augment_study(
+            Params(study=TINY_STUDY, data={"prepared_dir": str(prepared)}),
+            device=torch.device("cpu"),
+            run=QuietRun(),
+            paths=StudyPaths.standard(tmp_path),
+            synthetic_dir=study_data.synthetic_dir,
         )
 
 

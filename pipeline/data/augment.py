@@ -116,7 +116,7 @@ class AugmentedDataset(Dataset):
             )
         picks = np.random.default_rng(seed).choice(len(pool), n_synthetic, replace=False)
         self.synthetic = [pool[i] for i in np.sort(picks)]
-        self._check_size()
+        self._check_size(pool)
         self._real_labels = {
             name: np.asarray(
                 [
@@ -166,10 +166,11 @@ class AugmentedDataset(Dataset):
             raise InputError(f"{manifest} lists no PNG slices; generate with --format png or both")
         return pool
 
-    def _check_size(self) -> None:
-        if not self.synthetic:
+    def _check_size(self, pool: Sequence[tuple[Path, Mapping[str, str]]]) -> None:
+        """Refuse (one line) a pool whose first slice differs in size from the real slices."""
+        if not pool:
             return
-        height, width = read_slice(self.synthetic[0][0]).shape
+        height, width = read_slice(pool[0][0]).shape
         size = self.real.image_size
         if (height, width) != (size, size):
             raise InputError(

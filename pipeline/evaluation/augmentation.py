@@ -898,6 +898,9 @@ def augment_study(
         CovariateLabels.from_manifest(test_set.manifest),
         Path(source),
     )
+    # the folder's files and slice size, checked once here (one line) rather than in every
+    # training: a slice of another size or a missing file would stop both tasks
+    AugmentedDataset(train, source, 0.0, synthetic_count=0)
     workers = pool_workers(device)
     results = run_study(params, data, device=device, workers=workers)
     report = {
