@@ -177,7 +177,7 @@ def write_tiny_generators(root: Path, n_slices: int = 4) -> dict[str, Path]:
 TINY_SCHEMA: Schema = (
     Covariate("age", "continuous", 18.0, 96.0),
     Covariate("sex", "categorical", categories=("F", "M")),
-    Covariate("cdr", "categorical", categories=("0", "0.5", "1")),
+    Covariate("cdr", "categorical", categories=("0", "0.5", "1"), ordered=True),
 )
 
 

@@ -54,7 +54,7 @@ def test_schema_from_a_manifest_reads_ranges_categories_and_blanks() -> None:
     assert schema == (
         Covariate("age", "continuous", 20.0, 71.5),
         Covariate("sex", "categorical", categories=("F", "M")),
-        Covariate("cdr", "categorical", categories=("0.5", "1")),
+        Covariate("cdr", "categorical", categories=("0.5", "1"), ordered=True),
     )
     codes = covariate_codes(manifest, schema)
     np.testing.assert_array_equal(np.isnan(codes), [[0, 0, 1], [0, 0, 0], [1, 0, 0]])
@@ -102,6 +102,28 @@ def test_any_subset_conditions_and_each_covariate_moves_the_embedding() -> None:
     # dropping the whole condition ignores the covariates too
     drop = torch.tensor([True])
     assert torch.equal(cond(z, drop, full), cond(z, drop))
+
+
+def test_ordered_categories_share_their_steps_and_old_schemas_stay_tables() -> None:
+    cdr = Covariate("cdr", "categorical", categories=("0", "0.5", "1"), ordered=True)
+    sex = Covariate("sex", "categorical", categories=("F", "M"))
+    torch.manual_seed(0)
+    cond = Conditioner(TINY_COND, (cdr, sex))
+    z = torch.full((3,), 0.5)
+    codes = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
+    emb = cond(z, covariates=codes)
+    steps = cond.covariates[0].weight
+    # CDR k is CDR k-1 plus the learned step k
+    torch.testing.assert_close(emb[1] - emb[0], steps[1])
+    torch.testing.assert_close(emb[2] - emb[1], steps[2])
+    # a loss on CDR-1 slices alone also trains the step from CDR 0 to 0.5; sex stays a table
+    emb[2].sum().backward()
+    assert (steps.grad.abs().sum(dim=1) > 0).tolist() == [True, True, True]
+    assert (cond.covariates[1].weight.grad.abs().sum(dim=1) > 0).tolist() == [True, False]
+    # a model file from before ``ordered`` keeps its plain table
+    meta = schema_to_meta((cdr,))
+    del meta[0]["ordered"]
+    assert schema_from_meta(meta) == (Covariate("cdr", "categorical", categories=cdr.categories),)
 
 
 def test_classifier_free_guidance_on_covariates_is_u_plus_w_c_minus_u() -> None:

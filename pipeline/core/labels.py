@@ -47,6 +47,9 @@ KNOWN_COVARIATES: dict[str, CovariateKind] = {
     "educ": "continuous",
     "ses": "continuous",
 }
+#: Categorical covariates whose categories have a natural order (CDR 0 < 0.5 < 1 < 2): the
+#: conditioning module embeds each category as the one below it plus a learned step.
+ORDERED_COVARIATES = frozenset({"cdr"})
 #: Spellings of sex accepted in manifests, CLIs and spec files (lower case) → the code used.
 SEX_CODES: dict[str, str] = {"f": "F", "female": "F", "m": "M", "male": "M"}
 #: Values a user may write for "not conditioned on this covariate".
@@ -106,6 +109,9 @@ class Covariate:
             ``(v - low) / (high - low)`` before embedding.
         categories: training categories in code order (categorical), e.g. ``("F", "M")``
             or ``("0", "0.5", "1")``.
+        ordered: the categories are ordered (CDR): the conditioning module embeds category k
+            as category k - 1's embedding plus a learned step, so what is learnt on CDR 1
+            also moves CDR 0.5 (False in model files from before this attribute).
     """
 
     name: str
@@ -113,6 +119,7 @@ class Covariate:
     low: float = 0.0
     high: float = 1.0
     categories: tuple[str, ...] = ()
+    ordered: bool = False
 
     def allowed(self) -> str:
         """The allowed values, as error messages show them."""
@@ -199,7 +206,8 @@ def covariate_schema(manifest: pd.DataFrame, names: Sequence[str]) -> Schema:
         if kind == "categorical":
             names_ = {_category_name(name, v) for v in known}
             order = sorted(names_, key=lambda c: (float(c), c) if _is_number(c) else (0.0, c))
-            schema.append(Covariate(name, kind, categories=tuple(order)))
+            ordered = name in ORDERED_COVARIATES
+            schema.append(Covariate(name, kind, categories=tuple(order), ordered=ordered))
         else:
             values = np.asarray([float(v) for v in known], dtype=np.float64)
             schema.append(Covariate(name, kind, float(values.min()), float(values.max())))
@@ -249,6 +257,7 @@ def schema_from_meta(meta: Iterable[Mapping[str, Any]] | None) -> Schema:
             float(m.get("low", 0.0)),
             float(m.get("high", 1.0)),
             tuple(m.get("categories", ())),
+            bool(m.get("ordered", False)),
         )
         for m in (meta or ())
     )

@@ -110,7 +110,9 @@ class Conditioner(nn.Module):
     """z and covariates → one ``(B, dim)`` embedding that a network consumes.
 
     z: sinusoidal features → two-layer MLP. Each continuous covariate: normalised to [0, 1]
-    by its schema range → sinusoidal features → linear; each categorical one: a table.
+    by its schema range → sinusoidal features → linear; each categorical one: a table,
+    cumulative for an ordered one (CDR: row k is the sum of the learned steps 0..k, so the
+    CDR-1 and CDR-2 slices also train the step from CDR 0 to 0.5).
     Every covariate has a learned *unknown* embedding (its coded value is NaN, or it is
     dropped). The joint embedding is the sum: z's MLP output plus every covariate's.
 
@@ -194,7 +196,8 @@ class Conditioner(nn.Module):
         for j, (cov, layer) in enumerate(zip(self.schema, self.covariates, strict=True)):
             if cov.kind == "categorical":
                 index = values[:, j].round().long().clamp(0, len(cov.categories) - 1)
-                part = layer(index)
+                table = layer.weight.cumsum(dim=0) if cov.ordered else layer.weight
+                part = table[index]
             else:
                 unit = ((values[:, j] - self.low[j]) / self.span[j]).clamp(-0.5, 1.5)
                 part = layer(sinusoidal_embedding(unit, COVARIATE_FEATURES, 64.0, scale=32.0))
