@@ -2,10 +2,11 @@
 
 Every arm retrains the latent diffusion model on the committed latents
 (``data/latents/<ldm.latent_source>``) with the demo profile plus one override, for the same
-number of optimizer steps and the same seed, then samples as ``evaluate`` does (as many slices
-per z as the test split holds, the model's default sampler) and is scored like a generator in
-``evaluate``: fd_alex, precision/recall, the z-probe MAE, and the classifier two-sample test
-(raw and blurred, :mod:`pipeline.metrics.c2st`, judge trained on the training split against
+number of optimizer steps (by default the demo's ``ldm.train.steps``) and the same seed,
+then samples as ``evaluate`` does (as many slices per z as the test split holds, on z alone,
+the model's default sampler) and is scored like a generator in ``evaluate``: fd_alex,
+precision/recall, the z-probe MAE, and the classifier two-sample test (raw and blurred,
+:mod:`pipeline.metrics.c2st`, judge trained on the training split against
 ``evaluate.c2st.train_samples`` slices of the arm).
 
 Sampling-only arms (``sample_overrides``) reuse the baseline's model file, so they cost no
@@ -15,7 +16,7 @@ limit.
 
 Usage::
 
-    python -m benchmarks.ldm_ablation [--steps 600] [--arms baseline,min_snr,...]
+    python -m benchmarks.ldm_ablation [--steps N] [--arms baseline,uniform_loss,...]
                                       [--out reports] [--work ablation]
 
 Needs ``data/prepared``, ``data/latents`` and ``models/{ae_vaegan,zprobe}.pt`` from
@@ -61,10 +62,13 @@ from pipeline.training.ldm import train_ldm
 #: Training arms: name -> ``ldm`` overrides (one change from the baseline each).
 ARMS: dict[str, dict[str, Any]] = {
     "baseline": {},
-    "min_snr": {"loss_weighting": "min_snr"},
+    "uniform_loss": {"loss_weighting": "uniform"},  # the demo's weighting is min-SNR-γ
     "zero_terminal_snr": {"zero_terminal_snr": True, "sampler": "ddim", "sample_steps": 50},
     "mirror": {"mirror_latents": True},
     "epsilon": {"prediction_type": "epsilon"},
+    # Capacity at the same number of steps (each step costs more: see train_seconds).
+    "res_blocks_2": {"num_res_blocks": 2},
+    "attention_all": {"attention_levels": (True, True, True)},
 }
 #: Sampling-only arms on the baseline model: name -> sampling overrides.
 SAMPLE_ARMS: dict[str, dict[str, Any]] = {
@@ -208,7 +212,7 @@ def figure(rows: dict[str, torch.Tensor], real: EvalData, n_slices: int) -> np.n
 def main() -> None:
     """Train and score every arm; write the table, the JSON and the figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=None, help="default: ldm.train.steps")
     parser.add_argument("--arms", default=",".join([*ARMS, *SAMPLE_ARMS]))
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--work", type=Path, default=Path("ablation"))
@@ -220,6 +224,7 @@ def main() -> None:
         parser.error(f"unknown arms {unknown}; choose from {[*ARMS, *SAMPLE_ARMS]}")
 
     params = load_params()
+    args.steps = args.steps or params.ldm.train.steps
     device = resolve_device(args.device)
     n_slices, seed = params.prepare.n_slices, params.seed
     ctx = scoring_context(params, device)
@@ -260,6 +265,7 @@ def main() -> None:
     save_png(figure(shown, real, n_slices), args.out / "ldm_ablation.png")
     table = Table(title=f"LDM ablation ({args.steps} steps, seed {seed}; stand-in test split)")
     columns = ("fd_alex", "precision", "recall", "zprobe_mae", "c2st_raw", "c2st_blur")
+    columns += ("train_seconds",)
     for col in ("arm", *columns):
         table.add_column(col)
     lines = [
@@ -269,7 +275,7 @@ def main() -> None:
         "|---" * (len(columns) + 1) + "|",
     ]
     for name, row in results["arms"].items():
-        cells = [f"{row[c]:.3g}" for c in columns]
+        cells = [f"{row[c]:.3g}" if c in row else "-" for c in columns]
         table.add_row(name, *cells)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "decoder_check" in results:

@@ -112,3 +112,20 @@ def test_scaling_figure_has_one_panel_per_figure() -> None:
     ]
     image = curve_figure(rows, {"fd_alex": 0.5, "zprobe_mae": 0.8})
     assert image.ndim == 3 and image.shape[1] == 100 * 4 * len(PANELS)
+
+
+@pytest.mark.parametrize("name", ["res_blocks_2", "attention_all", "epsilon", "zero_terminal_snr"])
+def test_ablation_arm_changes_one_setting_and_builds(name: str) -> None:
+    from benchmarks.ldm_ablation import ARMS, arm_params
+    from pipeline.core.config import load_params
+    from pipeline.models.unet import ZConditionedUNet
+
+    params = load_params(Path(__file__).parents[1] / "params.yaml")
+    arm = arm_params(params, ARMS[name], steps=7)
+    before, after = params.ldm.model_dump(), arm.ldm.model_dump()
+    changed = {k for k, v in after.items() if v != before[k] and k != "train"}
+    assert changed <= set(ARMS[name]) and arm.ldm.train.steps == 7
+    assert all(after[k] == v for k, v in ARMS[name].items())
+    unet = ZConditionedUNet(arm.ldm, arm.conditioning, 4)
+    out = unet(torch.randn(2, 4, 16, 16), torch.tensor([1, 500]), torch.tensor([0.2, 0.8]))
+    assert out.shape == (2, 4, 16, 16)
