@@ -264,8 +264,15 @@ def main() -> None:
     write_json(args.out / "ldm_ablation.json", results)
     save_png(figure(shown, real, n_slices), args.out / "ldm_ablation.png")
     table = Table(title=f"LDM ablation ({args.steps} steps, seed {seed}; stand-in test split)")
-    columns = ("fd_alex", "precision", "recall", "zprobe_mae", "c2st_raw", "c2st_blur")
-    columns += ("train_seconds",)
+    columns = (
+        "fd_alex",
+        "precision",
+        "recall",
+        "zprobe_mae",
+        "c2st_raw",
+        "c2st_blur",
+        "train_seconds",
+    )
     for col in ("arm", *columns):
         table.add_column(col)
     lines = [
