@@ -202,9 +202,10 @@ def generate(
         bool,
         typer.Option(
             "--texture/--no-texture",
-            help="Add the scan noise the first stage removes (calibrated on the training "
-            "slices, recorded as texture_sigma in the manifest); --no-texture writes the "
-            "decoder's clean output.",
+            help="Finish slices like real ones: clear the background haze the first stage "
+            "leaves and add the scan noise it removes (calibrated on the training slices, "
+            "recorded as background_floor and texture_sigma in the manifest); --no-texture "
+            "writes the decoder's output.",
         ),
     ] = True,
     age: AgeOpt = None,

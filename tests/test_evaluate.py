@@ -161,8 +161,11 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> No
         assert generated | {"intensity_distance", "n_samples", "seed"} <= set(saved[name]), name
         assert saved[name]["n_samples"] == n
         assert saved[name]["zprobe_sha256"] == file_sha256(tmp_path / "models" / "zprobe.pt")
-    for name in ("ldm", "pixelcnn"):
+    for name, source in (("ldm", "vaegan"), ("pixelcnn", "vqvae")):
         assert saved[name]["checkpoint_sha256"] == file_sha256(tmp_path / "models" / f"{name}.pt")
+        # what finishes its slices and its first stage's reconstructions (the judge's ceiling)
+        assert saved[name]["latent_source"] == source
+        assert saved[name]["texture"] == {"sigma": 0.0, "background_floor": 0.0}  # not calibrated
     assert saved["ldm"]["sampling"] == {
         "sampler": "ddim",
         "steps": 2,

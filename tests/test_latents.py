@@ -61,6 +61,7 @@ def test_vqvae_codes_latents_manifest_and_meta(tmp_path: Path, prepared: Path) -
     assert json.loads((out / "meta.json").read_text()) == meta
     assert meta["source"] == "vqvae" and meta["num_codes"] == 16
     assert meta["latent_shape"] == [3, 8, 8] and meta["splits"] == SIZES
+    assert meta["texture_sigma"] >= 0 and 0 <= meta["background_floor"] <= 1  # calibrated
     for split, n in SIZES.items():
         assert sorted(p.name for p in (out / split).iterdir()) == [
             "codes.npy",

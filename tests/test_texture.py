@@ -1,4 +1,5 @@
-"""Scan-noise texture: the estimator, the calibration and the Rician noise on known cases."""
+"""Texture: the noise estimator, the calibration, the Rician noise and the background floor on
+known cases."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import torch
 
 from pipeline.core.errors import InputError
 from pipeline.inference.sampling import load_generator, sample
-from pipeline.inference.texture import FOREGROUND, add_scan_noise, missing_sigma, noise_sigma
+from pipeline.inference.texture import (
+    FOREGROUND,
+    Texture,
+    add_scan_noise,
+    background_floor,
+    clear_background,
+    finish,
+    missing_sigma,
+    noise_sigma,
+)
 
 
 def disc(n: int = 8, size: int = 64, level: float = 0.6) -> torch.Tensor:
@@ -87,3 +97,57 @@ def test_sample_adds_the_model_files_texture_and_can_leave_it_off(
     assert torch.equal(textured[~foreground], plain[~foreground])
     again, _ = sample(gm, [0.5], 3, seed=4)
     assert torch.equal(again, textured)
+
+
+def hazy(clean: torch.Tensor, level: float, seed: int = 0) -> torch.Tensor:
+    """``clean`` with a decoder's background haze: uniform in [0, level] where it is 0."""
+    haze = level * torch.rand(clean.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.where(clean > 0, clean, haze)
+
+
+def test_background_floor_is_the_haze_a_decoder_leaves_where_real_slices_are_zero() -> None:
+    clean = disc()
+    assert background_floor(clean, hazy(clean, 0.04)) == pytest.approx(0.99 * 0.04, rel=0.02)
+    assert background_floor(clean, hazy(clean, 0.04), quantile=0.5) == pytest.approx(0.02, rel=0.05)
+    assert background_floor(clean, clean) == 0.0  # a clean background: nothing to clear
+    assert background_floor(torch.ones(2, 1, 8, 8), torch.ones(2, 1, 8, 8)) == 0.0  # none
+
+
+def test_clear_background_zeroes_the_haze_and_keeps_the_brain() -> None:
+    clean = disc()
+    recon = hazy(clean, 0.04)
+    cleared = clear_background(recon, background_floor(clean, recon))
+    brain = clean > 0
+    assert torch.equal(cleared[brain], recon[brain])  # every brain pixel is above the floor
+    assert float((cleared[~brain] == 0).float().mean()) == pytest.approx(0.99, abs=0.002)
+    assert torch.equal(clear_background(recon, 0.0), recon)
+
+
+def test_finish_clears_the_background_then_adds_noise_to_the_brain_only() -> None:
+    clean = disc()
+    recon = hazy(clean, 0.03)
+    out = finish(recon, Texture(sigma=0.03, background_floor=0.031), torch.Generator())
+    assert torch.equal(out[clean == 0], torch.zeros_like(out[clean == 0]))
+    assert noise_sigma(out) == pytest.approx(0.03, rel=0.15)
+    assert torch.equal(finish(recon, Texture(), torch.Generator()), recon)
+
+
+def test_texture_metadata_round_trips_and_old_files_read_as_zero() -> None:
+    texture = Texture(sigma=0.02, background_floor=0.03)
+    assert Texture.from_meta(texture.as_meta()) == texture
+    assert Texture.from_meta({}) == Texture() == (0.0, 0.0)
+    assert Texture.from_meta({"texture_sigma": 0.02}) == Texture(0.02, 0.0)
+
+
+def test_sample_clears_the_model_files_background_floor(
+    tiny_generators: dict[str, Path], one_thread: None
+) -> None:
+    gm = load_generator(tiny_generators["ldm"])
+    plain, _ = sample(gm, [0.5], 3, seed=4)
+    floor = float(plain.median())  # an untrained model: about half its pixels fall below
+    gm.metadata["background_floor"] = floor
+    cleared, _ = sample(gm, [0.5], 3, seed=4)
+    assert torch.equal(cleared[plain < floor], torch.zeros_like(cleared[plain < floor]))
+    assert torch.equal(cleared[plain >= floor], plain[plain >= floor])
+    untouched, _ = sample(gm, [0.5], 3, seed=4, texture=False)
+    assert torch.equal(untouched, plain)

@@ -37,6 +37,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "guidance",
     "timestamp",
     "texture_sigma",
+    "background_floor",
     "nearest_train_corr",
     "nearest_train_ssim",
     "nearest_train_alex",

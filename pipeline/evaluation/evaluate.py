@@ -19,7 +19,9 @@ Sections of ``reports/metrics.json`` (a DVC metric; every number also goes to ML
   against the validation subjects, scored on two halves of the test slices that hold every
   test subject, alternate levels of each volume),
   ``blurred_real`` (about 1.0), each generator and each autoencoder's reconstructions (the
-  ceiling of its second stage): ``raw`` and ``blur`` (both sides blurred by
+  ceiling of its second stage; finished as that generator's slices are, with the ``texture``
+  calibration each generator section records, :mod:`pipeline.inference.texture`):
+  ``raw`` and ``blur`` (both sides blurred by
   ``evaluate.c2st.blur_sigma`` px; this hides pixel-scale texture, not blur, which adds up)
   ROC AUC of a judge CNN trained on the training split against synthetic slices
   (:mod:`pipeline.metrics.c2st`), with its AUC curve over training steps.
@@ -71,6 +73,7 @@ from pipeline.core.tracking import StageRun, flatten
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.evaluation.label_fidelity import fidelity_summary, label_fidelity
 from pipeline.inference.sampling import Samples, load_generator, sample_slices
+from pipeline.inference.texture import Texture, finish
 from pipeline.metrics.c2st import C2STResult, blur, strength_curve_figure, two_sample_auc
 from pipeline.metrics.novelty import (
     closest_pairs_figure,
@@ -238,6 +241,8 @@ def generate_like(
     provenance = {
         "checkpoint_sha256": file_sha256(generator_path),
         "autoencoder_sha256": generator.metadata.get("autoencoder_sha256"),
+        "latent_source": generator.codec.autoencoder.kind,
+        "texture": generator.texture._asdict(),
         "sampling": settings,
         "sample_seconds": seconds,
     }
@@ -660,18 +665,26 @@ def evaluate(
         if "covariates" in figures:
             save_png(figures["covariates"], paths.reports / f"labels_{name}.png")
         logger.info("%s label fidelity: %s", name, fidelity_summary(metrics[name]["labels"]))
+    # each autoencoder's reconstructions finished as the generator on its latents finishes slices
+    textures = {metrics[n]["latent_source"]: Texture(**metrics[n]["texture"]) for n in GENERATORS}
     for kind in params.autoencoder.kinds:
         section = f"ae_{kind}"
         path = paths.models / f"{section}.pt"
         metrics[section], new = autoencoder_figures(path, real, device, seed)
         _merge(curves, section, new)
         model, _ = load_autoencoder(path, device)
+        texture = textures.get(kind, Texture())
+        noise = torch.Generator().manual_seed(seed + 3)
         judges += judge_jobs(
             section,
             train.image,
-            reconstruct(model, train.image[judge_rows], train.z[judge_rows], device),
+            finish(
+                reconstruct(model, train.image[judge_rows], train.z[judge_rows], device),
+                texture,
+                noise,
+            ),
             real.image,
-            reconstruct(model, real.image, real.z, device),
+            finish(reconstruct(model, real.image, real.z, device), texture, noise),
             **judging,
         )
     judge_curves: dict[str, list[tuple[int, float]]] = {}

@@ -4,7 +4,8 @@ Every prepared split goes through the :class:`~pipeline.models.codec.LatentCodec
 autoencoder (in eval mode, under ``torch.no_grad``); the layout written is described in
 :mod:`pipeline.data.latents`. The training split is encoded first: its latents give the
 scale factor every split is stored with, and its reconstructions the scan-noise level the
-first stage removes (``texture_sigma``, :mod:`pipeline.inference.texture`). Every file is
+first stage removes and the background haze it adds (``texture_sigma``, ``background_floor``:
+:mod:`pipeline.inference.texture`). Every file is
 written to a temporary name and renamed; ``meta.json`` is removed first and written last.
 """
 
@@ -25,7 +26,7 @@ from pipeline.core.identity import file_sha256
 from pipeline.core.io import atomic_write, write_json
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.data.latents import SPLITS
-from pipeline.inference.texture import missing_sigma
+from pipeline.inference.texture import Texture, background_floor, missing_sigma
 from pipeline.models.codec import LatentCodec
 from pipeline.models.files import load_autoencoder
 
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 #: Slices per encoder batch.
 ENCODE_BATCH = 64
-#: Training slices the scan-noise calibration reconstructs (spread over z).
+#: Training slices the texture calibration reconstructs (spread over z).
 TEXTURE_SLICES = 256
 
 
@@ -81,8 +82,9 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 @torch.no_grad()
 def calibrate_texture(
     codec: LatentCodec, dataset: SliceDataset, device: torch.device, limit: int = TEXTURE_SLICES
-) -> float:
-    """The scan noise the first stage removes, measured on training slices.
+) -> Texture:
+    """The scan noise the first stage removes and the background haze it adds, measured on
+    training slices.
 
     Args:
         codec: the first stage.
@@ -91,7 +93,8 @@ def calibrate_texture(
         limit: at most this many slices, spread evenly over z.
 
     Returns:
-        :func:`pipeline.inference.texture.missing_sigma` of the slices and their
+        :func:`~pipeline.inference.texture.missing_sigma` and
+        :func:`~pipeline.inference.texture.background_floor` of the slices and their
         reconstructions, in intensity units.
     """
     data = EvalData.from_dataset(dataset)
@@ -103,9 +106,14 @@ def calibrate_texture(
             for xb, zb in zip(x.split(ENCODE_BATCH), z.split(ENCODE_BATCH), strict=True)
         ]
     )
-    sigma = missing_sigma(x.cpu(), recon.float().cpu().clamp(0, 1))
-    logger.info("first stage removes scan noise of sigma %.4g (intensity units)", sigma)
-    return sigma
+    x, recon = x.cpu(), recon.float().cpu().clamp(0, 1)
+    texture = Texture(missing_sigma(x, recon), background_floor(x, recon))
+    logger.info(
+        "first stage removes scan noise of sigma %.4g and leaves background haze up to %.4g "
+        "(intensity units)",
+        *texture,
+    )
+    return texture
 
 
 def encode_latents(
@@ -146,7 +154,7 @@ def encode_latents(
     (out / "meta.json").unlink(missing_ok=True)
     counts: dict[str, int] = {}
     latent_shape: list[int] = []
-    texture_sigma = 0.0
+    texture = Texture()
     for split in SPLITS:  # train first: its latents give the scale factor
         src = prepared / split
         if not (src / "manifest.csv").is_file():
@@ -165,7 +173,7 @@ def encode_latents(
             codec.scale_factor = LatentCodec.fit_scale_factor(torch.from_numpy(latents))
             latents = latents * np.float32(codec.scale_factor)
             latent_shape = list(latents.shape[1:])
-            texture_sigma = calibrate_texture(codec, SliceDataset(src), device)
+            texture = calibrate_texture(codec, SliceDataset(src), device)
         _save_npy(out / split / "latents.npy", latents)
         if codes is not None:
             _save_npy(out / split / "codes.npy", codes)
@@ -180,7 +188,7 @@ def encode_latents(
         "autoencoder_sha256": sha256,
         "scale_factor": codec.scale_factor,
         "latent_shape": latent_shape,
-        "texture_sigma": texture_sigma,
+        **texture.as_meta(),
         "splits": counts,
     }
     if model.quantizer is not None:

@@ -39,9 +39,10 @@ before the first file is written, so a level that stays copy-like fails the run 
 written. Each slice's manifest row records its nearest-training similarities and the number
 of re-samples it took (:data:`NOVELTY_COLUMNS`; empty without the check).
 
-Slices carry the scan-noise texture the first stage removes (the model file's
-``texture_sigma``, :mod:`pipeline.inference.texture`), recorded per row in the manifest
-(``texture_sigma``; 0 with ``texture=False`` or a model file made before the calibration).
+Slices are finished like real ones (the model file's calibration,
+:mod:`pipeline.inference.texture`): the background haze the first stage leaves is cleared and
+the scan noise it removes is added, both recorded per row in the manifest (``texture_sigma``,
+``background_floor``; 0 with ``texture=False`` or a model file made before the calibration).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ from pipeline.inference.sampling import (
     load_generator,
     sample_slices,
 )
+from pipeline.inference.texture import Texture
 
 logger = logging.getLogger(__name__)
 
@@ -367,8 +369,8 @@ def generate(
         novelty: re-sample near copies of training slices (see the module docstring and
             :func:`novelty_screen`); None writes the slices as sampled and leaves the
             :data:`NOVELTY_COLUMNS` empty.
-        texture: add the calibrated scan noise (see the module docstring); False writes the
-            decoder's clean output.
+        texture: finish slices like real ones (see the module docstring); False writes the
+            decoder's output.
         covariates: covariate name → option text (``"60:90"``, ``"F"``, ``"0.5,1"``);
             unnamed covariates are unconditioned.
         spec: a CSV or YAML spec file (rows: z, count, covariates) instead of
@@ -455,7 +457,7 @@ def generate(
         "steps": "" if settings.steps is None else settings.steps,
         "guidance": "" if settings.guidance is None else settings.guidance,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "texture_sigma": gm.texture_sigma if texture else 0.0,
+        **(gm.texture if texture else Texture()).as_meta(),
     }
     pixel_mm, slice_mm = output_spacing(gm.metadata)
     rows: list[dict[str, Any]] = []

@@ -25,7 +25,7 @@ from pipeline.core.identity import file_sha256
 from pipeline.core.labels import Schema
 from pipeline.inference.autoregressive import sample_codes
 from pipeline.inference.diffusion import BoundCovariates, guided_sample
-from pipeline.inference.texture import add_scan_noise
+from pipeline.inference.texture import Texture, finish
 from pipeline.models.codec import LatentCodec
 from pipeline.models.conditioning import check_z
 from pipeline.models.files import load_autoencoder, load_model, model_schema
@@ -79,9 +79,10 @@ class GeneratorModel:
         return self.metadata["scheduler"]
 
     @property
-    def texture_sigma(self) -> float:
-        """Scan-noise level added to decoded slices (intensity units; 0 if never calibrated)."""
-        return float(self.metadata.get("texture_sigma") or 0.0)
+    def texture(self) -> Texture:
+        """How decoded slices are finished: the scan noise added and the background floor
+        cleared (intensity units; 0 for what a file made before the calibration lacks)."""
+        return Texture.from_meta(self.metadata)
 
     @property
     def schema(self) -> Schema:
@@ -303,9 +304,9 @@ def sample_slices(
             that cannot).
         steps, guidance, temperature, top_k, sampler: overrides of the model's defaults,
             resolved by :meth:`SamplingSettings.resolve`.
-        texture: add the scan noise the first stage removes (the model file's
-            ``texture_sigma``, :func:`pipeline.inference.texture.add_scan_noise`; 0 for files
-            made before it was calibrated), so slices look like the data they imitate.
+        texture: finish the decoded slices like the data they imitate
+            (:func:`pipeline.inference.texture.finish` with the model file's calibration):
+            clear the background haze the first stage leaves, add the scan noise it removes.
 
     Raises:
         InputError: z outside [0, 1], covariates of the wrong shape, masks from a model that
@@ -362,9 +363,9 @@ def sample_slices(
             out = decode(latent, zb)
         images.append(out.float().cpu())
     result = torch.cat(images)
-    if texture and gm.texture_sigma > 0:
+    if texture and any(gm.texture):
         noise_gen = torch.Generator().manual_seed(seed + TEXTURE_SEED_OFFSET)
-        result = add_scan_noise(result, gm.texture_sigma, noise_gen)
+        result = finish(result, gm.texture, noise_gen)
     return Samples(result, all_z, cov, torch.cat(tissue) if masks else None)
 
 

@@ -47,6 +47,7 @@ from pipeline.inference.diffusion import (
     scheduler_config,
 )
 from pipeline.inference.sampling import load_generator, sample
+from pipeline.inference.texture import Texture
 from pipeline.models.codec import LatentCodec
 from pipeline.models.conditioning import batch_covariates, drop_covariates, index_from_z
 from pipeline.models.files import load_autoencoder, save_model
@@ -441,7 +442,7 @@ def train_ldm(
         "latent_source": cfg.latent_source,
         "n_slices": params.prepare.n_slices,
         "scheduler": scheduler_config(cfg),
-        "texture_sigma": float(meta.get("texture_sigma") or 0.0),
+        **Texture.from_meta(meta).as_meta(),
         "covariates": schema_to_meta(schema),
         "covariate_reference": reference,
     }

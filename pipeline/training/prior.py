@@ -36,6 +36,7 @@ from pipeline.core.tracking import StageRun
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.data.latents import LatentDataset, read_latent_meta, training_covariates
 from pipeline.inference.autoregressive import sample_codes
+from pipeline.inference.texture import Texture
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.conditioning import batch_covariates, drop_covariates
 from pipeline.models.files import load_autoencoder, save_model
@@ -398,7 +399,7 @@ def train_prior(
         "num_codes": num_codes,
         "code_shape": list(code_shape),
         "n_slices": params.prepare.n_slices,
-        "texture_sigma": float(meta.get("texture_sigma") or 0.0),
+        **Texture.from_meta(meta).as_meta(),
         "covariates": schema_to_meta(schema),
         "covariate_reference": reference,
     }
