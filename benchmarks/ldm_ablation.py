@@ -21,7 +21,7 @@ Usage::
 
 Needs ``data/prepared``, ``data/latents`` and ``models/{ae_vaegan,zprobe}.pt`` from
 ``dvc repro``. Writes ``<out>/ldm_ablation.{json,md}`` and ``<out>/ldm_ablation.png`` (a
-row per arm, in the JSON's order, under real test slices at the same levels); model files go
+row per arm, labelled, under real test slices at the same levels); model files go
 to ``<work>``.
 """
 
@@ -34,12 +34,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.core.config import Params, load_params
 from pipeline.core.device import resolve_device
-from pipeline.core.figures import grid, save_png
+from pipeline.core.figures import figure_image, grid, save_png
 from pipeline.core.identity import stage_identity
 from pipeline.core.io import write_json, write_text
 from pipeline.core.stage import StagePaths
@@ -80,6 +81,8 @@ SAMPLE_ARMS: dict[str, dict[str, Any]] = {
 LATENT_NOISE = (0.0, 0.1, 0.2, 0.4)
 #: Levels (rows' z indices as fractions of K - 1) shown in the figure.
 FIGURE_LEVELS = (0.3, 0.5, 0.7)
+#: Width (px) of the figure's left margin, where the row names go.
+LABEL_MARGIN = 140
 
 
 def arm_params(params: Params, overrides: dict[str, Any], steps: int) -> Params:
@@ -193,7 +196,7 @@ def decoder_check(ctx: dict[str, Any], latents_dir: Path, params: Params) -> lis
 
 
 def figure(rows: dict[str, torch.Tensor], real: EvalData, n_slices: int) -> np.ndarray:
-    """Real test slices (top row) then one row per arm: 2 slices at each of FIGURE_LEVELS.
+    """Real test slices (top row) then one row per arm, each labelled with its name.
 
     Args:
         rows: arm -> (2 * len(FIGURE_LEVELS), 1, H, W) samples, two per level in order.
@@ -201,12 +204,21 @@ def figure(rows: dict[str, torch.Tensor], real: EvalData, n_slices: int) -> np.n
         n_slices: K.
 
     Returns:
-        (H', W') float array in [0, 1] at full resolution (no resampling).
+        (H', W', 3) uint8 array: the tiles at full resolution (one figure pixel per image
+        pixel, no resampling) with the row names in a left margin.
     """
     levels = [round(f * (n_slices - 1)) for f in FIGURE_LEVELS]
     real_row = torch.cat([real.image[real.z_index == level][:2] for level in levels])
-    tiles = torch.cat([real_row, *rows.values()])
-    return grid(tiles, ncol=len(real_row))
+    tiles = grid(torch.cat([real_row, *rows.values()]), ncol=len(real_row))
+    names = ["real test", *rows]
+    margin, dpi = LABEL_MARGIN, 100
+    height, width = tiles.shape
+    fig = Figure(figsize=((width + margin) / dpi, height / dpi), dpi=dpi)
+    ax = fig.add_axes((margin / (width + margin), 0.0, width / (width + margin), 1.0))
+    ax.imshow(tiles, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([(i + 0.5) * height / len(names) for i in range(len(names))], names, fontsize=8)
+    return figure_image(fig)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.ldm_ablation import ARMS, arm_params
+from benchmarks.ldm_ablation import ARMS, FIGURE_LEVELS, LABEL_MARGIN, arm_params, figure
 from benchmarks.measure import PeakMemory, Row, interleaved
 from benchmarks.monai_models import closest_width
 from benchmarks.run import fmt, main, markdown
@@ -128,3 +129,19 @@ def test_ablation_arm_changes_only_its_settings_and_builds(name: str) -> None:
     unet = ZConditionedUNet(arm.ldm, arm.conditioning, 4)
     out = unet(torch.randn(2, 4, 16, 16), torch.tensor([1, 500]), torch.tensor([0.2, 0.8]))
     assert out.shape == (2, 4, 16, 16)
+
+
+def test_ablation_figure_keeps_full_resolution_and_adds_a_label_margin() -> None:
+    n_slices, size, per_row = 11, 16, 2 * len(FIGURE_LEVELS)
+    z_index = torch.arange(n_slices).repeat_interleave(2)
+    real = SimpleNamespace(image=torch.rand(len(z_index), 1, size, size), z_index=z_index)
+    rows = {
+        "baseline": torch.zeros(per_row, 1, size, size),
+        "mirror": torch.ones(per_row, 1, size, size),
+    }
+    image = figure(rows, real, n_slices)
+    tiles_h, tiles_w = 3 * (size + 2) + 2, per_row * (size + 2) + 2
+    assert image.dtype == np.uint8 and image.shape == (tiles_h, tiles_w + LABEL_MARGIN, 3)
+    # the last row (the all-ones arm) is white at full resolution, the one above it black
+    assert image[-size // 2 - 2, -size // 2 - 2].min() == 255
+    assert image[-size - 2 - size // 2 - 2, -size // 2 - 2].max() == 0
