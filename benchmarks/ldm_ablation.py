@@ -70,6 +70,8 @@ ARMS: dict[str, dict[str, Any]] = {
     # Capacity at the same number of steps (each step costs more: see train_seconds).
     "res_blocks_2": {"num_res_blocks": 2},
     "attention_all": {"attention_levels": (True, True, True)},
+    # The first stage: diffuse the VQ-VAE's quantised latents (8 channels) instead.
+    "vqvae_latents": {"latent_source": "vqvae"},
 }
 #: Sampling-only arms on the baseline model: name -> sampling overrides.
 SAMPLE_ARMS: dict[str, dict[str, Any]] = {

@@ -30,7 +30,12 @@ from benchmarks.measure import PeakMemory, Row, interleaved, n_params, timed
 from pipeline.core.config import AutoencoderConfig, AutoencoderKind, Params
 from pipeline.data.datasets import EVAL_BATCH, EvalData
 from pipeline.inference.autoregressive import sample_codes
-from pipeline.inference.diffusion import build_scheduler, ddim_sample, scheduler_config
+from pipeline.inference.diffusion import (
+    build_scheduler,
+    ddim_sample,
+    guided_sample,
+    scheduler_config,
+)
 from pipeline.metrics.perceptual import get_lpips
 from pipeline.metrics.quality import reconstruction_metrics
 from pipeline.models.autoencoder import Autoencoder
@@ -49,6 +54,9 @@ WIDTHS = range(8, 513, 8)
 ADVERSARIAL_SHARE = 0.2
 #: Alternating repeats of the LDM sampling measurement (the fastest counts).
 SAMPLING_REPEATS = 2
+#: DDIM steps of the quality reference (``benchmarks.sampling_steps``: our default sampler and
+#: step count are the fewest within 5 % of its fd_alex and z-probe MAE).
+REFERENCE_DDIM_STEPS = 50
 
 
 @dataclass
@@ -332,7 +340,8 @@ def _sampling_levels(n: int, device: torch.device) -> torch.Tensor:
 
 
 def ldm_rows(bench: Bench) -> list[Row]:
-    """Row 3: LDM training step and guided DDIM sampling (decoding included) vs MONAI."""
+    """Row 3: LDM training step, guided DDIM sampling at equal steps and our default sampler at
+    matched quality (decoding included) vs MONAI."""
     p, dev = bench.params, bench.device
     cfg, cond = p.ldm, p.conditioning
     channels = p.autoencoder.kl.latent_channels
@@ -415,6 +424,21 @@ def ldm_rows(bench: Bench) -> list[Row]:
             lat = ddim_sample(unet, ddim, z, shape, n_steps, w, gen)
             return our_ae.decode_from_latent(lat.float(), z)  # type: ignore[union-attr]
 
+    def sample_ours_default(n_steps: int) -> torch.Tensor:
+        gen = torch.Generator(device=dev).manual_seed(bench.seed)
+        with torch.no_grad(), autocast(dev):
+            lat = guided_sample(
+                unet,
+                scheduler_config(cfg),
+                z,
+                shape,
+                sampler=cfg.sampler,
+                steps=n_steps,
+                guidance=w,
+                generator=gen,
+            )
+            return our_ae.decode_from_latent(lat.float(), z)  # type: ignore[union-attr]
+
     def sample_monai(n_steps: int) -> torch.Tensor:
         sched = build_scheduler(scheduler_config(cfg), "ddim")
         sched.set_timesteps(n_steps)
@@ -431,15 +455,22 @@ def ldm_rows(bench: Bench) -> list[Row]:
                 cfg=w,
             )
 
-    samplers = {"ours": sample_ours, "monai": sample_monai}
-    for fn in samplers.values():
+    # name -> (sampler, its steps); "matched": our default sampler and step count against
+    # MONAI's DDIM at the step count our default matches in quality
+    samplers = {
+        "ours": (sample_ours, steps),
+        "monai": (sample_monai, steps),
+        "ours_matched": (sample_ours_default, steps),
+        "monai_matched": (sample_monai, REFERENCE_DDIM_STEPS),
+    }
+    for fn in {sample_ours, sample_monai, sample_ours_default}:
         fn(1)  # warm-up
     seconds_taken: dict[str, list[float]] = {name: [] for name in samplers}
     sample_mems = {}
     for repeat in range(SAMPLING_REPEATS):  # alternating; the fastest repeat counts
-        for name, fn in samplers.items():
+        for name, (fn, n_steps) in samplers.items():
             with PeakMemory(dev).measure() as mem:
-                _, elapsed = timed(lambda fn=fn: fn(steps), dev)
+                _, elapsed = timed(lambda fn=fn, n_steps=n_steps: fn(n_steps), dev)
             seconds_taken[name].append(elapsed)
             if repeat == 0:
                 sample_mems[name] = mem.mib
@@ -472,6 +503,24 @@ def ldm_rows(bench: Bench) -> list[Row]:
             note=f"{n} slices, {steps} DDIM steps, guidance {w:g}, decoding included; "
             "both batch the conditional and null passes",
             extra=unet_params,
+        ),
+        Row(
+            "LDM sampling at matched quality",
+            "slices/s",
+            speeds["ours_matched"],
+            speeds["monai_matched"],
+            ours_mib=sample_mems["ours_matched"],
+            reference_mib=sample_mems["monai_matched"],
+            note=f"{n} slices, guidance {w:g}, decoding included; ours {cfg.sampler} "
+            f"{steps} steps (ldm.sampler, ldm.sample_steps) | MONAI DDIM "
+            f"{REFERENCE_DDIM_STEPS} steps; the step counts match in quality: ours is the "
+            f"fewest within 5 % of DDIM {REFERENCE_DDIM_STEPS}'s fd_alex and z-probe MAE on the "
+            "trained demo LDM (reports/sampling_steps.md)",
+            extra={
+                "ours_sampler": cfg.sampler,
+                "ours_steps": steps,
+                "reference_steps": REFERENCE_DDIM_STEPS,
+            },
         ),
     ]
 

@@ -5,7 +5,8 @@ Rows (each: our figure, the reference's, the ratio; ratio > 1 is in our favour):
 1. first-stage training throughput (slices/s), ours vs MONAI ``VQVAE`` and ``AutoencoderKL``
    (+ ``PatchDiscriminator``) in their tutorial settings scaled to our parameter counts;
 2. test-split SSIM / LPIPS of those runs after the same wall-clock budget;
-3. LDM training step and guided DDIM sampling vs ``LatentDiffusionInferer`` with ``cfg``;
+3. LDM training step and guided DDIM sampling vs ``LatentDiffusionInferer`` with ``cfg``, at
+   equal steps and with our default sampler against DDIM at the steps it matches in quality;
 4. prior sampling: our batched PixelCNN vs ``VQVAETransformerInferer`` on the same code grid;
 5. ``prepare`` throughput with 2 workers against 1;
 6. peak memory of each side of each row.

@@ -101,6 +101,13 @@ def test_smoke_run_writes_the_table(tmp_path: Path) -> None:
     assert ("VQ-VAE training", "slices/s") in names
     assert ("KL autoencoder reconstruction", "test LPIPS") in names
     assert ("LDM guided DDIM sampling", "slices/s") in names
+    matched = next(r for r in report["rows"] if r["benchmark"] == "LDM sampling at matched quality")
+    tiny = load_params(Path(__file__).parents[1] / "params.yaml", profile="tiny").ldm
+    assert matched["extra"] == {
+        "ours_sampler": tiny.sampler,
+        "ours_steps": tiny.sample_steps,
+        "reference_steps": 50,
+    }
     assert ("prior sampling", "slices/s") in names
     for row in report["rows"]:
         assert row["ours"] > 0 and row["reference"] > 0 and math.isfinite(row["ratio"]), row
