@@ -27,12 +27,11 @@ from torch import nn
 from benchmarks import monai_models as mm
 from benchmarks import prepare_throughput
 from benchmarks.measure import PeakMemory, Row, interleaved, n_params, timed
-from pipeline.core.config import AutoencoderConfig, AutoencoderKind, Params
+from pipeline.core.config import AutoencoderConfig, AutoencoderKind, Params, Sampler
 from pipeline.data.datasets import EVAL_BATCH, EvalData
 from pipeline.inference.autoregressive import sample_codes
 from pipeline.inference.diffusion import (
     build_scheduler,
-    ddim_sample,
     guided_sample,
     scheduler_config,
 )
@@ -416,15 +415,8 @@ def ldm_rows(bench: Bench) -> list[Row]:
     monai_unet.eval()
     n, steps, w = bench.n_samples, cfg.sample_steps, cfg.guidance
     z = _sampling_levels(n, dev)
-    ddim = build_scheduler(scheduler_config(cfg), "ddim")
 
-    def sample_ours(n_steps: int) -> torch.Tensor:
-        gen = torch.Generator(device=dev).manual_seed(bench.seed)
-        with torch.no_grad(), autocast(dev):
-            lat = ddim_sample(unet, ddim, z, shape, n_steps, w, gen)
-            return our_ae.decode_from_latent(lat.float(), z)  # type: ignore[union-attr]
-
-    def sample_ours_default(n_steps: int) -> torch.Tensor:
+    def sample_ours(n_steps: int, sampler: Sampler = "ddim") -> torch.Tensor:
         gen = torch.Generator(device=dev).manual_seed(bench.seed)
         with torch.no_grad(), autocast(dev):
             lat = guided_sample(
@@ -432,12 +424,15 @@ def ldm_rows(bench: Bench) -> list[Row]:
                 scheduler_config(cfg),
                 z,
                 shape,
-                sampler=cfg.sampler,
+                sampler=sampler,
                 steps=n_steps,
                 guidance=w,
                 generator=gen,
             )
             return our_ae.decode_from_latent(lat.float(), z)  # type: ignore[union-attr]
+
+    def sample_ours_default(n_steps: int) -> torch.Tensor:
+        return sample_ours(n_steps, cfg.sampler)
 
     def sample_monai(n_steps: int) -> torch.Tensor:
         sched = build_scheduler(scheduler_config(cfg), "ddim")
