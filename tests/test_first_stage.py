@@ -20,6 +20,7 @@ from pipeline.core.config import (
     VQConfig,
     params_from_dict,
 )
+from pipeline.core.errors import InputError
 from pipeline.core.stage import StagePaths
 from pipeline.metrics.perceptual import get_lpips
 from pipeline.models.files import load_autoencoder, save_model
@@ -149,6 +150,42 @@ def test_ssim_weight_adds_the_ssim_term_to_the_loss() -> None:
     logs = task.train_step(batch, 0, Optimization(task.optimizers, 1.0))
     assert 0 < logs["ssim_loss"] < 2
     assert logs["loss"] == pytest.approx(plain["loss"] + 2.0 * logs["ssim_loss"], rel=1e-4)
+
+
+def test_decoder_only_phase_keeps_the_latents_and_trains_the_decoder() -> None:
+    task = _task("vaegan")
+    batch = _fixed_batch()
+    for step in range(6):  # the first phase, discriminator on from step 4
+        task.train_step(batch, step, Optimization(task.optimizers, 1.0))
+    task.model.eval()
+    latents = task.model.encode_to_latent(batch["image"], batch["z"]).detach()
+    frozen = {k: v.clone() for k, v in task.model.state_dict().items() if "decoder" not in k}
+    decoder = {k: v.clone() for k, v in task.model.decoder.state_dict().items()}
+    disc = [p.clone() for p in task.disc.parameters()]
+    task.freeze_encoder(TrainConfig(steps=4, lr=2e-3))
+    task.model.train()
+    logs = [task.train_step(batch, s, Optimization(task.optimizers, 1.0)) for s in range(6, 10)]
+    task.model.eval()
+    torch.testing.assert_close(task.model.encode_to_latent(batch["image"], batch["z"]), latents)
+    for key, value in task.model.state_dict().items():
+        if key in frozen:
+            assert torch.equal(value, frozen[key]), key
+    after = task.model.decoder.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in decoder.items()), "the decoder is unchanged"
+    assert any(not torch.equal(a, b) for a, b in zip(disc, task.disc.parameters(), strict=True))
+    assert all(lg["d_loss"] > 0 and lg["kl"] > 0 for lg in logs)
+    # the KL term is out of the loss: its weights are frozen
+    assert logs[-1]["loss"] == pytest.approx(
+        logs[-1]["rec"]
+        + 0.5 * logs[-1]["perceptual"]
+        + logs[-1]["adaptive_weight"] * logs[-1]["adv"],
+        rel=1e-4,
+    )
+
+
+def test_decoder_only_phase_refuses_a_vqvae() -> None:
+    with pytest.raises(InputError, match="vaegan"):
+        _task("vqvae").freeze_encoder(TrainConfig(steps=2))
 
 
 @pytest.mark.parametrize("kind", ["vqvae", "vaegan"])
@@ -284,12 +321,17 @@ def test_train_first_stage_writes_model_report_and_grid(kind: str, tmp_path) -> 
             "data": {"prepared_dir": str(tmp_path / "prepared")},
             "prepare": {"n_slices": 4, "image_size": SIZE},
             "conditioning": TINY_COND.model_dump(),
-            "autoencoder": _cfg(steps=4, ckpt_every=2, eval_every=4).model_dump(),
+            "autoencoder": _cfg(steps=4, ckpt_every=2, eval_every=4).model_dump()
+            | {"decoder_finetune": {"train": {"steps": 2, "batch_size": 4, "log_every": 1}}},
         }
     )
     paths = StagePaths.standard(f"ae_{kind}", f"ae_{kind}", f"ae_{kind}_recon.png", root=tmp_path)
     run = RecordingRun()
     report = train_first_stage(params, kind, **stage_kwargs(paths, run))
+    # the vaegan's decoder-only phase goes on in the same run, numbered from step 4
+    logged = {step for step, m in run.metrics if "rec" in m}
+    assert max(logged) == (6 if kind == "vaegan" else 4)
+    assert not (paths.resume_dir / "decoder" / "last.pt").exists()
 
     assert json.loads(paths.report.read_text())["ssim"] == pytest.approx(report["ssim"])
     assert set(report["per_z"]) == {0, 1, 2, 3} and "shuffled_z" in report

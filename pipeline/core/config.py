@@ -263,6 +263,29 @@ AutoencoderKind = Literal["vqvae", "vaegan"]
 KINDS: tuple[AutoencoderKind, ...] = get_args(AutoencoderKind)
 
 
+class DecoderFinetuneConfig(_Section):
+    """Decoder-only fine-tuning: a second training phase of the first stage.
+
+    After ``autoencoder.train.steps`` the encoder and the z-embedding (which the encoder
+    shares with the decoder) are frozen, so the latents stay exactly as they are, and the
+    decoder (with its tissue head) trains on alone against the same losses and the same
+    discriminator. A decoder that has seen more steps renders the same latent with more of
+    the real slices' detail, for the autoencoder's reconstructions and for every latent a
+    diffusion model samples; Stable Diffusion's improved VAE decoders were made this way.
+
+    Attributes:
+        kinds: the kinds fine-tuned. Only ``vaegan``: the VQ-VAE's codebook moves in its
+            forward pass (EMA updates), which freezing the encoder would not stop.
+        train: loop settings of the phase (its own warm-up and cosine learning-rate schedule,
+            a fresh AdamW over the decoder's parameters); ``null`` (the default) turns the
+            phase off. Its steps are numbered on from ``autoencoder.train.steps`` (in the
+            logs, and for ``discriminator.start_step``).
+    """
+
+    kinds: tuple[Literal["vaegan"], ...] = ("vaegan",)
+    train: TrainConfig | None = None
+
+
 class AutoencoderConfig(_Section):
     """First stage (VQ-VAE or VAE-GAN) architecture and losses.
 
@@ -286,6 +309,7 @@ class AutoencoderConfig(_Section):
         kl: Gaussian latent settings.
         discriminator: PatchGAN settings.
         train: training-loop settings.
+        decoder_finetune: the decoder-only phase after ``train`` (off by default).
     """
 
     kinds: tuple[AutoencoderKind, ...] = KINDS
@@ -301,6 +325,7 @@ class AutoencoderConfig(_Section):
     kl: KLConfig = KLConfig()
     discriminator: DiscriminatorConfig = DiscriminatorConfig()
     train: TrainConfig = TrainConfig()
+    decoder_finetune: DecoderFinetuneConfig = DecoderFinetuneConfig()
 
     @model_validator(mode="after")
     def _check_channels(self) -> AutoencoderConfig:

@@ -7,7 +7,9 @@
   SSIM/PSNR/LPIPS, "real | recon" grids ordered by z, random-latent grids (vaegan) and a
   codebook-usage histogram (vqvae).
 - :func:`train_first_stage`: the whole ``train_autoencoder`` stage for one kind (the model
-  file goes through :mod:`pipeline.models.files`).
+  file goes through :mod:`pipeline.models.files`), with the decoder-only phase
+  (``autoencoder.decoder_finetune``) as a second :func:`~pipeline.training.loop.fit` after the
+  first.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pipeline.core.config import (
     AutoencoderKind,
     ConditioningConfig,
     Params,
+    TrainConfig,
 )
 from pipeline.core.errors import InputError
 from pipeline.core.figures import figure_image, rows_by_z, save_png
@@ -51,6 +54,8 @@ from pipeline.training.losses import (
 
 logger = logging.getLogger(__name__)
 
+#: AdamW betas of both first-stage optimizers (VQGAN's).
+_BETAS = (0.5, 0.9)
 #: Rows of the reconstruction grids (slices spread evenly over z).
 GRID_ROWS = 8
 #: Random latents per z level in the VAE-GAN sample grid.
@@ -99,6 +104,7 @@ class AutoencoderTask(TrainingTask):
     Modules: ``model`` (the :class:`Autoencoder`, weight EMA applies to it) and ``disc`` (the
     :class:`ZPatchDiscriminator`). Optimizers: AdamW with betas (0.5, 0.9) as in VQGAN; the
     generator at ``cfg.train.lr``, the discriminator at ``cfg.discriminator.lr``.
+    :meth:`freeze_encoder` switches to the decoder-only phase.
 
     Args:
         cfg: autoencoder section of the params.
@@ -133,12 +139,34 @@ class AutoencoderTask(TrainingTask):
         self.model = build_autoencoder(cfg, cond_cfg, kind).to(device)
         self.disc = ZPatchDiscriminator(cfg.discriminator, cond_cfg).to(device)
         self.modules = {"model": self.model, "disc": self.disc}
-        betas = (0.5, 0.9)
         wd = cfg.train.weight_decay
         self.optimizers = {
-            "model": adamw(self.model.parameters(), cfg.train.lr, wd, betas),
-            "disc": adamw(self.disc.parameters(), cfg.discriminator.lr, wd, betas),
+            "model": adamw(self.model.parameters(), cfg.train.lr, wd, _BETAS),
+            "disc": adamw(self.disc.parameters(), cfg.discriminator.lr, wd, _BETAS),
         }
+        self.encoder_frozen = False
+
+    def freeze_encoder(self, train: TrainConfig) -> None:
+        """Start the decoder-only phase (:class:`~pipeline.core.config.DecoderFinetuneConfig`).
+
+        Freezes the encoder and the z-embedding (the latents no longer change) and gives the
+        ``model`` optimizer a fresh AdamW over the decoder's parameters at ``train.lr``; the
+        discriminator keeps its optimizer. Call it between the two :func:`fit` calls, on the
+        weights the first phase exports (load them into ``self.model`` first).
+
+        Args:
+            train: the phase's loop settings (``lr`` and ``weight_decay`` are read here).
+
+        Raises:
+            InputError: a VQ-VAE (its codebook would still move in the forward pass).
+        """
+        if self.model.quantizer is not None:
+            raise InputError("decoder-only fine-tuning is for the vaegan kind, not vqvae")
+        self.model.encoder.requires_grad_(False)
+        self.model.z_embed.requires_grad_(False)
+        decoder = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizers["model"] = adamw(decoder, train.lr, train.weight_decay, _BETAS)
+        self.encoder_frozen = True
 
     def adversarial_on(self, step: int) -> bool:
         """Whether the discriminator trains and feeds the generator at ``step``.
@@ -194,6 +222,9 @@ class AutoencoderTask(TrainingTask):
                 perplexity=float(out.perplexity),
                 codes_used=float(out.codes_used),
             )
+        elif self.encoder_frozen:  # the KL term has no trainable weights left
+            latent_loss = torch.zeros((), device=x.device)
+            logs["kl"] = out.kl.item()
         else:
             weight = kl_weight(
                 step,
@@ -487,6 +518,23 @@ def train_first_stage(
         config_for_hash=identity,
         progress=progress,
     )
+    finetune = cfg.decoder_finetune.train
+    if finetune is not None and kind in cfg.decoder_finetune.kinds:
+        task.model.load_state_dict(task.export_module(result.ema).state_dict())
+        task.freeze_encoder(finetune)
+        result = fit(
+            task,
+            train,
+            finetune,
+            run=run,
+            resume_dir=paths.resume_dir / "decoder",
+            seed=params.seed + 1,
+            device=device,
+            evaluate=Evaluator(task, val, run, device),
+            config_for_hash=identity,
+            progress=progress,
+            step_offset=cfg.train.steps,
+        )
     if not distributed.is_main():  # under torchrun rank 0 alone exports and reports
         return {}
     data_meta = {
@@ -517,6 +565,7 @@ def train_first_stage(
         {f"test_{k}": float(v) for k, v in report.items() if isinstance(v, float)}, step=result.step
     )
     finish_resume(paths.resume_dir)
+    finish_resume(paths.resume_dir / "decoder")
     logger.info(
         "ae_%s: test ssim %.4f, ssim_brain %.4f, lpips %.4f (shuffled z: ssim %.4f)",
         kind,

@@ -359,6 +359,7 @@ def fit(
     evaluate: Callable[[int, nn.Module | None], Mapping[str, float]] | None = None,
     config_for_hash: Mapping[str, Any] | None = None,
     progress: bool = True,
+    step_offset: int = 0,
 ) -> FitResult:
     """Train ``task`` on ``dataset`` for ``cfg.steps`` steps, resuming if a checkpoint exists.
 
@@ -374,6 +375,10 @@ def fit(
             at the end, in eval mode and with RNG forked; returns metrics to log.
         config_for_hash: the stage's config; a resume file from another config is ignored.
         progress: show a tqdm bar.
+        step_offset: steps of an earlier phase this fit continues in the same run (e.g. the
+            first stage's decoder-only phase): ``train_step``, ``evaluate`` and the logs get
+            ``step + step_offset``; the learning-rate schedule, batch order, checkpoints and
+            :attr:`FitResult.step` count this phase's own steps.
 
     Returns:
         A :class:`FitResult` (the EMA module, when enabled, holds the weights to export).
@@ -420,7 +425,7 @@ def fit(
         optim = Optimization(task.optimizers, cfg.grad_clip)
         if distributed.all_true(_finite_batch(batch)):
             with _autocast(device):
-                losses = task.train_step(batch, step, optim)
+                losses = task.train_step(batch, step + step_offset, optim)
         else:  # never forwarded: it would poison buffers (VQ codebook, norm statistics)
             optim.skipped.append("batch")
             losses = {}
@@ -456,19 +461,19 @@ def fit(
             losses = distributed.mean_over_ranks(losses)  # the global batch's means
             logged = {**losses, "lr": cfg.lr * lr_now, "skipped_steps": result.skipped_steps}
             logged.update({f"grad_norm_{k}": v for k, v in optim.grad_norms.items()})
-            run.log_metrics(logged, step=step)
+            run.log_metrics(logged, step=step + step_offset)
             result.history.update(logged)
             bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]})
         evaluating = step % cfg.eval_every == 0 or step == cfg.steps
         if evaluate is not None and evaluating:
-            _evaluate(task, evaluate, step, ema, device, run, result)
+            _evaluate(task, evaluate, step + step_offset, ema, device, run, result)
         if evaluating:
             distributed.barrier()
         if (step % cfg.ckpt_every == 0 or step == cfg.steps) and not bad_in_row:
             ckpt.save(step, lr_scale, result.history)  # never a state mid-way through a streak
     if start >= cfg.steps:  # killed after the last checkpoint: the caller needs the metrics
         if evaluate is not None:
-            _evaluate(task, evaluate, step, ema, device, run, result)
+            _evaluate(task, evaluate, step + step_offset, ema, device, run, result)
         distributed.barrier()
     bar.close()
     task._nets = {}  # type: ignore[attr-defined]
