@@ -16,6 +16,7 @@ from pipeline.core.config import (
     AutoencoderConfig,
     DiscriminatorConfig,
     KLConfig,
+    Params,
     TrainConfig,
     VQConfig,
     params_from_dict,
@@ -23,6 +24,7 @@ from pipeline.core.config import (
 from pipeline.core.errors import InputError
 from pipeline.core.stage import StagePaths
 from pipeline.metrics.perceptual import get_lpips
+from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.files import load_autoencoder, save_model
 from pipeline.training.autoencoder import (
     AutoencoderTask,
@@ -312,19 +314,52 @@ def _write_prepared(root, n_per_split: int = 8) -> None:
         )
 
 
-@pytest.mark.parametrize("kind", ["vqvae", "vaegan"])
-def test_train_first_stage_writes_model_report_and_grid(kind: str, tmp_path) -> None:
-    _write_prepared(tmp_path / "prepared")
-    params = params_from_dict(
+def _stage_params(root, **finetune) -> Params:
+    return params_from_dict(
         {
             "device": "cpu",
-            "data": {"prepared_dir": str(tmp_path / "prepared")},
+            "data": {"prepared_dir": str(root / "prepared")},
             "prepare": {"n_slices": 4, "image_size": SIZE},
             "conditioning": TINY_COND.model_dump(),
             "autoencoder": _cfg(steps=4, ckpt_every=2, eval_every=4).model_dump()
-            | {"decoder_finetune": {"train": {"steps": 2, "batch_size": 4, "log_every": 1}}},
+            | {"decoder_finetune": {"train": {"batch_size": 4, "log_every": 1} | finetune}},
         }
     )
+
+
+def test_a_killed_decoder_phase_resumes_where_it_stopped(tmp_path, monkeypatch) -> None:
+    _write_prepared(tmp_path / "prepared")
+    params = _stage_params(tmp_path, steps=4, ckpt_every=2, eval_every=3)
+
+    def stage(folder: str) -> Autoencoder:
+        paths = StagePaths.standard("ae", "ae", "ae.png", root=tmp_path / folder)
+        train_first_stage(params, "vaegan", **stage_kwargs(paths))
+        return load_autoencoder(paths.model)[0]
+
+    straight = stage("a")
+    evaluate = Evaluator.__call__
+
+    def die_in_the_phase(self, step: int, ema):
+        if step == 7:  # the phase's step 3, after its checkpoint at 2
+            raise KeyboardInterrupt
+        return evaluate(self, step, ema)
+
+    monkeypatch.setattr(Evaluator, "__call__", die_in_the_phase)
+    with pytest.raises(KeyboardInterrupt):
+        stage("b")
+    assert (tmp_path / "b" / "checkpoints" / "ae" / "decoder" / "last.pt").is_file()
+    monkeypatch.setattr(Evaluator, "__call__", evaluate)
+    resumed = stage("b")
+    for (key, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("kind", ["vqvae", "vaegan"])
+def test_train_first_stage_writes_model_report_and_grid(kind: str, tmp_path) -> None:
+    _write_prepared(tmp_path / "prepared")
+    params = _stage_params(tmp_path, steps=2)
     paths = StagePaths.standard(f"ae_{kind}", f"ae_{kind}", f"ae_{kind}_recon.png", root=tmp_path)
     run = RecordingRun()
     report = train_first_stage(params, kind, **stage_kwargs(paths, run))
