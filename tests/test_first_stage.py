@@ -366,6 +366,7 @@ def test_train_first_stage_writes_model_report_and_grid(kind: str, tmp_path) -> 
     # the vaegan's decoder-only phase goes on in the same run, numbered from step 4
     logged = {step for step, m in run.metrics if "rec" in m}
     assert max(logged) == (6 if kind == "vaegan" else 4)
+    assert [step for step, m in run.metrics if "test_ssim" in m] == [max(logged)]
     assert not (paths.resume_dir / "decoder" / "last.pt").exists()
 
     assert json.loads(paths.report.read_text())["ssim"] == pytest.approx(report["ssim"])

@@ -519,6 +519,7 @@ def train_first_stage(
         progress=progress,
     )
     finetune = cfg.decoder_finetune.train
+    last_step = result.step
     if finetune is not None and kind in cfg.decoder_finetune.kinds:
         task.model.load_state_dict(task.export_module(result.ema).state_dict())
         task.freeze_encoder(finetune)
@@ -535,6 +536,7 @@ def train_first_stage(
             progress=progress,
             step_offset=cfg.train.steps,
         )
+        last_step = cfg.train.steps + result.step
     if not distributed.is_main():  # under torchrun rank 0 alone exports and reports
         return {}
     data_meta = {
@@ -562,7 +564,7 @@ def train_first_stage(
     run.log_dict(report, f"reports/{paths.report.name}")
     run.log_image(grid_png, f"reports/{paths.grid.name}")
     run.log_metrics(
-        {f"test_{k}": float(v) for k, v in report.items() if isinstance(v, float)}, step=result.step
+        {f"test_{k}": float(v) for k, v in report.items() if isinstance(v, float)}, step=last_step
     )
     finish_resume(paths.resume_dir)
     finish_resume(paths.resume_dir / "decoder")
