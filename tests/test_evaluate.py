@@ -19,6 +19,7 @@ from pipeline.evaluation.evaluate import (
     EvaluatePaths,
     evaluate,
     judge_train_rows,
+    other_subjects_rows,
     real_figures,
     set_figures,
     split_halves,
@@ -116,6 +117,25 @@ def test_blur_and_split_halves() -> None:
     assert set(z[a].tolist()) == set(z[b].tolist()) == {0, 1, 2}
 
 
+def test_other_subjects_rows_take_whole_volumes_at_random() -> None:
+    manifest = pd.DataFrame(
+        {
+            "subject": [f"S{v}" for v in range(5) for _ in range(3)],
+            "session": ["MR1"] * 15,
+        }
+    )
+    rows = other_subjects_rows(manifest, 7, seed=0)
+    assert len(rows) == 7
+    volumes = [manifest.subject[int(r)] for r in rows]
+    # two whole volumes, then the first rows of a third, each volume's rows together
+    assert volumes[:3] == [volumes[0]] * 3 and volumes[3:6] == [volumes[3]] * 3
+    assert len(set(volumes)) == 3 and volumes[6] not in volumes[:6]
+    assert torch.equal(rows, other_subjects_rows(manifest, 7, seed=0))  # seeded
+    orders = {tuple(other_subjects_rows(manifest, 15, seed=s).tolist()) for s in range(5)}
+    assert len(orders) > 1  # the seed draws the volumes
+    assert sorted(other_subjects_rows(manifest, 99, seed=0).tolist()) == list(range(15))
+
+
 def test_real_figures_skip_split_halves_that_share_no_level(real: EvalData) -> None:
     one_volume = EvalData(*(t[:K] for t in (real.image, real.mask, real.z, real.z_index)))
     probe = ZProbe(PROBE.channels)
@@ -181,6 +201,9 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> No
     assert saved["real"]["zprobe_mae"] == pytest.approx(expected_mae, rel=1e-5)
     assert 0 < saved["real"]["zprobe_mae"] < K - 1  # an untrained probe: neither 0 nor off-range
     assert {"fd_alex", "precision", "recall"} <= set(saved["real"]["split_halves"])
+    assert {"fd_alex", "precision", "recall"} <= set(saved["real"]["other_subjects"])
+    train_slices = len(SliceDataset(paths.train))
+    assert saved["real"]["other_subjects"]["n_samples"] == min(n, train_slices)
     for kind in ("vqvae", "vaegan"):
         section = saved[f"ae_{kind}"]
         expected = {"ssim", "ssim_brain", "psnr", "lpips", "checkpoint_sha256", "n_samples"}

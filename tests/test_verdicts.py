@@ -10,6 +10,7 @@ METRICS = {
     "real": {
         "zprobe_mae": 0.7,
         "split_halves": {"fd_alex": 10.0, "precision": 0.9, "recall": 0.95},
+        "other_subjects": {"fd_alex": 6.0, "precision": 0.83, "recall": 0.81},
         "c2st": {"raw": {"auc": 0.52}, "blur": {"auc": 0.49}},
         "novelty": {"copy_like_fraction": 0.02},
     },
@@ -37,6 +38,10 @@ def test_every_ldm_bar_is_judged_against_its_reference() -> None:
     )
     assert rows["realism, texture (C2ST AUC, raw)"].passed is False
     assert rows["fd_alex"].passed is True and rows["fd_alex"].reference == 10.0
+    # the same figure against real slices of other subjects at the generator's set size
+    same_size = rows["fd_alex, same set size (real: other subjects)"]
+    assert (same_size.reference, same_size.passed) == (6.0, False)  # 15 > 1.5 x 6
+    assert rows["precision"].reference == 0.83
     assert rows["precision"].passed is False  # 0.79 < 0.8
     assert rows["recall"].passed is True  # 0.8 >= 0.8
     assert rows["z fidelity (z-probe MAE, slices)"].passed is False  # 1.2 > 1.5 x 0.7

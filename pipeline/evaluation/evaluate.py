@@ -5,7 +5,10 @@ Sections of ``reports/metrics.json`` (a DVC metric; every number also goes to ML
 - ``real``: the z-probe MAE on real test slices (the floor, slice units), the MS-SSIM
   diversity of the real slices, and under ``split_halves`` the distribution metrics of one
   half of the test split against the other (alternate slices in z order; each half holds half
-  the slices, so compare these values only with each other).
+  the slices, so compare these values only with each other); under ``other_subjects`` the
+  same metrics of as many real slices of training subjects (whole volumes,
+  :func:`other_subjects_rows`) against the test split: the reference at a generator's set
+  size.
 - ``blurred_real``: the real test slices blurred with a Gaussian (``evaluate.blur_sigma``
   px), scored like a generator against the unblurred slices: the reference to beat.
 - ``ldm`` / ``pixelcnn``: one generated slice per real test slice, at its z and the
@@ -168,6 +171,31 @@ def split_halves(z_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     order = torch.argsort(z_index, stable=True)
     return order[0::2], order[1::2]
+
+
+def other_subjects_rows(manifest: pd.DataFrame, size: int, seed: int) -> torch.Tensor:
+    """Rows of whole training volumes drawn at random: a real set of other subjects the size
+    of the test split (the same-size reference of fd_alex and precision / recall).
+
+    Volumes (``subject`` and, where the manifest has it, ``session``) are taken in a seeded
+    random order, each whole, until ``size`` rows are reached; the last one is cut to fit.
+    The split halves compare half the test split with the other half, and fd_alex is biased
+    upward in small sets (precision / recall loosen), so this is the reference at the set
+    size a generator is scored at.
+
+    Args:
+        manifest: the training split's manifest, row i for slice i.
+        size: slices wanted (the test split's count).
+        seed: seed of the volume order.
+
+    Returns:
+        (min(size, len(manifest)),) int64 row indices, volume by volume.
+    """
+    keys = [c for c in ("subject", "session") if c in manifest.columns]  # prepare writes both
+    volumes = manifest.groupby(keys, sort=True).indices
+    order = torch.randperm(len(volumes), generator=torch.Generator().manual_seed(seed))
+    rows = np.concatenate([list(volumes.values())[i] for i in order.tolist()])
+    return torch.from_numpy(rows[:size].astype(np.int64))
 
 
 def per_z_mean(values: torch.Tensor, z_index: torch.Tensor) -> dict[int, float]:
@@ -592,6 +620,11 @@ def evaluate(
     metrics["real"]["novelty"] = novelty_summary(reference, reference, cfg.novelty.quantile)
 
     scoring["real_features"] = alex_features(real.image, device=device)  # once for every set
+    others = other_subjects_rows(train_set.manifest, len(real.image), seed)
+    same_size, _ = set_figures(real, train.image[others], train.z_index[others], **scoring)
+    metrics["real"]["other_subjects"] = {
+        k: same_size[k] for k in ("fd_alex", "kid", "kid_std", "precision", "recall", "n_samples")
+    }
     blurred = blur(real.image, cfg.blur_sigma)
     metrics["blurred_real"], new = set_figures(real, blurred, real.z_index, **scoring)
     metrics["blurred_real"] |= {"sigma_px": cfg.blur_sigma} | probe_sha
