@@ -192,9 +192,9 @@ def other_subjects_rows(manifest: pd.DataFrame, size: int, seed: int) -> torch.T
         (min(size, len(manifest)),) int64 row indices, volume by volume.
     """
     keys = [c for c in ("subject", "session") if c in manifest.columns]  # prepare writes both
-    volumes = manifest.groupby(keys, sort=True).indices
+    volumes = list(manifest.groupby(keys, sort=True).indices.values())
     order = torch.randperm(len(volumes), generator=torch.Generator().manual_seed(seed))
-    rows = np.concatenate([list(volumes.values())[i] for i in order.tolist()])
+    rows = np.concatenate([volumes[i] for i in order.tolist()])
     return torch.from_numpy(rows[:size].astype(np.int64))
 
 
