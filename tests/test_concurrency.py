@@ -17,6 +17,8 @@ from pipeline.training.concurrency import (
     pool_workers,
     run_jobs,
     side_by_side_envs,
+    take_freed_cores,
+    usable_cores,
 )
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -53,7 +55,7 @@ def test_parallel_setting_rejects_nonsense() -> None:
 
 def test_cpu_cores_are_split_between_jobs() -> None:
     envs = side_by_side_envs(2, CPU, cores=2)
-    assert envs == [{"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}] * 2
+    assert envs == [{"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "BRAINGEN_SIBLINGS": "1"}] * 2
     assert side_by_side_envs(2, CPU, cores=9)[0]["OMP_NUM_THREADS"] == "4"  # type: ignore[index]
 
 
@@ -133,6 +135,35 @@ def test_a_child_keeps_its_thread_count_when_its_sibling_finishes(tmp_path) -> N
     ]
     run_jobs(jobs, side_by_side=True)
     assert threads.read_text() == "1"
+
+
+def test_a_later_phase_takes_the_cores_once_every_sibling_has_finished(tmp_path) -> None:
+    """take_freed_cores waits for the sibling (so the thread count never depends on timing),
+    then uses every core."""
+    sibling_end, out = tmp_path / "sibling_end", tmp_path / "out"
+    sibling = f"import time, pathlib; time.sleep(3); pathlib.Path(r'{sibling_end}').touch()"
+    waiting = (
+        "import torch, pathlib; "
+        "from pipeline.training.concurrency import take_freed_cores; "
+        "n = take_freed_cores(); "
+        f"pathlib.Path(r'{out}').write_text(f'{{n}} {{torch.get_num_threads()}}')"
+    )
+    env = {"OMP_NUM_THREADS": "1", "BRAINGEN_SIBLINGS": "1"}
+    jobs = [
+        Job("sibling", [sys.executable, "-c", sibling], env),
+        Job("phased", [sys.executable, "-c", waiting], env),
+    ]
+    run_jobs(jobs, side_by_side=True)
+    assert out.stat().st_mtime_ns >= sibling_end.stat().st_mtime_ns  # it waited
+    taken, threads = out.read_text().split()
+    assert int(taken) == int(threads) == usable_cores()
+
+
+def test_take_freed_cores_does_nothing_outside_side_by_side_cpu_children() -> None:
+    before = torch.get_num_threads()
+    assert take_freed_cores({}) is None
+    assert take_freed_cores({"BRAINGEN_SIBLINGS": "1"}) is None  # no parent marking siblings
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -14,6 +14,7 @@ from pipeline.training.loop import (
     Optimization,
     TrainingDivergedError,
     TrainingTask,
+    autocast_dtype,
     batch_indices,
     finish_resume,
     lr_factor,
@@ -68,6 +69,38 @@ def _cfg(**kw) -> TrainConfig:
 
 def _fit(task, data, cfg, tmp_path, **kw):
     return quiet_fit(task, data, cfg, tmp_path, **({"config_for_hash": {"a": 1}} | kw))
+
+
+class _AutocastSpy(_Regression):
+    """Records the CPU autocast state each training step ran under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.dtype | None] = []
+
+    def train_step(self, batch, step, optim: Optimization) -> dict[str, float]:
+        on = torch.is_autocast_enabled("cpu")
+        self.seen.append(torch.get_autocast_dtype("cpu") if on else None)
+        return super().train_step(batch, step, optim)
+
+
+def test_autocast_dtype_bf16_on_cuda_and_on_a_native_bf16_cpu_when_asked(monkeypatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(cuda, _cfg()) is torch.bfloat16
+    assert autocast_dtype(cpu, _cfg()) is None  # fp32 on the CPU by default
+    monkeypatch.setattr("pipeline.training.loop.native_cpu_bf16", lambda: True)
+    assert autocast_dtype(cpu, _cfg(cpu_bf16=True)) is torch.bfloat16
+    monkeypatch.setattr("pipeline.training.loop.native_cpu_bf16", lambda: False)
+    assert autocast_dtype(cpu, _cfg(cpu_bf16=True)) is None  # emulated bf16 would be slower
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fit_runs_steps_under_cpu_bf16_only_where_native(tmp_path, monkeypatch, native) -> None:
+    monkeypatch.setattr("pipeline.training.loop.native_cpu_bf16", lambda: native)
+    task = _AutocastSpy()
+    result = _fit(task, _Points(), _cfg(steps=6, cpu_bf16=True), tmp_path)
+    assert result.step == 6
+    assert task.seen == [torch.bfloat16 if native else None] * 6
 
 
 def test_lr_schedule_warmup_and_decay() -> None:

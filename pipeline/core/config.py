@@ -170,6 +170,9 @@ class TrainConfig(_Section):
             checkpoint with a lower learning rate.
         compile: run the training forward passes through ``torch.compile`` (worth it on
             CUDA for long runs; the first steps pay the compilation).
+        cpu_bf16: bf16 autocast on the CPU too (it is always on on CUDA), where the CPU
+            computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower,
+            so the loop stays in fp32 there and says so.
     """
 
     steps: int = Field(1000, ge=1)
@@ -186,6 +189,7 @@ class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0)
     max_bad_steps: int = Field(5, ge=1)
     compile: bool = False
+    cpu_bf16: bool = False
 
 
 class VQConfig(_Section):

@@ -43,6 +43,7 @@ from pipeline.metrics.quality import reconstruction_metrics
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.discriminator import ZPatchDiscriminator
 from pipeline.models.files import load_autoencoder, save_model
+from pipeline.training.concurrency import take_freed_cores
 from pipeline.training.loop import Optimization, TrainingTask, adamw, finish_resume, fit
 from pipeline.training.losses import (
     adaptive_weight,
@@ -523,6 +524,7 @@ def train_first_stage(
     if finetune is not None and kind in cfg.decoder_finetune.kinds:
         task.model.load_state_dict(task.export_module(result.ema).state_dict())
         task.freeze_encoder(finetune)
+        take_freed_cores()  # side by side on the CPU: the sibling's core once it has finished
         result = fit(
             task,
             train,

@@ -20,13 +20,18 @@ It is an environment variable like ``BRAINGEN_NPROC``: it changes no parameter, 
 cache stays valid. Under ``BRAINGEN_NPROC`` > 1 every training already spans all devices
 through torchrun, and they run one after the other.
 
-A child keeps its thread count for its whole run: the weights a CPU training produces
+A child keeps its thread count within a training phase: the weights a CPU training produces
 depend on it (oneDNN and the plain convolution kernels sum in different orders), so a child
-that took the freed cores when its sibling finished would give results that depend on which
-step that happened at. The thread count is recorded in the model file's metadata
-(``torch_threads``). If one child fails, the others are stopped (each resumes from its last
-checkpoint when the stage is re-run); if this process is interrupted or terminated, so are
-they.
+that took the freed cores the moment its sibling finished would give results that depend on
+which step that happened at. Between two phases of one training (the VAE-GAN's decoder-only
+phase), a child may call :func:`take_freed_cores`: it waits until every sibling has finished
+and then uses all the cores, so the later phase always runs with the same thread count and
+the cores a finished sibling leaves do not idle. The parent tells the children where it marks
+finished siblings (``BRAINGEN_DONE_DIR``) and how many there are (``BRAINGEN_SIBLINGS``). The
+final thread count is recorded in the model file's metadata (``torch_threads``).
+
+If one child fails, the others are stopped (each resumes from its last checkpoint when the
+stage is re-run); if this process is interrupted or terminated, so are they.
 """
 
 from __future__ import annotations
@@ -36,11 +41,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
+from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -58,8 +65,11 @@ R = TypeVar("R")
 #: Environment variable choosing side by side (1), one after the other (0) or auto.
 PARALLEL_ENV = "BRAINGEN_PARALLEL"
 _ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-#: How often the parent checks its children, in seconds.
+#: How often the parent checks its children (and a waiting child its siblings), in seconds.
 POLL_SECONDS = 0.5
+#: Side-by-side CPU children: how many siblings each has, and the folder where the parent
+#: marks each sibling that finished (:func:`take_freed_cores`).
+SIBLINGS_ENV, DONE_DIR_ENV = "BRAINGEN_SIBLINGS", "BRAINGEN_DONE_DIR"
 
 
 class ChildFailedError(BraingenError, RuntimeError):
@@ -148,7 +158,39 @@ def side_by_side_envs(
     if cores < n_jobs and not forced:
         return None
     threads = str(max(1, cores // n_jobs))
-    return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(n_jobs)]
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, SIBLINGS_ENV: str(n_jobs - 1)}
+    return [dict(env) for _ in range(n_jobs)]
+
+
+def take_freed_cores(environ: Mapping[str, str] | None = None) -> int | None:
+    """In a side-by-side CPU child, between two training phases: wait until every sibling has
+    finished, then use all usable cores (module docstring).
+
+    The wait makes the next phase's thread count the same on every run, whichever child
+    finishes first. Outside a side-by-side CPU child (run alone, on CUDA, under torchrun) it
+    returns at once and changes nothing.
+
+    Args:
+        environ: the environment (default: ``os.environ``).
+
+    Returns:
+        The new torch thread count, or None when nothing changed.
+    """
+    environ = os.environ if environ is None else environ
+    if SIBLINGS_ENV not in environ or DONE_DIR_ENV not in environ:
+        return None
+    siblings, done = int(environ[SIBLINGS_ENV]), Path(environ[DONE_DIR_ENV])
+    started = time.monotonic()
+    while sum(1 for _ in done.iterdir()) < siblings:
+        time.sleep(POLL_SECONDS)
+    threads = usable_cores()
+    torch.set_num_threads(threads)
+    logger.info(
+        "siblings finished (waited %.0f s); continuing on %d threads",
+        time.monotonic() - started,
+        threads,
+    )
+    return threads
 
 
 def _stop(procs: Mapping[str, subprocess.Popen[bytes]], grace_seconds: float = 30.0) -> None:
@@ -183,6 +225,7 @@ def run_jobs(jobs: Sequence[Job], side_by_side: bool) -> None:
     """
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    done = tempfile.TemporaryDirectory(prefix="braingen-done-")
     try:
         waves = [list(jobs)] if side_by_side else [[job] for job in jobs]
         for wave in waves:
@@ -190,6 +233,7 @@ def run_jobs(jobs: Sequence[Job], side_by_side: bool) -> None:
                 env = {**os.environ, **job.env}
                 if side_by_side:
                     env["TQDM_POSITION"] = str(position)
+                    env[DONE_DIR_ENV] = done.name
                 logger.info("%s: %s", job.label, " ".join(job.argv[1:]))
                 sys.stderr.flush()
                 procs[job.label] = subprocess.Popen(job.argv, env=env)
@@ -201,7 +245,9 @@ def run_jobs(jobs: Sequence[Job], side_by_side: bool) -> None:
                     if code is None:
                         continue
                     running.discard(label)
-                    if code != 0:
+                    if code == 0:
+                        (Path(done.name) / label).touch()
+                    else:
                         others = ", ".join(sorted(running)) or "none"
                         raise ChildFailedError(
                             f"{label} failed (exit code {code}); stopped the others ({others}),"
@@ -209,6 +255,7 @@ def run_jobs(jobs: Sequence[Job], side_by_side: bool) -> None:
                         )
     finally:
         _stop(procs)
+        done.cleanup()
         signal.signal(signal.SIGTERM, previous)
 
 

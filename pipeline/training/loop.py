@@ -269,11 +269,28 @@ def _training_nets(
     return nets
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA; full precision on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def autocast_dtype(device: torch.device, cfg: TrainConfig) -> torch.dtype | None:
+    """The autocast dtype of :func:`fit`'s training steps: bf16 on CUDA, and on a CPU with native
+    bf16 when ``cfg.cpu_bf16`` is set; None (fp32) otherwise."""
+    if device.type == "cuda" or (device.type == "cpu" and cfg.cpu_bf16 and native_cpu_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def _autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to ``dtype`` on ``device``; full precision when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -370,7 +387,8 @@ def fit(
         run: the stage's tracking run; losses go to it every ``cfg.log_every`` steps.
         resume_dir: folder for ``last.pt``; removed content after a successful finish.
         seed: seeds the batch order and the initial RNG state.
-        device: where the batches go; bf16 autocast is used on CUDA.
+        device: where the batches go; the training steps run under bf16 autocast on CUDA, and
+            on the CPU with ``cfg.cpu_bf16`` (:func:`autocast_dtype`).
         evaluate: called as ``evaluate(step, ema_module)`` every ``cfg.eval_every`` steps and
             at the end, in eval mode and with RNG forked; returns metrics to log.
         config_for_hash: the stage's config; a resume file from another config is ignored.
@@ -412,6 +430,9 @@ def fit(
         evaluate = None  # rank 0 evaluates; the others wait at the barrier below
     bad_in_row = 0
     show = progress and distributed.is_main()
+    dtype = autocast_dtype(device, cfg)
+    if cfg.cpu_bf16 and device.type == "cpu" and dtype is None:
+        logger.warning("cpu_bf16: this CPU has no native bf16 (AVX512-BF16, AMX); training in fp32")
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=run.run_name)
     step = start
     task.train()
@@ -424,7 +445,7 @@ def fit(
         batch = _to_device(next(batches), device)
         optim = Optimization(task.optimizers, cfg.grad_clip)
         if distributed.all_true(_finite_batch(batch)):
-            with _autocast(device):
+            with _autocast(device, dtype):
                 losses = task.train_step(batch, step + step_offset, optim)
         else:  # never forwarded: it would poison buffers (VQ codebook, norm statistics)
             optim.skipped.append("batch")
