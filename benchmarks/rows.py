@@ -27,7 +27,7 @@ from torch import nn
 from benchmarks import monai_models as mm
 from benchmarks import prepare_throughput
 from benchmarks.measure import PeakMemory, Row, interleaved, n_params, timed
-from pipeline.core.config import AutoencoderConfig, AutoencoderKind, Params, Sampler
+from pipeline.core.config import AutoencoderConfig, AutoencoderKind, Params, Sampler, TrainConfig
 from pipeline.data.datasets import EVAL_BATCH, EvalData
 from pipeline.inference.autoregressive import sample_codes
 from pipeline.inference.diffusion import (
@@ -43,7 +43,12 @@ from pipeline.models.pixelcnn import GatedPixelCNN
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.training.autoencoder import AutoencoderTask
 from pipeline.training.ldm import LDMTask
-from pipeline.training.loop import Optimization, batch_indices
+from pipeline.training.loop import (
+    Optimization,
+    autocast_context,
+    autocast_dtype,
+    batch_indices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +112,21 @@ class Bench:
             yield torch.tensor(idx)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA (as in our training loop, for both sides); none on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(
+    device: torch.device, train: TrainConfig | None = None
+) -> contextlib.AbstractContextManager[Any]:
+    """The autocast of one measured step, the same for both sides.
+
+    Args:
+        device: where the step runs.
+        train: the training settings of the stage measured: its steps then run under the
+            autocast our training loop uses for them (bf16 on CUDA, and on a CPU with native
+            bf16 where ``train.cpu_bf16`` is set). None (sampling): bf16 on CUDA only, as
+            our samplers run.
+    """
+    if train is None:
+        return autocast_context(device, torch.bfloat16 if device.type == "cuda" else None)
+    return autocast_context(device, autocast_dtype(device, train))
 
 
 def _without_adversarial(cfg: AutoencoderConfig, start: int) -> AutoencoderConfig:
@@ -134,7 +149,7 @@ def _our_step(task: AutoencoderTask, bench: Bench) -> Callable[[int], int]:
         for name, opt in task.optimizers.items():
             for group, lr in zip(opt.param_groups, lrs[name], strict=True):
                 group["lr"] = lr * warm
-        with autocast(bench.device):
+        with autocast(bench.device, train_cfg):
             task.train_step(batch, i, Optimization(task.optimizers, train_cfg.grad_clip))
         return len(idx)
 
@@ -147,7 +162,7 @@ def _monai_step(train: Callable[[torch.Tensor], Any], bench: Bench) -> Callable[
 
     def step(_: int) -> int:
         idx = next(order)
-        with autocast(bench.device):
+        with autocast(bench.device, bench.params.autoencoder.train):
             train(bench.train.image[idx].to(bench.device))
         return len(idx)
 
@@ -360,6 +375,8 @@ def ldm_rows(bench: Bench) -> list[Row]:
     latent_inferer = LatentDiffusionInferer(train_sched, scale_factor=1.0)
     plain_inferer = DiffusionInferer(train_sched)
     batch, seconds = cfg.train.batch_size, max(2.0, ADVERSARIAL_SHARE * bench.budget)
+    dtype = autocast_dtype(dev, cfg.train)
+    precision = "in bf16 autocast, as ldm.train trains" if dtype else "in fp32"
     order = bench.batches(batch)
 
     def ours(i: int) -> int:
@@ -367,7 +384,7 @@ def ldm_rows(bench: Bench) -> list[Row]:
             "latent": torch.randn(batch, *shape, device=dev),  # encoded once, before training
             "z": torch.rand(batch, device=dev),
         }
-        with autocast(dev):
+        with autocast(dev, cfg.train):
             task.train_step(data, i, Optimization(task.optimizers, cfg.train.grad_clip))
         return batch
 
@@ -380,7 +397,7 @@ def ldm_rows(bench: Bench) -> list[Row]:
             ctx = torch.where(drop[:, None, None], torch.full_like(ctx, -1.0), ctx)
             noise = torch.randn(len(idx), *shape, device=dev)
             t = torch.randint(0, cfg.num_train_timesteps, (len(idx),), device=dev)
-            with autocast(dev):
+            with autocast(dev, cfg.train):
                 if from_images:
                     pred = latent_inferer(
                         inputs=bench.train.image[idx].to(dev),
@@ -483,7 +500,8 @@ def ldm_rows(bench: Bench) -> list[Row]:
             "non-finite checks (a host synchronisation each) per step",
             note="ours trains on latents encoded once (encode_latents) | MONAI "
             "LatentDiffusionInferer encodes every batch; MONAI on stored latents: "
-            f"{rates['monai_latents']:.1f} slices/s; batch {batch}",
+            f"{rates['monai_latents']:.1f} slices/s; batch {batch}; "
+            f"both sides {precision}",
             extra={**unet_params, "monai_latents_slices_per_s": rates["monai_latents"]},
         ),
         Row(

@@ -17,9 +17,11 @@ from torch import nn
 from benchmarks.ldm_ablation import ARMS, FIGURE_LEVELS, LABEL_MARGIN, arm_params, figure
 from benchmarks.measure import PeakMemory, Row, interleaved
 from benchmarks.monai_models import closest_width
+from benchmarks.rows import autocast
 from benchmarks.run import fmt, main, markdown
-from pipeline.core.config import load_params
+from pipeline.core.config import TrainConfig, load_params
 from pipeline.models.unet import ZConditionedUNet
+from pipeline.training import loop
 
 
 def test_ratio_is_in_our_favour_above_one() -> None:
@@ -152,3 +154,30 @@ def test_ablation_figure_keeps_full_resolution_and_adds_a_label_margin() -> None
     # the last row (the all-ones arm) is white at full resolution, the one above it black
     assert image[-size // 2 - 2, -size // 2 - 2].min() == 255
     assert image[-size - 2 - size // 2 - 2, -size // 2 - 2].max() == 0
+
+
+@pytest.mark.parametrize(
+    ("cpu_bf16", "native", "train", "expected"),
+    [
+        (True, True, True, torch.bfloat16),
+        (True, False, True, None),
+        (False, True, True, None),
+        (True, True, False, None),
+    ],
+)
+def test_measured_steps_run_under_the_training_loops_autocast(
+    monkeypatch: pytest.MonkeyPatch,
+    cpu_bf16: bool,
+    native: bool,
+    train: bool,
+    expected: torch.dtype | None,
+) -> None:
+    """A training row's steps run as ``fit`` runs them (bf16 on a native-bf16 CPU where
+    ``train.cpu_bf16``); a sampling row (no train settings) stays fp32 on the CPU."""
+    monkeypatch.setattr(loop, "native_cpu_bf16", lambda: native)
+    cfg = TrainConfig(steps=1, batch_size=1, lr=1e-3, cpu_bf16=cpu_bf16)
+    with autocast(torch.device("cpu"), cfg if train else None):
+        enabled = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu")
+    assert (dtype if enabled else None) == expected
+    assert not torch.is_autocast_enabled("cpu")

@@ -284,10 +284,11 @@ def autocast_dtype(device: torch.device, cfg: TrainConfig) -> torch.dtype | None
     return None
 
 
-def _autocast(
+def autocast_context(
     device: torch.device, dtype: torch.dtype | None
 ) -> contextlib.AbstractContextManager[Any]:
-    """Autocast to ``dtype`` on ``device``; full precision when ``dtype`` is None."""
+    """Autocast to ``dtype`` on ``device`` (:func:`autocast_dtype`); full precision when
+    ``dtype`` is None."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -445,7 +446,7 @@ def fit(
         batch = _to_device(next(batches), device)
         optim = Optimization(task.optimizers, cfg.grad_clip)
         if distributed.all_true(_finite_batch(batch)):
-            with _autocast(device, dtype):
+            with autocast_context(device, dtype):
                 losses = task.train_step(batch, step + step_offset, optim)
         else:  # never forwarded: it would poison buffers (VQ codebook, norm statistics)
             optim.skipped.append("batch")
