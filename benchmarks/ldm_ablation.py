@@ -70,6 +70,9 @@ ARMS: dict[str, dict[str, Any]] = {
     # Capacity at the same number of steps (each step costs more: see train_seconds).
     "res_blocks_2": {"num_res_blocks": 2},
     "attention_all": {"attention_levels": (True, True, True)},
+    # The transformer blocks of the UNet before (cross-attention to the one condition token
+    # and a feed-forward; 1.6-1.7x the time per step): the demo has self-attention blocks.
+    "cross_attention": {"cross_attention": True},
     # The first stage: diffuse the VQ-VAE's quantised latents (8 channels) instead.
     "vqvae_latents": {"latent_source": "vqvae"},
 }

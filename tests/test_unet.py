@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import TINY_COND, TINY_LDM
+from support import TINY_COND, TINY_LDM, tiny_ldm
+from torch.nn.attention import SDPBackend
 
+import pipeline.models.unet as unet_module
+from pipeline.core.config import LDMConfig
 from pipeline.models.unet import ZConditionedUNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,9 +25,9 @@ def randomize_zero_init(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _unet() -> ZConditionedUNet:
+def _unet(config: LDMConfig = TINY_LDM) -> ZConditionedUNet:
     torch.manual_seed(0)
-    unet = ZConditionedUNet(TINY_LDM, TINY_COND, latent_channels=3).eval()
+    unet = ZConditionedUNet(config, TINY_COND, latent_channels=3).eval()
     return randomize_zero_init(unet)
 
 
@@ -82,6 +85,54 @@ def test_z_enters_time_embedding_and_cross_attention() -> None:
     unet.train()
     unet(x, t, z).square().mean().backward()
     assert unet.unet.class_embedding[1].weight.grad.abs().sum() > 0
+
+
+def test_without_cross_attention_z_conditions_through_the_time_embedding() -> None:
+    plain = _unet(tiny_ldm(cross_attention=False))
+    names = [n for n, _ in plain.unet.named_modules()]
+    assert not any(n.endswith("attn2") for n in names)  # no cross-attention anywhere
+    assert any(n.endswith("attn") for n in names)  # the attention level keeps self-attention
+    n_params = sum(p.numel() for p in plain.parameters())
+    assert n_params < sum(p.numel() for p in _unet().parameters())
+    x, t = _inputs()
+    with torch.no_grad():
+        low, high = plain(x, t, torch.zeros(4)), plain(x, t, torch.ones(4))
+        dropped = plain(x, t, torch.zeros(4), torch.ones(4, dtype=torch.bool))
+        dropped_high = plain(x, t, torch.ones(4), torch.ones(4, dtype=torch.bool))
+    assert (low - high).abs().mean() > 1e-3
+    torch.testing.assert_close(dropped, dropped_high)
+
+
+def test_files_from_before_the_key_rebuild_with_cross_attention() -> None:
+    stored = TINY_LDM.model_dump()
+    del stored["cross_attention"]
+    config = LDMConfig.model_validate(stored)
+    assert config.cross_attention
+    names = [n for n, _ in ZConditionedUNet(config, TINY_COND, 3).named_modules()]
+    assert any(n.endswith("attn2") for n in names)
+
+
+@pytest.mark.parametrize("cross_attention", [True, False])
+def test_attention_runs_on_the_math_kernel_on_the_cpu(monkeypatch, cross_attention) -> None:
+    chosen: list[object] = []
+    real_kernel = unet_module.sdpa_kernel
+
+    def recording_kernel(backends):
+        chosen.append(backends)
+        return real_kernel(backends)
+
+    monkeypatch.setattr(unet_module, "sdpa_kernel", recording_kernel)
+    unet = _unet(tiny_ldm(cross_attention=cross_attention))
+    x, t = _inputs()
+    z = torch.rand(4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = unet(x, t, z)
+    assert chosen == [SDPBackend.MATH]
+    for module in unet.modules():  # MONAI's own (non-fused) attention gives the same output
+        if hasattr(module, "use_flash_attention"):
+            module.use_flash_attention = False
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, z), out)
 
 
 def test_invalid_latent_channels() -> None:
