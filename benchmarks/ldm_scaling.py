@@ -11,7 +11,7 @@ minutes buy, and whether the demo's budget or the recipe limits its samples and 
 
 Usage::
 
-    python -m benchmarks.ldm_scaling [--steps 640,1280,2560] [--out reports] [--work scaling]
+    python -m benchmarks.ldm_scaling [--steps 800,1600,3200,6400] [--out reports] [--work scaling]
 
 Needs what ``benchmarks.ldm_ablation`` needs (``dvc repro`` outputs), and
 ``models/covariate_probe.pt`` (``train_probes``). Writes
@@ -102,7 +102,7 @@ def curve_figure(rows: list[dict[str, Any]], reference: dict[str, float]) -> np.
 def main() -> None:
     """Train and score the LDM at each budget; write the table, the JSON and the figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default="640,1280,2560")
+    parser.add_argument("--steps", default="800,1600,3200,6400")
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--work", type=Path, default=Path("scaling"))
     parser.add_argument("--device", default="auto")
