@@ -29,6 +29,7 @@ from pipeline.inference.diffusion import (
     pndm_sample,
     scheduler_config,
     sdedit,
+    step_guidance,
 )
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.training import ldm
@@ -110,6 +111,41 @@ def test_guidance_is_one_batched_forward_equal_to_two_forwards() -> None:
     batches.clear()
     ddim_sample(unet, build_scheduler(scheduler_config(_cfg()), "ddim"), z, SHAPE, 5, 1.0, _gen())
     assert batches == [3] * 5  # w = 1 needs no null pass
+
+
+def test_guidance_min_t_guides_only_the_high_noise_steps() -> None:
+    assert (step_guidance(500, 2.0, 500), step_guidance(499, 2.0, 500)) == (2.0, 1.0)
+    assert step_guidance(0, 2.0, 0) == 2.0  # 0 guides every step
+    unet, z = _unet(), torch.tensor([0.1, 0.5, 0.9])
+    config = scheduler_config(_cfg(prediction_type="v_prediction"))
+    sched = build_scheduler(config, "ddim")
+    calls: list[tuple[int, int]] = []
+    unet.register_forward_hook(lambda m, a, out: calls.append((int(a[1][0]), a[0].shape[0])))
+    partly = ddim_sample(unet, sched, z, SHAPE, 5, 3.0, _gen(), guidance_min_t=500)
+    # timesteps 999, 749, 500 guided (conditional and null in one batch); 250, 0 conditional only
+    assert calls == [(999, 6), (749, 6), (500, 6), (250, 3), (0, 3)]
+    everywhere = ddim_sample(unet, sched, z, SHAPE, 5, 3.0, _gen())
+    nowhere = ddim_sample(unet, sched, z, SHAPE, 5, 3.0, _gen(), guidance_min_t=1000)
+    torch.testing.assert_close(nowhere, ddim_sample(unet, sched, z, SHAPE, 5, 1.0, _gen()))
+    assert (partly - everywhere).abs().mean() > 1e-4 and (partly - nowhere).abs().mean() > 1e-4
+
+    calls.clear()
+    kwargs = {"steps": 4, "guidance": 3.0, "generator": _gen(), "guidance_min_t": 500}
+    guided_sample(unet, config, z, SHAPE, sampler="pndm", **kwargs)
+    # PLMS timesteps 750, 500, 500, 250, 0 (the warm-up repeats the second)
+    assert calls == [(750, 6), (500, 6), (500, 6), (250, 3), (0, 3)]
+    calls.clear()
+    sdedit(unet, sched, torch.randn(3, *SHAPE), z, 0.6, 10, 3.0, _gen(), guidance_min_t=500)
+    assert [n for _, n in calls] == [6 if t >= 500 else 3 for t, _ in calls]
+    assert {n for _, n in calls} == {3, 6}
+
+
+def test_guidance_min_t_is_checked_and_defaults_to_every_step() -> None:
+    assert LDMConfig().guidance_min_t == 0  # files written before the key existed
+    with pytest.raises(ValueError, match="guidance_min_t must be in"):
+        LDMConfig(guidance_min_t=1001)
+    with pytest.raises(ValueError, match="guidance_min_t"):
+        LDMConfig(guidance_min_t=-1)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

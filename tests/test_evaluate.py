@@ -190,6 +190,7 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> No
         "sampler": "ddim",
         "steps": 2,
         "guidance": TINY_LDM.guidance,
+        "guidance_min_t": TINY_LDM.guidance_min_t,
     }
     assert saved["blurred_real"]["sigma_px"] == 1.5
     assert saved["real"]["n_samples"] == n

@@ -41,13 +41,21 @@ def test_sampling_settings_resolve_steps_for_the_sampler_they_were_tuned_for(
     tiny_generators,
 ) -> None:
     gen = _pndm(load_generator(tiny_generators["ldm"]))
-    assert SamplingSettings.resolve(gen) == SamplingSettings("pndm", 10, gen.config.guidance)
+    cfg = gen.config
+    assert SamplingSettings.resolve(gen) == SamplingSettings(
+        "pndm", 10, cfg.guidance, cfg.guidance_min_t
+    )
+    assert SamplingSettings.resolve(gen, guidance_min_t=300).guidance_min_t == 300
+    with pytest.raises(InputError, match="guidance_min_t"):
+        SamplingSettings.resolve(gen, guidance_min_t=-1)
     ddim = SamplingSettings.resolve(gen, sampler="ddim")
     assert ddim.sampler == "ddim" and ddim.steps == REFERENCE_DDIM_STEPS == 50
     assert SamplingSettings.resolve(gen, sampler="ddim", steps=7).steps == 7
     with pytest.raises(InputError, match="top_k"):
         SamplingSettings.resolve(gen, top_k=3)
     prior = load_generator(tiny_generators["pixelcnn"])
+    with pytest.raises(InputError, match="guidance_min_t"):
+        SamplingSettings.resolve(prior, guidance_min_t=500)
     assert SamplingSettings.resolve(prior).as_dict() == {"temperature": prior.config.temperature}
 
 
@@ -59,12 +67,16 @@ def test_sdedit_and_inpaint_run_ddim_steps_not_the_pndm_ones(
     monkeypatch.setattr(edit, "load_generator", lambda *a, **k: _pndm(real_load(*a, **k)))
     seen: list[int] = []
 
-    def spy(unet, scheduler, latent, *args):
+    def spy(unet, scheduler, latent, *args, **kwargs):
         seen.append(args[-3])  # steps
         return latent
 
-    monkeypatch.setattr(edit, "sdedit", lambda u, s, lat, z, strength, *a: spy(u, s, lat, *a))
-    monkeypatch.setattr(edit, "inpaint", lambda u, s, lat, mask, z, *a: spy(u, s, lat, *a))
+    monkeypatch.setattr(
+        edit, "sdedit", lambda u, s, lat, z, strength, *a, **k: spy(u, s, lat, *a, **k)
+    )
+    monkeypatch.setattr(
+        edit, "inpaint", lambda u, s, lat, mask, z, *a, **k: spy(u, s, lat, *a, **k)
+    )
     image = tmp_path / "in.png"
     from PIL import Image
 

@@ -401,6 +401,9 @@ class LDMConfig(_Section):
         cond_dropout: probability of replacing z by the learned null condition.
         guidance: default classifier-free guidance weight w (1 = conditional only, no
             unconditional pass).
+        guidance_min_t: first guided timestep: steps at lower timesteps (the low-noise end)
+            take w = 1, one forward pass each. 0 guides every step (files written before the
+            key existed); the demo's 500 guides the high-noise half only.
         sampler: default sampler: ``ddim`` (the guided DDIM loop of
             :mod:`pipeline.inference.diffusion`) or ``pndm`` (MONAI's ``PNDMScheduler``,
             PLMS steps);
@@ -432,6 +435,7 @@ class LDMConfig(_Section):
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     cond_dropout: float = Field(0.15, ge=0, lt=1)
     guidance: float = Field(2.0, ge=0)
+    guidance_min_t: int = Field(0, ge=0)
     sampler: Sampler = "ddim"
     sample_steps: int = Field(50, ge=1)
     grid_levels: int = Field(8, ge=1)
@@ -443,7 +447,7 @@ class LDMConfig(_Section):
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
-    def _check_levels(self) -> LDMConfig:
+    def _check_consistency(self) -> LDMConfig:
         if len(self.channels) != len(self.attention_levels):
             raise InputError(
                 f"attention_levels needs one entry per level of channels "
@@ -453,6 +457,11 @@ class LDMConfig(_Section):
             raise InputError(
                 f"every entry of channels {self.channels} must be a multiple of "
                 f"norm_groups={self.norm_groups}"
+            )
+        if self.guidance_min_t > self.num_train_timesteps:
+            raise InputError(
+                f"guidance_min_t must be in [0, num_train_timesteps={self.num_train_timesteps}], "
+                f"got {self.guidance_min_t}"
             )
         return self
 

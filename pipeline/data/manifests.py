@@ -23,6 +23,8 @@ LOCK = ".manifest.lock"
 #: empty where it was unconditioned (or the model has no such covariate).
 COVARIATE_COLUMNS: tuple[str, ...] = tuple(KNOWN_COVARIATES)
 #: ``mask_file``: the slice's tissue-label file (same name plus ``_mask``), empty without masks.
+#: ``guidance_min_t``: the first guided timestep (ldm). New columns go last: an older manifest's
+#: header is a prefix of this one.
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "file",
     "type",
@@ -44,6 +46,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "novelty_attempts",
     *COVARIATE_COLUMNS,
     "mask_file",
+    "guidance_min_t",
 )
 #: The columns every generate manifest has had; later columns are blank when read from an
 #: older manifest (written before texture, novelty, covariates and masks were recorded).

@@ -262,7 +262,12 @@ def generate_like(
     seconds = time.perf_counter() - started
     cfg = generator.config
     settings = (
-        {"sampler": cfg.sampler, "steps": cfg.sample_steps, "guidance": cfg.guidance}
+        {
+            "sampler": cfg.sampler,
+            "steps": cfg.sample_steps,
+            "guidance": cfg.guidance,
+            "guidance_min_t": cfg.guidance_min_t,
+        }
         if generator.kind == "ldm"
         else {"temperature": cfg.temperature, "top_k": cfg.top_k}
     )

@@ -21,7 +21,11 @@ ICLR 2022) with the same guided output: fewer steps for the same quality on our 
 
 Classifier-free guidance runs the conditional and the null condition through the UNet in one
 batched forward per step and combines ``u + w (c - u)`` (Ho & Salimans 2022); guidance is
-linear in the model output, so it is the same for epsilon and v prediction.
+linear in the model output, so it is the same for epsilon and v prediction. Every sampler
+takes ``guidance_min_t``: below that timestep the weight is 1 (the conditional output alone, one
+forward pass), so guidance shapes the layout at high noise and leaves the fine texture of the
+low-noise steps to the conditional model (:func:`step_guidance`; README, "Guidance at high
+noise only").
 """
 
 from __future__ import annotations
@@ -272,6 +276,21 @@ def guided_output(
     return uncond + guidance * (cond - uncond)
 
 
+def step_guidance(t: int, guidance: float, guidance_min_t: int) -> float:
+    """The guidance weight of the step at timestep ``t``.
+
+    Args:
+        t: the step's timestep, in [0, T).
+        guidance: classifier-free guidance weight w.
+        guidance_min_t: first timestep that is guided; below it the weight is 1 (conditional
+            output only). 0 guides every step.
+
+    Returns:
+        ``guidance`` if ``t >= guidance_min_t``, else 1.
+    """
+    return guidance if t >= guidance_min_t else 1.0
+
+
 def _x0_and_eps(
     output: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,6 +340,7 @@ def _denoise(
     guidance: float,
     generator: torch.Generator | None,
     eta: float,
+    guidance_min_t: int = 0,
     known: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     return_trajectory: bool = False,
@@ -332,7 +352,8 @@ def _denoise(
     for i, t in enumerate(timesteps.tolist()):
         a_t = alphas[t]
         a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else one
-        out = guided_output(unet, x, torch.full((x.shape[0],), t, device=x.device), z, guidance)
+        w = step_guidance(t, guidance, guidance_min_t)
+        out = guided_output(unet, x, torch.full((x.shape[0],), t, device=x.device), z, w)
         x0, eps = _x0_and_eps(out, x, a_t, scheduler.prediction_type)
         if return_trajectory:
             xs.append(x)
@@ -365,6 +386,7 @@ def ddim_sample(
     generator: torch.Generator | None,
     eta: float = 0.0,
     return_trajectory: bool = False,
+    guidance_min_t: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:
     """Guided DDIM sampling from pure noise.
 
@@ -379,6 +401,7 @@ def ddim_sample(
             with ``eta=0`` the result is a pure function of the initial noise.
         eta: DDIM stochasticity, 0 (deterministic) to 1 (DDPM-like).
         return_trajectory: also return every x_t and predicted x0.
+        guidance_min_t: steps below this timestep are not guided (:func:`step_guidance`).
 
     Returns:
         (B, C, h, w) sampled latents (in the scaled latent space the UNet was trained on),
@@ -396,6 +419,7 @@ def ddim_sample(
         guidance=guidance,
         generator=generator,
         eta=eta,
+        guidance_min_t=guidance_min_t,
         return_trajectory=return_trajectory,
     )
     return (out, traj) if return_trajectory else out  # type: ignore[return-value]
@@ -410,6 +434,8 @@ def pndm_sample(
     steps: int,
     guidance: float,
     generator: torch.Generator | None,
+    *,
+    guidance_min_t: int = 0,
 ) -> torch.Tensor:
     """Guided sampling from pure noise with MONAI's PNDM (PLMS) steps: ``steps + 1`` forwards.
 
@@ -427,6 +453,7 @@ def pndm_sample(
         steps: sampling steps, in [1, T].
         guidance: classifier-free guidance weight w (1 = conditional only).
         generator: source of the initial noise; the result is a pure function of it.
+        guidance_min_t: steps below this timestep are not guided (:func:`step_guidance`).
 
     Returns:
         (B, C, h, w) sampled latents in the scaled latent space.
@@ -456,7 +483,8 @@ def pndm_sample(
     # time as the corrector of the first step. MONAI's step counts on it, but its own
     # skip_prk_steps schedule leaves it out, which ends sampling one step short of clean.
     for t in timesteps[:2] + timesteps[1:]:
-        out = guided_output(unet, x, torch.full((x.shape[0],), t, device=x.device), z, guidance)
+        w = step_guidance(t, guidance, guidance_min_t)
+        out = guided_output(unet, x, torch.full((x.shape[0],), t, device=x.device), z, w)
         _, eps = _x0_and_eps(out, x, alphas[t], schedule["prediction_type"])
         x, _ = scheduler.step(eps, t, x)
     return x
@@ -472,6 +500,7 @@ def guided_sample(
     steps: int,
     guidance: float,
     generator: torch.Generator | None,
+    guidance_min_t: int = 0,
 ) -> torch.Tensor:
     """Guided sampling from pure noise with the sampler named: the one entry point.
 
@@ -484,6 +513,7 @@ def guided_sample(
         steps: sampling steps.
         guidance: classifier-free guidance weight.
         generator: source of the initial noise.
+        guidance_min_t: steps below this timestep are not guided (:func:`step_guidance`).
 
     Returns:
         (B, C, h, w) sampled latents.
@@ -493,10 +523,19 @@ def guided_sample(
     """
     if sampler == "ddim":
         return ddim_sample(  # type: ignore[return-value]
-            unet, build_scheduler(schedule, "ddim"), z, shape, steps, guidance, generator
+            unet,
+            build_scheduler(schedule, "ddim"),
+            z,
+            shape,
+            steps,
+            guidance,
+            generator,
+            guidance_min_t=guidance_min_t,
         )
     if sampler == "pndm":
-        return pndm_sample(unet, schedule, z, shape, steps, guidance, generator)
+        return pndm_sample(
+            unet, schedule, z, shape, steps, guidance, generator, guidance_min_t=guidance_min_t
+        )
     raise InputError(f"sampler must be 'ddim' or 'pndm', got {sampler!r}")
 
 
@@ -510,6 +549,8 @@ def sdedit(
     steps: int,
     guidance: float,
     generator: torch.Generator | None,
+    *,
+    guidance_min_t: int = 0,
 ) -> torch.Tensor:
     """Image-to-image (SDEdit, Meng et al. 2022): noise the latent to t = strength·T, denoise.
 
@@ -522,6 +563,7 @@ def sdedit(
         steps: DDIM steps of a full schedule; ``round(steps * strength)`` (at least 1) are run.
         guidance: classifier-free guidance weight w.
         generator: source of the added noise.
+        guidance_min_t: steps below this timestep are not guided (:func:`step_guidance`).
 
     Returns:
         (B, C, h, w) edited latents.
@@ -536,7 +578,15 @@ def sdedit(
     alphas = scheduler.alphas_cumprod.to(device=latent.device, dtype=latent.dtype)
     x = _renoise(latent, alphas[start], generator)
     out, _ = _denoise(
-        unet, scheduler, x, z, timesteps, guidance=guidance, generator=generator, eta=0.0
+        unet,
+        scheduler,
+        x,
+        z,
+        timesteps,
+        guidance=guidance,
+        generator=generator,
+        eta=0.0,
+        guidance_min_t=guidance_min_t,
     )
     return out
 
@@ -551,6 +601,8 @@ def inpaint(
     steps: int,
     guidance: float,
     generator: torch.Generator | None,
+    *,
+    guidance_min_t: int = 0,
 ) -> torch.Tensor:
     """Regenerate the region inside ``mask``; the rest follows the input (RePaint-style).
 
@@ -567,6 +619,7 @@ def inpaint(
         steps: DDIM steps.
         guidance: classifier-free guidance weight w.
         generator: source of the initial and re-noising noise.
+        guidance_min_t: steps below this timestep are not guided (:func:`step_guidance`).
 
     Returns:
         (B, C, h, w) latents equal to the input outside the mask.
@@ -591,6 +644,7 @@ def inpaint(
         guidance=guidance,
         generator=generator,
         eta=0.0,
+        guidance_min_t=guidance_min_t,
         known=latent,
         mask=mask,
     )

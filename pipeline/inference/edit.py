@@ -154,7 +154,17 @@ def sdedit_file(
     s = _ddim_settings(gm, steps, guidance)
     gen = torch.Generator(device=gm.device).manual_seed(seed)
     scheduler = build_scheduler(gm.schedule, "ddim")
-    latent = sdedit(inp.network, scheduler, inp.latent, inp.z, strength, s.steps, s.guidance, gen)
+    latent = sdedit(
+        inp.network,
+        scheduler,
+        inp.latent,
+        inp.z,
+        strength,
+        s.steps,
+        s.guidance,
+        gen,
+        guidance_min_t=s.guidance_min_t,  # type: ignore[arg-type]
+    )
     return _save(gm.codec.decode_stage_2_outputs(latent, inp.z), out_path, overwrite)
 
 
@@ -221,7 +231,15 @@ def inpaint_file(
     gen = torch.Generator(device=gm.device).manual_seed(seed)
     scheduler = build_scheduler(gm.schedule, "ddim")
     latent = inpaint(
-        inp.network, scheduler, inp.latent, latent_mask, inp.z, s.steps, s.guidance, gen
+        inp.network,
+        scheduler,
+        inp.latent,
+        latent_mask,
+        inp.z,
+        s.steps,
+        s.guidance,
+        gen,
+        guidance_min_t=s.guidance_min_t,  # type: ignore[arg-type]
     )
     decoded = gm.codec.decode_stage_2_outputs(latent, inp.z)
     return _save(mask * decoded + (1 - mask) * inp.image, out_path, overwrite)

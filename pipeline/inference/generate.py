@@ -456,6 +456,7 @@ def generate(
         "sampler": settings.sampler or "",
         "steps": "" if settings.steps is None else settings.steps,
         "guidance": "" if settings.guidance is None else settings.guidance,
+        "guidance_min_t": "" if settings.guidance_min_t is None else settings.guidance_min_t,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         **(gm.texture if texture else Texture()).as_meta(),
     }

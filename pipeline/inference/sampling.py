@@ -110,6 +110,7 @@ class SamplingSettings:
         sampler: ``ddim`` or ``pndm`` (ldm; None for pixelcnn).
         steps: sampling steps (ldm).
         guidance: classifier-free guidance weight (ldm).
+        guidance_min_t: first guided timestep (ldm; the model's ``guidance_min_t``).
         temperature: sampling temperature (pixelcnn).
         top_k: sample among the k most likely codes, None for all (pixelcnn).
     """
@@ -117,6 +118,7 @@ class SamplingSettings:
     sampler: Sampler | None = None
     steps: int | None = None
     guidance: float | None = None
+    guidance_min_t: int | None = None
     temperature: float | None = None
     top_k: int | None = None
 
@@ -128,6 +130,7 @@ class SamplingSettings:
         sampler: Sampler | None = None,
         steps: int | None = None,
         guidance: float | None = None,
+        guidance_min_t: int | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
     ) -> SamplingSettings:
@@ -144,10 +147,14 @@ class SamplingSettings:
             "sampler": sampler,
             "steps": steps,
             "guidance": guidance,
+            "guidance_min_t": guidance_min_t,
             "temperature": temperature,
             "top_k": top_k,
         }
-        foreign = {"ldm": ("temperature", "top_k"), "pixelcnn": ("steps", "guidance", "sampler")}
+        foreign = {
+            "ldm": ("temperature", "top_k"),
+            "pixelcnn": ("steps", "guidance", "guidance_min_t", "sampler"),
+        }
         for name in foreign[model.kind]:
             if given[name] is not None:
                 raise InputError(
@@ -155,6 +162,8 @@ class SamplingSettings:
                 )
         if guidance is not None and guidance < 0:
             raise InputError(f"guidance must be >= 0 (1 = conditional only), got {guidance}")
+        if guidance_min_t is not None and guidance_min_t < 0:
+            raise InputError(f"guidance_min_t must be >= 0 (0 = every step), got {guidance_min_t}")
         cfg = model.config
         if isinstance(cfg, LDMConfig):
             chosen = cfg.sampler if sampler is None else sampler
@@ -163,6 +172,7 @@ class SamplingSettings:
                 sampler=chosen,
                 steps=default_steps if steps is None else steps,
                 guidance=cfg.guidance if guidance is None else guidance,
+                guidance_min_t=cfg.guidance_min_t if guidance_min_t is None else guidance_min_t,
             )
         return cls(
             temperature=cfg.temperature if temperature is None else temperature,
@@ -286,6 +296,7 @@ def sample_slices(
     masks: bool = False,
     steps: int | None = None,
     guidance: float | None = None,
+    guidance_min_t: int | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
     sampler: Sampler | None = None,
@@ -302,8 +313,8 @@ def sample_slices(
             (z alone). A model without covariates accepts only None or n = 0.
         masks: also decode each slice's tissue labels (:func:`check_masks` refuses a model
             that cannot).
-        steps, guidance, temperature, top_k, sampler: overrides of the model's defaults,
-            resolved by :meth:`SamplingSettings.resolve`.
+        steps, guidance, guidance_min_t, temperature, top_k, sampler: overrides of the model's
+            defaults, resolved by :meth:`SamplingSettings.resolve`.
         texture: finish the decoded slices like the data they imitate
             (:func:`pipeline.inference.texture.finish` with the model file's calibration):
             clear the background haze the first stage leaves, add the scan noise it removes.
@@ -323,7 +334,13 @@ def sample_slices(
     if masks:
         check_masks(gm)
     s = SamplingSettings.resolve(
-        gm, sampler=sampler, steps=steps, guidance=guidance, temperature=temperature, top_k=top_k
+        gm,
+        sampler=sampler,
+        steps=steps,
+        guidance=guidance,
+        guidance_min_t=guidance_min_t,
+        temperature=temperature,
+        top_k=top_k,
     )
     cov = covariates if covariates is not None and n_cov else None
     gen = torch.Generator(device=gm.device).manual_seed(seed)
@@ -342,6 +359,7 @@ def sample_slices(
                 steps=s.steps,  # type: ignore[arg-type]
                 guidance=s.guidance,  # type: ignore[arg-type]
                 generator=gen,
+                guidance_min_t=s.guidance_min_t,  # type: ignore[arg-type]
             )
             decode = gm.codec.decode_stage_2_outputs
             decode_with_tissue = gm.codec.decode_stage_2_with_tissue

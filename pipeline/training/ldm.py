@@ -303,6 +303,7 @@ class Evaluator:
                 guidance=cfg.guidance,
                 generator=gen,
                 return_trajectory=True,
+                guidance_min_t=cfg.guidance_min_t,
             )
         return guided_sample(
             unet,
@@ -313,6 +314,7 @@ class Evaluator:
             steps=cfg.sample_steps,
             guidance=cfg.guidance,
             generator=gen,
+            guidance_min_t=cfg.guidance_min_t,
         )
 
     def __call__(self, step: int, ema: nn.Module | None) -> dict[str, float]:
