@@ -75,7 +75,12 @@ from pipeline.core.labels import covariate_codes
 from pipeline.core.tracking import StageRun, flatten
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.evaluation.label_fidelity import fidelity_summary, label_fidelity
-from pipeline.inference.sampling import Samples, load_generator, sample_slices
+from pipeline.inference.sampling import (
+    Samples,
+    SamplingSettings,
+    load_generator,
+    sample_slices,
+)
 from pipeline.inference.texture import Texture, finish
 from pipeline.metrics.c2st import C2STResult, blur, strength_curve_figure, two_sample_auc
 from pipeline.metrics.novelty import (
@@ -260,23 +265,12 @@ def generate_like(
         masks=masks and generator.tissue_labels,
     )
     seconds = time.perf_counter() - started
-    cfg = generator.config
-    settings = (
-        {
-            "sampler": cfg.sampler,
-            "steps": cfg.sample_steps,
-            "guidance": cfg.guidance,
-            "guidance_min_t": cfg.guidance_min_t,
-        }
-        if generator.kind == "ldm"
-        else {"temperature": cfg.temperature, "top_k": cfg.top_k}
-    )
     provenance = {
         "checkpoint_sha256": file_sha256(generator_path),
         "autoencoder_sha256": generator.metadata.get("autoencoder_sha256"),
         "latent_source": generator.codec.autoencoder.kind,
         "texture": generator.texture._asdict(),
-        "sampling": settings,
+        "sampling": SamplingSettings.resolve(generator).as_dict(),
         "sample_seconds": seconds,
     }
     return samples, provenance
