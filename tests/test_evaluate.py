@@ -24,6 +24,7 @@ from pipeline.evaluation.evaluate import (
     set_figures,
     split_halves,
 )
+from pipeline.inference.texture import noise_sigma
 from pipeline.metrics.c2st import blur
 from pipeline.models.files import load_probe, save_model
 from pipeline.models.zprobe import ZProbe
@@ -95,12 +96,15 @@ def test_identical_set_scores_perfectly_and_blurred_set_worse(real: EvalData) ->
     assert same["precision"] == 1.0 and same["recall"] == 1.0
     assert same["intensity_distance"] == pytest.approx(0.0, abs=1e-9)
     assert same["n_samples"] == len(real.image)
+    assert same["noise_sigma"] == pytest.approx(noise_sigma(real.image))
+    assert same["noise_sigma"] > 0
 
     blurred = _score(real, blur(real.image, 1.5))
     assert blurred["fd_alex"] > 1e-3
     assert blurred["kid"] > same["kid"]
     assert blurred["intensity_distance"] > 1e-3
     assert blurred["ms_ssim"] > same["ms_ssim"]  # blurring removes the texture that differs
+    assert blurred["noise_sigma"] < 0.5 * same["noise_sigma"]  # and the noise with it
 
 
 def test_blur_and_split_halves() -> None:
@@ -142,6 +146,7 @@ def test_real_figures_skip_split_halves_that_share_no_level(real: EvalData) -> N
     kwargs = {"probe": probe, "n_slices": K, "cfg": EVAL, "device": "cpu", "seed": 0}
     figures, curves = real_figures(one_volume, **kwargs)
     assert figures["split_halves"] is None and figures["n_samples"] == K
+    assert figures["noise_sigma"] == pytest.approx(noise_sigma(one_volume.image))
     assert set(curves["zprobe_mae"]) == set(range(K))
     figures, _ = real_figures(real, **kwargs)
     assert figures["split_halves"]["n_samples"] == len(real.z) // 2

@@ -13,6 +13,7 @@ METRICS = {
         "other_subjects": {"fd_alex": 6.0, "precision": 0.83, "recall": 0.81},
         "c2st": {"raw": {"auc": 0.52}, "blur": {"auc": 0.49}},
         "novelty": {"copy_like_fraction": 0.02},
+        "noise_sigma": 0.02,
     },
     "ldm": {
         "fd_alex": 15.0,  # 1.5 x 10: exactly at the bar
@@ -21,6 +22,7 @@ METRICS = {
         "zprobe_mae": 1.2,
         "c2st": {"raw": {"auc": 0.99}, "blur": {"auc": 0.6}},
         "novelty": {"copy_like_fraction": 0.0},
+        "noise_sigma": 0.03,  # 1.5 x the real noise: a texture judge fooled by noise
     },
     "ae_vaegan": {"c2st": {"raw": {"auc": 0.97}, "blur": {"auc": 0.55}}},
 }
@@ -37,6 +39,8 @@ def test_every_ldm_bar_is_judged_against_its_reference() -> None:
         True,
     )
     assert rows["realism, texture (C2ST AUC, raw)"].passed is False
+    noise = rows["texture, noise level (σ in the brain)"]
+    assert (noise.reference, noise.passed) == (0.02, False)  # 0.03 > 1.25 x 0.02
     assert rows["fd_alex"].passed is True and rows["fd_alex"].reference == 10.0
     # the same figure against real slices of other subjects at the generator's set size
     same_size = rows["fd_alex, same set size (real: other subjects)"]

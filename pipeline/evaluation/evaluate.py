@@ -3,19 +3,22 @@
 Sections of ``reports/metrics.json`` (a DVC metric; every number also goes to MLflow):
 
 - ``real``: the z-probe MAE on real test slices (the floor, slice units), the MS-SSIM
-  diversity of the real slices, and under ``split_halves`` the distribution metrics of one
-  half of the test split against the other (alternate slices in z order; each half holds half
-  the slices, so compare these values only with each other); under ``other_subjects`` the
-  same metrics of as many real slices of training subjects (whole volumes,
-  :func:`other_subjects_rows`) against the test split: the reference at a generator's set
-  size.
+  diversity of the real slices, their scan-noise level ``noise_sigma`` (intensity units,
+  :func:`pipeline.inference.texture.noise_sigma`), and under ``split_halves`` the
+  distribution metrics of one half of the test split against the other (alternate slices in
+  z order; each half holds half the slices, so compare these values only with each other);
+  under ``other_subjects`` the same metrics of as many real slices of training subjects
+  (whole volumes, :func:`other_subjects_rows`) against the test split: the reference at a
+  generator's set size.
 - ``blurred_real``: the real test slices blurred with a Gaussian (``evaluate.blur_sigma``
   px), scored like a generator against the unblurred slices: the reference to beat.
 - ``ldm`` / ``pixelcnn``: one generated slice per real test slice, at its z and the
   covariates the generator conditions on (with its mask), scored against the real test
   slices: ``fd_alex``, ``kid`` (+ ``kid_std``), ``precision``,
   ``recall``, ``ms_ssim`` (diversity, lower = more diverse), ``zprobe_mae`` (slice units)
-  and ``intensity_distance`` (mean over z of the per-z foreground-histogram distance).
+  ``intensity_distance`` (mean over z of the per-z foreground-histogram distance) and
+  ``noise_sigma`` (the finished slices' noise level: a texture judge fooled by noise well
+  above the real level would be bought, not earned).
 - ``ae_vqvae`` / ``ae_vaegan``: reconstruction ``ssim``, ``ssim_brain``, ``psnr``, ``lpips``
   (and the same with a shuffled z).
 - ``c2st`` in ``real`` (the control, about 0.5: a judge trained on the training subjects
@@ -81,7 +84,7 @@ from pipeline.inference.sampling import (
     load_generator,
     sample_slices,
 )
-from pipeline.inference.texture import Texture, finish
+from pipeline.inference.texture import Texture, finish, noise_sigma
 from pipeline.metrics.c2st import C2STResult, blur, strength_curve_figure, two_sample_auc
 from pipeline.metrics.novelty import (
     closest_pairs_figure,
@@ -304,7 +307,7 @@ def set_figures(
 
     Returns:
         (``{fd_alex, kid, kid_std, precision, recall, ms_ssim, zprobe_mae,
-        intensity_distance, n_samples, seed}``, per-z curves of ``zprobe_mae`` and
+        intensity_distance, noise_sigma, n_samples, seed}``, per-z curves of ``zprobe_mae`` and
         ``intensity_distance``).
     """
     if real_features is None:
@@ -330,6 +333,7 @@ def set_figures(
         "ms_ssim": ms_ssim_diversity(fake, num_pairs=cfg.ms_ssim_pairs, seed=seed),
         "zprobe_mae": float(errors.mean()),
         "intensity_distance": intensity,
+        "noise_sigma": noise_sigma(fake),
         "n_samples": len(fake),
         "seed": seed,
     }
@@ -360,14 +364,15 @@ def real_figures(
         seed: seed of the KID subsets and MS-SSIM pairs.
 
     Returns:
-        (``{zprobe_mae, ms_ssim, n_samples, seed, split_halves: {...}}`` — ``split_halves``
-        is None when a half holds no more than ``knn_k`` slices or the halves share no z
-        level (one slice per level) — and the per-z ``zprobe_mae`` curve).
+        (``{zprobe_mae, ms_ssim, noise_sigma, n_samples, seed, split_halves: {...}}`` —
+        ``split_halves`` is None when a half holds no more than ``knn_k`` slices or the
+        halves share no z level (one slice per level) — and the per-z ``zprobe_mae`` curve).
     """
     errors = zprobe_errors(probe, real.image, real.z, n_slices)
     figures: dict[str, Any] = {
         "zprobe_mae": float(errors.mean()),
         "ms_ssim": ms_ssim_diversity(real.image, num_pairs=cfg.ms_ssim_pairs, seed=seed),
+        "noise_sigma": noise_sigma(real.image),
         "n_samples": len(real.image),
         "seed": seed,
         "split_halves": None,
