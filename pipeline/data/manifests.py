@@ -23,7 +23,9 @@ LOCK = ".manifest.lock"
 #: empty where it was unconditioned (or the model has no such covariate).
 COVARIATE_COLUMNS: tuple[str, ...] = tuple(KNOWN_COVARIATES)
 #: ``mask_file``: the slice's tissue-label file (same name plus ``_mask``), empty without masks.
-#: ``guidance_min_t``: the first guided timestep (ldm). New columns go last: an older manifest's
+#: ``guidance_min_t``: the first guided timestep (ldm). ``posterior_std``: the std of the
+#: posterior sample the LDM's latent was decoded as (scaled latent units; 0 for none).
+#: New columns go last: an older manifest's
 #: header is a prefix of this one.
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "file",
@@ -47,6 +49,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     *COVARIATE_COLUMNS,
     "mask_file",
     "guidance_min_t",
+    "posterior_std",
 )
 #: The columns every generate manifest has had; later columns are blank when read from an
 #: older manifest (written before texture, novelty, covariates and masks were recorded).

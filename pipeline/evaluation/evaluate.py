@@ -25,8 +25,9 @@ Sections of ``reports/metrics.json`` (a DVC metric; every number also goes to ML
   against the validation subjects, scored on two halves of the test slices that hold every
   test subject, alternate levels of each volume),
   ``blurred_real`` (about 1.0), each generator and each autoencoder's reconstructions (the
-  ceiling of its second stage; finished as that generator's slices are, with the ``texture``
-  calibration each generator section records, :mod:`pipeline.inference.texture`):
+  ceiling of its second stage; decoded and finished as that generator's slices are, with the
+  ``posterior_std`` and ``texture`` calibration each generator section records,
+  :func:`ceiling_reconstructions`, :mod:`pipeline.inference.texture`):
   ``raw`` and ``blur`` (both sides blurred by
   ``evaluate.c2st.blur_sigma`` px; this hides pixel-scale texture, not blur, which adds up)
   ROC AUC of a judge CNN trained on the training split against synthetic slices
@@ -76,7 +77,7 @@ from pipeline.core.identity import file_sha256
 from pipeline.core.io import atomic_write, write_json
 from pipeline.core.labels import covariate_codes
 from pipeline.core.tracking import StageRun, flatten
-from pipeline.data.datasets import EvalData, SliceDataset
+from pipeline.data.datasets import EVAL_BATCH, EvalData, SliceDataset
 from pipeline.evaluation.label_fidelity import fidelity_summary, label_fidelity
 from pipeline.inference.sampling import (
     Samples,
@@ -97,6 +98,7 @@ from pipeline.metrics.quality import (
     intensity_distance_per_z,
     ms_ssim_diversity,
 )
+from pipeline.models.codec import LatentCodec
 from pipeline.models.conditioning import index_from_z, z_from_index
 from pipeline.models.files import (
     load_autoencoder,
@@ -106,7 +108,7 @@ from pipeline.models.files import (
 )
 from pipeline.models.probes import CovariateProbe
 from pipeline.models.zprobe import ZProbe
-from pipeline.training.autoencoder import reconstruct, reconstruction_report
+from pipeline.training.autoencoder import reconstruction_report
 from pipeline.training.concurrency import WorkerPool, pool_workers
 from pipeline.training.probes import CovariateLabels
 from pipeline.training.zprobe import predict_z
@@ -273,6 +275,7 @@ def generate_like(
         "autoencoder_sha256": generator.metadata.get("autoencoder_sha256"),
         "latent_source": generator.codec.autoencoder.kind,
         "texture": generator.texture._asdict(),
+        "posterior_std": generator.codec.posterior_std,
         "sampling": SamplingSettings.resolve(generator).as_dict(),
         "sample_seconds": seconds,
     }
@@ -420,6 +423,36 @@ def autoencoder_figures(
     report |= {"n_samples": len(real.image), "seed": seed, "checkpoint_sha256": file_sha256(path)}
     curves = {m: {int(z): values[m] for z, values in per_z.items()} for m in RECON_METRICS}
     return report, curves
+
+
+@torch.no_grad()
+def ceiling_reconstructions(
+    codec: LatentCodec,
+    image: torch.Tensor,
+    z: torch.Tensor,
+    device: torch.device,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """A first stage's reconstructions decoded as the generator on its latents decodes
+    samples: each slice's stage-2 input, decoded as a posterior sample when ``codec`` has a
+    ``posterior_std`` (:meth:`~pipeline.models.codec.LatentCodec.decode_stage_2_outputs`).
+
+    Args:
+        codec: the generator's codec (scale factor and posterior std).
+        image: (N, 1, H, W) slices in [0, 1].
+        z: (N,) their positions in [0, 1].
+        device: where the autoencoder runs.
+        generator: a seeded CPU generator for the posterior draws.
+
+    Returns:
+        (N, 1, H, W) on the CPU, in [0, 1] (not yet finished).
+    """
+    out = []
+    for xb, zb in zip(image.split(EVAL_BATCH), z.split(EVAL_BATCH), strict=True):
+        xb, zb = xb.to(device), zb.to(device)
+        latent = codec.encode_stage_2_inputs(xb, zb)
+        out.append(codec.decode_stage_2_outputs(latent, zb, generator=generator).float().cpu())
+    return torch.cat(out)
 
 
 @dataclass(frozen=True)
@@ -702,28 +735,28 @@ def evaluate(
         if "covariates" in figures:
             save_png(figures["covariates"], paths.reports / f"labels_{name}.png")
         logger.info("%s label fidelity: %s", name, fidelity_summary(metrics[name]["labels"]))
-    # each autoencoder's reconstructions finished as the generator on its latents finishes slices
-    textures = {metrics[n]["latent_source"]: Texture(**metrics[n]["texture"]) for n in GENERATORS}
+    # each autoencoder's reconstructions decoded and finished as the generator on its latents
+    # decodes and finishes slices
+    finishing: dict[str, tuple[LatentCodec, Texture]] = {}
+    for name in GENERATORS:
+        gm = load_generator(paths.models / f"{name}.pt", device)
+        finishing[gm.codec.autoencoder.kind] = (gm.codec, gm.texture)
     for kind in params.autoencoder.kinds:
         section = f"ae_{kind}"
         path = paths.models / f"{section}.pt"
         metrics[section], new = autoencoder_figures(path, real, device, seed)
         _merge(curves, section, new)
-        model, _ = load_autoencoder(path, device)
-        texture = textures.get(kind, Texture())
+        if kind in finishing:
+            codec, texture = finishing[kind]
+        else:
+            codec, texture = LatentCodec(load_autoencoder(path, device)[0]), Texture()
         noise = torch.Generator().manual_seed(seed + 3)
-        judges += judge_jobs(
-            section,
-            train.image,
-            finish(
-                reconstruct(model, train.image[judge_rows], train.z[judge_rows], device),
-                texture,
-                noise,
-            ),
-            real.image,
-            finish(reconstruct(model, real.image, real.z, device), texture, noise),
-            **judging,
+        posterior = torch.Generator().manual_seed(seed + 4)
+        fake_train, fake_test = (
+            finish(ceiling_reconstructions(codec, x, z, device, posterior), texture, noise)
+            for x, z in ((train.image[judge_rows], train.z[judge_rows]), (real.image, real.z))
         )
+        judges += judge_jobs(section, train.image, fake_train, real.image, fake_test, **judging)
     judge_curves: dict[str, list[tuple[int, float]]] = {}
     for job, result in zip(judges, run_judges(judges, device), strict=True):
         metrics[job.section].setdefault("c2st", {})[job.variant] = result.as_dict()

@@ -5,8 +5,9 @@ affine; read by :func:`data_prep.images.read_slice`, the reader ``prepare`` uses
 normalised as ``prepare`` normalises) is brought to the model's resolution the way
 ``prepare`` does it (zero-padded to a square, resized to ``image_size``), encoded with the
 model's autoencoder, edited in latent space by :func:`pipeline.inference.diffusion.sdedit`
-/ :func:`pipeline.inference.diffusion.inpaint`, decoded and written as a 16-bit PNG at the
-model's resolution.
+/ :func:`pipeline.inference.diffusion.inpaint`, decoded as ``generate`` decodes (a posterior
+sample around the edited latent, :meth:`pipeline.models.codec.LatentCodec.decode_stage_2_outputs`)
+and written as a 16-bit PNG at the model's resolution.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from pipeline.core.errors import InputError
 from pipeline.data.slice_files import OutputExistsError, publish, read_mask, read_slice, write_png16
 from pipeline.inference.diffusion import BoundCovariates, build_scheduler, inpaint, sdedit
 from pipeline.inference.requests import parse_z, single_codes
-from pipeline.inference.sampling import GeneratorModel, SamplingSettings, load_generator
+from pipeline.inference.sampling import (
+    POSTERIOR_SEED_OFFSET,
+    GeneratorModel,
+    SamplingSettings,
+    load_generator,
+)
 
 
 @dataclass
@@ -99,6 +105,12 @@ def _ddim_settings(
     return SamplingSettings.resolve(gm, sampler="ddim", steps=steps, guidance=guidance)
 
 
+def _decode(gm: GeneratorModel, latent: torch.Tensor, z: torch.Tensor, seed: int) -> torch.Tensor:
+    """An edited (1, C, h, w) latent → a (1, 1, S, S) slice, decoded as a posterior sample."""
+    posterior = torch.Generator().manual_seed(seed + POSTERIOR_SEED_OFFSET)
+    return gm.codec.decode_stage_2_outputs(latent, z, generator=posterior)
+
+
 def _save(image: torch.Tensor, out_path: Path, overwrite: bool) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     array = image[0, 0].float().cpu().numpy()
@@ -165,7 +177,7 @@ def sdedit_file(
         gen,
         guidance_min_t=s.guidance_min_t,  # type: ignore[arg-type]
     )
-    return _save(gm.codec.decode_stage_2_outputs(latent, inp.z), out_path, overwrite)
+    return _save(_decode(gm, latent, inp.z, seed), out_path, overwrite)
 
 
 @torch.no_grad()
@@ -241,5 +253,5 @@ def inpaint_file(
         gen,
         guidance_min_t=s.guidance_min_t,  # type: ignore[arg-type]
     )
-    decoded = gm.codec.decode_stage_2_outputs(latent, inp.z)
+    decoded = _decode(gm, latent, inp.z, seed)
     return _save(mask * decoded + (1 - mask) * inp.image, out_path, overwrite)

@@ -5,7 +5,8 @@ autoencoder (in eval mode, under ``torch.no_grad``); the layout written is descr
 :mod:`pipeline.data.latents`. The training split is encoded first: its latents give the
 scale factor every split is stored with, and its reconstructions the scan-noise level the
 first stage removes and the background haze it adds (``texture_sigma``, ``background_floor``:
-:mod:`pipeline.inference.texture`). Every file is
+:mod:`pipeline.inference.texture`); for a VAE-GAN its posterior's std too (``posterior_std``,
+scaled units: what a posterior-sample decode adds, :mod:`pipeline.models.codec`). Every file is
 written to a temporary name and renamed; ``meta.json`` is removed first and written last.
 """
 
@@ -79,6 +80,41 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda tmp: np.save(tmp, array))
 
 
+def _calibration_slices(
+    dataset: SliceDataset, device: torch.device, limit: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``limit`` slices spread evenly over z: (n, 1, H, W) images and (n,) z."""
+    data = EvalData.from_dataset(dataset)
+    index = data.spread_over_z(limit)
+    return data.image[index].to(device), data.z[index].to(device)
+
+
+@torch.no_grad()
+def calibrate_posterior_std(
+    codec: LatentCodec, dataset: SliceDataset, device: torch.device, limit: int = TEXTURE_SLICES
+) -> float:
+    """The first stage's posterior std in the scaled space, measured on training slices.
+
+    Args:
+        codec: the first stage, with the training latents' scale factor.
+        dataset: the prepared training split.
+        device: where the autoencoder runs.
+        limit: at most this many slices, spread evenly over z.
+
+    Returns:
+        RMS of :meth:`~pipeline.models.codec.LatentCodec.fit_posterior_std` over the
+        slices' batches, in scaled latent units (0.0 for a VQ-VAE).
+    """
+    x, z = _calibration_slices(dataset, device, limit)
+    squares = [
+        codec.fit_posterior_std(xb, zb) ** 2 * len(xb)
+        for xb, zb in zip(x.split(ENCODE_BATCH), z.split(ENCODE_BATCH), strict=True)
+    ]
+    std = (sum(squares) / len(x)) ** 0.5
+    logger.info("posterior std %.4g (scaled latent units)", std)
+    return std
+
+
 @torch.no_grad()
 def calibrate_texture(
     codec: LatentCodec, dataset: SliceDataset, device: torch.device, limit: int = TEXTURE_SLICES
@@ -97,9 +133,7 @@ def calibrate_texture(
         :func:`~pipeline.inference.texture.background_floor` of the slices and their
         reconstructions, in intensity units.
     """
-    data = EvalData.from_dataset(dataset)
-    index = data.spread_over_z(limit)
-    x, z = data.image[index].to(device), data.z[index].to(device)
+    x, z = _calibration_slices(dataset, device, limit)
     recon = torch.cat(
         [
             codec.decode_stage_2_outputs(codec.encode_stage_2_inputs(xb, zb), zb)
@@ -154,7 +188,7 @@ def encode_latents(
     (out / "meta.json").unlink(missing_ok=True)
     counts: dict[str, int] = {}
     latent_shape: list[int] = []
-    texture = Texture()
+    texture, posterior_std = Texture(), 0.0
     for split in SPLITS:  # train first: its latents give the scale factor
         src = prepared / split
         if not (src / "manifest.csv").is_file():
@@ -174,6 +208,7 @@ def encode_latents(
             latents = latents * np.float32(codec.scale_factor)
             latent_shape = list(latents.shape[1:])
             texture = calibrate_texture(codec, SliceDataset(src), device)
+            posterior_std = calibrate_posterior_std(codec, SliceDataset(src), device)
         _save_npy(out / split / "latents.npy", latents)
         if codes is not None:
             _save_npy(out / split / "codes.npy", codes)
@@ -189,6 +224,7 @@ def encode_latents(
         "scale_factor": codec.scale_factor,
         "latent_shape": latent_shape,
         **texture.as_meta(),
+        "posterior_std": posterior_std,
         "splits": counts,
     }
     if model.quantizer is not None:

@@ -39,10 +39,12 @@ before the first file is written, so a level that stays copy-like fails the run 
 written. Each slice's manifest row records its nearest-training similarities and the number
 of re-samples it took (:data:`NOVELTY_COLUMNS`; empty without the check).
 
-Slices are finished like real ones (the model file's calibration,
-:mod:`pipeline.inference.texture`): the background haze the first stage leaves is cleared and
-the scan noise it removes is added, both recorded per row in the manifest (``texture_sigma``,
-``background_floor``; 0 with ``texture=False`` or a model file made before the calibration).
+Slices are decoded and finished like real ones (the model file's calibration): an LDM's
+latents are decoded as posterior samples (:mod:`pipeline.models.codec`), then the background
+haze the first stage leaves is cleared and the scan noise it removes is added
+(:mod:`pipeline.inference.texture`); all three are recorded per row in the manifest
+(``posterior_std``, ``texture_sigma``, ``background_floor``; 0 with ``texture=False``, for a
+PixelCNN's posterior, or for a model file made before the calibration).
 """
 
 from __future__ import annotations
@@ -459,6 +461,7 @@ def generate(
         "guidance_min_t": "" if settings.guidance_min_t is None else settings.guidance_min_t,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         **(gm.texture if texture else Texture()).as_meta(),
+        "posterior_std": gm.codec.posterior_std if texture else 0.0,
     }
     pixel_mm, slice_mm = output_spacing(gm.metadata)
     rows: list[dict[str, Any]] = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +40,8 @@ CHUNK = 64
 REFERENCE_DDIM_STEPS = 50
 #: The scan-noise draws use ``seed + TEXTURE_SEED_OFFSET`` (independent of the sampler's draws).
 TEXTURE_SEED_OFFSET = 7919
+#: The posterior-sample draws of the LDM's decode use ``seed + POSTERIOR_SEED_OFFSET``.
+POSTERIOR_SEED_OFFSET = 104729
 
 
 class StaleModelError(CheckpointError):
@@ -231,16 +234,17 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> Gene
         if loaded.kind == "ldm":
             shape = tuple(int(s) for s in meta["latent_shape"])
             scale = float(meta["scale_factor"])
+            posterior_std = float(meta.get("posterior_std") or 0.0)  # 0 in older files
             if "scheduler" not in meta:
                 raise KeyError("scheduler")
         else:
-            shape, scale = tuple(int(s) for s in meta["code_shape"]), 1.0
+            shape, scale, posterior_std = tuple(int(s) for s in meta["code_shape"]), 1.0, 0.0
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(
             f"{path} lacks its {loaded.kind} metadata ({err}); re-run its training stage"
         ) from None
     autoencoder, ae_meta = _autoencoder_for(path, meta, device)
-    codec = LatentCodec(autoencoder, scale)
+    codec = LatentCodec(autoencoder, scale, posterior_std)
     return GeneratorModel(
         kind=loaded.kind,  # type: ignore[arg-type]
         network=loaded.network,
@@ -315,9 +319,13 @@ def sample_slices(
             that cannot).
         steps, guidance, guidance_min_t, temperature, top_k, sampler: overrides of the model's
             defaults, resolved by :meth:`SamplingSettings.resolve`.
-        texture: finish the decoded slices like the data they imitate
-            (:func:`pipeline.inference.texture.finish` with the model file's calibration):
-            clear the background haze the first stage leaves, add the scan noise it removes.
+        texture: decode and finish slices like the data they imitate: the LDM's latents
+            are decoded as posterior samples (the decoder's training input:
+            :meth:`~pipeline.models.codec.LatentCodec.decode_stage_2_outputs` with the model
+            file's ``posterior_std``), then :func:`pipeline.inference.texture.finish` with
+            the model file's calibration clears the background haze the first stage leaves
+            and adds the scan noise it removes. False returns the decoder's output for the
+            sampled latent itself.
 
     Raises:
         InputError: z outside [0, 1], covariates of the wrong shape, masks from a model that
@@ -344,6 +352,7 @@ def sample_slices(
     )
     cov = covariates if covariates is not None and n_cov else None
     gen = torch.Generator(device=gm.device).manual_seed(seed)
+    posterior = torch.Generator().manual_seed(seed + POSTERIOR_SEED_OFFSET) if texture else None
     images, tissue = [], []
     for i in range(0, len(all_z), CHUNK):
         zb = all_z[i : i + CHUNK].to(gm.device)
@@ -361,8 +370,8 @@ def sample_slices(
                 generator=gen,
                 guidance_min_t=s.guidance_min_t,  # type: ignore[arg-type]
             )
-            decode = gm.codec.decode_stage_2_outputs
-            decode_with_tissue = gm.codec.decode_stage_2_with_tissue
+            decode = partial(gm.codec.decode_stage_2_outputs, generator=posterior)
+            decode_with_tissue = partial(gm.codec.decode_stage_2_with_tissue, generator=posterior)
         else:
             latent = sample_codes(
                 gm.network,

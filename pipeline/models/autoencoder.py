@@ -527,11 +527,28 @@ class Autoencoder(nn.Module):
         Returns:
             (B, C, H/f, W/f): the quantised latent (vqvae) or the posterior mean/sample (vaegan).
         """
-        h, _ = self._encode(x, z)
         if self.quantizer is not None:
+            h, _ = self._encode(x, z)
             return self.quantizer.lookup(self.quantizer.nearest(h))
-        mean, logvar = self._posterior(h)
-        return mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+        mean, std = self.encode_posterior(x, z)
+        return mean + torch.randn_like(mean) * std if sample else mean
+
+    def encode_posterior(
+        self, x: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The diagonal Gaussian posterior q(latent | x, z) (vaegan only).
+
+        Args:
+            x: (B, 1, H, W) slices, intensities in [0, 1].
+            z: (B,) slice positions in [0, 1].
+
+        Returns:
+            ``(mean, std)``, each (B, C, H/f, W/f), unscaled latent units.
+        """
+        if self.quantizer is not None:
+            raise InputError(f"encode_posterior needs a vaegan autoencoder; this one is {self.kind!r}")
+        mean, logvar = self._posterior(self._encode(x, z)[0])
+        return mean, (0.5 * logvar).exp()
 
     def decode_from_latent(self, latent: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Decode a latent.

@@ -12,6 +12,17 @@ What a second stage models:
   ``Autoencoder.encode_to_latent`` (the VAE-GAN's posterior mean; for a VQ-VAE the quantised
   latent, the one its decoder was trained on) times ``scale_factor``;
 - the PixelCNN: the VQ code grid :meth:`LatentCodec.encode_codes` returns.
+
+What comes back: the VAE-GAN's decoder was trained on posterior *samples* (mean + std ·
+noise), but an LDM trained on posterior means also samples means, which are off the decoder's
+training distribution and decode without the one-pixel structure of real slices (issue 15).
+Given a ``generator``, :meth:`LatentCodec.decode_stage_2_outputs` decodes a posterior sample
+around the latent instead: Gaussian noise of ``posterior_std`` (the posterior's std in the
+scaled space, RMS over training slices, :meth:`LatentCodec.fit_posterior_std`) is added
+first. On the demo stand-in this took the LDM's raw two-sample judge from 0.88 to 0.61 and
+fd_alex from 10.3 to 7.6 at an unchanged pixel noise level (README, "Decoding a posterior
+sample, not the mean"). A VQ-VAE's decoder sees the quantised latent itself, so its
+``posterior_std`` is 0.
 """
 
 from __future__ import annotations
@@ -31,17 +42,24 @@ class LatentCodec:
     Args:
         autoencoder: the first stage, in eval mode.
         scale_factor: > 0; the factor stage-2 latents carry (1.0 before it is known).
+        posterior_std: >= 0; the std of the noise a posterior-sample decode adds, in scaled
+            latent units (0: decode the latent itself, as for a VQ-VAE or a model file made
+            before it was calibrated).
 
     Raises:
-        InputError: a scale factor that is not a positive finite number.
+        InputError: a scale factor that is not a positive finite number, or a negative or
+            non-finite ``posterior_std``.
     """
 
     autoencoder: Autoencoder
     scale_factor: float = 1.0
+    posterior_std: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.scale_factor > 0 and self.scale_factor < float("inf")):
             raise InputError(f"scale_factor must be a positive number, got {self.scale_factor}")
+        if not (0 <= self.posterior_std < float("inf")):
+            raise InputError(f"posterior_std must be a number >= 0, got {self.posterior_std}")
 
     @staticmethod
     def fit_scale_factor(latents: torch.Tensor) -> float:
@@ -71,28 +89,64 @@ class LatentCodec:
         """
         return self.encode_latent(x, z) * self.scale_factor
 
-    def decode_stage_2_outputs(self, latent: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def fit_posterior_std(self, x: torch.Tensor, z: torch.Tensor) -> float:
+        """The VAE posterior's std in the scaled space: RMS over every latent element of
+        ``x`` times ``scale_factor`` (0.0 for a VQ-VAE).
+
+        Args:
+            x: (B, 1, H, W) training slices, intensities in [0, 1].
+            z: (B,) their positions in [0, 1].
+        """
+        if self.autoencoder.quantizer is not None:
+            return 0.0
+        _, std = self.autoencoder.encode_posterior(x, z)
+        return float(std.double().pow(2).mean().sqrt()) * self.scale_factor
+
+    def sample_posterior(self, latent: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``latent + posterior_std * noise``, the noise drawn on the CPU from ``generator`` (so
+        the draws do not depend on the device); (B, C, h, w) in, the same out."""
+        if self.posterior_std == 0:
+            return latent
+        noise = torch.randn(latent.shape, generator=generator)
+        return latent + self.posterior_std * noise.to(latent.device, latent.dtype)
+
+    def _stage_2_latent(
+        self, latent: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """The unscaled latent the decoder sees (a posterior sample when given a generator)."""
+        drawn = latent if generator is None else self.sample_posterior(latent, generator)
+        return drawn / self.scale_factor
+
+    def decode_stage_2_outputs(
+        self, latent: torch.Tensor, z: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Scaled latents (a diffusion model's output) → slices.
 
         Args:
             latent: (B, C, h, w) latents in the scaled space.
             z: (B,) slice positions in [0, 1].
+            generator: a seeded CPU generator: decode a posterior sample around ``latent``
+                (:meth:`sample_posterior`, see the module docstring); None decodes ``latent``.
 
         Returns:
             (B, 1, H, W) intensities clamped to [0, 1].
         """
-        return self.autoencoder.decode_from_latent(latent / self.scale_factor, z).clamp(0, 1)
+        decoded = self.autoencoder.decode_from_latent(self._stage_2_latent(latent, generator), z)
+        return decoded.clamp(0, 1)
 
     def decode_stage_2_with_tissue(
-        self, latent: torch.Tensor, z: torch.Tensor
+        self, latent: torch.Tensor, z: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled latents → slices (as :meth:`decode_stage_2_outputs`) and their (B, H, W)
-        int64 tissue labels from the decoder's tissue head (one decoder pass).
+        """Scaled latents → slices (as :meth:`decode_stage_2_outputs`, ``generator`` likewise)
+        and their (B, H, W) int64 tissue labels from the decoder's tissue head (one decoder
+        pass).
 
         Raises:
             InputError: the autoencoder has no tissue head.
         """
-        image, labels = self.autoencoder.decode_with_tissue(latent / self.scale_factor, z)
+        image, labels = self.autoencoder.decode_with_tissue(
+            self._stage_2_latent(latent, generator), z
+        )
         return image.clamp(0, 1), labels
 
     def decode_codes_with_tissue(

@@ -8,6 +8,7 @@
   per z level decoded through the first stage, the nearest-training-latent z error of those
   samples, and at the last step the DDIM trajectory as a GIF and a strip image (logged to
   MLflow and saved beside the sample grid as ``reports/ldm_trajectory.{gif,png}``).
+- :func:`decode_as_generated`: the evaluator's decode, the one ``generate`` uses.
 - :func:`train_ldm`: the whole stage; the model file ``models/ldm.pt``
   (:mod:`pipeline.models.files`) is read back by
   :func:`pipeline.inference.sampling.load_generator`.
@@ -69,6 +70,19 @@ SPEED_PER_LEVEL = 4
 TRAJECTORY_PNG, TRAJECTORY_GIF = "ldm_trajectory.png", "ldm_trajectory.gif"
 
 Decode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def decode_as_generated(codec: LatentCodec, seed: int) -> Decode:
+    """Scaled latents, z → slices decoded as ``sample_slices`` decodes them (a posterior
+    sample around each latent), with the same noise draws at every call, so evaluations
+    at different steps differ only by the model."""
+
+    def decode(latent: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return codec.decode_stage_2_outputs(
+            latent, z, generator=torch.Generator().manual_seed(seed)
+        )
+
+    return decode
 
 
 def random_mirror(latent: torch.Tensor) -> torch.Tensor:
@@ -400,7 +414,8 @@ def train_ldm(
     schema, reference = training_covariates(paths.latents / "train", cond_cfg.covariates)
     train = LatentDataset(paths.latents / "train", schema)
     val = LatentSet.from_dataset(LatentDataset(paths.latents / "val"), VAL_LIMIT)
-    codec = LatentCodec(load_autoencoder(meta["autoencoder"], device)[0], scale)
+    posterior_std = float(meta.get("posterior_std") or 0.0)
+    codec = LatentCodec(load_autoencoder(meta["autoencoder"], device)[0], scale, posterior_std)
 
     torch.manual_seed(params.seed)
     unet = ZConditionedUNet(cfg, cond_cfg, shape[0], schema).to(device)
@@ -408,7 +423,7 @@ def train_ldm(
     task = LDMTask(unet, scheduler, cfg, cond_cfg.covariate_dropout)
     evaluator = Evaluator(
         task,
-        codec.decode_stage_2_outputs,
+        decode_as_generated(codec, params.seed),
         run,
         config=cfg,
         val=val,
@@ -445,6 +460,7 @@ def train_ldm(
         "n_slices": params.prepare.n_slices,
         "scheduler": scheduler_config(cfg),
         **Texture.from_meta(meta).as_meta(),
+        "posterior_std": posterior_std,
         "covariates": schema_to_meta(schema),
         "covariate_reference": reference,
     }
