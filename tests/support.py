@@ -100,9 +100,11 @@ def save_tiny_ldm(
     n_slices: int = 4,
     config: LDMConfig = TINY_LDM,
     schema: Schema = (),
+    posterior_std: float | None = None,
 ) -> Path:
     """An untrained tiny UNet over ``autoencoder``'s latents, saved as an ``ldm`` file
-    (conditioned on ``schema``'s covariates besides z)."""
+    (conditioned on ``schema``'s covariates besides z; ``posterior_std`` recorded when given,
+    else absent, as in a file made before it was calibrated)."""
     from pipeline.core.identity import file_sha256
     from pipeline.inference.diffusion import scheduler_config
     from pipeline.models.files import save_model
@@ -120,6 +122,8 @@ def save_tiny_ldm(
         "n_slices": n_slices,
         "scheduler": scheduler_config(config),
     }
+    if posterior_std is not None:
+        meta["posterior_std"] = posterior_std
     save_model(path, "ldm", unet, config, meta, TINY_COND)
     return path
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from support import TINY_LDM, RecordingRun, write_tiny_generators
+from support import TINY_AE, TINY_COND, TINY_LDM, RecordingRun, write_tiny_generators
 
 from pipeline.core.checkpoint import CheckpointError
 from pipeline.core.config import C2STConfig, EvaluateConfig, ZProbeConfig, params_from_dict
@@ -17,6 +17,7 @@ from pipeline.core.identity import file_sha256
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.evaluation.evaluate import (
     EvaluatePaths,
+    ceiling_reconstructions,
     evaluate,
     judge_train_rows,
     other_subjects_rows,
@@ -26,6 +27,8 @@ from pipeline.evaluation.evaluate import (
 )
 from pipeline.inference.texture import noise_sigma
 from pipeline.metrics.c2st import blur
+from pipeline.models.autoencoder import Autoencoder
+from pipeline.models.codec import LatentCodec
 from pipeline.models.files import load_probe, save_model
 from pipeline.models.zprobe import ZProbe
 
@@ -161,6 +164,31 @@ def test_judge_rows_are_a_seeded_sorted_subset_of_the_training_split() -> None:
     assert torch.equal(judge_train_rows(40, 10_000, seed=3), torch.arange(40))
 
 
+@torch.no_grad()
+def test_ceiling_reconstructions_decode_as_the_generator_decodes() -> None:
+    torch.manual_seed(0)
+    ae = Autoencoder(TINY_AE, TINY_COND, "vaegan").eval()
+    x, z = torch.rand(5, 1, 32, 32), torch.linspace(0, 1, 5)
+    mean_codec = LatentCodec(ae, 0.5)
+    assert torch.equal(
+        ceiling_reconstructions(
+            mean_codec, x, z, torch.device("cpu"), torch.Generator().manual_seed(1)
+        ),
+        mean_codec.decode_stage_2_outputs(mean_codec.encode_stage_2_inputs(x, z), z),
+    )
+    codec = LatentCodec(ae, 0.5, posterior_std=0.4)
+    drawn = ceiling_reconstructions(
+        codec, x, z, torch.device("cpu"), torch.Generator().manual_seed(1)
+    )
+    expected = codec.decode_stage_2_outputs(
+        codec.encode_stage_2_inputs(x, z), z, generator=torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(drawn, expected)
+    assert not torch.allclose(
+        drawn, mean_codec.decode_stage_2_outputs(mean_codec.encode_stage_2_inputs(x, z), z)
+    )
+
+
 def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> None:
     _write_split(tmp_path / "data" / "prepared" / "test")
     _write_split(tmp_path / "data" / "prepared" / "train")
@@ -191,6 +219,7 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> No
         # what finishes its slices and its first stage's reconstructions (the judge's ceiling)
         assert saved[name]["latent_source"] == source
         assert saved[name]["texture"] == {"sigma": 0.0, "background_floor": 0.0}  # not calibrated
+        assert saved[name]["posterior_std"] == 0.0
     assert saved["ldm"]["sampling"] == {
         "sampler": "ddim",
         "steps": 2,

@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
+from support import save_tiny_ldm
 
 from pipeline.core.identity import file_sha256
 from pipeline.data.manifests import MANIFEST_COLUMNS, read_manifest
@@ -87,6 +88,20 @@ def test_manifest_lists_every_file_with_its_provenance(tiny_generators, tmp_path
     image = _png(tmp_path / rows[0]["file"])
     assert image.shape == (32, 32) and image.dtype == np.uint16
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_manifest_records_the_posterior_std_each_slice_was_decoded_with(
+    tiny_generators, tmp_path
+) -> None:
+    model = save_tiny_ldm(tmp_path / "ldm.pt", tiny_generators["vaegan"], posterior_std=0.4)
+    kwargs = {"progress": False, "device": "cpu"}
+    drawn = generate(model, "1", 2, 3, tmp_path / "drawn", **kwargs)
+    plain = generate(model, "1", 2, 3, tmp_path / "plain", texture=False, **kwargs)
+    assert [float(r["posterior_std"]) for r in read_manifest(drawn.manifest)] == [0.4, 0.4]
+    assert [float(r["posterior_std"]) for r in read_manifest(plain.manifest)] == [0.0, 0.0]
+    assert not np.array_equal(_png(drawn.files[0]), _png(plain.files[0]))
+    pixelcnn = generate(tiny_generators["pixelcnn"], "1", 1, 3, tmp_path / "vq", **kwargs)
+    assert float(read_manifest(pixelcnn.manifest)[0]["posterior_std"]) == 0.0
 
 
 def test_pixelcnn_generates_and_refuses_ldm_settings(tiny_generators, tmp_path) -> None:

@@ -62,6 +62,7 @@ def test_vqvae_codes_latents_manifest_and_meta(tmp_path: Path, prepared: Path) -
     assert meta["source"] == "vqvae" and meta["num_codes"] == 16
     assert meta["latent_shape"] == [3, 8, 8] and meta["splits"] == SIZES
     assert meta["texture_sigma"] >= 0 and 0 <= meta["background_floor"] <= 1  # calibrated
+    assert meta["posterior_std"] == 0.0  # the decoder sees the quantised latent itself
     for split, n in SIZES.items():
         assert sorted(p.name for p in (out / split).iterdir()) == [
             "codes.npy",
@@ -122,6 +123,12 @@ def test_vaegan_posterior_mean_without_codes(tmp_path: Path, prepared: Path) -> 
         np.load(out / "val" / "latents.npy"), mean * meta["scale_factor"], atol=1e-4
     )
     assert "codes" not in LatentDataset(out / "val")[0]
+    # the posterior's std over the training slices (all of them: fewer than the limit)
+    x, z = _images(prepared, "train")
+    with torch.no_grad():
+        _, std = model.encode_posterior(x, z)
+    expected = float(std.double().pow(2).mean().sqrt()) * meta["scale_factor"]
+    assert meta["posterior_std"] == pytest.approx(expected, rel=1e-4) and expected > 0
 
 
 def test_killed_encoding_leaves_no_meta_and_no_temp_files(

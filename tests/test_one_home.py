@@ -128,6 +128,51 @@ def test_codec_owns_the_scale_factor_both_ways() -> None:
         LatentCodec(ae, scale_factor=0.0)
 
 
+def _tiny_autoencoder(kind: str) -> Autoencoder:
+    cond = ConditioningConfig(sinusoidal_dim=8, dim=8)
+    cfg = AutoencoderConfig(channels=(8, 8), norm_groups=4, kl=KLConfig(latent_channels=2))
+    torch.manual_seed(0)
+    return Autoencoder(cfg, cond, kind).eval()  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def test_codec_decodes_a_posterior_sample_only_when_given_a_generator() -> None:
+    ae = _tiny_autoencoder("vaegan")
+    x, z = torch.rand(3, 1, 16, 16), torch.tensor([0.0, 0.5, 1.0])
+    codec = LatentCodec(ae, scale_factor=0.25, posterior_std=0.5)
+    latent = codec.encode_stage_2_inputs(x, z)
+    drawn = codec.decode_stage_2_outputs(latent, z, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(
+        drawn, ae.decode_from_latent((latent + 0.5 * noise) / 0.25, z).clamp(0, 1)
+    )
+    mean_decoded = codec.decode_stage_2_outputs(latent, z)
+    assert not torch.allclose(drawn, mean_decoded)
+    torch.testing.assert_close(mean_decoded, ae.decode_from_latent(latent / 0.25, z).clamp(0, 1))
+    no_std = LatentCodec(ae, scale_factor=0.25)  # a file made before the calibration
+    assert torch.equal(
+        no_std.decode_stage_2_outputs(latent, z, generator=torch.Generator()), mean_decoded
+    )
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="posterior_std"):
+            LatentCodec(ae, posterior_std=bad)
+
+
+@torch.no_grad()
+def test_posterior_std_is_the_rms_posterior_std_in_scaled_units_and_zero_for_a_vqvae() -> None:
+    x, z = torch.rand(4, 1, 16, 16), torch.linspace(0, 1, 4)
+    ae = _tiny_autoencoder("vaegan")
+    mean, std = ae.encode_posterior(x, z)
+    assert mean.shape == std.shape == (4, 2, 8, 8) and bool((std > 0).all())
+    torch.testing.assert_close(mean, ae.encode_to_latent(x, z))
+    expected = float(std.pow(2).mean().sqrt()) * 1.5
+    assert LatentCodec(ae, 1.5).fit_posterior_std(x, z) == pytest.approx(expected, rel=1e-5)
+    vq = _tiny_autoencoder("vqvae")
+    assert LatentCodec(vq).fit_posterior_std(x, z) == 0.0
+    with pytest.raises(InputError, match="vaegan"):
+        vq.encode_posterior(x, z)
+
+
 def test_z_and_slice_index_convert_both_ways() -> None:
     assert z_from_index(0, 32) == 0.0 and z_from_index(31, 32) == 1.0
     assert index_from_z(0.5, 33) == 16.0

@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from support import save_tiny_ldm
 
 from pipeline.core.errors import InputError
 from pipeline.inference.sampling import load_generator, sample
@@ -97,6 +99,41 @@ def test_sample_adds_the_model_files_texture_and_can_leave_it_off(
     assert torch.equal(textured[~foreground], plain[~foreground])
     again, _ = sample(gm, [0.5], 3, seed=4)
     assert torch.equal(again, textured)
+
+
+def test_ldm_slices_are_decoded_as_posterior_samples_unless_texture_is_off(
+    tiny_generators: dict[str, Path], tmp_path: Path, one_thread: None
+) -> None:
+    path = save_tiny_ldm(tmp_path / "ldm.pt", tiny_generators["vaegan"], posterior_std=0.4)
+    gm = load_generator(path)
+    assert gm.codec.posterior_std == 0.4
+    drawn, _ = sample(gm, [0.5], 3, seed=4)
+    plain, _ = sample(gm, [0.5], 3, seed=4, texture=False)
+    # the same UNet and latents, decoded at the posterior mean (a file without posterior_std)
+    mean_decoded, _ = sample(load_generator(tiny_generators["ldm"]), [0.5], 3, seed=4)
+    assert torch.equal(plain, mean_decoded)
+    assert not torch.allclose(drawn, plain)
+    again, _ = sample(gm, [0.5], 3, seed=4)
+    assert torch.equal(again, drawn)
+
+
+def test_sdedit_decodes_its_edit_as_generate_does(
+    tiny_generators: dict[str, Path], tmp_path: Path, one_thread: None
+) -> None:
+    from PIL import Image
+
+    from pipeline.data.slice_files import read_slice
+    from pipeline.inference.edit import sdedit_file
+
+    image = tmp_path / "in.png"
+    Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1))).save(image)
+    drawn_model = save_tiny_ldm(tmp_path / "ldm.pt", tiny_generators["vaegan"], posterior_std=0.4)
+    outputs = {}
+    for name, model in (("mean", tiny_generators["ldm"]), ("a", drawn_model), ("b", drawn_model)):
+        out = sdedit_file(model, image, tmp_path / f"{name}.png", "0.5", seed=2, device="cpu")
+        outputs[name] = read_slice(out)
+    assert np.array_equal(outputs["a"], outputs["b"])
+    assert not np.array_equal(outputs["a"], outputs["mean"])
 
 
 def hazy(clean: torch.Tensor, level: float, seed: int = 0) -> torch.Tensor:
