@@ -22,6 +22,8 @@ from pipeline.inference.texture import (
     finish,
     missing_sigma,
     noise_sigma,
+    rician_mean,
+    rician_signal,
 )
 
 
@@ -65,12 +67,26 @@ def test_add_scan_noise_puts_the_calibrated_level_back_on_the_foreground_only() 
     assert torch.equal(add_scan_noise(clean, 0.0, torch.Generator()), clean)
 
 
-def test_rician_noise_lifts_dark_foreground_as_magnitude_images_do() -> None:
-    dark = 0.05 * (disc() > 0).float()
-    out = add_scan_noise(dark, 0.05, torch.Generator().manual_seed(2))
-    lifted = out[dark > 0].mean() - 0.05
-    # E|x + n| for x = sigma: sigma * sqrt(pi/2) * L_{1/2}(-1/2) ~= 1.55 sigma -> +0.028
-    assert 0.02 < float(lifted) < 0.035
+def test_rician_noise_keeps_the_mean_of_dark_foreground_above_the_noise_floor() -> None:
+    brain = (disc() > 0).float()
+    dark = add_scan_noise(0.1 * brain, 0.05, torch.Generator().manual_seed(2))[brain > 0]
+    # |x + n| on the value itself would lift it: E = 0.05 * rician_mean(2) ~= 0.112
+    assert float(dark.mean()) == pytest.approx(0.1, abs=0.002)
+    # below the floor sigma * sqrt(pi/2) no signal can keep the mean: the floor is the least
+    darker = add_scan_noise(0.03 * brain, 0.05, torch.Generator().manual_seed(2))[brain > 0]
+    assert float(darker.mean()) == pytest.approx(0.05 * math.sqrt(math.pi / 2), rel=0.02)
+
+
+def test_rician_signal_inverts_the_rician_mean() -> None:
+    nu = torch.tensor([0.0, 0.5, 1.0, 3.0, 20.0, 100.0], dtype=torch.float64)
+    assert float(rician_mean(torch.zeros(1, dtype=torch.float64))) == pytest.approx(
+        math.sqrt(math.pi / 2)
+    )
+    assert float(rician_mean(nu)[-1]) == pytest.approx(100.0, rel=1e-4)  # no bias far above
+    sigma = 0.02
+    means = rician_mean(nu[1:]) * sigma
+    torch.testing.assert_close(rician_signal(means, sigma), nu[1:] * sigma, atol=1e-6, rtol=1e-4)
+    assert float(rician_signal(torch.tensor([0.01]), sigma)) == 0.0  # below the floor
 
 
 @pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf])

@@ -15,7 +15,13 @@ on the training slices and adds it to generated slices:
   0))`` from the same estimator on real training slices and on their reconstructions.
 - :func:`add_scan_noise` adds Rician noise of that level inside the foreground (magnitude of a
   complex signal with Gaussian noise of std ``sigma`` in each channel), leaving the zero
-  background of skull-stripped slices untouched.
+  background of skull-stripped slices untouched. It keeps each pixel's mean: a decoder
+  trained on real magnitude images already outputs their mean, Rician bias included, so the
+  signal put under the noise is :func:`rician_signal` of the decoded value, not the value
+  itself. Adding the noise to the value counted the bias twice in dark tissue (CSF), and a
+  judge saw it through the 1-px blur: on the demo VQ-VAE's reconstructions the blurred judge
+  read 0.914 with the biased noise, 0.679 with mean-keeping noise and 0.674 with none
+  (README, "Scan noise that keeps the mean").
 - :func:`background_floor` is the haze a decoder leaves where real slices are exactly 0 (the
   background of skull-stripped slices): the ``quantile`` of the reconstructions' intensities
   over the real background pixels. The demo's VQ-VAE leaves 0.03 there, and a judge that
@@ -33,6 +39,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -113,24 +120,62 @@ def missing_sigma(real: torch.Tensor, reconstructed: torch.Tensor) -> float:
     return math.sqrt(max(noise_sigma(real) ** 2 - noise_sigma(reconstructed) ** 2, 0.0))
 
 
-def add_scan_noise(images: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
-    """Rician noise of level ``sigma`` on the foreground of decoded slices.
+def rician_mean(nu: torch.Tensor) -> torch.Tensor:
+    """``E|nu + n1 + i n2|`` for standard normal ``n1, n2`` (the Rice distribution's mean at
+    unit noise): ``sqrt(pi/2) L_1/2(-nu^2 / 2)``, written with exponentially scaled Bessel
+    functions so it stays finite for large ``nu`` (any shape, float64 advised)."""
+    x = nu**2 / 2
+    return math.sqrt(math.pi / 2) * (
+        (1 + x) * torch.special.i0e(x / 2) + x * torch.special.i1e(x / 2)
+    )
+
+
+#: Signal-to-noise ratios of the table :func:`rician_signal` inverts (beyond it the mean's
+#: bias is below 0.02 %).
+_NU_MAX = 60.0
+_NU_TABLE = np.linspace(0.0, _NU_MAX, 12001)
+_MEAN_TABLE = rician_mean(torch.from_numpy(_NU_TABLE)).numpy()
+
+
+def rician_signal(mean: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The signal whose Rician magnitude at noise ``sigma`` has expectation ``mean``.
 
     Args:
-        images: (N, 1, H, W) decoded slices in [0, 1].
+        mean: intensities >= 0 (any shape and device).
+        sigma: noise std of each channel (> 0).
+
+    Returns:
+        Same shape, dtype and device: the inverse of :func:`rician_mean` (scaled by
+        ``sigma``), by interpolation on a table; 0 where ``mean`` is below the noise floor
+        ``sigma sqrt(pi/2)``, ``mean`` itself above ``_NU_MAX sigma`` (bias < 0.02 %).
+    """
+    ratio = (mean.detach().double() / sigma).cpu().numpy()
+    nu = np.interp(ratio, _MEAN_TABLE, _NU_TABLE)
+    nu = np.where(ratio > _MEAN_TABLE[-1], ratio, nu)
+    return torch.from_numpy(nu * sigma).to(mean.device, mean.dtype)
+
+
+def add_scan_noise(images: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """Rician noise of level ``sigma`` on the foreground of decoded slices, keeping the mean.
+
+    Args:
+        images: (N, 1, H, W) decoded slices in [0, 1] (each pixel the mean of a magnitude
+            image, as a decoder trained on them outputs).
         sigma: Gaussian std of each channel of the complex signal (>= 0; 0 returns a copy).
         generator: a seeded CPU generator (the draws do not depend on the device).
 
     Returns:
-        (N, 1, H, W) ``clamp(|x + sigma (n1 + i n2)|, 0, 1)`` where ``x > FOREGROUND``,
-        ``x`` elsewhere.
+        (N, 1, H, W) ``clamp(|s + sigma (n1 + i n2)|, 0, 1)`` with ``s =``
+        :func:`rician_signal` ``(x, sigma)`` (so its expectation is ``x`` wherever ``x`` is
+        above the noise floor) where ``x > FOREGROUND``, ``x`` elsewhere.
     """
     if sigma < 0 or not math.isfinite(sigma):
         raise InputError(f"texture sigma must be a finite number >= 0; got {sigma}")
     if sigma == 0:
         return images.clone()
+    signal = rician_signal(images, sigma)
     noise = torch.randn((2, *images.shape), generator=generator).to(images.device, images.dtype)
-    noisy = torch.sqrt((images + sigma * noise[0]) ** 2 + (sigma * noise[1]) ** 2).clamp(0, 1)
+    noisy = torch.sqrt((signal + sigma * noise[0]) ** 2 + (sigma * noise[1]) ** 2).clamp(0, 1)
     return torch.where(images > FOREGROUND, noisy, images)
 
 
