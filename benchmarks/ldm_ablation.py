@@ -66,6 +66,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "uniform_loss": {"loss_weighting": "uniform"},  # the demo's weighting is min-SNR-γ
     "zero_terminal_snr": {"zero_terminal_snr": True, "sampler": "ddim", "sample_steps": 50},
     "mirror": {"mirror_latents": True},
+    # The latents the UNet learns: the posterior means (decoded with the full posterior std
+    # added) instead of the demo's posterior samples.
+    "posterior_means": {"posterior_samples": False, "decode_posterior_std": 1.0},
     "epsilon": {"prediction_type": "epsilon"},
     # Capacity at the same number of steps (each step costs more: see train_seconds).
     "res_blocks_2": {"num_res_blocks": 2},

@@ -43,6 +43,11 @@ def test_bad_values_name_the_key() -> None:
         params_from_dict({"ldm": {"channels": [8, 8], "attention_levels": [True]}})
     with pytest.raises(ConfigError, match=r"prepare: .*percentiles"):
         params_from_dict({"prepare": {"percentiles": [99, 1]}})
+    for bad in (-0.1, float("nan"), "half"):
+        with pytest.raises(ConfigError, match=r"ldm.*decode_posterior_std"):
+            params_from_dict({"ldm": {"decode_posterior_std": bad}})
+    with pytest.raises(ConfigError, match=r"ldm.*posterior_samples"):
+        params_from_dict({"ldm": {"posterior_samples": "sometimes"}})
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:

@@ -406,6 +406,37 @@ def test_train_step_mirrors_and_weights_only_when_asked(monkeypatch) -> None:
     assert weightings == ["uniform", "min_snr"]
 
 
+def test_train_step_trains_on_posterior_samples_only_when_asked(monkeypatch) -> None:
+    seen: list[tuple[torch.Tensor, ...]] = []
+
+    def spy(unet, scheduler, latent, z, noise, t, drop, **kwargs):
+        seen.append((latent.clone(), noise.clone(), t.clone(), drop.clone()))
+        return diffusion_loss(unet, scheduler, latent, z, noise, t, drop, **kwargs)
+
+    monkeypatch.setattr(ldm, "diffusion_loss", spy)
+    mean = torch.randn(16, *SHAPE, generator=_gen(13))
+    std = torch.rand(16, *SHAPE, generator=_gen(14))
+    batch = {"latent": mean, "latent_std": std, "z": torch.rand(16)}
+    for cfg, data in (
+        (_cfg(), batch),  # off: the stored std is ignored
+        (_cfg(posterior_samples=True), batch),
+        (_cfg(posterior_samples=True), {"latent": mean, "z": batch["z"]}),  # no std (VQ-VAE)
+    ):
+        task = _task(cfg)
+        torch.manual_seed(3)
+        task.train_step(data, 0, Optimization(task.optimizers, 0.0))
+    (plain, *draws), (sampled, *same_draws), (no_std, *_) = seen
+    assert torch.equal(plain, mean) and torch.equal(no_std, mean)
+    for x, y in zip(draws, same_draws, strict=True):  # drawn after noise, t and dropout
+        assert torch.equal(x, y)
+    # the same global stream, replayed: the diffusion noise, t, dropout, then the posterior's
+    torch.manual_seed(3)
+    torch.randn_like(mean), torch.randint(0, task.scheduler.num_train_timesteps, (16,))
+    torch.rand(16)
+    torch.testing.assert_close(sampled, mean + std * torch.randn_like(mean))
+    assert not torch.equal(sampled, mean)
+
+
 class _Latents(Dataset):
     """Latents whose mean depends on z, as LatentDataset yields them."""
 

@@ -187,6 +187,25 @@ def test_ceiling_reconstructions_decode_as_the_generator_decodes() -> None:
     assert not torch.allclose(
         drawn, mean_codec.decode_stage_2_outputs(mean_codec.encode_stage_2_inputs(x, z), z)
     )
+    # a generator trained on posterior samples: the stage-2 input is itself a posterior draw
+    # (from the same generator, before the decode's own draw)
+    on_samples = ceiling_reconstructions(
+        codec, x, z, torch.device("cpu"), torch.Generator().manual_seed(1), posterior_samples=True
+    )
+    gen = torch.Generator().manual_seed(1)
+    mean, std = codec.encode_stage_2_posterior(x, z)
+    assert std is not None
+    sampled = mean + std * torch.randn(std.shape, generator=gen)
+    torch.testing.assert_close(on_samples, codec.decode_stage_2_outputs(sampled, z, generator=gen))
+    assert not torch.allclose(on_samples, drawn)
+    # a VQ-VAE has no posterior to draw from: the flag changes nothing
+    vq_codec = LatentCodec(Autoencoder(TINY_AE, TINY_COND, "vqvae").eval())
+    assert torch.equal(
+        ceiling_reconstructions(
+            vq_codec, x, z, torch.device("cpu"), torch.Generator(), posterior_samples=True
+        ),
+        vq_codec.decode_stage_2_outputs(vq_codec.encode_stage_2_inputs(x, z), z),
+    )
 
 
 def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> None:

@@ -99,7 +99,8 @@ def test_latent_dataset_serves_the_stored_stage_2_inputs(tmp_path: Path, prepare
     data = LatentDataset(out / "train")
     raw = np.load(out / "train" / "latents.npy")
     item = data[3]
-    assert set(item) == {"latent", "codes", "z", "z_index"}
+    assert set(item) == {"latent", "codes", "z", "z_index"}  # no posterior std for a VQ-VAE
+    assert not (out / "train" / "latent_stds.npy").exists()
     torch.testing.assert_close(item["latent"], torch.from_numpy(raw[3]))
     assert meta["scale_factor"] > 0
     assert item["codes"].dtype == torch.int64 and item["codes"].shape == (8, 8)
@@ -129,6 +130,15 @@ def test_vaegan_posterior_mean_without_codes(tmp_path: Path, prepared: Path) -> 
         _, std = model.encode_posterior(x, z)
     expected = float(std.double().pow(2).mean().sqrt()) * meta["scale_factor"]
     assert meta["posterior_std"] == pytest.approx(expected, rel=1e-4) and expected > 0
+    # and every slice's own std beside its latent, in the same scaled units
+    stored = np.load(out / "train" / "latent_stds.npy")
+    np.testing.assert_allclose(stored, std.numpy() * meta["scale_factor"], rtol=1e-4)
+    assert float(np.sqrt((stored.astype(np.float64) ** 2).mean())) == pytest.approx(
+        meta["posterior_std"], rel=1e-4
+    )
+    item = LatentDataset(out / "train")[2]
+    torch.testing.assert_close(item["latent_std"], torch.from_numpy(stored[2]))
+    assert (out / "val" / "latent_stds.npy").is_file()
 
 
 def test_killed_encoding_leaves_no_meta_and_no_temp_files(

@@ -160,3 +160,21 @@ def test_train_ldm_rerun_after_kill_before_export_still_writes_everything(
     report = train_ldm(params, **stage_kwargs(paths))
     assert report["steps"] == 4 and math.isfinite(report["val_loss"])
     assert paths.grid.is_file() and paths.model.is_file()
+
+
+def test_train_ldm_on_posterior_samples_needs_the_stds_and_scales_the_decode_noise(
+    tmp_path,
+) -> None:
+    params, paths = _ldm_stage(tmp_path)
+    meta = json.loads((paths.latents / "meta.json").read_text())
+    (paths.latents / "meta.json").write_text(json.dumps(meta | {"posterior_std": 0.5}))
+    on_samples = LDM.model_copy(update={"posterior_samples": True, "decode_posterior_std": 0.6})
+    params = params.model_copy(update={"ldm": on_samples})
+    with pytest.raises(ValueError, match=r"latent_stds\.npy"):
+        train_ldm(params, **stage_kwargs(paths))
+    for split, n in (("train", 12), ("val", 4)):
+        np.save(paths.latents / split / "latent_stds.npy", np.full((n, *SHAPE), 0.3, "f4"))
+    train_ldm(params, **stage_kwargs(paths))
+    gen = load_generator(paths.model)
+    assert gen.codec.posterior_std == pytest.approx(0.3)  # 0.6 x the posterior's 0.5
+    assert gen.config.posterior_samples

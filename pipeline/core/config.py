@@ -418,6 +418,15 @@ class LDMConfig(_Section):
             2024); needs ``v_prediction``.
         mirror_latents: flip each training latent left-right with probability 0.5 (the brain
             is roughly symmetric; doubles the distinct training inputs).
+        posterior_samples: train on a fresh sample of the first stage's posterior at every
+            step (the stored mean + its stored std times Gaussian noise; Rombach et al. 2022)
+            rather than on the posterior means (``false``, files written before the key
+            existed). A VQ-VAE's latents have no posterior std and are used as stored.
+        decode_posterior_std: the std of the Gaussian noise added to every sampled latent
+            before it is decoded, as a multiple of the first stage's posterior std (the
+            decoder was trained on posterior samples; ``LatentCodec.decode_stage_2_outputs``);
+            0 decodes the sampled latent itself. 1.0 matches files written before the key
+            existed.
         train: training-loop settings.
     """
 
@@ -444,6 +453,8 @@ class LDMConfig(_Section):
     min_snr_gamma: float = Field(5.0, gt=0)
     zero_terminal_snr: bool = False
     mirror_latents: bool = False
+    posterior_samples: bool = False
+    decode_posterior_std: float = Field(1.0, ge=0, allow_inf_nan=False)
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")

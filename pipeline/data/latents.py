@@ -5,10 +5,15 @@ Layout under ``data/latents/<source>/`` (``source`` is the autoencoder kind)::
     {train,val,test}/latents.npy   float32 (N, C, h, w): the stage-2 inputs of
                                    :class:`pipeline.models.codec.LatentCodec`, i.e. the
                                    first stage's latent times ``scale_factor``
+    {train,val,test}/latent_stds.npy float32 (N, C, h, w): the VAE-GAN posterior's std in the
+                                   same scaled units (vaegan only), so latent + std * noise is
+                                   a posterior sample
     {train,val,test}/codes.npy     int16 (N, h, w) VQ code indices (vqvae only)
     {train,val,test}/manifest.csv  the prepared manifest (z, z_index, subject, ...), row i ↔ item i
     meta.json                      {"source", "autoencoder", "autoencoder_sha256",
-                                    "scale_factor", "latent_shape", "num_codes" (vqvae),
+                                    "scale_factor", "latent_shape", "texture_sigma",
+                                    "background_floor", "posterior_std" (the RMS of the
+                                    stds, 0 for vqvae), "num_codes" (vqvae),
                                     "splits": {split: N}}
 
 ``meta.json`` is removed first and written last by the encoder, so its presence means a
@@ -95,8 +100,9 @@ class LatentDataset(Dataset):
     """One split of encoded latents (and code grids for the VQ-VAE).
 
     Items are dicts: ``latent`` (C, h, w) float32, the stage-2 input as stored (already
-    multiplied by the codec's scale factor), ``codes`` (h, w) int64 (only if the split has
-    ``codes.npy``), ``z`` float32 scalar in [0, 1], ``z_index`` int64 and, with a
+    multiplied by the codec's scale factor), ``latent_std`` (C, h, w) float32, its posterior's
+    std (only if the split has ``latent_stds.npy``), ``codes`` (h, w) int64 (only if the
+    split has ``codes.npy``), ``z`` float32 scalar in [0, 1], ``z_index`` int64 and, with a
     non-empty schema, ``covariates`` (len(schema),) float32 codes (0 where unknown) with
     ``covariates_known`` (len(schema),) bool
     (:func:`pipeline.models.conditioning.batch_covariates` turns them back into NaN codes).
@@ -119,6 +125,8 @@ class LatentDataset(Dataset):
                     f"{self.split_dir / name} not found; run the encode_latents stage first"
                 )
         self.latents = np.load(self.split_dir / "latents.npy", mmap_mode="r")
+        stds_path = self.split_dir / "latent_stds.npy"
+        self.stds = np.load(stds_path, mmap_mode="r") if stds_path.is_file() else None
         codes_path = self.split_dir / "codes.npy"
         self.codes = np.load(codes_path, mmap_mode="r") if codes_path.is_file() else None
         self.manifest = pd.read_csv(
@@ -128,13 +136,13 @@ class LatentDataset(Dataset):
         self.z = manifest["z"].to_numpy(np.float32)
         self.covariates = covariate_codes(manifest, schema) if schema else None
         self.z_index = manifest["z_index"].to_numpy(np.int64)
-        lengths = {len(self.latents), len(self.z)} | (
-            {len(self.codes)} if self.codes is not None else set()
-        )
+        lengths = {len(self.latents), len(self.z)} | {
+            len(a) for a in (self.stds, self.codes) if a is not None
+        }
         if len(lengths) != 1:
             raise InputError(
-                f"{self.split_dir}: latents.npy, codes.npy and manifest.csv disagree in length "
-                f"({sorted(lengths)}); re-run the encode_latents stage"
+                f"{self.split_dir}: latents.npy, latent_stds.npy, codes.npy and manifest.csv "
+                f"disagree in length ({sorted(lengths)}); re-run the encode_latents stage"
             )
 
     def __len__(self) -> int:
@@ -146,6 +154,8 @@ class LatentDataset(Dataset):
             "z": torch.tensor(self.z[i]),
             "z_index": torch.tensor(self.z_index[i]),
         }
+        if self.stds is not None:
+            item["latent_std"] = torch.from_numpy(np.array(self.stds[i], dtype=np.float32))
         if self.codes is not None:
             item["codes"] = torch.from_numpy(self.codes[i].astype(np.int64))
         if self.covariates is not None:

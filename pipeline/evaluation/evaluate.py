@@ -432,10 +432,14 @@ def ceiling_reconstructions(
     z: torch.Tensor,
     device: torch.device,
     generator: torch.Generator,
+    *,
+    posterior_samples: bool = False,
 ) -> torch.Tensor:
     """A first stage's reconstructions decoded as the generator on its latents decodes
-    samples: each slice's stage-2 input, decoded as a posterior sample when ``codec`` has a
-    ``posterior_std`` (:meth:`~pipeline.models.codec.LatentCodec.decode_stage_2_outputs`).
+    samples: each slice's stage-2 input as the generator was trained on it (the posterior
+    mean, or with ``posterior_samples`` a draw from the posterior), decoded as a posterior
+    sample when ``codec`` has a ``posterior_std``
+    (:meth:`~pipeline.models.codec.LatentCodec.decode_stage_2_outputs`).
 
     Args:
         codec: the generator's codec (scale factor and posterior std).
@@ -443,6 +447,8 @@ def ceiling_reconstructions(
         z: (N,) their positions in [0, 1].
         device: where the autoencoder runs.
         generator: a seeded CPU generator for the posterior draws.
+        posterior_samples: the generator was trained on posterior samples
+            (``ldm.posterior_samples``); ignored for a VQ-VAE.
 
     Returns:
         (N, 1, H, W) on the CPU, in [0, 1] (not yet finished).
@@ -450,7 +456,9 @@ def ceiling_reconstructions(
     out = []
     for xb, zb in zip(image.split(EVAL_BATCH), z.split(EVAL_BATCH), strict=True):
         xb, zb = xb.to(device), zb.to(device)
-        latent = codec.encode_stage_2_inputs(xb, zb)
+        latent, std = codec.encode_stage_2_posterior(xb, zb)
+        if posterior_samples and std is not None:
+            latent = latent + std * torch.randn(std.shape, generator=generator).to(std.device)
         out.append(codec.decode_stage_2_outputs(latent, zb, generator=generator).float().cpu())
     return torch.cat(out)
 
@@ -737,23 +745,31 @@ def evaluate(
         logger.info("%s label fidelity: %s", name, fidelity_summary(metrics[name]["labels"]))
     # each autoencoder's reconstructions decoded and finished as the generator on its latents
     # decodes and finishes slices
-    finishing: dict[str, tuple[LatentCodec, Texture]] = {}
+    finishing: dict[str, tuple[LatentCodec, Texture, bool]] = {}
     for name in GENERATORS:
         gm = load_generator(paths.models / f"{name}.pt", device)
-        finishing[gm.codec.autoencoder.kind] = (gm.codec, gm.texture)
+        trained_on_samples = bool(getattr(gm.config, "posterior_samples", False))
+        finishing[gm.codec.autoencoder.kind] = (gm.codec, gm.texture, trained_on_samples)
     for kind in params.autoencoder.kinds:
         section = f"ae_{kind}"
         path = paths.models / f"{section}.pt"
         metrics[section], new = autoencoder_figures(path, real, device, seed)
         _merge(curves, section, new)
         if kind in finishing:
-            codec, texture = finishing[kind]
+            codec, texture, on_samples = finishing[kind]
         else:
             codec, texture = LatentCodec(load_autoencoder(path, device)[0]), Texture()
+            on_samples = False
         noise = torch.Generator().manual_seed(seed + 3)
         posterior = torch.Generator().manual_seed(seed + 4)
         fake_train, fake_test = (
-            finish(ceiling_reconstructions(codec, x, z, device, posterior), texture, noise)
+            finish(
+                ceiling_reconstructions(
+                    codec, x, z, device, posterior, posterior_samples=on_samples
+                ),
+                texture,
+                noise,
+            )
             for x, z in ((train.image[judge_rows], train.z[judge_rows]), (real.image, real.z))
         )
         judges += judge_jobs(section, train.image, fake_train, real.image, fake_test, **judging)

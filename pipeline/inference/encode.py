@@ -6,7 +6,8 @@ autoencoder (in eval mode, under ``torch.no_grad``); the layout written is descr
 scale factor every split is stored with, and its reconstructions the scan-noise level the
 first stage removes and the background haze it adds (``texture_sigma``, ``background_floor``:
 :mod:`pipeline.inference.texture`); for a VAE-GAN its posterior's std too (``posterior_std``,
-scaled units: what a posterior-sample decode adds, :mod:`pipeline.models.codec`). Every file is
+scaled units: what a posterior-sample decode adds, :mod:`pipeline.models.codec`), and every
+slice's posterior std beside its latent (``latent_stds.npy``). Every file is
 written to a temporary name and renamed; ``meta.json`` is removed first and written last.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +40,22 @@ ENCODE_BATCH = 64
 TEXTURE_SLICES = 256
 
 
+class Encoded(NamedTuple):
+    """One split encoded by :func:`encode_dataset` (arrays in dataset order).
+
+    Attributes:
+        latents: float32 (N, C, h, w) stage-2 inputs
+            (:meth:`~pipeline.models.codec.LatentCodec.encode_stage_2_inputs`).
+        stds: float32 (N, C, h, w) the VAE-GAN posterior's std in the same units (None for
+            a VQ-VAE).
+        codes: int16 (N, h, w) VQ code indices (None for a VAE-GAN).
+    """
+
+    latents: np.ndarray
+    stds: np.ndarray | None
+    codes: np.ndarray | None
+
+
 @torch.no_grad()
 def encode_dataset(
     codec: LatentCodec,
@@ -48,7 +65,7 @@ def encode_dataset(
     batch_size: int = ENCODE_BATCH,
     progress: bool = True,
     desc: str = "encode",
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> Encoded:
     """Encode every slice of a dataset, in order.
 
     Args:
@@ -60,20 +77,25 @@ def encode_dataset(
         desc: progress bar label.
 
     Returns:
-        ``(latents, codes)``: float32 (N, C, h, w) stage-2 inputs
-        (:meth:`~pipeline.models.codec.LatentCodec.encode_stage_2_inputs`) and, for a
-        VQ-VAE, int16 (N, h, w) code indices (else None).
+        The latents, the posterior's stds (VAE-GAN) and the code indices (VQ-VAE).
     """
     latents: list[torch.Tensor] = []
+    stds: list[torch.Tensor] = []
     codes: list[torch.Tensor] = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in tqdm(loader, desc=desc, disable=not progress):
         x, z = batch["image"].to(device).float(), batch["z"].to(device).float()
-        latents.append(codec.encode_stage_2_inputs(x, z).float().cpu())
+        mean, std = codec.encode_stage_2_posterior(x, z)
+        latents.append(mean.float().cpu())
+        if std is not None:
+            stds.append(std.float().cpu())
         if codec.autoencoder.kind == "vqvae":
             codes.append(codec.encode_codes(x, z).cpu())
-    lat = torch.cat(latents).numpy()
-    return lat, torch.cat(codes).numpy().astype(np.int16) if codes else None
+    return Encoded(
+        torch.cat(latents).numpy(),
+        torch.cat(stds).numpy() if stds else None,
+        torch.cat(codes).numpy().astype(np.int16) if codes else None,
+    )
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -195,7 +217,7 @@ def encode_latents(
             logger.warning("no prepared split %s; %s not written", src, out / split)
             shutil.rmtree(out / split, ignore_errors=True)
             continue
-        latents, codes = encode_dataset(
+        latents, stds, codes = encode_dataset(
             codec,
             SliceDataset(src),
             device,
@@ -206,10 +228,13 @@ def encode_latents(
         if split == "train":
             codec.scale_factor = LatentCodec.fit_scale_factor(torch.from_numpy(latents))
             latents = latents * np.float32(codec.scale_factor)
+            stds = None if stds is None else stds * np.float32(codec.scale_factor)
             latent_shape = list(latents.shape[1:])
             texture = calibrate_texture(codec, SliceDataset(src), device)
             posterior_std = calibrate_posterior_std(codec, SliceDataset(src), device)
         _save_npy(out / split / "latents.npy", latents)
+        if stds is not None:
+            _save_npy(out / split / "latent_stds.npy", stds)
         if codes is not None:
             _save_npy(out / split / "codes.npy", codes)
         atomic_write(

@@ -10,7 +10,10 @@ What a second stage models:
 
 - the LDM: the *scaled* latent :meth:`LatentCodec.encode_stage_2_inputs` returns, i.e.
   ``Autoencoder.encode_to_latent`` (the VAE-GAN's posterior mean; for a VQ-VAE the quantised
-  latent, the one its decoder was trained on) times ``scale_factor``;
+  latent, the one its decoder was trained on) times ``scale_factor``; or, with
+  ``ldm.posterior_samples``, a fresh posterior sample around it at every training step
+  (:meth:`LatentCodec.encode_stage_2_posterior` gives the mean and std), as Rombach et
+  al.'s LDM trains;
 - the PixelCNN: the VQ code grid :meth:`LatentCodec.encode_codes` returns.
 
 What comes back: the VAE-GAN's decoder was trained on posterior *samples* (mean + std ·
@@ -88,6 +91,27 @@ class LatentCodec:
             (B, C, H/f, W/f) latents times ``scale_factor``.
         """
         return self.encode_latent(x, z) * self.scale_factor
+
+    def encode_stage_2_posterior(
+        self, x: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Slices → the posterior of the scaled latent: its mean (what
+        :meth:`encode_stage_2_inputs` returns) and, for a VAE-GAN, its std, both times
+        ``scale_factor``, so ``mean + std * noise`` is a posterior sample in the scaled space
+        (what an LDM with ``ldm.posterior_samples`` trains on).
+
+        Args:
+            x: (B, 1, H, W) intensities in [0, 1].
+            z: (B,) slice positions in [0, 1].
+
+        Returns:
+            ``(mean, std)``, each (B, C, H/f, W/f); ``std`` is None for a VQ-VAE (its decoder
+            sees the quantised latent itself).
+        """
+        if self.autoencoder.quantizer is not None:
+            return self.encode_stage_2_inputs(x, z), None
+        mean, std = self.autoencoder.encode_posterior(x, z)
+        return mean * self.scale_factor, std * self.scale_factor
 
     def fit_posterior_std(self, x: torch.Tensor, z: torch.Tensor) -> float:
         """The VAE posterior's std in the scaled space: RMS over every latent element of

@@ -1,9 +1,9 @@
 """Training, evaluation and export of the latent diffusion model (the ``train_ldm`` stage).
 
 - :class:`LDMTask`: DDPM training on scaled latents with condition dropout (epsilon or v
-  target, uniform or min-SNR-γ loss weighting, optionally left-right mirrored latents:
-  :func:`random_mirror`); the loop keeps an EMA of the UNet, which is what gets sampled and
-  exported.
+  target, uniform or min-SNR-γ loss weighting, posterior samples or means, optionally
+  left-right mirrored latents: :func:`random_mirror`); the loop keeps an EMA of the UNet,
+  which is what gets sampled and exported.
 - :class:`Evaluator`: the ``evaluate`` callback: validation loss, a sample grid with one row
   per z level decoded through the first stage, the nearest-training-latent z error of those
   samples, and at the last step the DDIM trajectory as a GIF and a strip image (logged to
@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.core import distributed
 from pipeline.core.config import LDMConfig, Params
+from pipeline.core.errors import InputError
 from pipeline.core.figures import grid, rows_by_z, save_png
 from pipeline.core.io import atomic_write, write_json
 from pipeline.core.labels import schema_to_meta
@@ -112,7 +113,7 @@ class LDMTask(TrainingTask):
         unet: the denoiser, already on its device.
         scheduler: the training schedule (``DDPMScheduler``; its prediction type is the target).
         config: ``ldm`` section (``cond_dropout``, ``loss_weighting``, ``min_snr_gamma``,
-            ``mirror_latents``, ``train.lr``, ``train.weight_decay``).
+            ``posterior_samples``, ``mirror_latents``, ``train.lr``, ``train.weight_decay``).
         covariate_dropout: probability that each covariate of a training slice is made
             unknown (``conditioning.covariate_dropout``).
     """
@@ -136,13 +137,16 @@ class LDMTask(TrainingTask):
     def train_step(
         self, batch: dict[str, torch.Tensor], step: int, optim: Optimization
     ) -> dict[str, float]:
-        """One denoising step on a batch with ``latent`` (B, C, h, w), ``z`` (B,) and, for a
-        covariate-conditioned UNet, ``covariates`` (B, n) codes.
+        """One denoising step on a batch with ``latent`` (B, C, h, w), ``z`` (B,), optionally
+        ``latent_std`` (B, C, h, w) and, for a covariate-conditioned UNet, ``covariates``
+        (B, n) codes.
 
-        Timesteps are uniform over [0, T), the pure-noise t = T - 1 included. The mirror
-        flips and the per-covariate dropout are drawn after the noise, timesteps and
-        condition dropout, so with ``mirror_latents`` off and no covariates the random
-        stream is the same as before the options existed.
+        Timesteps are uniform over [0, T), the pure-noise t = T - 1 included. With
+        ``posterior_samples`` and a ``latent_std``, the latent is replaced by
+        ``latent + latent_std * noise`` (a posterior sample). That noise, the mirror flips and
+        the per-covariate dropout are drawn after the diffusion noise, timesteps and
+        condition dropout, so with those options off and no covariates the random stream is
+        the same as before the options existed.
         """
         cfg = self.config
         latent, z = batch["latent"], batch["z"]
@@ -150,6 +154,8 @@ class LDMTask(TrainingTask):
         noise = torch.randn_like(latent)
         t = torch.randint(0, self.scheduler.num_train_timesteps, (n,), device=latent.device)
         drop = torch.rand(n, device=latent.device) < cfg.cond_dropout
+        if cfg.posterior_samples and "latent_std" in batch:
+            latent = latent + batch["latent_std"] * torch.randn_like(latent)
         if cfg.mirror_latents:
             latent = random_mirror(latent)
         covariates = batch_covariates(batch)
@@ -414,7 +420,12 @@ def train_ldm(
     schema, reference = training_covariates(paths.latents / "train", cond_cfg.covariates)
     train = LatentDataset(paths.latents / "train", schema)
     val = LatentSet.from_dataset(LatentDataset(paths.latents / "val"), VAL_LIMIT)
-    posterior_std = float(meta.get("posterior_std") or 0.0)
+    if cfg.posterior_samples and train.stds is None and meta["source"] == "vaegan":
+        raise InputError(
+            f"{paths.latents / 'train'} has no latent_stds.npy for ldm.posterior_samples; "
+            "re-run encode_latents (dvc repro encode_latents)"
+        )
+    posterior_std = cfg.decode_posterior_std * float(meta.get("posterior_std") or 0.0)
     codec = LatentCodec(load_autoencoder(meta["autoencoder"], device)[0], scale, posterior_std)
 
     torch.manual_seed(params.seed)
