@@ -24,7 +24,7 @@ SIZE = 32
 CPU = torch.device("cpu")
 #: Slices a side: 3/4 train the judge, 1/4 are held out.
 N = 384
-#: A short judge for 32x32 slices (the pipeline's default runs 1500 steps).
+#: A short judge for 32x32 slices (the pipeline's default runs 2400 steps).
 CFG = C2STConfig(steps=200, curve_every=100, batch_size=32)
 
 

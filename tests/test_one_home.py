@@ -159,16 +159,19 @@ def test_codec_decodes_a_posterior_sample_only_when_given_a_generator() -> None:
 
 
 @torch.no_grad()
-def test_posterior_std_is_the_rms_posterior_std_in_scaled_units_and_zero_for_a_vqvae() -> None:
+def test_stage_2_posterior_is_in_scaled_units_and_has_no_std_for_a_vqvae() -> None:
     x, z = torch.rand(4, 1, 16, 16), torch.linspace(0, 1, 4)
     ae = _tiny_autoencoder("vaegan")
     mean, std = ae.encode_posterior(x, z)
     assert mean.shape == std.shape == (4, 2, 8, 8) and bool((std > 0).all())
     torch.testing.assert_close(mean, ae.encode_to_latent(x, z))
-    expected = float(std.pow(2).mean().sqrt()) * 1.5
-    assert LatentCodec(ae, 1.5).fit_posterior_std(x, z) == pytest.approx(expected, rel=1e-5)
+    scaled_mean, scaled_std = LatentCodec(ae, 1.5).encode_stage_2_posterior(x, z)
+    torch.testing.assert_close(scaled_mean, mean * 1.5)
+    torch.testing.assert_close(scaled_std, std * 1.5)
     vq = _tiny_autoencoder("vqvae")
-    assert LatentCodec(vq).fit_posterior_std(x, z) == 0.0
+    vq_mean, vq_std = LatentCodec(vq, 1.5).encode_stage_2_posterior(x, z)
+    torch.testing.assert_close(vq_mean, LatentCodec(vq, 1.5).encode_stage_2_inputs(x, z))
+    assert vq_std is None
     with pytest.raises(InputError, match="vaegan"):
         vq.encode_posterior(x, z)
 

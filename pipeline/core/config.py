@@ -557,8 +557,8 @@ class C2STConfig(_Section):
         train_samples: synthetic slices generated for the judge's training side.
     """
 
-    steps: int = Field(1500, ge=1)
-    curve_every: int = Field(250, ge=1)
+    steps: int = Field(2400, ge=1)
+    curve_every: int = Field(300, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1.0e-3, gt=0)
     blur_sigma: float = Field(1.0, gt=0)

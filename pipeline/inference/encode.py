@@ -102,6 +102,16 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda tmp: np.save(tmp, array))
 
 
+def _rms_std(stds: np.ndarray | None) -> float:
+    """The posterior's std as one figure: the RMS of every training latent element's std
+    (``stds``, scaled units; 0.0 without one, a VQ-VAE)."""
+    if stds is None:
+        return 0.0
+    std = float(np.sqrt(np.mean(np.square(stds, dtype=np.float64))))
+    logger.info("posterior std %.4g (scaled latent units)", std)
+    return std
+
+
 def _calibration_slices(
     dataset: SliceDataset, device: torch.device, limit: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,32 +119,6 @@ def _calibration_slices(
     data = EvalData.from_dataset(dataset)
     index = data.spread_over_z(limit)
     return data.image[index].to(device), data.z[index].to(device)
-
-
-@torch.no_grad()
-def calibrate_posterior_std(
-    codec: LatentCodec, dataset: SliceDataset, device: torch.device, limit: int = TEXTURE_SLICES
-) -> float:
-    """The first stage's posterior std in the scaled space, measured on training slices.
-
-    Args:
-        codec: the first stage, with the training latents' scale factor.
-        dataset: the prepared training split.
-        device: where the autoencoder runs.
-        limit: at most this many slices, spread evenly over z.
-
-    Returns:
-        RMS of :meth:`~pipeline.models.codec.LatentCodec.fit_posterior_std` over the
-        slices' batches, in scaled latent units (0.0 for a VQ-VAE).
-    """
-    x, z = _calibration_slices(dataset, device, limit)
-    squares = [
-        codec.fit_posterior_std(xb, zb) ** 2 * len(xb)
-        for xb, zb in zip(x.split(ENCODE_BATCH), z.split(ENCODE_BATCH), strict=True)
-    ]
-    std = (sum(squares) / len(x)) ** 0.5
-    logger.info("posterior std %.4g (scaled latent units)", std)
-    return std
 
 
 @torch.no_grad()
@@ -231,7 +215,7 @@ def encode_latents(
             stds = None if stds is None else stds * np.float32(codec.scale_factor)
             latent_shape = list(latents.shape[1:])
             texture = calibrate_texture(codec, SliceDataset(src), device)
-            posterior_std = calibrate_posterior_std(codec, SliceDataset(src), device)
+            posterior_std = _rms_std(stds)
         _save_npy(out / split / "latents.npy", latents)
         if stds is not None:
             _save_npy(out / split / "latent_stds.npy", stds)

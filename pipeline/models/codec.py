@@ -20,9 +20,9 @@ What comes back: the VAE-GAN's decoder was trained on posterior *samples* (mean 
 noise), but an LDM trained on posterior means also samples means, which are off the decoder's
 training distribution and decode without the one-pixel structure of real slices (issue 15).
 Given a ``generator``, :meth:`LatentCodec.decode_stage_2_outputs` decodes a posterior sample
-around the latent instead: Gaussian noise of ``posterior_std`` (the posterior's std in the
-scaled space, RMS over training slices, :meth:`LatentCodec.fit_posterior_std`) is added
-first. On the demo stand-in this took the LDM's raw two-sample judge from 0.88 to 0.61 and
+around the latent instead: Gaussian noise of ``posterior_std`` is added first (the
+posterior's std in the scaled space: the RMS over every training latent element that the
+``encode_latents`` stage records, times ``ldm.decode_posterior_std``). On the demo stand-in this took the LDM's raw two-sample judge from 0.88 to 0.61 and
 fd_alex from 10.3 to 7.6 at an unchanged pixel noise level (README, "Decoding a posterior
 sample, not the mean"). A VQ-VAE's decoder sees the quantised latent itself, so its
 ``posterior_std`` is 0.
@@ -112,19 +112,6 @@ class LatentCodec:
             return self.encode_stage_2_inputs(x, z), None
         mean, std = self.autoencoder.encode_posterior(x, z)
         return mean * self.scale_factor, std * self.scale_factor
-
-    def fit_posterior_std(self, x: torch.Tensor, z: torch.Tensor) -> float:
-        """The VAE posterior's std in the scaled space: RMS over every latent element of
-        ``x`` times ``scale_factor`` (0.0 for a VQ-VAE).
-
-        Args:
-            x: (B, 1, H, W) training slices, intensities in [0, 1].
-            z: (B,) their positions in [0, 1].
-        """
-        if self.autoencoder.quantizer is not None:
-            return 0.0
-        _, std = self.autoencoder.encode_posterior(x, z)
-        return float(std.double().pow(2).mean().sqrt()) * self.scale_factor
 
     def sample_posterior(self, latent: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``latent + posterior_std * noise``, the noise drawn on the CPU from ``generator`` (so
