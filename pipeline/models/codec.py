@@ -22,9 +22,10 @@ training distribution and decode without the one-pixel structure of real slices 
 Given a ``generator``, :meth:`LatentCodec.decode_stage_2_outputs` decodes a posterior sample
 around the latent instead: Gaussian noise of ``posterior_std`` is added first (the
 posterior's std in the scaled space: the RMS over every training latent element that the
-``encode_latents`` stage records, times ``ldm.decode_posterior_std``). On the demo stand-in this took the LDM's raw two-sample judge from 0.88 to 0.61 and
-fd_alex from 10.3 to 7.6 at an unchanged pixel noise level (README, "Decoding a posterior
-sample, not the mean"). A VQ-VAE's decoder sees the quantised latent itself, so its
+``encode_latents`` stage records, times ``ldm.decode_posterior_std``). On the demo stand-in
+this took the LDM's raw two-sample judge from 0.88 to 0.61 and fd_alex from 10.3 to 7.6 at
+an unchanged pixel noise level (README, "Decoding a posterior sample, not the mean"; judged
+by 600-step judges). A VQ-VAE's decoder sees the quantised latent itself, so its
 ``posterior_std`` is 0.
 """
 
