@@ -3,6 +3,13 @@
 MONAI supplies the conv stack (strided 4x4 convs, normalisation, LeakyReLU); this module adds
 the condition: after every conv block except the final logit conv, a per-channel bias
 projected from the discriminator's own :class:`~pipeline.models.conditioning.Conditioner` is added.
+
+The convolutions keep PyTorch's default initialisation, not MONAI's N(0, 0.02): with MONAI's
+the stem's response to a slice (std 0.017) is a quarter of the z bias added to it, and on the
+demo's VAE-GAN reconstructions against real training slices the hinge loss stayed at 1.00 for
+300 steps at any lr from 5e-4 to 2e-3 (real and fake logits equal to three decimals); with
+PyTorch's it falls to 0.63-0.79 in 250 steps (stand-in cohort). The adversarial term of every
+earlier VAE-GAN was therefore inert.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ class ZPatchDiscriminator(nn.Module):
             num_layers_d=cfg.n_layers,
             norm=("GROUP", {"num_groups": cfg.norm_groups}),
         )
+        for module in self.net.modules():  # undo MONAI's N(0, 0.02) init (module docstring)
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
         self.z_embed = Conditioner(cond_cfg)
         widths = [cfg.channels * 2**i for i in range(cfg.n_layers + 1)]
         self.z_bias = nn.ModuleList(nn.Linear(cond_cfg.dim, w) for w in widths)
