@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from pipeline.core.checkpoint import CheckpointError, save_checkpoint
 from pipeline.core.config import (
     AutoencoderConfig,
+    DecoderFinetuneConfig,
     DiscriminatorConfig,
     KLConfig,
     Params,
@@ -164,7 +165,17 @@ def test_decoder_only_phase_keeps_the_latents_and_trains_the_decoder() -> None:
     frozen = {k: v.clone() for k, v in task.model.state_dict().items() if "decoder" not in k}
     decoder = {k: v.clone() for k, v in task.model.decoder.state_dict().items()}
     disc = [p.clone() for p in task.disc.parameters()]
-    task.freeze_encoder(TrainConfig(steps=4, lr=2e-3))
+    disc_state = task.optimizers["disc"].state_dict()["state"]
+    task.freeze_encoder(
+        DecoderFinetuneConfig(train=TrainConfig(steps=4, lr=2e-3), discriminator_lr=2e-4)
+    )
+    # the discriminator keeps its AdamW state; its peak lr is the phase's, for fit's schedule
+    kept = task.optimizers["disc"].state_dict()["state"]
+    assert kept.keys() == disc_state.keys()
+    torch.testing.assert_close(kept[0]["exp_avg_sq"], disc_state[0]["exp_avg_sq"])
+    assert {(g["lr"], g["initial_lr"]) for g in task.optimizers["disc"].param_groups} == {
+        (2e-4, 2e-4)
+    }
     task.model.train()
     logs = [task.train_step(batch, s, Optimization(task.optimizers, 1.0)) for s in range(6, 10)]
     task.model.eval()
@@ -185,9 +196,29 @@ def test_decoder_only_phase_keeps_the_latents_and_trains_the_decoder() -> None:
     )
 
 
+def test_decoder_only_phase_without_discriminator_lr_leaves_the_adversarial_term_out() -> None:
+    task = _task("vaegan")
+    batch = _fixed_batch()
+    for step in range(6):  # the first phase, discriminator on from step 4
+        task.train_step(batch, step, Optimization(task.optimizers, 1.0))
+    disc = [p.clone() for p in task.disc.parameters()]
+    task.freeze_encoder(DecoderFinetuneConfig(train=TrainConfig(steps=4, lr=2e-3)))
+    logs = [task.train_step(batch, s, Optimization(task.optimizers, 1.0)) for s in range(6, 9)]
+    assert all(lg["adv"] == lg["d_loss"] == lg["adaptive_weight"] == 0 for lg in logs)
+    assert all(torch.equal(a, b) for a, b in zip(disc, task.disc.parameters(), strict=True))
+    assert logs[-1]["loss"] == pytest.approx(
+        logs[-1]["rec"] + 0.5 * logs[-1]["perceptual"], rel=1e-4
+    )
+
+
 def test_decoder_only_phase_refuses_a_vqvae() -> None:
     with pytest.raises(InputError, match="vaegan"):
-        _task("vqvae").freeze_encoder(TrainConfig(steps=2))
+        _task("vqvae").freeze_encoder(DecoderFinetuneConfig(train=TrainConfig(steps=2)))
+
+
+def test_decoder_only_phase_needs_its_loop_settings() -> None:
+    with pytest.raises(InputError, match=r"decoder_finetune\.train"):
+        _task("vaegan").freeze_encoder(DecoderFinetuneConfig())
 
 
 @pytest.mark.parametrize("kind", ["vqvae", "vaegan"])

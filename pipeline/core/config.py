@@ -284,10 +284,20 @@ class DecoderFinetuneConfig(_Section):
             a fresh AdamW over the decoder's parameters); ``null`` (the default) turns the
             phase off. Its steps are numbered on from ``autoencoder.train.steps`` (in the
             logs, and for ``discriminator.start_step``).
+        discriminator_lr: the discriminator's peak learning rate in this phase (it keeps its
+            AdamW state and follows the phase's schedule); ``null`` (the default) keeps the
+            adversarial term out of the phase. The phase restarts both schedules at their
+            peak. A discriminator restarted at ``discriminator.lr`` (2e-3) goes blind (its
+            logits stop depending on the slice) within 20 steps, even against a frozen
+            decoder, and so does one at 2e-4 against a decoder at 2.5e-4 or more. At 2e-4
+            against a decoder at 1e-4 it keeps learning, but its adaptive weight is then
+            0.002-0.07 and the ceiling is worse than with the term off and the decoder at 5e-4
+            (demo widths, stand-in cohort; README, "The discriminator learned nothing").
     """
 
     kinds: tuple[Literal["vaegan"], ...] = ("vaegan",)
     train: TrainConfig | None = None
+    discriminator_lr: float | None = Field(None, gt=0)
 
 
 class AutoencoderConfig(_Section):

@@ -29,8 +29,8 @@ from pipeline.core.config import (
     AutoencoderConfig,
     AutoencoderKind,
     ConditioningConfig,
+    DecoderFinetuneConfig,
     Params,
-    TrainConfig,
 )
 from pipeline.core.errors import InputError
 from pipeline.core.figures import figure_image, rows_by_z, save_png
@@ -146,17 +146,21 @@ class AutoencoderTask(TrainingTask):
             "disc": adamw(self.disc.parameters(), cfg.discriminator.lr, wd, _BETAS),
         }
         self.encoder_frozen = False
+        self.adversarial_after_freeze = True
 
-    def freeze_encoder(self, train: TrainConfig) -> None:
-        """Start the decoder-only phase (:class:`~pipeline.core.config.DecoderFinetuneConfig`).
+    def freeze_encoder(self, phase: DecoderFinetuneConfig) -> None:
+        """Start the decoder-only phase.
 
         Freezes the encoder and the z-embedding (the latents no longer change) and gives the
-        ``model`` optimizer a fresh AdamW over the decoder's parameters at ``train.lr``; the
-        discriminator keeps its optimizer. Call it between the two :func:`fit` calls, on the
+        ``model`` optimizer a fresh AdamW over the decoder's parameters at ``phase.train.lr``.
+        With ``phase.discriminator_lr`` set, the discriminator keeps its optimizer and state
+        at that peak learning rate; unset, the adversarial term stays off for the phase.
+        Call it between the two :func:`fit` calls, on the
         weights the first phase exports (load them into ``self.model`` first).
 
         Args:
-            train: the phase's loop settings (``lr`` and ``weight_decay`` are read here).
+            phase: the phase's settings; ``train`` must be set (its ``lr`` and
+                ``weight_decay`` are read here).
 
         Raises:
             InputError: a VQ-VAE (its codebook would still move in the forward pass).
@@ -165,8 +169,15 @@ class AutoencoderTask(TrainingTask):
             raise InputError("decoder-only fine-tuning is for the vaegan kind, not vqvae")
         self.model.encoder.requires_grad_(False)
         self.model.z_embed.requires_grad_(False)
+        if phase.train is None:
+            raise InputError("decoder_finetune.train is not set: the phase is off")
         decoder = [p for p in self.model.parameters() if p.requires_grad]
+        train = phase.train
         self.optimizers["model"] = adamw(decoder, train.lr, train.weight_decay, _BETAS)
+        if phase.discriminator_lr is not None:
+            for group in self.optimizers["disc"].param_groups:  # fit schedules from initial_lr
+                group["lr"] = group["initial_lr"] = phase.discriminator_lr
+        self.adversarial_after_freeze = phase.discriminator_lr is not None
         self.encoder_frozen = True
 
     def adversarial_on(self, step: int) -> bool:
@@ -177,9 +188,12 @@ class AutoencoderTask(TrainingTask):
 
         Returns:
             True from ``discriminator.start_step`` on, for the kinds in
-            ``discriminator.kinds`` and unless ``discriminator.weight`` is 0.
+            ``discriminator.kinds``, unless ``discriminator.weight`` is 0 or the decoder-only
+            phase runs without a ``discriminator_lr``.
         """
         d = self.cfg.discriminator
+        if self.encoder_frozen and not self.adversarial_after_freeze:
+            return False
         return self.kind in d.kinds and d.weight > 0 and step >= d.start_step
 
     def train_step(
@@ -523,7 +537,7 @@ def train_first_stage(
     last_step = result.step
     if finetune is not None and kind in cfg.decoder_finetune.kinds:
         task.model.load_state_dict(task.export_module(result.ema).state_dict())
-        task.freeze_encoder(finetune)
+        task.freeze_encoder(cfg.decoder_finetune)
         take_freed_cores()  # side by side on the CPU: the sibling's core once it has finished
         result = fit(
             task,
