@@ -9,8 +9,10 @@ the stem's response to a demo slice (std 0.017) is a quarter of the z bias added
 alone for 600 steps at lr 2e-3 on real training slices against the demo VAE-GAN's
 reconstructions (seeds 0-2), its hinge loss ends at 0.93-0.96 with real and fake logits within
 0.02 of each other; with PyTorch's init at 0.38-0.75, gap 0.65-2.6 (stand-in cohort). Every
-earlier VAE-GAN's adversarial term was therefore inert. In the decoder-only phase the
-discriminator still goes blind within 20-60 steps (README, "The discriminator learned nothing").
+earlier VAE-GAN's adversarial term was therefore inert. In the decoder-only phase it went blind
+again when that phase restarted the learning rates at their peak; the demo now leaves the
+adversarial term out of that phase (``decoder_finetune.discriminator_lr``; README, "The
+discriminator learned nothing").
 """
 
 from __future__ import annotations
