@@ -217,8 +217,10 @@ def test_decoder_only_phase_refuses_a_vqvae() -> None:
 
 
 def test_decoder_only_phase_needs_its_loop_settings() -> None:
+    task = _task("vaegan")
     with pytest.raises(InputError, match=r"decoder_finetune\.train"):
-        _task("vaegan").freeze_encoder(DecoderFinetuneConfig())
+        task.freeze_encoder(DecoderFinetuneConfig())
+    assert all(p.requires_grad for p in task.model.encoder.parameters())  # left as it was
 
 
 @pytest.mark.parametrize("kind", ["vqvae", "vaegan"])

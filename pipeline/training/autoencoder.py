@@ -155,22 +155,23 @@ class AutoencoderTask(TrainingTask):
         ``model`` optimizer a fresh AdamW over the decoder's parameters at ``phase.train.lr``.
         With ``phase.discriminator_lr`` set, the discriminator keeps its optimizer and state
         at that peak learning rate; unset, the adversarial term stays off for the phase.
-        Call it between the two :func:`fit` calls, on the
-        weights the first phase exports (load them into ``self.model`` first).
+        Call it between the two :func:`fit` calls, on the weights the first phase exports
+        (load them into ``self.model`` first).
 
         Args:
             phase: the phase's settings; ``train`` must be set (its ``lr`` and
                 ``weight_decay`` are read here).
 
         Raises:
-            InputError: a VQ-VAE (its codebook would still move in the forward pass).
+            InputError: a VQ-VAE (its codebook would still move in the forward pass), or
+                ``phase.train`` unset.
         """
         if self.model.quantizer is not None:
             raise InputError("decoder-only fine-tuning is for the vaegan kind, not vqvae")
-        self.model.encoder.requires_grad_(False)
-        self.model.z_embed.requires_grad_(False)
         if phase.train is None:
             raise InputError("decoder_finetune.train is not set: the phase is off")
+        self.model.encoder.requires_grad_(False)
+        self.model.z_embed.requires_grad_(False)
         decoder = [p for p in self.model.parameters() if p.requires_grad]
         train = phase.train
         self.optimizers["model"] = adamw(decoder, train.lr, train.weight_decay, _BETAS)
