@@ -174,9 +174,9 @@ def score_model(model: Path, ctx: dict[str, Any]) -> dict[str, Any]:
     """:func:`score` of a model file's slices, made as ``evaluate`` makes them on z alone:
     one per test slice, and one per judge training row."""
     real, train, n_slices, seed = ctx["real"], ctx["train"], ctx["n_slices"], ctx["seed"]
-    made, _ = generate_like(model, real.z_index, n_slices, seed, ctx["device"])
-    judge_z = train.z_index[ctx["judge_rows"]]
-    fakes, _ = generate_like(model, judge_z, n_slices, seed + 1, ctx["device"])
+    generator = load_generator(model, ctx["device"])
+    made, _ = generate_like(generator, real.z_index, n_slices, seed)
+    fakes, _ = generate_like(generator, train.z_index[ctx["judge_rows"]], n_slices, seed + 1)
     return score(made.images, real.z_index, fakes.images, ctx)
 
 

@@ -15,6 +15,7 @@ from pipeline.core.checkpoint import CheckpointError
 from pipeline.core.config import C2STConfig, EvaluateConfig, ZProbeConfig, params_from_dict
 from pipeline.core.identity import file_sha256
 from pipeline.data.datasets import EvalData, SliceDataset
+from pipeline.evaluation import evaluate as evaluate_module
 from pipeline.evaluation.evaluate import (
     EvaluatePaths,
     ceiling_reconstructions,
@@ -25,6 +26,7 @@ from pipeline.evaluation.evaluate import (
     set_figures,
     split_halves,
 )
+from pipeline.inference.sampling import GeneratorModel, load_generator
 from pipeline.inference.texture import noise_sigma
 from pipeline.metrics.c2st import blur
 from pipeline.models.autoencoder import Autoencoder
@@ -208,7 +210,16 @@ def test_ceiling_reconstructions_decode_as_the_generator_decodes() -> None:
     )
 
 
-def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> None:
+def test_stage_writes_metrics_json_layout_and_per_z_curves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[str] = []
+
+    def counting_load(path: Path, device: torch.device) -> GeneratorModel:
+        loads.append(Path(path).stem)
+        return load_generator(path, device)
+
+    monkeypatch.setattr(evaluate_module, "load_generator", counting_load)
     _write_split(tmp_path / "data" / "prepared" / "test")
     _write_split(tmp_path / "data" / "prepared" / "train")
     _write_split(tmp_path / "data" / "prepared" / "val")
@@ -224,6 +235,7 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(tmp_path: Path) -> No
     run = RecordingRun("evaluate")
     metrics = evaluate(params, run=run, device=torch.device("cpu"), paths=paths)
 
+    assert sorted(loads) == ["ldm", "pixelcnn"]  # each generator file is read once
     saved = json.loads(paths.metrics.read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert set(saved) == {"real", "blurred_real", "ldm", "pixelcnn", "ae_vqvae", "ae_vaegan"}

@@ -80,6 +80,7 @@ from pipeline.core.tracking import StageRun, flatten
 from pipeline.data.datasets import EVAL_BATCH, EvalData, SliceDataset
 from pipeline.evaluation.label_fidelity import fidelity_summary, label_fidelity
 from pipeline.inference.sampling import (
+    GeneratorModel,
     Samples,
     SamplingSettings,
     load_generator,
@@ -231,33 +232,30 @@ def zprobe_errors(
 
 
 def generate_like(
-    generator_path: Path,
+    generator: GeneratorModel,
     z_index: torch.Tensor,
     n_slices: int,
     seed: int,
-    device: torch.device,
     *,
     manifest: pd.DataFrame | None = None,
     masks: bool = False,
-) -> tuple[Samples, dict[str, Any]]:
+) -> tuple[Samples, float]:
     """Generate one slice per real slice: at its z level and, for a covariate-conditioned
     generator, at its covariates (the generator's default sampling settings).
 
     Args:
-        generator_path: ``models/ldm.pt`` or ``models/pixelcnn.pt``.
+        generator: a loaded generator (:func:`~pipeline.inference.sampling.load_generator`).
         z_index: (N,) slice indices of the real slices to match.
         n_slices: K.
         seed: sampling seed.
-        device: where to sample.
         manifest: the real slices' manifest rows (row i ↔ ``z_index[i]``), whose ``age``,
             ``sex``, ``cdr``... columns are the covariates asked for; None: z alone.
         masks: also decode each slice's tissue labels, where the generator makes them.
 
     Returns:
-        (:class:`~pipeline.inference.sampling.Samples`, row i for real slice i; provenance:
-        checkpoint and autoencoder sha256, sampling settings, seconds).
+        (:class:`~pipeline.inference.sampling.Samples`, row i for real slice i; the seconds
+        sampling took).
     """
-    generator = load_generator(generator_path, device)
     codes = None
     if manifest is not None and generator.schema:
         codes = torch.from_numpy(covariate_codes(manifest, generator.schema))
@@ -269,17 +267,20 @@ def generate_like(
         covariates=codes,
         masks=masks and generator.tissue_labels,
     )
-    seconds = time.perf_counter() - started
-    provenance = {
-        "checkpoint_sha256": file_sha256(generator_path),
+    return samples, time.perf_counter() - started
+
+
+def provenance(generator: GeneratorModel, path: Path) -> dict[str, Any]:
+    """What made a generator's slices: checkpoint and autoencoder sha256, latent source,
+    finishing, posterior std and sampling settings (``metrics.json``)."""
+    return {
+        "checkpoint_sha256": file_sha256(path),
         "autoencoder_sha256": generator.metadata.get("autoencoder_sha256"),
         "latent_source": generator.codec.autoencoder.kind,
         "texture": generator.texture._asdict(),
         "posterior_std": generator.codec.posterior_std,
         "sampling": SamplingSettings.resolve(generator).as_dict(),
-        "sample_seconds": seconds,
     }
-    return samples, provenance
 
 
 def set_figures(
@@ -686,21 +687,21 @@ def evaluate(
     test_manifest, train_manifest = test_set.manifest, train_set.manifest
     judge_rows = judge_train_rows(len(train.image), cfg.c2st.train_samples, seed)
     synthetic: dict[str, Samples] = {}  # per generator: one slice per test slice (its labels)
-    for name in GENERATORS:
-        path = paths.models / f"{name}.pt"
-        synthetic[name], provenance = generate_like(
-            path, real.z_index, n_slices, seed, device, manifest=test_manifest, masks=True
+    generators = {name: load_generator(paths.models / f"{name}.pt", device) for name in GENERATORS}
+    for name, generator in generators.items():
+        synthetic[name], seconds = generate_like(
+            generator, real.z_index, n_slices, seed, manifest=test_manifest, masks=True
         )
         images = synthetic[name].images
         metrics[name], new = set_figures(real, images, real.z_index, **scoring)
-        metrics[name] |= provenance | probe_sha
+        metrics[name] |= provenance(generator, paths.models / f"{name}.pt") | probe_sha
+        metrics[name]["sample_seconds"] = seconds
         _merge(curves, name, new)
         judge_fakes, _ = generate_like(
-            path,
+            generator,
             train.z_index[judge_rows],
             n_slices,
             seed + 1,
-            device,
             manifest=train_manifest.iloc[judge_rows.numpy()],
         )
         judges += judge_jobs(name, train.image, judge_fakes.images, real.image, images, **judging)
@@ -727,9 +728,9 @@ def evaluate(
         )
     covariate_probe, segmenter = _label_probes(paths.models, device)
     train_labels = CovariateLabels.from_manifest(train_manifest)
-    for name in GENERATORS:
+    for name, generator in generators.items():
         metrics[name]["labels"], figures = label_fidelity(
-            load_generator(paths.models / f"{name}.pt", device),
+            generator,
             real,
             test_manifest,
             probe=covariate_probe,
@@ -746,8 +747,7 @@ def evaluate(
     # each autoencoder's reconstructions decoded and finished as the generator on its latents
     # decodes and finishes slices
     finishing: dict[str, tuple[LatentCodec, Texture, bool]] = {}
-    for name in GENERATORS:
-        gm = load_generator(paths.models / f"{name}.pt", device)
+    for gm in generators.values():
         trained_on_samples = bool(getattr(gm.config, "posterior_samples", False))
         finishing[gm.codec.autoencoder.kind] = (gm.codec, gm.texture, trained_on_samples)
     for kind in params.autoencoder.kinds:
