@@ -157,3 +157,25 @@ def test_ema_codebook_converges_to_cluster_means() -> None:
     for _ in range(40):
         vq(x)
     torch.testing.assert_close(vq.codebook.flatten(), torch.tensor([-3.0, 4.0]), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["vqvae", "vaegan"])
+def test_relu_output_draws_exact_zeros_and_keeps_the_rest(kind: str) -> None:
+    """``output_activation: relu`` clips the image (not the tissue logits) at 0; ``none`` keeps
+    the output conv's value."""
+    torch.manual_seed(0)
+    plain = _model(kind, tissue_weight=1.0).eval()
+    relu = _model(kind, tissue_weight=1.0, output_activation="relu").eval()
+    relu.load_state_dict(plain.state_dict())
+    x, z = _batch()
+    with torch.no_grad():
+        latent = plain.encode_to_latent(x, z)
+        raw, raw_logits = plain.decode_with_tissue(latent, z)
+        out, logits = relu.decode_with_tissue(latent, z)
+        assert (raw < 0).any()  # an untrained decoder gives negatives: the test can fail
+        torch.testing.assert_close(out, raw.clamp_min(0))
+        torch.testing.assert_close(relu.decode_from_latent(latent, z), out)
+        assert raw_logits is not None and logits is not None
+        torch.testing.assert_close(logits, raw_logits)  # the tissue head is untouched
+    with pytest.raises(ValueError, match="output_activation"):
+        _cfg(output_activation="tanh")
