@@ -324,8 +324,8 @@ class AutoencoderConfig(_Section):
             value. ``relu``: ``max(0, value)``, so the decoder can draw the exact-zero
             background of skull-stripped slices (64 % of the demo's pixels). Measured, not
             yet the default (scratch runs of the demo recipe, 2 threads, stand-in cohort;
-            README, "A ReLU on the decoder's output"): test PSNR +1.3 to +1.5 dB and LPIPS
-            -25 to -30 % in all three runs (VQ-VAE seeds 0 and 1, VAE-GAN seed 0), no
+            README, "A ReLU on the decoder's output"): test PSNR +1.3 to +1.7 dB and LPIPS
+            -25 to -30 % in all four runs (VQ-VAE seeds 0-2, VAE-GAN seed 0), no
             background haze left to clear, and the VAE-GAN ceiling's blurred judge 0.83 ->
             0.52 on a posterior sample.
         vq: vector quantiser settings.
