@@ -75,7 +75,11 @@ SamplerOpt = Annotated[
 ]
 GuidanceOpt = Annotated[
     float | None,
-    typer.Option("--guidance", help="Classifier-free guidance weight (ldm; default from model)."),
+    typer.Option(
+        "--guidance",
+        help="Classifier-free guidance weight (ldm: z and covariates; pixelcnn: "
+        "covariates; default from model).",
+    ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (>= 0).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]

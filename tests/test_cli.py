@@ -95,7 +95,7 @@ def test_generate_writes_files_and_manifest(project) -> None:
         (["--device", "tpu"], "--device must be one of"),
         (["--prefix", "../up"], "prefix must be"),
         (["--per-z", "0"], "per_z must be"),
-        (["--model", "pixelcnn", "--guidance", "2"], "guidance=2.0 does not apply"),
+        (["--model", "pixelcnn", "--steps", "20"], "steps=20 does not apply"),
     ],
 )
 def test_generate_user_errors_are_one_line(project, args, message) -> None:

@@ -104,12 +104,13 @@ def test_manifest_records_the_posterior_std_each_slice_was_decoded_with(
     assert float(read_manifest(pixelcnn.manifest)[0]["posterior_std"]) == 0.0
 
 
-def test_pixelcnn_generates_and_refuses_ldm_settings(tiny_generators, tmp_path) -> None:
+def test_pixelcnn_generates_and_refuses_ldm_only_settings(tiny_generators, tmp_path) -> None:
     model = tiny_generators["pixelcnn"]
     result = generate(model, "0,3", 1, 0, tmp_path, progress=False, device="cpu")
     rows = read_manifest(result.manifest)
     assert [r["file"] for r in rows] == ["pixelcnn_s0_z000_0000.png", "pixelcnn_s0_z003_0000.png"]
-    assert rows[0]["steps"] == rows[0]["guidance"] == rows[0]["sampler"] == ""
+    assert rows[0]["steps"] == rows[0]["sampler"] == ""
+    assert float(rows[0]["guidance"]) == 1.0  # covariate guidance: the model's default
     with pytest.raises(ValueError, match="steps"):
         generate(model, "0", 1, 0, tmp_path / "x", steps=3, progress=False, device="cpu")
     with pytest.raises(ValueError, match="sampler"):

@@ -372,6 +372,12 @@ class PriorConfig(_Section):
         kernel_size: receptive-field kernel size (odd).
         temperature: default sampling temperature.
         top_k: default top-k (``null`` samples from the full distribution).
+        guidance: default classifier-free guidance weight on the covariates, >= 0. Each code
+            is drawn from ``unknown + w * (given - unknown)`` logits: those of the grid with
+            the covariates asked for and with every covariate unknown (the prior learns both
+            through ``conditioning.covariate_dropout``), z given in both. 1 (the default of
+            files made before the key existed) draws from the conditional logits alone, at
+            one forward pass per code instead of two.
         mirror_augment: also train on the code grids of the left-right mirrored training
             slices (encoded by the same VQ-VAE): twice the grids, all plausible anatomy.
         shift_augment_px: also train on copies shifted by this many pixels up, down, left
@@ -387,6 +393,7 @@ class PriorConfig(_Section):
     shift_augment_px: int = Field(0, ge=0)
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)
+    guidance: float = Field(1.0, ge=0, allow_inf_nan=False)
     train: TrainConfig = TrainConfig()
 
 

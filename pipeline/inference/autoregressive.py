@@ -21,6 +21,7 @@ thread, 90 s on two threads of a loaded 2-core machine).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -32,7 +33,7 @@ from pipeline.models.pixelcnn import GatedPixelCNN
 
 
 def _check_sampling_args(
-    shape: tuple[int, int], temperature: float, top_k: int | None, num_codes: int
+    shape: tuple[int, int], temperature: float, top_k: int | None, num_codes: int, guidance: float
 ) -> None:
     if len(shape) != 2 or min(shape) < 1:
         raise InputError(f"shape must be (h, w) with positive sides, got {shape!r}")
@@ -42,6 +43,8 @@ def _check_sampling_args(
         raise InputError(
             f"top_k must be in [1, {num_codes}] (the number of codes) or None, got {top_k!r}"
         )
+    if not guidance >= 0:
+        raise InputError(f"guidance must be >= 0 (1 = conditional only), got {guidance!r}")
 
 
 def draw(
@@ -92,6 +95,7 @@ def sample_codes(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     covariates: torch.Tensor | None = None,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """Sample code grids for a batch of slice positions at once, in raster order.
 
@@ -107,20 +111,30 @@ def sample_codes(
             None uses the global RNG.
         covariates: optional (B, n) covariate codes of the samples (NaN = unconditioned);
             None leaves every covariate unknown.
+        guidance: >= 0; classifier-free guidance on the covariates: each code is drawn from
+            ``unknown + guidance * (given - unknown)`` logits, those of the same grid with
+            ``covariates`` and with every covariate unknown (z given in both; the batch runs
+            twice). 1 (default), or no ``covariates``: the conditional logits alone.
 
     Returns:
         (B, h, w) int64 codes in [0, K), on the model's device.
 
     Raises:
-        ValueError: z outside [0, 1], a bad shape, temperature <= 0 or top_k outside [1, K].
+        ValueError: z outside [0, 1], a bad shape, temperature <= 0, top_k outside [1, K]
+            or guidance < 0.
     """
     z = check_z(z).flatten()
-    _check_sampling_args(shape, temperature, top_k, model.num_codes)
+    _check_sampling_args(shape, temperature, top_k, model.num_codes, guidance)
     device = model.output_bias.device
     with _single_threaded_on_cpu(device):
         if covariates is not None:
             covariates = covariates.to(device)
-        return _sample(model, z.to(device), shape, temperature, top_k, generator, covariates)
+        if covariates is None or guidance == 1.0:
+            return _sample(model, z.to(device), shape, temperature, top_k, generator, covariates)
+        both = torch.cat([covariates, torch.full_like(covariates, math.nan)])
+        zz = torch.cat([z, z]).to(device)
+        codes = _sample(model, zz, shape, temperature, top_k, generator, both, guidance)
+        return codes[: len(z)]
 
 
 @torch.no_grad()
@@ -132,8 +146,14 @@ def _sample(
     top_k: int | None,
     generator: torch.Generator | None,
     covariates: torch.Tensor | None,
+    guidance: float | None = None,
 ) -> torch.Tensor:
-    """The sampling loop of :func:`sample_codes` (arguments already checked)."""
+    """The sampling loop of :func:`sample_codes` (arguments already checked).
+
+    With ``guidance``, rows ``[:B/2]`` are the guided grids and ``[B/2:]`` the same grids
+    with every covariate unknown: each code is drawn once from the mixed logits and written
+    into both halves.
+    """
     device, dtype = model.output_bias.device, model.output_bias.dtype
     rows, cols = shape
     batch, channels = z.shape[0], model.channels
@@ -171,7 +191,12 @@ def _sample(
                 if i + 1 < n:
                     h_row[i + 1][:, :, c + p] = out
             logits = model.head_step(out, output_table)
-            codes[:, r, c] = draw(logits, temperature, top_k, generator)
+            if guidance is None:
+                codes[:, r, c] = draw(logits, temperature, top_k, generator)
+            else:
+                given, unknown = logits.chunk(2)
+                drawn = draw(unknown + guidance * (given - unknown), temperature, top_k, generator)
+                codes[:, r, c] = drawn.repeat(2)
             h_row[0][:, :, c + p] = input_table[codes[:, r, c]]
         if r + 1 == rows:
             break

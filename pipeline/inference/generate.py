@@ -359,7 +359,8 @@ def generate(
             (``.nii.gz`` float32 in [0, 1], RAS, spacing from :func:`output_spacing`) or
             ``both``.
         steps: sampling steps (ldm; default the model's ``sample_steps``).
-        guidance: classifier-free guidance weight (ldm; default the model's ``guidance``).
+        guidance: classifier-free guidance weight (ldm: z and covariates; pixelcnn: covariates;
+            default the model's ``guidance``).
         sampler: ``ddim`` or ``pndm`` (ldm; default the model's ``sampler``).
         volume: also write, for each sample index, the requested levels stacked bottom to
             top as one pseudo-volume NIfTI (slices of different samples are unrelated

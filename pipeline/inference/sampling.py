@@ -112,7 +112,8 @@ class SamplingSettings:
     Attributes:
         sampler: ``ddim`` or ``pndm`` (ldm; None for pixelcnn).
         steps: sampling steps (ldm).
-        guidance: classifier-free guidance weight (ldm).
+        guidance: classifier-free guidance weight (ldm: on z and the covariates; pixelcnn: on
+            the covariates, :func:`~pipeline.inference.autoregressive.sample_codes`).
         guidance_min_t: first guided timestep (ldm; the model's ``guidance_min_t``).
         temperature: sampling temperature (pixelcnn).
         top_k: sample among the k most likely codes, None for all (pixelcnn).
@@ -156,7 +157,7 @@ class SamplingSettings:
         }
         foreign = {
             "ldm": ("temperature", "top_k"),
-            "pixelcnn": ("steps", "guidance", "guidance_min_t", "sampler"),
+            "pixelcnn": ("steps", "guidance_min_t", "sampler"),
         }
         for name in foreign[model.kind]:
             if given[name] is not None:
@@ -178,6 +179,7 @@ class SamplingSettings:
                 guidance_min_t=cfg.guidance_min_t if guidance_min_t is None else guidance_min_t,
             )
         return cls(
+            guidance=cfg.guidance if guidance is None else guidance,
             temperature=cfg.temperature if temperature is None else temperature,
             top_k=cfg.top_k if top_k is None else top_k,
         )
@@ -381,6 +383,7 @@ def sample_slices(
                 top_k=s.top_k,
                 generator=gen,
                 covariates=cb,
+                guidance=s.guidance,  # type: ignore[arg-type]
             )
             decode, decode_with_tissue = gm.codec.decode_codes, gm.codec.decode_codes_with_tissue
         if masks:  # the tissue map comes from the same decoder pass as the image
