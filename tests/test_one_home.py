@@ -56,7 +56,10 @@ def test_sampling_settings_resolve_steps_for_the_sampler_they_were_tuned_for(
     prior = load_generator(tiny_generators["pixelcnn"])
     with pytest.raises(InputError, match="guidance_min_t"):
         SamplingSettings.resolve(prior, guidance_min_t=500)
-    assert SamplingSettings.resolve(prior).as_dict() == {"temperature": prior.config.temperature}
+    assert SamplingSettings.resolve(prior).as_dict() == {
+        "guidance": prior.config.guidance,  # covariate guidance (PixelCNN)
+        "temperature": prior.config.temperature,
+    }
 
 
 def test_sdedit_and_inpaint_run_ddim_steps_not_the_pndm_ones(
