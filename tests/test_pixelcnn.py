@@ -193,7 +193,7 @@ def test_covariate_guidance_1_is_the_conditional_sampler() -> None:
     torch.testing.assert_close(draw(3.0, None), draw(1.0, None))
 
 
-def test_covariate_guidance_draws_from_the_mixed_logits(monkeypatch) -> None:
+def test_covariate_guidance_draws_from_the_mixed_logits() -> None:
     """top_k = 1 makes the draw the argmax: each guided code is the argmax of
     unknown + w * (given - unknown) logits of the full network at that position."""
     model, covariates = _covariate_model()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.core.errors import InputError
-from pipeline.models.conditioning import check_z
+from pipeline.models.conditioning import check_z, guide
 from pipeline.models.pixelcnn import GatedPixelCNN
 
 
@@ -194,8 +194,7 @@ def _sample(
             if guidance is None:
                 codes[:, r, c] = draw(logits, temperature, top_k, generator)
             else:
-                given, unknown = logits.chunk(2)
-                drawn = draw(unknown + guidance * (given - unknown), temperature, top_k, generator)
+                drawn = draw(guide(logits, guidance), temperature, top_k, generator)
                 codes[:, r, c] = drawn.repeat(2)
             h_row[0][:, :, c + p] = input_table[codes[:, r, c]]
         if r + 1 == rows:

@@ -41,6 +41,7 @@ from torch import nn
 
 from pipeline.core.config import LDMConfig, LossWeighting, Sampler
 from pipeline.core.errors import InputError
+from pipeline.models.conditioning import guide
 
 SchedulerT = TypeVar("SchedulerT", bound=Scheduler)
 
@@ -272,8 +273,7 @@ def guided_output(
         return unet(x, t, z, torch.zeros(batch, dtype=torch.bool, device=x.device))
     drop = torch.arange(2 * batch, device=x.device) >= batch
     out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z]), drop)
-    cond, uncond = out.chunk(2)
-    return uncond + guidance * (cond - uncond)
+    return guide(out, guidance)
 
 
 def step_guidance(t: int, guidance: float, guidance_min_t: int) -> float:

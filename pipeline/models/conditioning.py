@@ -236,3 +236,18 @@ def drop_covariates(
         return covariates
     keep = torch.rand(covariates.shape, generator=generator, device=covariates.device) >= p
     return torch.where(keep, covariates, torch.full_like(covariates, math.nan))
+
+
+def guide(outputs: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022) of one doubled-batch forward pass.
+
+    Args:
+        outputs: (2B, ...) a network's outputs, rows ``[:B]`` with the condition given and
+            rows ``[B:]`` the same inputs with it dropped (null z or unknown covariates).
+        guidance: weight w; 1 gives the conditional rows, 0 the unconditional ones.
+
+    Returns:
+        (B, ...) ``u + w (c - u)``, c and u the conditional and unconditional rows.
+    """
+    cond, uncond = outputs.chunk(2)
+    return uncond + guidance * (cond - uncond)
