@@ -132,6 +132,46 @@ def test_fit_lowers_loss_and_logs(tmp_path) -> None:
     assert any("val" in m for _, m in run.metrics)
 
 
+class _StepSpy(_Regression):
+    """Records how many training steps ran before each call of a patched take_freed_cores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps_run = 0
+
+    def train_step(self, batch, step, optim: Optimization) -> dict[str, float]:
+        self.steps_run += 1
+        return super().train_step(batch, step, optim)
+
+
+@pytest.mark.parametrize(
+    ("join_at", "resume_from", "expected"), [(4, 0, [4]), (None, 0, []), (4, 10, [0])]
+)
+def test_fit_joins_the_freed_cores_once_at_the_configured_step(
+    tmp_path, monkeypatch, join_at, resume_from, expected
+) -> None:
+    """``join_freed_cores_at``: the loop calls take_freed_cores once, before that step (at once
+    on a resume past it), and never without the setting."""
+    data = _Points()
+    if resume_from:  # a run killed at 15, its checkpoint at 10
+        with pytest.raises(KeyboardInterrupt):
+            _fit(
+                _Regression(),
+                data,
+                _cfg(),
+                tmp_path,
+                evaluate=lambda step, ema: (_ for _ in ()).throw(KeyboardInterrupt),
+            )
+    task = _StepSpy()
+    calls: list[int] = []
+    monkeypatch.setattr(
+        "pipeline.training.loop.take_freed_cores", lambda: calls.append(task.steps_run)
+    )
+    result = _fit(task, data, _cfg(join_freed_cores_at=join_at), tmp_path)
+    assert result.step == 30 and result.resumed_from == resume_from
+    assert calls == expected
+
+
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path) -> None:
     data = _Points()
     straight = _Regression()

@@ -173,6 +173,11 @@ class TrainConfig(_Section):
         cpu_bf16: bf16 autocast on the CPU too (it is always on on CUDA), where the CPU
             computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower,
             so the loop stays in fp32 there and says so.
+        join_freed_cores_at: side by side on the CPU, the step at which this training waits
+            for its sibling trainings to finish and then runs on every usable core
+            (:func:`pipeline.training.concurrency.take_freed_cores`); a fixed step, so every
+            run changes its thread count at the same point. ``null``: never. Ignored when the
+            training runs alone, on CUDA or under torchrun.
     """
 
     steps: int = Field(1000, ge=1)
@@ -190,6 +195,7 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(5, ge=1)
     compile: bool = False
     cpu_bf16: bool = False
+    join_freed_cores_at: int | None = Field(None, ge=0)
 
 
 class VQConfig(_Section):

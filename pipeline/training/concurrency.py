@@ -24,11 +24,13 @@ A child keeps its thread count within a training phase: the weights a CPU traini
 depend on it (oneDNN and the plain convolution kernels sum in different orders), so a child
 that took the freed cores the moment its sibling finished would give results that depend on
 which step that happened at. Between two phases of one training (the VAE-GAN's decoder-only
-phase), a child may call :func:`take_freed_cores`: it waits until every sibling has finished
-and then uses all the cores, so the later phase always runs with the same thread count and
-the cores a finished sibling leaves do not idle. The parent tells the children where it marks
-finished siblings (``BRAINGEN_DONE_DIR``) and how many there are (``BRAINGEN_SIBLINGS``). The
-final thread count is recorded in the model file's metadata (``torch_threads``).
+phase), or at a fixed step of one (``train.join_freed_cores_at``: the PixelCNN prior, which
+outlasts the LDM beside it), a child may call :func:`take_freed_cores`: it waits until every
+sibling has finished and then uses all the cores, so the rest of the training always runs
+with the same thread count and the cores a finished sibling leaves do not idle. The parent
+tells the children where it marks finished siblings (``BRAINGEN_DONE_DIR``) and how many there
+are (``BRAINGEN_SIBLINGS``). The final thread count is recorded in the model file's metadata
+(``torch_threads``).
 
 If one child fails, the others are stopped (each resumes from its last checkpoint when the
 stage is re-run); if this process is interrupted or terminated, so are they.
@@ -163,8 +165,8 @@ def side_by_side_envs(
 
 
 def take_freed_cores(environ: Mapping[str, str] | None = None) -> int | None:
-    """In a side-by-side CPU child, between two training phases: wait until every sibling has
-    finished, then use all usable cores (module docstring).
+    """In a side-by-side CPU child, between two training phases or at a fixed step of one: wait
+    until every sibling has finished, then use all usable cores (module docstring).
 
     The wait makes the next phase's thread count the same on every run, whichever child
     finishes first. Outside a side-by-side CPU child (run alone, on CUDA, under torchrun) it

@@ -45,6 +45,7 @@ from pipeline.core.config import TrainConfig
 from pipeline.core.device import seed_everything
 from pipeline.core.errors import BraingenError, InputError
 from pipeline.core.tracking import StageRun, params_hash
+from pipeline.training.concurrency import take_freed_cores
 
 logger = logging.getLogger(__name__)
 
@@ -436,8 +437,12 @@ def fit(
         logger.warning("cpu_bf16: this CPU has no native bf16 (AVX512-BF16, AMX); training in fp32")
     bar = tqdm(total=cfg.steps, initial=start, disable=not show, desc=run.run_name)
     step = start
+    joined = cfg.join_freed_cores_at is None
     task.train()
     while step < cfg.steps:
+        if not joined and step >= cfg.join_freed_cores_at:  # type: ignore[operator]
+            take_freed_cores()  # the siblings' cores, from the same step on every run
+            joined = True
         lr_now = lr_factor(step, cfg) * lr_scale
         for opt in task.optimizers.values():
             for group in opt.param_groups:
