@@ -68,6 +68,25 @@ def test_every_layer_is_conditioned_on_z() -> None:
     assert not torch.allclose(same[0], same[1])
 
 
+def test_dropout_acts_in_training_only() -> None:
+    """``prior.dropout``: training forwards drop features (two passes differ); in eval mode the
+    network equals the same weights without dropout, so sampling is unchanged."""
+    torch.manual_seed(0)
+    with_dropout = GatedPixelCNN(
+        6, PriorConfig(channels=8, n_layers=2, kernel_size=3, dropout=0.5), COND
+    )
+    plain = _model()
+    plain.load_state_dict(with_dropout.state_dict())
+    codes = torch.randint(0, 6, (2, 5, 5), generator=torch.Generator().manual_seed(1))
+    z = torch.tensor([0.2, 0.8])
+    with torch.no_grad():
+        torch.testing.assert_close(with_dropout.eval()(codes, z), plain(codes, z))
+        with_dropout.train()
+        assert not torch.allclose(with_dropout(codes, z), with_dropout(codes, z))
+    with pytest.raises(ValueError):
+        PriorConfig(dropout=1.0)
+
+
 def _sharp_model() -> GatedPixelCNN:
     """A random model with confident, position- and z-dependent predictions."""
     model = _model(n_layers=2, kernel_size=5, num_codes=12)

@@ -386,6 +386,8 @@ class PriorConfig(_Section):
             one forward pass per code instead of two.
         mirror_augment: also train on the code grids of the left-right mirrored training
             slices (encoded by the same VQ-VAE): twice the grids, all plausible anatomy.
+        dropout: dropout probability on each gated layer's horizontal output in training
+            (0: none); against learning the training grids by heart.
         shift_augment_px: also train on copies shifted by this many pixels up, down, left
             and right (of the slices and, with ``mirror_augment``, of the mirrored ones);
             0 turns shifts off.
@@ -397,6 +399,7 @@ class PriorConfig(_Section):
     kernel_size: int = Field(5, ge=3)
     mirror_augment: bool = True
     shift_augment_px: int = Field(0, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)
     guidance: float = Field(1.0, ge=0, allow_inf_nan=False)

@@ -163,10 +163,19 @@ class GatedLayer(nn.Module):
         kernel_size: k, odd, >= 3.
         cond_channels: width of the conditioning map (:class:`PositionAndZ`).
         mask_type: ``"A"`` for the first layer (excludes the current position), else ``"B"``.
+        dropout: dropout probability on the horizontal stack's output in training (0: none).
     """
 
-    def __init__(self, channels: int, kernel_size: int, cond_channels: int, mask_type: str) -> None:
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        cond_channels: int,
+        mask_type: str,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
+        self.dropout = dropout
         if mask_type not in ("A", "B"):
             raise InputError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
         if kernel_size < 3 or kernel_size % 2 == 0:
@@ -241,6 +250,8 @@ class GatedLayer(nn.Module):
         """
         pre = self.h_conv(h_padded) + v_term
         out = self.h_out(gate(pre))
+        if self.dropout and self.training:  # no draw at all without dropout
+            out = F.dropout(out, self.dropout)
         return h_in + out if self.residual else out
 
     def horizontal_step(
@@ -326,7 +337,7 @@ class GatedPixelCNN(nn.Module):
         self.z_embedding = Conditioner(conditioning, schema)
         self.condition = PositionAndZ(conditioning.dim, c)
         self.layers = nn.ModuleList(
-            GatedLayer(c, config.kernel_size, c, "A" if i == 0 else "B")
+            GatedLayer(c, config.kernel_size, c, "A" if i == 0 else "B", config.dropout)
             for i in range(config.n_layers + 1)
         )
         self.head_hidden = nn.Conv2d(c, c, 1)
