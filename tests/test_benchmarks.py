@@ -19,7 +19,10 @@ from benchmarks.measure import PeakMemory, Row, interleaved
 from benchmarks.monai_models import closest_width
 from benchmarks.rows import autocast
 from benchmarks.run import fmt, main, markdown
+from benchmarks.sampling_sweep import markdown as sweep_markdown
+from benchmarks.sampling_sweep import parse_settings, seed_row, setting_name, summarise
 from pipeline.core.config import TrainConfig, load_params
+from pipeline.core.errors import InputError
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.training import loop
 
@@ -181,3 +184,47 @@ def test_measured_steps_run_under_the_training_loops_autocast(
         dtype = torch.get_autocast_dtype("cpu")
     assert (dtype if enabled else None) == expected
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_sweep_settings_parse_and_refuse_malformed_pairs() -> None:
+    parsed = parse_settings("guidance=3,temperature=0.9; guidance=1.5 ;; top_k=4,sampler=ddim")
+    assert parsed == [
+        {"guidance": 3.0, "temperature": 0.9},
+        {"guidance": 1.5},
+        {},
+        {"top_k": 4, "sampler": "ddim"},
+    ]
+    assert [setting_name(s) for s in parsed] == [
+        "guidance=3, temperature=0.9",
+        "guidance=1.5",
+        "defaults",
+        "top_k=4, sampler=ddim",
+    ]
+    assert parse_settings("") == [{}]
+    assert parse_settings("guidance=2; guidance=2") == [{"guidance": 2.0}]
+    with pytest.raises(InputError, match="key=value"):
+        parse_settings("guidance")
+    with pytest.raises(InputError, match="twice"):
+        parse_settings("guidance=1,guidance=2")
+
+
+def test_sweep_judges_each_seed_against_the_report_bars_and_counts_them() -> None:
+    metrics = {
+        "real": {"split_halves": {"fd_alex": 10.0}, "other_subjects": {"fd_alex": 6.0}},
+        "ae_vqvae": {"c2st": {"blur": {"auc": 0.6}}},
+    }
+    same_size = "fd_alex, same set size (real: other subjects)"
+    good = seed_row({"fd_alex": 11.0, "c2st": {"blur": {"auc": 0.7}}}, metrics, "pixelcnn")
+    poor = seed_row({"fd_alex": 13.0, "c2st": {"blur": {"auc": 0.9}}}, metrics, "pixelcnn")
+    assert good["short"] == [] and same_size in good["passed"]  # 11 <= 2 x 6
+    assert set(poor["short"]) == {same_size, "realism, anatomy (C2ST AUC, blurred)"}
+    assert good["figures"]["fd_alex"] == 11.0 and good["figures"]["CDR AUC"] is None
+    summary = summarise([good, poor])
+    assert summary["all_bars_met"] == 1 and summary["n_seeds"] == 2
+    assert summary["figures"]["fd_alex"] == {"mean": 12.0, "min": 11.0, "max": 13.0}
+    assert "CDR AUC" not in summary["figures"]  # never measured: no column figure
+    assert summary["short"][same_size] == 1
+    assert summary["judged"] == 3  # fd_alex twice and the blurred judge; the rest unmeasured
+    text = sweep_markdown("pixelcnn", {"guidance=1.5": {"summary": summary}}, [0, 1])
+    assert "| guidance=1.5 | 1 of 2 | 12.00 (11.00–13.00) |" in text
+    assert f"{same_size} (1)" in text

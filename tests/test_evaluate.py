@@ -11,12 +11,20 @@ import pytest
 import torch
 from support import TINY_AE, TINY_COND, TINY_LDM, RecordingRun, write_tiny_generators
 
+from benchmarks.sampling_sweep import sweep
 from pipeline.core.checkpoint import CheckpointError
-from pipeline.core.config import C2STConfig, EvaluateConfig, ZProbeConfig, params_from_dict
+from pipeline.core.config import (
+    C2STConfig,
+    EvaluateConfig,
+    Params,
+    ZProbeConfig,
+    params_from_dict,
+)
 from pipeline.core.identity import file_sha256
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.evaluation import evaluate as evaluate_module
 from pipeline.evaluation.evaluate import (
+    EvalContext,
     EvaluatePaths,
     ceiling_reconstructions,
     evaluate,
@@ -210,6 +218,21 @@ def test_ceiling_reconstructions_decode_as_the_generator_decodes() -> None:
     )
 
 
+def _stage_inputs(root: Path) -> tuple[Params, EvaluatePaths]:
+    """Every split, untrained model files and the params of a CPU run under ``root``."""
+    for split in ("test", "train", "val"):
+        _write_split(root / "data" / "prepared" / split)
+    _write_models(root / "models")
+    params = params_from_dict(
+        {
+            "device": "cpu",
+            "prepare": {"n_slices": K, "image_size": SIZE},
+            "evaluate": EVAL.model_dump(),
+        }
+    )
+    return params, EvaluatePaths.standard("data/prepared", root=root)
+
+
 def test_stage_writes_metrics_json_layout_and_per_z_curves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -220,18 +243,7 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(
         return load_generator(path, device)
 
     monkeypatch.setattr(evaluate_module, "load_generator", counting_load)
-    _write_split(tmp_path / "data" / "prepared" / "test")
-    _write_split(tmp_path / "data" / "prepared" / "train")
-    _write_split(tmp_path / "data" / "prepared" / "val")
-    _write_models(tmp_path / "models")
-    params = params_from_dict(
-        {
-            "device": "cpu",
-            "prepare": {"n_slices": K, "image_size": SIZE},
-            "evaluate": EVAL.model_dump(),
-        }
-    )
-    paths = EvaluatePaths.standard("data/prepared", root=tmp_path)
+    params, paths = _stage_inputs(tmp_path)
     run = RecordingRun("evaluate")
     metrics = evaluate(params, run=run, device=torch.device("cpu"), paths=paths)
 
@@ -319,3 +331,36 @@ def test_stage_refuses_a_probe_for_other_slice_levels(tmp_path: Path) -> None:
     paths = EvaluatePaths.standard("data/prepared", root=tmp_path)
     with pytest.raises(CheckpointError, match="re-run train_zprobe"):
         evaluate(params, run=RecordingRun("evaluate"), device=torch.device("cpu"), paths=paths)
+
+
+def test_sampling_sweep_at_the_defaults_reproduces_metrics_json(tmp_path: Path) -> None:
+    """The sweep scores through evaluate's own code: at the model's defaults and params.seed
+    its row equals metrics.json; another setting changes the slices, not the references."""
+    params, paths = _stage_inputs(tmp_path)
+    cpu = torch.device("cpu")
+    metrics = evaluate(params, run=RecordingRun("evaluate"), device=cpu, paths=paths)
+    ctx = EvalContext.build(params, paths, cpu)
+    results = sweep(
+        "pixelcnn",
+        [{}, {"temperature": 3.0}],
+        [params.seed, params.seed + 1],
+        ctx=ctx,
+        metrics=metrics,
+        models=paths.models,
+    )
+    assert list(results) == ["defaults", "temperature=3"]
+    at_defaults = results["defaults"]["seeds"][params.seed]["figures"]
+    saved = metrics["pixelcnn"]
+    assert at_defaults["fd_alex"] == saved["fd_alex"]
+    assert at_defaults["z-probe MAE"] == saved["zprobe_mae"]
+    assert at_defaults["judge raw"] == saved["c2st"]["raw"]["auc"]
+    assert at_defaults["judge blurred"] == saved["c2st"]["blur"]["auc"]
+    assert at_defaults["copy-like"] == saved["novelty"]["copy_like_fraction"]
+    other_seed = results["defaults"]["seeds"][params.seed + 1]["figures"]
+    hotter = results["temperature=3"]["seeds"][params.seed]["figures"]
+    assert other_seed["fd_alex"] != saved["fd_alex"] and hotter["fd_alex"] != saved["fd_alex"]
+    summary = results["defaults"]["summary"]
+    assert summary["n_seeds"] == 2
+    fd = summary["figures"]["fd_alex"]
+    assert fd["min"] <= saved["fd_alex"] <= fd["max"]
+    assert fd["mean"] == pytest.approx((at_defaults["fd_alex"] + other_seed["fd_alex"]) / 2)

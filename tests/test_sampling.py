@@ -24,10 +24,16 @@ from support import (
 
 from pipeline.core.checkpoint import CheckpointError
 from pipeline.core.config import Params, PrepareConfig, TrainConfig
+from pipeline.core.errors import InputError
 from pipeline.core.identity import file_sha256
 from pipeline.core.stage import StagePaths
 from pipeline.inference.diffusion import build_scheduler
-from pipeline.inference.sampling import StaleModelError, load_generator, sample
+from pipeline.inference.sampling import (
+    REFERENCE_DDIM_STEPS,
+    StaleModelError,
+    load_generator,
+    sample,
+)
 from pipeline.training.ldm import train_ldm
 
 LDM = tiny_ldm(
@@ -178,3 +184,29 @@ def test_train_ldm_on_posterior_samples_needs_the_stds_and_scales_the_decode_noi
     gen = load_generator(paths.model)
     assert gen.codec.posterior_std == pytest.approx(0.3)  # 0.6 x the posterior's 0.5
     assert gen.config.posterior_samples
+
+
+def test_with_defaults_samples_as_the_explicit_settings_and_checks_them(tmp_path) -> None:
+    ae = save_tiny_autoencoder(tmp_path / "ae_vqvae.pt", "vqvae")
+    save_tiny_pixelcnn(tmp_path / "pixelcnn.pt", ae, config=TINY_PRIOR)
+    gen = load_generator(tmp_path / "pixelcnn.pt")
+    hotter = gen.with_defaults(temperature=1.7, top_k=4)
+    assert hotter.network is gen.network and gen.config == TINY_PRIOR  # shared, not changed
+    assert (hotter.config.temperature, hotter.config.top_k) == (1.7, 4)
+    as_defaults, _ = sample(hotter, [0.0, 1.0], n_per_z=2, seed=5)
+    explicit, _ = sample(gen, [0.0, 1.0], n_per_z=2, seed=5, temperature=1.7, top_k=4)
+    torch.testing.assert_close(as_defaults, explicit, atol=0, rtol=0)
+    with pytest.raises(InputError, match="steps"):
+        gen.with_defaults(steps=10)  # an LDM setting
+    with pytest.raises(InputError, match="unknown"):
+        gen.with_defaults(temprature=1.0)
+    with pytest.raises(InputError, match="temperature"):
+        gen.with_defaults(temperature=0.0)
+
+    ldm = load_generator(_ldm_file(tmp_path))
+    pndm = ldm.with_defaults(sampler="pndm")  # another sampler: the reference step count
+    assert (pndm.config.sampler, pndm.config.sample_steps) == ("pndm", REFERENCE_DDIM_STEPS)
+    fewer = ldm.with_defaults(steps=3, guidance=1.0)
+    as_defaults, _ = sample(fewer, 0.5, n_per_z=2, seed=1)
+    explicit, _ = sample(ldm, 0.5, n_per_z=2, seed=1, steps=3, guidance=1.0)
+    torch.testing.assert_close(as_defaults, explicit, atol=0, rtol=0)

@@ -51,6 +51,10 @@ slices generated at their z and covariates with the generated masks to
 ``reports/labelled_<generator>.png``; the covariate probe's readings of real, matched and
 shuffled slices against the asked-for age and CDR, and the age error per z, to
 ``reports/labels_<generator>.png``.
+
+One generator's section is :func:`score_generator` on an :class:`EvalContext` (the splits,
+probes and references built once); ``benchmarks.sampling_sweep`` calls the same function over
+sampling settings and seeds.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ from pipeline.inference.sampling import (
 from pipeline.inference.texture import Texture, finish, noise_sigma
 from pipeline.metrics.c2st import C2STResult, blur, strength_curve_figure, two_sample_auc
 from pipeline.metrics.novelty import (
+    NearestTraining,
     closest_pairs_figure,
     nearest_training,
     novelty_summary,
@@ -600,6 +605,201 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+@dataclass(frozen=True)
+class EvalContext:
+    """What scoring a generator as ``evaluate`` does needs, built once per run.
+
+    Attributes:
+        real: the test split (N slices).
+        train: the training split (M slices): the judges' real side, the novelty neighbours.
+        test_manifest: the test split's manifest (row i ↔ ``real`` slice i).
+        train_manifest: the training split's manifest.
+        cfg: the ``evaluate`` section.
+        n_slices: K.
+        seed: ``params.seed``: the metrics' own draws (KID subsets, MS-SSIM pairs, judges).
+        device: where models and metrics run.
+        zprobe: the z-index probe.
+        real_features: (N, 256) AlexNet features of the test slices.
+        judge_rows: the training rows whose synthetic counterparts the judges learn.
+        train_features: (M, 256) AlexNet features of the training slices.
+        reference: the real test slices' nearest training slices (the novelty reference).
+        covariate_probe: the covariate probe of ``train_probes``, or None.
+        segmenter: the tissue segmenter of ``train_probes``, or None.
+        train_labels: the training slices' labels (the label probes' chance figures).
+        probe_sha: ``{"zprobe_sha256": ...}`` of the z-probe file.
+    """
+
+    real: EvalData
+    train: EvalData
+    test_manifest: pd.DataFrame
+    train_manifest: pd.DataFrame
+    cfg: EvaluateConfig
+    n_slices: int
+    seed: int
+    device: torch.device
+    zprobe: ZProbe
+    real_features: np.ndarray
+    judge_rows: torch.Tensor
+    train_features: np.ndarray
+    reference: NearestTraining
+    covariate_probe: CovariateProbe | None
+    segmenter: nn.Module | None
+    train_labels: CovariateLabels
+    probe_sha: dict[str, str]
+
+    @classmethod
+    def build(cls, params: Params, paths: EvaluatePaths, device: torch.device) -> EvalContext:
+        """Load the splits and probes of ``paths`` and compute what every generator shares.
+
+        Raises:
+            InputError: the test split holds too few slices, or levels beyond K.
+            CheckpointError: the z-probe is missing, corrupt, or was made for another K.
+        """
+        cfg, seed, n_slices = params.evaluate, params.seed, params.prepare.n_slices
+        test_set, train_set = SliceDataset(paths.test), SliceDataset(paths.train)
+        real = EvalData.from_dataset(test_set)
+        if len(real.image) <= cfg.knn_k or int(real.z_index.max()) >= n_slices:
+            raise InputError(
+                f"{paths.test} holds {len(real.image)} slices with z_index up to "
+                f"{int(real.z_index.max())}; evaluate needs more than evaluate.knn_k="
+                f"{cfg.knn_k} slices and z_index < prepare.n_slices={n_slices} (re-run prepare)"
+            )
+        train = EvalData.from_dataset(train_set)
+        probe_path = paths.models / "zprobe.pt"
+        probe, probe_meta = load_probe(probe_path, device)
+        if probe_meta.get("n_slices") != n_slices:
+            raise CheckpointError(
+                f"{probe_path} was trained for {probe_meta.get('n_slices')} slice levels, params "
+                f"have prepare.n_slices={n_slices}; re-run train_zprobe"
+            )
+        train_features = alex_features(train.image, device=device)
+        reference = nearest_training(
+            real.image,
+            train.image,
+            device=device,
+            candidates=cfg.novelty.candidates,
+            train_features=train_features,
+        )
+        covariate_probe, segmenter = label_probes(paths.models, device)
+        return cls(
+            real=real,
+            train=train,
+            test_manifest=test_set.manifest,
+            train_manifest=train_set.manifest,
+            cfg=cfg,
+            n_slices=n_slices,
+            seed=seed,
+            device=device,
+            zprobe=probe,
+            real_features=alex_features(real.image, device=device),
+            judge_rows=judge_train_rows(len(train.image), cfg.c2st.train_samples, seed),
+            train_features=train_features,
+            reference=reference,
+            covariate_probe=covariate_probe,
+            segmenter=segmenter,
+            train_labels=CovariateLabels.from_manifest(train_set.manifest),
+            probe_sha={"zprobe_sha256": file_sha256(probe_path)},
+        )
+
+    @property
+    def measuring(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`real_figures`: the z-probe, K, cfg, device and seed."""
+        return {
+            "probe": self.zprobe,
+            "n_slices": self.n_slices,
+            "cfg": self.cfg,
+            "device": self.device,
+            "seed": self.seed,
+        }
+
+    @property
+    def scoring(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`set_figures` against the test split (its AlexNet
+        features computed once)."""
+        return self.measuring | {"real_features": self.real_features}
+
+    @property
+    def judging(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`judge_jobs`."""
+        return {"cfg": self.cfg, "seed": self.seed}
+
+
+@dataclass
+class GeneratorScore:
+    """One generator scored as ``evaluate`` scores it (:func:`score_generator`).
+
+    Attributes:
+        section: its ``metrics.json`` section, without ``c2st`` (the judges still to run) and
+            without the model file's provenance.
+        curves: its per-z curves.
+        judges: its raw and blurred judges, to run with :func:`run_judges`.
+        samples: the slices, one per test slice (row i at test slice i's z and covariates).
+        nearest: each slice's nearest training slice.
+        label_figures: :func:`~pipeline.evaluation.label_fidelity.label_fidelity`'s figures.
+    """
+
+    section: dict[str, Any]
+    curves: Curves
+    judges: list[JudgeJob]
+    samples: Samples
+    nearest: NearestTraining
+    label_figures: dict[str, np.ndarray]
+
+
+def score_generator(
+    name: str, generator: GeneratorModel, ctx: EvalContext, seed: int
+) -> GeneratorScore:
+    """Every figure of one generator at its default sampling settings
+    (:meth:`~pipeline.inference.sampling.GeneratorModel.with_defaults` for others).
+
+    Slices are drawn at each test slice's z and covariates with sampling seed ``seed``, the
+    judges' synthetic training slices with ``seed + 1`` and the label controls with
+    ``seed + 2``; the metrics' own draws keep ``ctx.seed``.
+
+    Args:
+        name: the section name (``ldm``, ``pixelcnn``).
+        generator: a loaded generator.
+        ctx: the run's :class:`EvalContext`.
+        seed: sampling seed (``evaluate`` uses ``params.seed``).
+    """
+    real, train, n_slices = ctx.real, ctx.train, ctx.n_slices
+    samples, seconds = generate_like(
+        generator, real.z_index, n_slices, seed, manifest=ctx.test_manifest, masks=True
+    )
+    section, curves = set_figures(real, samples.images, real.z_index, **ctx.scoring)
+    section["sample_seconds"] = seconds
+    judge_fakes, _ = generate_like(
+        generator,
+        train.z_index[ctx.judge_rows],
+        n_slices,
+        seed + 1,
+        manifest=ctx.train_manifest.iloc[ctx.judge_rows.numpy()],
+    )
+    judges = judge_jobs(
+        name, train.image, judge_fakes.images, real.image, samples.images, **ctx.judging
+    )
+    nearest = nearest_training(
+        samples.images,
+        train.image,
+        device=ctx.device,
+        candidates=ctx.cfg.novelty.candidates,
+        train_features=ctx.train_features,
+    )
+    section["novelty"] = novelty_summary(nearest, ctx.reference, ctx.cfg.novelty.quantile)
+    section["labels"], label_figures = label_fidelity(
+        generator,
+        real,
+        ctx.test_manifest,
+        probe=ctx.covariate_probe,
+        segmenter=ctx.segmenter,
+        n=ctx.cfg.label_samples,
+        seed=seed + 2,
+        train_labels=ctx.train_labels,
+        matched=samples,
+    )
+    return GeneratorScore(section, curves, judges, samples, nearest, label_figures)
+
+
 def evaluate(
     params: Params, *, run: StageRun, device: torch.device, paths: EvaluatePaths
 ) -> dict[str, Any]:
@@ -619,32 +819,15 @@ def evaluate(
         ValueError: the test split holds too few slices for the neighbour metrics.
         CheckpointError: a model file is missing, corrupt, or was made for another K.
     """
-    cfg, seed, n_slices = params.evaluate, params.seed, params.prepare.n_slices
-    test_set, train_set = SliceDataset(paths.test), SliceDataset(paths.train)
-    real = EvalData.from_dataset(test_set)
-    if len(real.image) <= cfg.knn_k or int(real.z_index.max()) >= n_slices:
-        raise InputError(
-            f"{paths.test} holds {len(real.image)} slices with z_index up to "
-            f"{int(real.z_index.max())}; evaluate needs more than evaluate.knn_k={cfg.knn_k} "
-            f"slices and z_index < prepare.n_slices={n_slices} (re-run prepare)"
-        )
-    train = EvalData.from_dataset(train_set)
+    ctx = EvalContext.build(params, paths, device)
+    cfg, seed, real, train = ctx.cfg, ctx.seed, ctx.real, ctx.train
+    scoring, judging, probe_sha = ctx.scoring, ctx.judging, ctx.probe_sha
     val = EvalData.from_dataset(SliceDataset(paths.val))
-    probe_path = paths.models / "zprobe.pt"
-    probe, probe_meta = load_probe(probe_path, device)
-    if probe_meta.get("n_slices") != n_slices:
-        raise CheckpointError(
-            f"{probe_path} was trained for {probe_meta.get('n_slices')} slice levels, params "
-            f"have prepare.n_slices={n_slices}; re-run train_zprobe"
-        )
-    probe_sha = {"zprobe_sha256": file_sha256(probe_path)}
-    scoring = {"probe": probe, "n_slices": n_slices, "cfg": cfg, "device": device, "seed": seed}
-    judging = {"cfg": cfg, "seed": seed}
     metrics: dict[str, Any] = {}
     curves: Curves = {}
     judges: list[JudgeJob] = []  # trained together at the end, side by side
 
-    metrics["real"], new = real_figures(real, **scoring)
+    metrics["real"], new = real_figures(real, **ctx.measuring)
     metrics["real"] |= probe_sha
     _merge(curves, "real", new)
     # the control: a judge that learns the training subjects against the validation
@@ -655,18 +838,9 @@ def evaluate(
     judges += judge_jobs(
         "real", train.image, val.image, real.image[test_a], real.image[test_b], **judging
     )
-    train_features = alex_features(train.image, device=device)
-    reference = nearest_training(
-        real.image,
-        train.image,
-        device=device,
-        candidates=cfg.novelty.candidates,
-        train_features=train_features,
-    )
-    metrics["real"]["novelty"] = novelty_summary(reference, reference, cfg.novelty.quantile)
+    metrics["real"]["novelty"] = novelty_summary(ctx.reference, ctx.reference, cfg.novelty.quantile)
 
-    scoring["real_features"] = alex_features(real.image, device=device)  # once for every set
-    others = other_subjects_rows(train_set.manifest, len(real.image), seed)
+    others = other_subjects_rows(ctx.train_manifest, len(real.image), seed)
     same_size, _ = set_figures(real, train.image[others], train.z_index[others], **scoring)
     metrics["real"]["other_subjects"] = {
         k: same_size[k] for k in ("fd_alex", "kid", "kid_std", "precision", "recall", "n_samples")
@@ -684,40 +858,22 @@ def evaluate(
         variants=("raw",),
         **judging,
     )
-    test_manifest, train_manifest = test_set.manifest, train_set.manifest
-    judge_rows = judge_train_rows(len(train.image), cfg.c2st.train_samples, seed)
-    synthetic: dict[str, Samples] = {}  # per generator: one slice per test slice (its labels)
+    judge_rows = ctx.judge_rows
     generators = {name: load_generator(paths.models / f"{name}.pt", device) for name in GENERATORS}
     for name, generator in generators.items():
-        synthetic[name], seconds = generate_like(
-            generator, real.z_index, n_slices, seed, manifest=test_manifest, masks=True
-        )
-        images = synthetic[name].images
-        metrics[name], new = set_figures(real, images, real.z_index, **scoring)
-        metrics[name] |= provenance(generator, paths.models / f"{name}.pt") | probe_sha
-        metrics[name]["sample_seconds"] = seconds
-        _merge(curves, name, new)
-        judge_fakes, _ = generate_like(
-            generator,
-            train.z_index[judge_rows],
-            n_slices,
-            seed + 1,
-            manifest=train_manifest.iloc[judge_rows.numpy()],
-        )
-        judges += judge_jobs(name, train.image, judge_fakes.images, real.image, images, **judging)
-        nearest = nearest_training(
-            images,
-            train.image,
-            device=device,
-            candidates=cfg.novelty.candidates,
-            train_features=train_features,
-        )
-        metrics[name]["novelty"] = novelty_summary(nearest, reference, cfg.novelty.quantile)
+        scored = score_generator(name, generator, ctx, seed)
+        metrics[name] = scored.section | provenance(generator, paths.models / f"{name}.pt")
+        metrics[name] |= probe_sha
+        _merge(curves, name, scored.curves)
+        judges += scored.judges
         save_png(
-            closest_pairs_figure(images, train.image, nearest),
+            closest_pairs_figure(scored.samples.images, train.image, scored.nearest),
             paths.reports / f"novelty_{name}.png",
         )
         _warn_copies(name, metrics[name]["novelty"], cfg)
+        save_png(scored.label_figures["pairs"], paths.reports / f"labelled_{name}.png")
+        if "covariates" in scored.label_figures:
+            save_png(scored.label_figures["covariates"], paths.reports / f"labels_{name}.png")
         logger.info(
             "%s: fd_alex %.4g (real halves %.4g); z-probe MAE %.3g (real %.3g) slices",
             name,
@@ -726,23 +882,6 @@ def evaluate(
             metrics[name]["zprobe_mae"],
             metrics["real"]["zprobe_mae"],
         )
-    covariate_probe, segmenter = _label_probes(paths.models, device)
-    train_labels = CovariateLabels.from_manifest(train_manifest)
-    for name, generator in generators.items():
-        metrics[name]["labels"], figures = label_fidelity(
-            generator,
-            real,
-            test_manifest,
-            probe=covariate_probe,
-            segmenter=segmenter,
-            n=cfg.label_samples,
-            seed=seed + 2,
-            train_labels=train_labels,
-            matched=synthetic[name],
-        )
-        save_png(figures["pairs"], paths.reports / f"labelled_{name}.png")
-        if "covariates" in figures:
-            save_png(figures["covariates"], paths.reports / f"labels_{name}.png")
         logger.info("%s label fidelity: %s", name, fidelity_summary(metrics[name]["labels"]))
     # each autoencoder's reconstructions decoded and finished as the generator on its latents
     # decodes and finishes slices
@@ -798,7 +937,7 @@ def evaluate(
     return metrics
 
 
-def _label_probes(
+def label_probes(
     models: Path, device: torch.device
 ) -> tuple[CovariateProbe | None, nn.Module | None]:
     """The covariate probe and tissue segmenter of ``train_probes``, None where absent (a

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -91,6 +91,31 @@ class GeneratorModel:
     def schema(self) -> Schema:
         """The covariates the model conditions on besides z (() for a z-only model)."""
         return model_schema(self.metadata)
+
+    def with_defaults(self, **settings: Any) -> GeneratorModel:
+        """The same generator whose default sampling settings are ``settings`` (the network
+        and codec shared, not copied): a sweep over settings scores each through the code
+        that samples with the defaults, controls included.
+
+        Args:
+            settings: any of :meth:`SamplingSettings.resolve`'s keywords that apply to this
+                kind (ldm: ``sampler``, ``steps``, ``guidance``, ``guidance_min_t``; pixelcnn:
+                ``guidance``, ``temperature``, ``top_k``).
+
+        Raises:
+            InputError: an unknown setting, one of the other kind, or an invalid value.
+        """
+        known = set(asdict(SamplingSettings()))
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise InputError(f"unknown sampling setting(s) {unknown}; known: {sorted(known)}")
+        resolved = SamplingSettings.resolve(self, **settings).as_dict()
+        fields = {("sample_steps" if k == "steps" else k): v for k, v in resolved.items()}
+        try:
+            config = type(self.config).model_validate(self.config.model_dump() | fields)
+        except ValueError as err:
+            raise InputError(f"invalid sampling setting(s) {settings}: {err}") from None
+        return replace(self, config=config)
 
     @property
     def covariate_reference(self) -> list[dict[str, Any]]:

@@ -1,0 +1,263 @@
+"""Which sampling settings a trained generator should default to, judged over several seeds.
+
+A generator's figures move between sampling seeds by more than the margins of its bars: on the
+demo stand-in, one PixelCNN at one setting reads fd_alex 10.2-12.1 over five seeds against a
+bar of 12.0, and its copy-like fraction 3.6-5.7 % against 5 %. A setting chosen on one seed is
+chosen on noise. This scores a model file at each setting and seed exactly as ``evaluate``
+does (:func:`pipeline.evaluation.evaluate.score_generator`: slices at the test slices' own z and
+covariates, fd_alex, precision / recall, the z-probe, the raw and blurred judges, the copy-like
+fraction, the label probes and the mask Dice), judges each seed against the report's bars
+(:func:`pipeline.evaluation.verdicts.model_verdicts`, real references from
+``reports/metrics.json``), and gives per setting the mean and range of each figure and how many
+seeds meet each bar. At the model's own defaults and ``--seeds`` holding ``params.seed``, that
+seed's row equals ``metrics.json``.
+
+Usage::
+
+    python -m benchmarks.sampling_sweep --model pixelcnn --seeds 0,1,2,3,4 \\
+        --settings "guidance=3,temperature=0.9; guidance=1.5,temperature=1.2"
+
+``--settings``: ``;`` between settings, ``,`` between ``key=value`` pairs; an empty setting
+is the model's defaults. Keys: :meth:`~pipeline.inference.sampling.GeneratorModel.with_defaults`.
+Needs ``data/prepared``, ``models/`` and ``reports/metrics.json`` from ``dvc repro``. Writes
+``<out>/sampling_sweep_<model>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from tqdm import tqdm
+
+from pipeline.core.config import GENERATORS, load_params
+from pipeline.core.device import resolve_device
+from pipeline.core.errors import InputError
+from pipeline.core.io import write_json, write_text
+from pipeline.core.stage import main as run_command
+from pipeline.evaluation.evaluate import EvalContext, EvaluatePaths, run_judges, score_generator
+from pipeline.evaluation.verdicts import lookup, model_verdicts
+from pipeline.inference.sampling import load_generator
+
+#: Figures tabulated per setting: (column, dotted key in the generator's section, digits).
+COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("fd_alex", "fd_alex", 2),
+    ("precision", "precision", 3),
+    ("recall", "recall", 3),
+    ("z-probe MAE", "zprobe_mae", 3),
+    ("judge raw", "c2st.raw.auc", 3),
+    ("judge blurred", "c2st.blur.auc", 3),
+    ("CDR AUC", "labels.matched.cdr_auc", 3),
+    ("age MAE", "labels.matched.age_mae", 1),
+    ("copy-like", "novelty.copy_like_fraction", 3),
+)
+
+
+def parse_settings(text: str) -> list[dict[str, float | int | str]]:
+    """``"guidance=3,temperature=0.9; guidance=1.5"`` -> one dict per setting.
+
+    Values are numbers where they parse as one (``top_k`` and ``steps`` as integers), else
+    strings (``sampler=ddim``). An empty setting (``""`` or ``";"`` alone) is the defaults.
+
+    Raises:
+        InputError: a pair without ``=``, or a key given twice in one setting.
+    """
+    settings: list[dict[str, float | int | str]] = []
+    for chunk in text.split(";"):
+        setting: dict[str, float | int | str] = {}
+        for pair in filter(None, (p.strip() for p in chunk.split(","))):
+            key, sep, value = (part.strip() for part in pair.partition("="))
+            if not sep or not key or not value:
+                raise InputError(f"setting {pair!r} is not key=value (e.g. guidance=1.5)")
+            if key in setting:
+                raise InputError(f"{key} given twice in one setting: {chunk.strip()!r}")
+            setting[key] = _number(value, integer=key in ("top_k", "steps", "guidance_min_t"))
+        settings.append(setting)
+    unique = [s for i, s in enumerate(settings) if s not in settings[:i]]
+    return unique or [{}]
+
+
+def _number(value: str, *, integer: bool) -> float | int | str:
+    try:
+        return int(value) if integer else float(value)
+    except ValueError:
+        return value
+
+
+def setting_name(setting: Mapping[str, Any]) -> str:
+    """``guidance=1.5, temperature=1.2``; ``defaults`` for an empty setting."""
+    return (
+        ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
+        or "defaults"
+    )
+
+
+def seed_row(section: Mapping[str, Any], metrics: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """One seed's figures (:data:`COLUMNS`) and its verdicts against the report's bars.
+
+    Args:
+        section: the generator's section as ``evaluate`` writes it (with ``c2st``).
+        metrics: ``reports/metrics.json``: the real references of the bars.
+        model: ``ldm`` or ``pixelcnn``.
+
+    Returns:
+        ``{figures: {column: value or None}, passed: [bar labels], short: [bar labels]}``;
+        bars that cannot be judged (a missing figure, a probe at chance) are in neither.
+    """
+    verdicts = model_verdicts({**metrics, model: section}, model)
+    return {
+        "figures": {column: lookup(section, key) for column, key, _ in COLUMNS},
+        "passed": [v.label for v in verdicts if v.passed is True],
+        "short": [v.label for v in verdicts if v.passed is False],
+    }
+
+
+def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean and range of each figure over a setting's seeds, and how often each bar was short.
+
+    Args:
+        rows: :func:`seed_row` results, one per seed.
+
+    Returns:
+        ``{n_seeds, figures: {column: {mean, min, max}}, judged: bars judged on every seed,
+        all_bars_met: seeds meeting every judged bar, short: {bar label: seeds short}}``.
+    """
+    figures = {}
+    for column, _, _ in COLUMNS:
+        values = [r["figures"][column] for r in rows if r["figures"][column] is not None]
+        if values:
+            figures[column] = {
+                "mean": statistics.fmean(values),
+                "min": min(values),
+                "max": max(values),
+            }
+    short: dict[str, int] = {}
+    for row in rows:
+        for label in row["short"]:
+            short[label] = short.get(label, 0) + 1
+    return {
+        "n_seeds": len(rows),
+        "figures": figures,
+        "judged": min((len(r["passed"]) + len(r["short"]) for r in rows), default=0),
+        "all_bars_met": sum(not r["short"] for r in rows),
+        "short": dict(sorted(short.items(), key=lambda item: -item[1])),
+    }
+
+
+def markdown(model: str, results: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]) -> str:
+    """The report: one row per setting (means over seeds, ranges below), then the bars each
+    setting fell short of and on how many seeds."""
+    lines = [
+        f"# Sampling settings of the {model} over sampling seeds {', '.join(map(str, seeds))}",
+        "",
+        "Scored as `evaluate` scores the model (stand-in test split where the data is the demo"
+        " cohort); each cell is the mean over seeds, with the range beneath.",
+        "",
+        "| setting | seeds meeting every bar | "
+        + " | ".join(column for column, _, _ in COLUMNS)
+        + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
+    ]
+    for name, result in results.items():
+        summary = result["summary"]
+        cells = []
+        for column, _, digits in COLUMNS:
+            figure = summary["figures"].get(column)
+            cells.append(
+                "—"
+                if figure is None
+                else f"{figure['mean']:.{digits}f} ({figure['min']:.{digits}f}–"
+                f"{figure['max']:.{digits}f})"
+            )
+        lines.append(
+            f"| {name} | {summary['all_bars_met']} of {summary['n_seeds']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += ["", "Bars short, with the number of seeds:", ""]
+    for name, result in results.items():
+        short = result["summary"]["short"]
+        listed = "; ".join(f"{label} ({count})" for label, count in short.items()) or "none"
+        lines.append(f"- **{name}**: {listed}")
+    return "\n".join(lines) + "\n"
+
+
+def sweep(
+    model: str,
+    settings: Sequence[Mapping[str, Any]],
+    seeds: Sequence[int],
+    *,
+    ctx: EvalContext,
+    metrics: Mapping[str, Any],
+    models: Path,
+) -> dict[str, dict[str, Any]]:
+    """Score ``model`` at every setting and seed.
+
+    Returns:
+        Per setting name: ``{setting, seeds: {seed: seed_row}, summary: summarise(...)}``.
+    """
+    base = load_generator(models / f"{model}.pt", ctx.device)
+    generators = {setting_name(s): (dict(s), base.with_defaults(**s)) for s in settings}
+    results: dict[str, dict[str, Any]] = {}
+    with tqdm(total=len(generators) * len(seeds), desc="settings x seeds", unit="run") as bar:
+        for name, (setting, generator) in generators.items():
+            rows = {}
+            for seed in seeds:
+                scored = score_generator(model, generator, ctx, seed)
+                for job, result in zip(
+                    scored.judges, run_judges(scored.judges, ctx.device), strict=True
+                ):
+                    scored.section.setdefault("c2st", {})[job.variant] = result.as_dict()
+                rows[seed] = seed_row(scored.section, metrics, model)
+                bar.update()
+            results[name] = {
+                "setting": setting,
+                "seeds": rows,
+                "summary": summarise(list(rows.values())),
+            }
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Run the sweep from the command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sampling_sweep")
+    parser.add_argument("--model", choices=GENERATORS, default="pixelcnn")
+    parser.add_argument(
+        "--settings", default="", help='e.g. "guidance=3; guidance=1.5,temperature=1.2"'
+    )
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="sampling seeds (comma list)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
+    parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    params = load_params(args.params)
+    if not args.metrics.is_file():
+        raise InputError(f"{args.metrics} not found: run `dvc repro` (its evaluate stage) first")
+    paths = EvaluatePaths.standard(params.data.prepared_dir)
+    device = resolve_device(args.device)
+    ctx = EvalContext.build(params, paths, device)
+    results = sweep(
+        args.model,
+        parse_settings(args.settings),
+        seeds,
+        ctx=ctx,
+        metrics=json.loads(args.metrics.read_text()),
+        models=paths.models,
+    )
+    stem = args.out / f"sampling_sweep_{args.model}"
+    write_json(stem.with_suffix(".json"), {"model": args.model, "seeds": seeds, "results": results})
+    report = markdown(args.model, results, seeds)
+    write_text(stem.with_suffix(".md"), report)
+    Console().print(report)
+    return results
+
+
+if __name__ == "__main__":
+    run_command(main)
