@@ -156,7 +156,7 @@ def markdown(model: str, results: Mapping[str, Mapping[str, Any]], seeds: Sequen
         f"# Sampling settings of the {model} over sampling seeds {', '.join(map(str, seeds))}",
         "",
         "Scored as `evaluate` scores the model (stand-in test split where the data is the demo"
-        " cohort); each cell is the mean over seeds, with the range beneath.",
+        " cohort); each cell is the mean over seeds, with the range in brackets.",
         "",
         "| setting | seeds meeting every bar | "
         + " | ".join(column for column, _, _ in COLUMNS)
