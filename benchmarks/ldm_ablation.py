@@ -45,19 +45,19 @@ from pipeline.core.identity import stage_identity
 from pipeline.core.io import write_json, write_text
 from pipeline.core.stage import StagePaths
 from pipeline.core.tracking import StageRun
-from pipeline.data.datasets import EvalData, SliceDataset
+from pipeline.data.datasets import EvalData
 from pipeline.data.latents import latents_identity
 from pipeline.evaluation.evaluate import (
+    EvalContext,
+    EvaluatePaths,
     generate_like,
     judge_jobs,
-    judge_train_rows,
     run_judges,
     set_figures,
 )
 from pipeline.inference.sampling import load_generator, sample, sample_slices
 from pipeline.metrics.quality import alex_features, fd_alex
 from pipeline.models.conditioning import z_from_index
-from pipeline.models.files import load_probe
 from pipeline.training.ldm import train_ldm
 
 #: Training arms: name -> ``ldm`` overrides (one change from the baseline each).
@@ -120,32 +120,23 @@ def score(
 
 
 def scoring_context(params: Params, device: torch.device) -> dict[str, Any]:
-    """What scoring a model needs: the real test and training splits (and the test manifest),
-    the z-probe and ``evaluate``'s settings (``scoring`` for :func:`set_figures`, ``judging``
-    for the judges), and the training rows the judges' synthetic slices are made at
-    (``judge_rows``)."""
-    n_slices, seed, cfg = params.prepare.n_slices, params.seed, params.evaluate
-    prepared = Path(params.data.prepared_dir)
-    test_set, train_set = SliceDataset(prepared / "test"), SliceDataset(prepared / "train")
-    real, train = EvalData.from_dataset(test_set), EvalData.from_dataset(train_set)
-    probe, _ = load_probe(Path("models/zprobe.pt"), device)
+    """What scoring a model needs, from ``evaluate``'s own
+    :class:`~pipeline.evaluation.evaluate.EvalContext`: the real test and training splits (and
+    the test manifest), ``evaluate``'s settings (``measuring`` for :func:`real_figures`,
+    ``scoring`` for :func:`set_figures`, ``judging`` for the judges), and the training rows
+    the judges' synthetic slices are made at (``judge_rows``)."""
+    ctx = EvalContext.build(params, EvaluatePaths.standard(params.data.prepared_dir), device)
     return {
-        "real": real,
-        "train": train,
-        "test_manifest": test_set.manifest,
+        "real": ctx.real,
+        "train": ctx.train,
+        "test_manifest": ctx.test_manifest,
         "device": device,
-        "n_slices": n_slices,
-        "seed": seed,
-        "judge_rows": judge_train_rows(len(train.image), cfg.c2st.train_samples, seed),
-        "scoring": {
-            "probe": probe,
-            "n_slices": n_slices,
-            "cfg": cfg,
-            "device": device,
-            "seed": seed,
-            "real_features": alex_features(real.image, device=device),
-        },
-        "judging": {"cfg": cfg, "seed": seed},
+        "n_slices": ctx.n_slices,
+        "seed": ctx.seed,
+        "judge_rows": ctx.judge_rows,
+        "measuring": ctx.measuring,
+        "scoring": ctx.scoring,
+        "judging": ctx.judging,
     }
 
 

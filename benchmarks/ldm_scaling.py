@@ -112,8 +112,7 @@ def main() -> None:
     params = load_params()
     device = resolve_device(args.device)
     ctx = scoring_context(params, device)
-    scoring = {k: v for k, v in ctx["scoring"].items() if k != "real_features"}
-    real_report, _ = real_figures(ctx["real"], **scoring)
+    real_report, _ = real_figures(ctx["real"], **ctx["measuring"])
     halves = real_report["split_halves"] or {}
     reference = {k: halves[k] for k in ("fd_alex", "precision", "recall") if k in halves}
     reference |= {"zprobe_mae": real_report["zprobe_mae"], "c2st_blur": 0.5}
