@@ -294,3 +294,20 @@ def test_a_stage_running_child_stages_owns_their_code() -> None:
     assert "pipeline.training.ldm" not in closure("stages.train_generators")
     owned = stage_closure("stages.train_generators")
     assert {"pipeline.training.ldm", "pipeline.training.prior"} <= owned
+
+
+def test_code_version_comes_from_pyproject_when_braingen_is_not_installed(monkeypatch) -> None:
+    """A checkout run by ``PYTHONPATH`` (no ``pip install``) still writes model files."""
+    import importlib.metadata
+
+    from pipeline.core import identity
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    import tomllib
+
+    version = tomllib.loads(Path("pyproject.toml").read_text())["project"]["version"]
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert identity.package_version() == version
+    assert identity.code_version().startswith(f"{version}+")

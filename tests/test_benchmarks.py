@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from benchmarks.ldm_ablation import ARMS, FIGURE_LEVELS, LABEL_MARGIN, arm_params, figure
@@ -21,7 +22,8 @@ from benchmarks.rows import autocast
 from benchmarks.run import fmt, main, markdown
 from benchmarks.sampling_sweep import markdown as sweep_markdown
 from benchmarks.sampling_sweep import parse_settings, seed_row, setting_name, summarise
-from pipeline.core.config import TrainConfig, load_params
+from benchmarks.workstation_smoke import shorten, smoke_params
+from pipeline.core.config import TrainConfig, load_params, params_from_dict
 from pipeline.core.errors import InputError
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.training import loop
@@ -228,3 +230,23 @@ def test_sweep_judges_each_seed_against_the_report_bars_and_counts_them() -> Non
     text = sweep_markdown("pixelcnn", {"guidance=1.5": {"summary": summary}}, [0, 1])
     assert "| guidance=1.5 | 1 of 2 | 12.00 (11.00–13.00) |" in text
     assert f"{same_size} (1)" in text
+
+
+def test_workstation_smoke_params_keep_the_profile_and_cut_every_training_block() -> None:
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    params = params_from_dict(smoke_params(raw, "workstation", 200, "cuda"), source="smoke")
+    full = load_params(profile="workstation")
+    assert params.device == "cuda" and params.prepare.image_size == full.prepare.image_size == 128
+    assert (
+        params.autoencoder.channels == full.autoencoder.channels
+    )  # the networks are the profile's
+    blocks = [params.autoencoder.train, params.prior.train, params.ldm.train, params.zprobe.train]
+    for block in blocks:
+        assert block.steps == 200 and 50 <= block.eval_every <= 200, block
+        assert 50 <= block.ckpt_every <= 200 and 1 <= block.warmup_steps < 200
+    assert params.autoencoder.discriminator.start_step == 100
+    assert params.evaluate.c2st.steps == 200
+    # a block already shorter than the cut is left alone
+    assert shorten({"steps": 80, "eval_every": 20}, 200) == {"steps": 80, "eval_every": 20}
+    with pytest.raises(SystemExit, match="no profile 'gpu'"):
+        smoke_params(raw, "gpu", 200, "cuda")

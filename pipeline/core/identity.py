@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,21 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 
+def package_version() -> str:
+    """braingen's installed version; ``pyproject.toml``'s when run from a checkout that is not
+    installed (``PYTHONPATH=<checkout>``), ``unknown`` without either."""
+    try:
+        return importlib.metadata.version("braingen")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        if not pyproject.is_file():
+            return "unknown"
+        return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+
+
 def code_version() -> str:
     """``<package version>+<git commit>`` of the code that wrote a file."""
-    return f"{importlib.metadata.version('braingen')}+{git_commit()}"
+    return f"{package_version()}+{git_commit()}"
 
 
 def file_sha256(path: str | Path) -> str:
