@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,21 +40,8 @@ from pipeline.core.errors import InputError
 from pipeline.core.io import write_json, write_text
 from pipeline.core.stage import main as run_command
 from pipeline.evaluation.evaluate import EvalContext, EvaluatePaths, run_judges, score_generator
-from pipeline.evaluation.verdicts import lookup, model_verdicts
+from pipeline.evaluation.seeds import COLUMNS, seed_row, summarise
 from pipeline.inference.sampling import load_generator
-
-#: Figures tabulated per setting: (column, dotted key in the generator's section, digits).
-COLUMNS: tuple[tuple[str, str, int], ...] = (
-    ("fd_alex", "fd_alex", 2),
-    ("precision", "precision", 3),
-    ("recall", "recall", 3),
-    ("z-probe MAE", "zprobe_mae", 3),
-    ("judge raw", "c2st.raw.auc", 3),
-    ("judge blurred", "c2st.blur.auc", 3),
-    ("CDR AUC", "labels.matched.cdr_auc", 3),
-    ("age MAE", "labels.matched.age_mae", 1),
-    ("copy-like", "novelty.copy_like_fraction", 3),
-)
 
 
 def parse_settings(text: str) -> list[dict[str, float | int | str]]:
@@ -95,58 +81,6 @@ def setting_name(setting: Mapping[str, Any]) -> str:
         ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
         or "defaults"
     )
-
-
-def seed_row(section: Mapping[str, Any], metrics: Mapping[str, Any], model: str) -> dict[str, Any]:
-    """One seed's figures (:data:`COLUMNS`) and its verdicts against the report's bars.
-
-    Args:
-        section: the generator's section as ``evaluate`` writes it (with ``c2st``).
-        metrics: ``reports/metrics.json``: the real references of the bars.
-        model: ``ldm`` or ``pixelcnn``.
-
-    Returns:
-        ``{figures: {column: value or None}, passed: [bar labels], short: [bar labels]}``;
-        bars that cannot be judged (a missing figure, a probe at chance) are in neither.
-    """
-    verdicts = model_verdicts({**metrics, model: section}, model)
-    return {
-        "figures": {column: lookup(section, key) for column, key, _ in COLUMNS},
-        "passed": [v.label for v in verdicts if v.passed is True],
-        "short": [v.label for v in verdicts if v.passed is False],
-    }
-
-
-def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean and range of each figure over a setting's seeds, and how often each bar was short.
-
-    Args:
-        rows: :func:`seed_row` results, one per seed.
-
-    Returns:
-        ``{n_seeds, figures: {column: {mean, min, max}}, judged: bars judged on every seed,
-        all_bars_met: seeds meeting every judged bar, short: {bar label: seeds short}}``.
-    """
-    figures = {}
-    for column, _, _ in COLUMNS:
-        values = [r["figures"][column] for r in rows if r["figures"][column] is not None]
-        if values:
-            figures[column] = {
-                "mean": statistics.fmean(values),
-                "min": min(values),
-                "max": max(values),
-            }
-    short: dict[str, int] = {}
-    for row in rows:
-        for label in row["short"]:
-            short[label] = short.get(label, 0) + 1
-    return {
-        "n_seeds": len(rows),
-        "figures": figures,
-        "judged": min((len(r["passed"]) + len(r["short"]) for r in rows), default=0),
-        "all_bars_met": sum(not r["short"] for r in rows),
-        "short": dict(sorted(short.items(), key=lambda item: -item[1])),
-    }
 
 
 def markdown(model: str, results: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]) -> str:

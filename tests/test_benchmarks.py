@@ -21,10 +21,11 @@ from benchmarks.monai_models import closest_width
 from benchmarks.rows import autocast
 from benchmarks.run import fmt, main, markdown
 from benchmarks.sampling_sweep import markdown as sweep_markdown
-from benchmarks.sampling_sweep import parse_settings, seed_row, setting_name, summarise
+from benchmarks.sampling_sweep import parse_settings, setting_name
 from benchmarks.workstation_smoke import shorten, smoke_params
 from pipeline.core.config import TrainConfig, load_params, params_from_dict
 from pipeline.core.errors import InputError
+from pipeline.evaluation.seeds import seed_row, summarise
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.training import loop
 

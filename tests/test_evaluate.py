@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -218,8 +219,9 @@ def test_ceiling_reconstructions_decode_as_the_generator_decodes() -> None:
     )
 
 
-def _stage_inputs(root: Path) -> tuple[Params, EvaluatePaths]:
-    """Every split, untrained model files and the params of a CPU run under ``root``."""
+def _stage_inputs(root: Path, **overrides: Any) -> tuple[Params, EvaluatePaths]:
+    """Every split, untrained model files and the params of a CPU run under ``root``
+    (``overrides``: of :data:`EVAL`)."""
     for split in ("test", "train", "val"):
         _write_split(root / "data" / "prepared" / split)
     _write_models(root / "models")
@@ -227,7 +229,7 @@ def _stage_inputs(root: Path) -> tuple[Params, EvaluatePaths]:
         {
             "device": "cpu",
             "prepare": {"n_slices": K, "image_size": SIZE},
-            "evaluate": EVAL.model_dump(),
+            "evaluate": EVAL.model_dump() | overrides,
         }
     )
     return params, EvaluatePaths.standard("data/prepared", root=root)
@@ -364,3 +366,36 @@ def test_sampling_sweep_at_the_defaults_reproduces_metrics_json(tmp_path: Path) 
     fd = summary["figures"]["fd_alex"]
     assert fd["min"] <= saved["fd_alex"] <= fd["max"]
     assert fd["mean"] == pytest.approx((at_defaults["fd_alex"] + other_seed["fd_alex"]) / 2)
+
+
+def test_several_sampling_seeds_are_judged_on_their_mean(tmp_path: Path) -> None:
+    """With ``sampling_seeds: 2`` each generator's figures are the mean of the two seeds'
+    (as the sweep scores each seed), and ``seeds`` counts the seeds that met every bar."""
+    params, paths = _stage_inputs(tmp_path, sampling_seeds=2)
+    cpu = torch.device("cpu")
+    metrics = evaluate(params, run=RecordingRun("evaluate"), device=cpu, paths=paths)
+    seeds = [params.seed, params.seed + 1]
+    results = sweep(
+        "pixelcnn",
+        [{}],
+        seeds,
+        ctx=EvalContext.build(params, paths, cpu),
+        metrics=metrics,
+        models=paths.models,
+    )
+    rows = [results["defaults"]["seeds"][s]["figures"] for s in seeds]
+    saved = metrics["pixelcnn"]
+    for column, value in (
+        ("fd_alex", saved["fd_alex"]),
+        ("z-probe MAE", saved["zprobe_mae"]),
+        ("judge blurred", saved["c2st"]["blur"]["auc"]),
+        ("copy-like", saved["novelty"]["copy_like_fraction"]),
+    ):
+        assert value == pytest.approx((rows[0][column] + rows[1][column]) / 2), column
+    assert rows[0]["fd_alex"] != rows[1]["fd_alex"]  # two seeds, two sets of slices
+    assert saved["seed"] == params.seed and saved["n_samples"] == VOLUMES * K
+    block = saved["seeds"]
+    assert block["seeds"] == seeds and block["n_seeds"] == 2
+    assert block["all_bars_met"] == results["defaults"]["summary"]["all_bars_met"]
+    assert block["figures"]["fd_alex"]["min"] == min(r["fd_alex"] for r in rows)
+    assert list(metrics)[:4] == ["real", "blurred_real", "ldm", "pixelcnn"]  # section order

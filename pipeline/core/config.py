@@ -640,6 +640,11 @@ class EvaluateConfig(_Section):
         novelty: the near-copy check (also used by ``generate.novelty``).
         label_samples: test slices whose (z, covariates) each generator is asked to match
             for the label probes (and as many again for the shuffled control).
+        sampling_seeds: sampling seeds each generator is scored with (``seed``,
+            ``seed + 1``, ...); its section holds their mean, which the verdicts judge, and
+            under ``seeds`` each figure's range and the seeds that met every bar
+            (:mod:`pipeline.evaluation.seeds`). Each seed adds a generator's sampling and its
+            two judges to the stage's time.
     """
 
     blur_sigma: float = Field(1.5, gt=0)
@@ -651,6 +656,7 @@ class EvaluateConfig(_Section):
     c2st: C2STConfig = C2STConfig()
     novelty: NoveltyConfig = NoveltyConfig()
     label_samples: int = Field(128, ge=2)
+    sampling_seeds: int = Field(1, ge=1)
 
 
 class GenerateConfig(_Section):

@@ -55,6 +55,11 @@ shuffled slices against the asked-for age and CDR, and the age error per z, to
 One generator's section is :func:`score_generator` on an :class:`EvalContext` (the splits,
 probes and references built once); ``benchmarks.sampling_sweep`` calls the same function over
 sampling settings and seeds.
+
+Each generator is scored on ``evaluate.sampling_seeds`` sampling seeds (``seed``, ``seed + 1``,
+...): its section holds their mean (:func:`pipeline.evaluation.seeds.mean_section`), which
+the verdicts judge, and under ``seeds`` each figure's mean and range and how many seeds met
+every bar; the per-z curves, grids and judge curves are the first seed's.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ from pipeline.core.labels import covariate_codes
 from pipeline.core.tracking import StageRun, flatten
 from pipeline.data.datasets import EVAL_BATCH, EvalData, SliceDataset
 from pipeline.evaluation.label_fidelity import fidelity_summary, label_fidelity
+from pipeline.evaluation.seeds import mean_section, seed_row, summarise
 from pipeline.inference.sampling import (
     GeneratorModel,
     Samples,
@@ -860,29 +866,25 @@ def evaluate(
     )
     judge_rows = ctx.judge_rows
     generators = {name: load_generator(paths.models / f"{name}.pt", device) for name in GENERATORS}
+    seeds = [seed + k for k in range(cfg.sampling_seeds)]
+    per_seed: dict[str, list[dict[str, Any]]] = {}  # each generator's section per seed
+    target: dict[int, dict[str, Any]] = {}  # id(job) -> its seed's section, generators' judges
     for name, generator in generators.items():
-        scored = score_generator(name, generator, ctx, seed)
-        metrics[name] = scored.section | provenance(generator, paths.models / f"{name}.pt")
-        metrics[name] |= probe_sha
-        _merge(curves, name, scored.curves)
-        judges += scored.judges
+        metrics[name] = {}  # its place in metrics.json; the seeds' mean once judged
+        scores = [score_generator(name, generator, ctx, s) for s in seeds]
+        per_seed[name] = [scored.section for scored in scores]
+        for scored in scores:
+            judges += scored.judges
+            target |= {id(job): scored.section for job in scored.judges}
+        first = scores[0]  # the first seed's curves and figures
+        _merge(curves, name, first.curves)
         save_png(
-            closest_pairs_figure(scored.samples.images, train.image, scored.nearest),
+            closest_pairs_figure(first.samples.images, train.image, first.nearest),
             paths.reports / f"novelty_{name}.png",
         )
-        _warn_copies(name, metrics[name]["novelty"], cfg)
-        save_png(scored.label_figures["pairs"], paths.reports / f"labelled_{name}.png")
-        if "covariates" in scored.label_figures:
-            save_png(scored.label_figures["covariates"], paths.reports / f"labels_{name}.png")
-        logger.info(
-            "%s: fd_alex %.4g (real halves %.4g); z-probe MAE %.3g (real %.3g) slices",
-            name,
-            metrics[name]["fd_alex"],
-            _halves(metrics, "fd_alex"),
-            metrics[name]["zprobe_mae"],
-            metrics["real"]["zprobe_mae"],
-        )
-        logger.info("%s label fidelity: %s", name, fidelity_summary(metrics[name]["labels"]))
+        save_png(first.label_figures["pairs"], paths.reports / f"labelled_{name}.png")
+        if "covariates" in first.label_figures:
+            save_png(first.label_figures["covariates"], paths.reports / f"labels_{name}.png")
     # each autoencoder's reconstructions decoded and finished as the generator on its latents
     # decodes and finishes slices
     finishing: dict[str, tuple[LatentCodec, Texture, bool]] = {}
@@ -914,16 +916,34 @@ def evaluate(
         judges += judge_jobs(section, train.image, fake_train, real.image, fake_test, **judging)
     judge_curves: dict[str, list[tuple[int, float]]] = {}
     for job, result in zip(judges, run_judges(judges, device), strict=True):
-        metrics[job.section].setdefault("c2st", {})[job.variant] = result.as_dict()
-        judge_curves[f"{job.section} ({job.variant})"] = result.curve
-    for name in GENERATORS:
+        section = target[id(job)] if id(job) in target else metrics[job.section]
+        section.setdefault("c2st", {})[job.variant] = result.as_dict()
+        judge_curves.setdefault(f"{job.section} ({job.variant})", result.curve)  # first seed
+    for name, generator in generators.items():
+        metrics[name] = mean_section(per_seed[name]) | provenance(
+            generator, paths.models / f"{name}.pt"
+        )
+        metrics[name] |= probe_sha
+        rows = [seed_row(section, metrics, name) for section in per_seed[name]]
+        metrics[name]["seeds"] = {"seeds": seeds, **summarise(rows)}
+        _warn_copies(name, metrics[name]["novelty"], cfg)
         logger.info(
-            "%s: C2ST AUC %.3g raw, %.3g blurred (real vs real %.3g)",
+            "%s (mean of %d sampling seeds): fd_alex %.4g (real halves %.4g); z-probe MAE %.3g "
+            "(real %.3g) slices; C2ST AUC %.3g raw, %.3g blurred (real vs real %.3g); every bar "
+            "met on %d of %d seeds",
             name,
+            len(seeds),
+            metrics[name]["fd_alex"],
+            _halves(metrics, "fd_alex"),
+            metrics[name]["zprobe_mae"],
+            metrics["real"]["zprobe_mae"],
             metrics[name]["c2st"]["raw"]["auc"],
             metrics[name]["c2st"]["blur"]["auc"],
             metrics["real"]["c2st"]["blur"]["auc"],
+            metrics[name]["seeds"]["all_bars_met"],
+            len(seeds),
         )
+        logger.info("%s label fidelity: %s", name, fidelity_summary(metrics[name]["labels"]))
 
     tables = curve_tables(curves)
     for metric, table in tables.items():

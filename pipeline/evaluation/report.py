@@ -232,9 +232,27 @@ def verdict_mark(passed: bool | None, note: str | None = None) -> str:
     return '<span class="pass">pass</span>' if passed else '<span class="short">short</span>'
 
 
-def verdict_table(model: str, rows: Sequence[Verdict]) -> str:
+def seeds_note(seeds: Mapping[str, Any] | None) -> str:
+    """The line under a verdict table's headline when its figures are a mean over sampling
+    seeds (``metrics.json``'s ``seeds`` block, :mod:`pipeline.evaluation.seeds`); empty for
+    one seed."""
+    if not seeds or seeds.get("n_seeds", 1) < 2:
+        return ""
+    short = "; ".join(f"{label} on {count}" for label, count in seeds.get("short", {}).items())
+    return (
+        f"<p>Figures are the mean over {seeds['n_seeds']} sampling seeds "
+        f"({', '.join(map(str, seeds.get('seeds', [])))}). Every bar met on "
+        f"{seeds['all_bars_met']} of {seeds['n_seeds']} seeds"
+        + (f"; bars short, with the seeds short: {html.escape(short)}" if short else "")
+        + ".</p>"
+    )
+
+
+def verdict_table(
+    model: str, rows: Sequence[Verdict], seeds: Mapping[str, Any] | None = None
+) -> str:
     """One generator's verdicts: figure, reference (real slices, or the shuffled control),
-    autoencoder ceiling, bar, mark."""
+    autoencoder ceiling, bar, mark; with :func:`seeds_note` under the headline."""
     short = sum(row.passed is False for row in rows)
     measured = sum(row.passed is not None for row in rows)
     headline = f"{MODEL_NAMES.get(model, model)}: " + (
@@ -255,14 +273,20 @@ def verdict_table(model: str, rows: Sequence[Verdict]) -> str:
         f"<th>{h}</th>"
         for h in ("criterion", "model", "reference", "autoencoder ceiling", "bar", "verdict")
     )
-    return f"<h3>{html.escape(headline)}</h3><table><tr>{head}</tr>{body}</table>"
+    return (
+        f"<h3>{html.escape(headline)}</h3>{seeds_note(seeds)}<table><tr>{head}</tr>{body}</table>"
+    )
 
 
 def verdicts_html(metrics: Mapping[str, Any] | None) -> str:
     """The verdict tables of every judged generator (the page's opening section)."""
     if not metrics:
         return missing("reports/metrics.json")
-    tables = [verdict_table(m, rows) for m in JUDGED if (rows := model_verdicts(metrics, m))]
+    tables = [
+        verdict_table(m, rows, metrics[m].get("seeds"))
+        for m in JUDGED
+        if (rows := model_verdicts(metrics, m))
+    ]
     return "".join(tables) or missing("generator sections in reports/metrics.json")
 
 
