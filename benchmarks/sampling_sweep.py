@@ -9,8 +9,9 @@ covariates, fd_alex, precision / recall, the z-probe, the raw and blurred judges
 fraction, the label probes and the mask Dice), judges each seed against the report's bars
 (:func:`pipeline.evaluation.verdicts.model_verdicts`, real references from
 ``reports/metrics.json``), and gives per setting the mean and range of each figure and how many
-seeds meet each bar. At the model's own defaults and ``--seeds`` holding ``params.seed``, that
-seed's row equals ``metrics.json``.
+seeds meet each bar (:mod:`pipeline.evaluation.seeds`). At the model's own defaults, the mean
+of the rows of seeds ``params.seed`` ... ``params.seed + evaluate.sampling_seeds - 1`` equals
+``metrics.json``.
 
 Usage::
 
