@@ -117,7 +117,7 @@ def markdown(model: str, results: Mapping[str, Mapping[str, Any]], seeds: Sequen
     lines += ["", "Bars short, with the number of seeds:", ""]
     for name, result in results.items():
         short = result["summary"]["short"]
-        listed = "; ".join(f"{label} ({count})" for label, count in short.items()) or "none"
+        listed = "; ".join(f"{row['bar']} ({row['seeds']})" for row in short) or "none"
         lines.append(f"- **{name}**: {listed}")
     return "\n".join(lines) + "\n"
 

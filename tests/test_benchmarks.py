@@ -226,7 +226,7 @@ def test_sweep_judges_each_seed_against_the_report_bars_and_counts_them() -> Non
     assert summary["all_bars_met"] == 1 and summary["n_seeds"] == 2
     assert summary["figures"]["fd_alex"] == {"mean": 12.0, "min": 11.0, "max": 13.0}
     assert "CDR AUC" not in summary["figures"]  # never measured: no column figure
-    assert summary["short"][same_size] == 1
+    assert {"bar": same_size, "seeds": 1} in summary["short"] and len(summary["short"]) == 2
     assert summary["judged"] == 3  # fd_alex twice and the blurred judge; the rest unmeasured
     text = sweep_markdown("pixelcnn", {"guidance=1.5": {"summary": summary}}, [0, 1])
     assert "| guidance=1.5 | 1 of 2 | 12.00 (11.00–13.00) |" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from pipeline.evaluation.evaluate import (
     ceiling_reconstructions,
     evaluate,
     judge_train_rows,
+    numeric_metrics,
     other_subjects_rows,
     real_figures,
     set_figures,
@@ -399,3 +401,10 @@ def test_several_sampling_seeds_are_judged_on_their_mean(tmp_path: Path) -> None
     assert block["all_bars_met"] == results["defaults"]["summary"]["all_bars_met"]
     assert block["figures"]["fd_alex"]["min"] == min(r["fd_alex"] for r in rows)
     assert list(metrics)[:4] == ["real", "blurred_real", "ldm", "pixelcnn"]  # section order
+    assert block["short"], "untrained models fall short of some bar"
+    # every figure is a valid MLflow metric name (a bar's label, with commas, is not)
+    names = numeric_metrics(metrics)
+    assert "pixelcnn.seeds.all_bars_met" in names
+    assert all(re.fullmatch(r"[\w\-. :/]+", name) for name in names), [
+        n for n in names if not re.fullmatch(r"[\w\-. :/]+", n)
+    ]

@@ -40,7 +40,12 @@ def test_mean_section_averages_floats_and_keeps_the_rest_of_the_first_seed() -> 
 
 
 def test_the_verdict_table_says_how_many_seeds_met_every_bar() -> None:
-    seeds = {"seeds": [0, 1, 2], "n_seeds": 3, "all_bars_met": 1, "short": {"fd_alex": 2}}
+    seeds = {
+        "seeds": [0, 1, 2],
+        "n_seeds": 3,
+        "all_bars_met": 1,
+        "short": [{"bar": "fd_alex", "seeds": 2}],
+    }
     note = seeds_note(seeds)
     assert "mean over 3 sampling seeds (0, 1, 2)" in note
     assert "Every bar met on 1 of 3 seeds" in note and "fd_alex on 2" in note

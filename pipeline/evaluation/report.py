@@ -238,7 +238,7 @@ def seeds_note(seeds: Mapping[str, Any] | None) -> str:
     one seed."""
     if not seeds or seeds.get("n_seeds", 1) < 2:
         return ""
-    short = "; ".join(f"{label} on {count}" for label, count in seeds.get("short", {}).items())
+    short = "; ".join(f"{row['bar']} on {row['seeds']}" for row in seeds.get("short", []))
     return (
         f"<p>Figures are the mean over {seeds['n_seeds']} sampling seeds "
         f"({', '.join(map(str, seeds.get('seeds', [])))}). Every bar met on "

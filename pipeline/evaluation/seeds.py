@@ -59,7 +59,9 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
     Returns:
         ``{n_seeds, figures: {column: {mean, min, max}}, judged: bars judged on every seed,
-        all_bars_met: seeds meeting every judged bar, short: {bar label: seeds short}}``.
+        all_bars_met: seeds meeting every judged bar, short: [{bar, seeds}]}``: ``short``
+        lists each bar short on some seed and on how many, most often first (a list, not a
+        mapping keyed by bar label: a label is no valid MLflow metric name).
     """
     figures = {}
     for column, _, _ in COLUMNS:
@@ -79,7 +81,10 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "figures": figures,
         "judged": min((len(r["passed"]) + len(r["short"]) for r in rows), default=0),
         "all_bars_met": sum(not r["short"] for r in rows),
-        "short": dict(sorted(short.items(), key=lambda item: -item[1])),
+        "short": [
+            {"bar": label, "seeds": count}
+            for label, count in sorted(short.items(), key=lambda item: -item[1])
+        ],
     }
 
 
