@@ -48,7 +48,7 @@ def test_the_verdict_table_says_how_many_seeds_met_every_bar() -> None:
     }
     note = seeds_note(seeds)
     assert "mean over 3 sampling seeds (0, 1, 2)" in note
-    assert "Every bar met on 1 of 3 seeds" in note and "fd_alex on 2" in note
+    assert "Every bar met on 1 of 3 seeds." in note and "with how many: fd_alex (2)." in note
     assert seeds_note({**seeds, "n_seeds": 1}) == "" and seeds_note(None) == ""
     metrics = {
         "real": {"split_halves": {"fd_alex": 10.0}, "zprobe_mae": 1.0},

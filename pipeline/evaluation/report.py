@@ -238,13 +238,13 @@ def seeds_note(seeds: Mapping[str, Any] | None) -> str:
     one seed."""
     if not seeds or seeds.get("n_seeds", 1) < 2:
         return ""
-    short = "; ".join(f"{row['bar']} on {row['seeds']}" for row in seeds.get("short", []))
+    short = "; ".join(f"{row['bar']} ({row['seeds']})" for row in seeds.get("short", []))
     return (
         f"<p>Figures are the mean over {seeds['n_seeds']} sampling seeds "
         f"({', '.join(map(str, seeds.get('seeds', [])))}). Every bar met on "
-        f"{seeds['all_bars_met']} of {seeds['n_seeds']} seeds"
-        + (f"; bars short, with the seeds short: {html.escape(short)}" if short else "")
-        + ".</p>"
+        f"{seeds['all_bars_met']} of {seeds['n_seeds']} seeds."
+        + (f" Short on single seeds, with how many: {html.escape(short)}." if short else "")
+        + "</p>"
     )
 
 
