@@ -22,6 +22,7 @@ from benchmarks.rows import autocast
 from benchmarks.run import fmt, main, markdown
 from benchmarks.sampling_sweep import markdown as sweep_markdown
 from benchmarks.sampling_sweep import parse_settings, setting_name
+from benchmarks.workstation_smoke import main as smoke_main
 from benchmarks.workstation_smoke import shorten, smoke_params
 from pipeline.core.config import TrainConfig, load_params, params_from_dict
 from pipeline.core.errors import InputError
@@ -251,3 +252,30 @@ def test_workstation_smoke_params_keep_the_profile_and_cut_every_training_block(
     assert shorten({"steps": 80, "eval_every": 20}, 200) == {"steps": 80, "eval_every": 20}
     with pytest.raises(SystemExit, match="no profile 'gpu'"):
         smoke_params(raw, "gpu", 200, "cuda")
+
+
+def test_workstation_smoke_runs_stages_in_a_scratch_folder_and_keeps_each_stage_row(
+    tmp_path: Path,
+) -> None:
+    """Two real stages on the tiny profile: one row per stage, written after each, and the
+    project's own data, models and reports untouched."""
+    out = tmp_path / "out"
+    rc = smoke_main(
+        [
+            "--profile=tiny",
+            "--device=cpu",
+            "--steps=2",
+            "--stages=make_demo,prepare",
+            f"--workdir={tmp_path / 'work'}",
+            f"--out={out}",
+        ]
+    )
+    assert rc == 0
+    summary = json.loads((out / "workstation_smoke.json").read_text())
+    assert [row["stage"] for row in summary["stages"]] == ["make_demo", "prepare"]
+    assert all(row["rc"] == 0 and row["seconds"] > 0 for row in summary["stages"])
+    assert (tmp_path / "work" / "data" / "prepared" / "test" / "slices.npy").is_file()
+    assert "| prepare | 0 |" in (out / "workstation_smoke.md").read_text()
+    assert "===== prepare =====" in (out / "workstation_smoke.log").read_text()
+    with pytest.raises(SystemExit, match="unknown stages"):
+        smoke_main(["--stages=prepare,train_everything"])
