@@ -11,11 +11,13 @@ import pytest
 import torch
 from support import TINY_AE_X2
 
-from pipeline.core.config import ConditioningConfig, Params
+from pipeline.core.config import ConditioningConfig, LDMConfig, Params
 from pipeline.data.latents import LatentDataset, read_latent_meta
 from pipeline.inference.encode import encode_all, encode_latents
 from pipeline.models.autoencoder import Autoencoder
+from pipeline.models.codec import LatentCodec
 from pipeline.models.files import save_model
+from pipeline.training.ldm import mirrored_training_latents
 
 CPU = torch.device("cpu")
 COND = ConditioningConfig(sinusoidal_dim=8, dim=8)
@@ -191,3 +193,28 @@ def test_missing_inputs_give_clear_errors(tmp_path: Path) -> None:
         encode_latents(tmp_path / "ae.pt", tmp_path / "nothing", tmp_path / "out", CPU)
     with pytest.raises(FileNotFoundError, match="encode_latents"):
         LatentDataset(tmp_path / "nothing")
+
+
+def test_mirrored_training_latents_encode_the_flipped_slices_with_their_own_labels(
+    tmp_path: Path, prepared: Path
+) -> None:
+    """``ldm.mirror_slices``: each mirrored slice is encoded again (not the flipped latent),
+    keeps its slice's z and labels, and carries its posterior std."""
+    model = _export(tmp_path / "ae_vaegan.pt", "vaegan")
+    out = tmp_path / "latents" / "vaegan"
+    meta = encode_latents(tmp_path / "ae_vaegan.pt", prepared, out, CPU, progress=False)
+    train = LatentDataset(out / "train")
+    codec = LatentCodec(model, meta["scale_factor"])
+    mirrored = mirrored_training_latents(codec, train, prepared / "train", CPU)
+    assert len(mirrored) == len(train)
+    x, z = _images(prepared, "train")
+    with torch.no_grad():
+        mean, std = codec.encode_stage_2_posterior(x.flip(-1), z)
+    for i in (0, len(train) - 1):
+        item, base = mirrored[i], train[i]
+        assert set(item) == set(base) == {"latent", "latent_std", "z", "z_index"}
+        assert item["z"] == base["z"] and item["z_index"] == base["z_index"]
+        torch.testing.assert_close(item["latent"], mean[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(item["latent_std"], std[i], atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(item["latent"], base["latent"].flip(-1), atol=1e-3)
+    assert LDMConfig().mirror_slices is False  # files and params from before the key

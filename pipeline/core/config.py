@@ -453,6 +453,10 @@ class LDMConfig(_Section):
             2024); needs ``v_prediction``.
         mirror_latents: flip each training latent left-right with probability 0.5 (the brain
             is roughly symmetric; doubles the distinct training inputs).
+        mirror_slices: also train on the latents of the left-right mirrored training slices,
+            encoded again by the first stage (the prior's ``mirror_augment``; the latent of a
+            mirrored slice is not the mirrored latent, which is why ``mirror_latents`` hurts).
+            Doubles the training set, not the steps.
         posterior_samples: train on a fresh sample of the first stage's posterior at every
             step (the stored mean + its stored std times Gaussian noise; Rombach et al. 2022)
             rather than on the posterior means (``false``, files written before the key
@@ -488,6 +492,7 @@ class LDMConfig(_Section):
     min_snr_gamma: float = Field(5.0, gt=0)
     zero_terminal_snr: bool = False
     mirror_latents: bool = False
+    mirror_slices: bool = False
     posterior_samples: bool = False
     decode_posterior_std: float = Field(1.0, ge=0, allow_inf_nan=False)
     train: TrainConfig = TrainConfig()

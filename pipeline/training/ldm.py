@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from monai.networks.schedulers import Scheduler
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from pipeline.core import distributed
 from pipeline.core.config import LDMConfig, Params
@@ -39,6 +39,7 @@ from pipeline.core.io import atomic_write, write_json
 from pipeline.core.labels import schema_to_meta
 from pipeline.core.stage import StagePaths
 from pipeline.core.tracking import StageRun, to_uint8_image
+from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.data.latents import LatentDataset, read_latent_meta, training_covariates
 from pipeline.inference.diffusion import (
     Trajectory,
@@ -175,6 +176,61 @@ class LDMTask(TrainingTask):
         )
         optim.step("unet", loss)
         return {"loss": loss.item()}
+
+
+class _WithLatents(Dataset):
+    """The items of a :class:`LatentDataset` with ``latent`` (and ``latent_std``) replaced.
+
+    Args:
+        base: the split whose z, covariates and other labels each item keeps.
+        latents: (N, C, h, w) scaled latents, row i for ``base``'s item i.
+        stds: (N, C, h, w) their posterior stds, or None (a VQ-VAE's latents).
+    """
+
+    def __init__(self, base: LatentDataset, latents: np.ndarray, stds: np.ndarray | None) -> None:
+        if len(latents) != len(base):
+            raise ValueError(f"{len(latents)} latents for {len(base)} items")
+        self.base, self.latents, self.stds = base, latents, stds
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.base[i]
+        item["latent"] = torch.from_numpy(self.latents[i])
+        if self.stds is not None:
+            item["latent_std"] = torch.from_numpy(self.stds[i])
+        return item
+
+
+@torch.no_grad()
+def mirrored_training_latents(
+    codec: LatentCodec, train: LatentDataset, slices_dir: Path, device: torch.device
+) -> Dataset:
+    """The training split's latents encoded from its left-right mirrored slices.
+
+    A mirrored axial slice is plausible anatomy, but its latent is not the mirrored latent
+    (:func:`random_mirror`), so the mirrored slices are encoded again, as
+    :func:`pipeline.training.prior.augmented_codes` does for the prior's code grids.
+
+    Args:
+        codec: the first stage (in eval mode) with the latents' scale factor.
+        train: the training latents (row i encodes slice i of ``slices_dir``).
+        slices_dir: the prepared training split those latents were encoded from.
+        device: where the first stage runs.
+
+    Returns:
+        Items as ``train``'s (the same z, covariates and labels), with the mirrored slices'
+        latents and, for a VAE-GAN, their posterior stds.
+    """
+    slices = EvalData.from_dataset(SliceDataset(slices_dir))
+    means, stds = [], []
+    for image, z in zip(slices.image.split(EVAL_BATCH), slices.z.split(EVAL_BATCH), strict=True):
+        mean, std = codec.encode_stage_2_posterior(image.flip(-1).to(device), z.to(device))
+        means.append(mean.float().cpu())
+        stds.append(None if std is None else std.float().cpu())
+    latent_std = None if stds[0] is None else torch.cat(stds).numpy()  # type: ignore[arg-type]
+    return _WithLatents(train, torch.cat(means).numpy(), latent_std)
 
 
 @dataclass
@@ -427,6 +483,12 @@ def train_ldm(
         )
     posterior_std = cfg.decode_posterior_std * float(meta.get("posterior_std") or 0.0)
     codec = LatentCodec(load_autoencoder(meta["autoencoder"], device)[0], scale, posterior_std)
+    dataset: Dataset = train  # the mirrored slices' latents join it, not the nearest-latent check
+    if cfg.mirror_slices:
+        prepared_train = Path(params.data.prepared_dir) / "train"
+        mirrored = mirrored_training_latents(codec, train, prepared_train, device)
+        dataset = ConcatDataset([train, mirrored])
+        logger.info("training on %d latents (%d of mirrored slices)", len(dataset), len(mirrored))
 
     torch.manual_seed(params.seed)
     unet = ZConditionedUNet(cfg, cond_cfg, shape[0], schema).to(device)
@@ -448,7 +510,7 @@ def train_ldm(
     started = time.perf_counter()
     result = fit(
         task,
-        train,
+        dataset,
         cfg.train,
         run=run,
         resume_dir=paths.resume_dir,
