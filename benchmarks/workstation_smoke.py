@@ -108,7 +108,11 @@ def smoke_params(raw: dict[str, Any], profile: str, steps: int, device: str) -> 
 
 
 class GpuSampler:
-    """Peak GPU memory in use (MiB) and mean utilisation (%) while open; nothing without NVML."""
+    """Peak GPU memory in use (MiB) and mean utilisation (%) while open; nothing without NVML.
+
+    Read from the driver (NVML) because each stage runs in a child process:
+    :class:`benchmarks.measure.PeakMemory` reads torch's counters of this process only.
+    """
 
     def __init__(self, period_s: float = 0.2) -> None:
         self.period_s = period_s
@@ -134,6 +138,7 @@ class GpuSampler:
         self._stop.set()
         if self._nvml is not None:
             self._thread.join()
+            self._nvml.nvmlShutdown()  # pairs with this sampler's nvmlInit
 
     def _sample(self) -> None:
         nvml = self._nvml
