@@ -101,10 +101,12 @@ def save_tiny_ldm(
     config: LDMConfig = TINY_LDM,
     schema: Schema = (),
     posterior_std: float | None = None,
+    std_curve: dict[str, list[float]] | None = None,
 ) -> Path:
     """An untrained tiny UNet over ``autoencoder``'s latents, saved as an ``ldm`` file
-    (conditioned on ``schema``'s covariates besides z; ``posterior_std`` recorded when given,
-    else absent, as in a file made before it was calibrated)."""
+    (conditioned on ``schema``'s covariates besides z; ``posterior_std`` and ``std_curve``, a
+    ``StdCurve.as_meta()``, recorded when given, else absent, as in a file made before
+    them)."""
     from pipeline.core.identity import file_sha256
     from pipeline.inference.diffusion import scheduler_config
     from pipeline.models.files import save_model
@@ -124,6 +126,8 @@ def save_tiny_ldm(
     }
     if posterior_std is not None:
         meta["posterior_std"] = posterior_std
+    if std_curve is not None:
+        meta["posterior_std_curve"] = std_curve
     save_model(path, "ldm", unet, config, meta, TINY_COND)
     return path
 

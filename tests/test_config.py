@@ -48,6 +48,8 @@ def test_bad_values_name_the_key() -> None:
             params_from_dict({"ldm": {"decode_posterior_std": bad}})
     with pytest.raises(ConfigError, match=r"ldm.*posterior_samples"):
         params_from_dict({"ldm": {"posterior_samples": "sometimes"}})
+    with pytest.raises(ConfigError, match=r"ldm.*decode_noise"):
+        params_from_dict({"ldm": {"decode_noise": "everywhere"}})
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:

@@ -99,9 +99,18 @@ def test_manifest_records_the_posterior_std_each_slice_was_decoded_with(
     plain = generate(model, "1", 2, 3, tmp_path / "plain", texture=False, **kwargs)
     assert [float(r["posterior_std"]) for r in read_manifest(drawn.manifest)] == [0.4, 0.4]
     assert [float(r["posterior_std"]) for r in read_manifest(plain.manifest)] == [0.0, 0.0]
+    assert [r["decode_noise"] for r in read_manifest(drawn.manifest)] == ["isotropic"] * 2
+    assert read_manifest(plain.manifest)[0]["decode_noise"] == "none"
+    curve = {"magnitude": [0.0, 1.0], "std": [0.6, 0.1]}
+    by_magnitude = save_tiny_ldm(
+        tmp_path / "ldm_curve.pt", tiny_generators["vaegan"], posterior_std=0.4, std_curve=curve
+    )
+    rows = read_manifest(generate(by_magnitude, "1", 1, 3, tmp_path / "curve", **kwargs).manifest)
+    assert rows[0]["decode_noise"] == "by_magnitude" and float(rows[0]["posterior_std"]) == 0.4
     assert not np.array_equal(_png(drawn.files[0]), _png(plain.files[0]))
     pixelcnn = generate(tiny_generators["pixelcnn"], "1", 1, 3, tmp_path / "vq", **kwargs)
     assert float(read_manifest(pixelcnn.manifest)[0]["posterior_std"]) == 0.0
+    assert read_manifest(pixelcnn.manifest)[0]["decode_noise"] == "none"
 
 
 def test_pixelcnn_generates_and_refuses_ldm_only_settings(tiny_generators, tmp_path) -> None:

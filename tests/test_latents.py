@@ -15,7 +15,7 @@ from pipeline.core.config import ConditioningConfig, LDMConfig, Params
 from pipeline.data.latents import LatentDataset, read_latent_meta
 from pipeline.inference.encode import encode_all, encode_latents
 from pipeline.models.autoencoder import Autoencoder
-from pipeline.models.codec import LatentCodec
+from pipeline.models.codec import LatentCodec, StdCurve
 from pipeline.models.files import save_model
 from pipeline.training.ldm import mirrored_training_latents
 
@@ -65,6 +65,7 @@ def test_vqvae_codes_latents_manifest_and_meta(tmp_path: Path, prepared: Path) -
     assert meta["latent_shape"] == [3, 8, 8] and meta["splits"] == SIZES
     assert meta["texture_sigma"] >= 0 and 0 <= meta["background_floor"] <= 1  # calibrated
     assert meta["posterior_std"] == 0.0  # the decoder sees the quantised latent itself
+    assert "posterior_std_curve" not in meta
     for split, n in SIZES.items():
         assert sorted(p.name for p in (out / split).iterdir()) == [
             "codes.npy",
@@ -138,6 +139,10 @@ def test_vaegan_posterior_mean_without_codes(tmp_path: Path, prepared: Path) -> 
     assert float(np.sqrt((stored.astype(np.float64) ** 2).mean())) == pytest.approx(
         meta["posterior_std"], rel=1e-4
     )
+    # the std as a curve over |latent|: fitted on the stored training latents and stds
+    curve = StdCurve.from_meta(meta["posterior_std_curve"])
+    assert curve == StdCurve.fit(np.load(out / "train" / "latents.npy"), stored)
+    assert len(curve.magnitude) > 1
     item = LatentDataset(out / "train")[2]
     torch.testing.assert_close(item["latent_std"], torch.from_numpy(stored[2]))
     assert (out / "val" / "latent_stds.npy").is_file()

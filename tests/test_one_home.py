@@ -23,7 +23,7 @@ from pipeline.core.stage import main as stage_main
 from pipeline.inference import edit
 from pipeline.inference.sampling import REFERENCE_DDIM_STEPS, SamplingSettings, load_generator
 from pipeline.models.autoencoder import Autoencoder
-from pipeline.models.codec import LatentCodec
+from pipeline.models.codec import LatentCodec, StdCurve
 from pipeline.models.conditioning import index_from_z, z_from_index
 from pipeline.models.files import WRITTEN_BY, load_model, save_model
 from pipeline.models.zprobe import ZProbe
@@ -159,6 +159,46 @@ def test_codec_decodes_a_posterior_sample_only_when_given_a_generator() -> None:
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(InputError, match="posterior_std"):
             LatentCodec(ae, posterior_std=bad)
+
+
+def test_std_curve_fits_the_std_by_magnitude_and_round_trips() -> None:
+    rng = np.random.default_rng(0)
+    latents = rng.uniform(-3, 3, size=(200, 2, 4, 4))
+    stds = np.where(np.abs(latents) < 1, 0.9, 0.1)  # a sparse code: tight where it is large
+    curve = StdCurve.fit(latents, stds, knots=12)
+    assert len(curve.magnitude) == 12 and list(curve.magnitude) == sorted(curve.magnitude)
+    at = curve(torch.tensor([[0.0, 0.3, 2.0, 5.0]]))
+    assert at.shape == (1, 4) and at.dtype == torch.float32
+    torch.testing.assert_close(at, torch.tensor([[0.9, 0.9, 0.1, 0.1]]))  # ends held
+    assert StdCurve.from_meta(curve.as_meta()) == curve and StdCurve.from_meta(None) is None
+    torch.testing.assert_close(curve.scaled(0.5)(torch.tensor([0.0])), torch.tensor([0.45]))
+    for magnitude, std in (((1.0, 0.5), (0.1, 0.1)), ((0.0,), (-0.1,)), ((0.0, 1.0), (0.1,))):
+        with pytest.raises(InputError, match="std curve"):
+            StdCurve(magnitude, std)
+
+
+@torch.no_grad()
+def test_codec_draws_each_elements_decode_noise_at_the_curves_std() -> None:
+    ae = _tiny_autoencoder("vaegan")
+    curve = StdCurve((0.0, 1.0), (0.8, 0.1))
+    codec = LatentCodec(ae, scale_factor=1.0, posterior_std=0.5, std_curve=curve)
+    latent = torch.zeros(64, 2, 8, 8)
+    latent[:, 1] = 2.0  # channel 0 near the prior, channel 1 carries the slice
+    drawn = codec.sample_posterior(latent, torch.Generator().manual_seed(1))
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(drawn, latent + curve(latent) * noise)
+    spread = (drawn - latent).std(dim=(0, 2, 3))
+    assert abs(float(spread[0]) - 0.8) < 0.03 and abs(float(spread[1]) - 0.1) < 0.01
+    isotropic = LatentCodec(ae, scale_factor=1.0, posterior_std=0.5)
+    spread = (isotropic.sample_posterior(latent, torch.Generator()) - latent).std(dim=(0, 2, 3))
+    assert torch.allclose(spread, torch.tensor([0.5, 0.5]), atol=0.03)
+    silent = LatentCodec(ae, scale_factor=1.0, posterior_std=0.0, std_curve=curve)
+    assert torch.equal(silent.sample_posterior(latent, torch.Generator()), latent)
+    assert [c.decode_noise for c in (codec, isotropic, silent)] == [
+        "by_magnitude",
+        "isotropic",
+        "none",
+    ]
 
 
 @torch.no_grad()

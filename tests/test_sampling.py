@@ -34,7 +34,8 @@ from pipeline.inference.sampling import (
     load_generator,
     sample,
 )
-from pipeline.training.ldm import train_ldm
+from pipeline.models.codec import StdCurve
+from pipeline.training.ldm import decode_std_curve, train_ldm
 
 LDM = tiny_ldm(
     grid_levels=2,
@@ -174,7 +175,13 @@ def test_train_ldm_on_posterior_samples_needs_the_stds_and_scales_the_decode_noi
     params, paths = _ldm_stage(tmp_path)
     meta = json.loads((paths.latents / "meta.json").read_text())
     (paths.latents / "meta.json").write_text(json.dumps(meta | {"posterior_std": 0.5}))
-    on_samples = LDM.model_copy(update={"posterior_samples": True, "decode_posterior_std": 0.6})
+    on_samples = LDM.model_copy(
+        update={
+            "posterior_samples": True,
+            "decode_posterior_std": 0.6,
+            "decode_noise": "isotropic",
+        }
+    )
     params = params.model_copy(update={"ldm": on_samples})
     with pytest.raises(ValueError, match=r"latent_stds\.npy"):
         train_ldm(params, **stage_kwargs(paths))
@@ -183,7 +190,29 @@ def test_train_ldm_on_posterior_samples_needs_the_stds_and_scales_the_decode_noi
     train_ldm(params, **stage_kwargs(paths))
     gen = load_generator(paths.model)
     assert gen.codec.posterior_std == pytest.approx(0.3)  # 0.6 x the posterior's 0.5
-    assert gen.config.posterior_samples
+    assert gen.config.posterior_samples and gen.codec.std_curve is None
+
+
+def test_train_ldm_decode_noise_by_magnitude_follows_the_latents_curve(tmp_path) -> None:
+    params, paths = _ldm_stage(tmp_path)
+    meta = json.loads((paths.latents / "meta.json").read_text()) | {"posterior_std": 0.5}
+    (paths.latents / "meta.json").write_text(json.dumps(meta))
+    by_magnitude = LDM.model_copy(
+        update={"decode_posterior_std": 0.6, "decode_noise": "by_magnitude"}
+    )
+    params = params.model_copy(update={"ldm": by_magnitude})
+    with pytest.raises(InputError, match="posterior_std_curve"):  # latents from before it
+        train_ldm(params, **stage_kwargs(paths))
+    curve = StdCurve((0.0, 1.0), (0.9, 0.2))
+    meta["posterior_std_curve"] = curve.as_meta()
+    (paths.latents / "meta.json").write_text(json.dumps(meta))
+    train_ldm(params, **stage_kwargs(paths))
+    gen = load_generator(paths.model)
+    assert gen.codec.std_curve == curve.scaled(0.6)  # 0.6 x the posterior's, element by element
+    assert gen.codec.posterior_std == pytest.approx(0.3)  # the RMS, as recorded
+    no_noise = by_magnitude.model_copy(update={"decode_posterior_std": 0.0})
+    assert decode_std_curve(no_noise, meta, paths.latents) is None
+    assert decode_std_curve(by_magnitude, meta | {"posterior_std": 0.0}, paths.latents) is None
 
 
 def test_with_defaults_samples_as_the_explicit_settings_and_checks_them(tmp_path) -> None:

@@ -39,6 +39,8 @@ GeneratorName = Literal["ldm", "pixelcnn"]
 GENERATORS: tuple[str, ...] = get_args(GeneratorName)
 #: Per-timestep weights of the diffusion loss (``ldm.loss_weighting``).
 LossWeighting = Literal["uniform", "min_snr"]
+#: Where the LDM's decode noise goes (``ldm.decode_noise``).
+DecodeNoise = Literal["isotropic", "by_magnitude"]
 
 
 class _Section(BaseModel):
@@ -466,6 +468,10 @@ class LDMConfig(_Section):
             decoder was trained on posterior samples; ``LatentCodec.decode_stage_2_outputs``);
             0 decodes the sampled latent itself. 1.0 matches files written before the key
             existed.
+        decode_noise: where that noise goes: ``by_magnitude`` draws each element at the std
+            the posterior has at that element's magnitude (a curve fitted on the training
+            latents, :class:`~pipeline.models.codec.StdCurve`), ``isotropic`` at the
+            posterior's RMS std everywhere (files written before the key existed).
         train: training-loop settings.
     """
 
@@ -495,6 +501,7 @@ class LDMConfig(_Section):
     mirror_slices: bool = False
     posterior_samples: bool = False
     decode_posterior_std: float = Field(1.0, ge=0, allow_inf_nan=False)
+    decode_noise: DecodeNoise = "by_magnitude"
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")

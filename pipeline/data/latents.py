@@ -13,7 +13,9 @@ Layout under ``data/latents/<source>/`` (``source`` is the autoencoder kind)::
     meta.json                      {"source", "autoencoder", "autoencoder_sha256",
                                     "scale_factor", "latent_shape", "texture_sigma",
                                     "background_floor", "posterior_std" (the RMS of the
-                                    stds, 0 for vqvae), "num_codes" (vqvae),
+                                    stds, 0 for vqvae), "posterior_std_curve" (vaegan:
+                                    the RMS std over bins of |latent|, StdCurve.as_meta),
+                                    "num_codes" (vqvae),
                                     "splits": {split: N}}
 
 ``meta.json`` is removed first and written last by the encoder, so its presence means a

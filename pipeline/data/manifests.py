@@ -50,6 +50,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "mask_file",
     "guidance_min_t",
     "posterior_std",
+    "decode_noise",
 )
 #: The columns every generate manifest has had; later columns are blank when read from an
 #: older manifest (written before texture, novelty, covariates and masks were recorded).

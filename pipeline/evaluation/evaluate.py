@@ -290,6 +290,7 @@ def provenance(generator: GeneratorModel, path: Path) -> dict[str, Any]:
         "latent_source": generator.codec.autoencoder.kind,
         "texture": generator.texture._asdict(),
         "posterior_std": generator.codec.posterior_std,
+        "decode_noise": generator.codec.decode_noise,
         "sampling": SamplingSettings.resolve(generator).as_dict(),
     }
 

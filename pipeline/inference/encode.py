@@ -6,7 +6,8 @@ autoencoder (in eval mode, under ``torch.no_grad``); the layout written is descr
 scale factor every split is stored with, and its reconstructions the scan-noise level the
 first stage removes and the background haze it adds (``texture_sigma``, ``background_floor``:
 :mod:`pipeline.inference.texture`); for a VAE-GAN its posterior's std too (``posterior_std``,
-scaled units: what a posterior-sample decode adds, :mod:`pipeline.models.codec`), and every
+scaled units: what a posterior-sample decode adds, :mod:`pipeline.models.codec`) as one RMS
+figure and as a curve over the latent's magnitude (``posterior_std_curve``), and every
 slice's posterior std beside its latent (``latent_stds.npy``). Every file is
 written to a temporary name and renamed; ``meta.json`` is removed first and written last.
 """
@@ -29,7 +30,7 @@ from pipeline.core.io import atomic_write, write_json
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.data.latents import SPLITS
 from pipeline.inference.texture import Texture, background_floor, missing_sigma
-from pipeline.models.codec import LatentCodec
+from pipeline.models.codec import LatentCodec, StdCurve
 from pipeline.models.files import load_autoencoder
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ def encode_latents(
     (out / "meta.json").unlink(missing_ok=True)
     counts: dict[str, int] = {}
     latent_shape: list[int] = []
-    texture, posterior_std = Texture(), 0.0
+    texture, posterior_std, std_curve = Texture(), 0.0, None
     for split in SPLITS:  # train first: its latents give the scale factor
         src = prepared / split
         if not (src / "manifest.csv").is_file():
@@ -216,6 +217,7 @@ def encode_latents(
             latent_shape = list(latents.shape[1:])
             texture = calibrate_texture(codec, SliceDataset(src), device)
             posterior_std = _rms_std(stds)
+            std_curve = None if stds is None else StdCurve.fit(latents, stds)
         _save_npy(out / split / "latents.npy", latents)
         if stds is not None:
             _save_npy(out / split / "latent_stds.npy", stds)
@@ -236,6 +238,8 @@ def encode_latents(
         "posterior_std": posterior_std,
         "splits": counts,
     }
+    if std_curve is not None:
+        meta["posterior_std_curve"] = std_curve.as_meta()
     if model.quantizer is not None:
         meta["num_codes"] = int(model.quantizer.codebook.shape[0])
     write_json(out / "meta.json", meta)

@@ -44,7 +44,9 @@ latents are decoded as posterior samples (:mod:`pipeline.models.codec`), then th
 haze the first stage leaves is cleared and the scan noise it removes is added
 (:mod:`pipeline.inference.texture`); all three are recorded per row in the manifest
 (``posterior_std``, ``texture_sigma``, ``background_floor``; 0 with ``texture=False``, for a
-PixelCNN's posterior, or for a model file made before the calibration).
+PixelCNN's posterior, or for a model file made before the calibration), with ``decode_noise``
+(``by_magnitude``: each latent element's noise at the posterior's std for its magnitude,
+:class:`~pipeline.models.codec.StdCurve`; ``isotropic``; ``none``).
 """
 
 from __future__ import annotations
@@ -463,6 +465,7 @@ def generate(
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         **(gm.texture if texture else Texture()).as_meta(),
         "posterior_std": gm.codec.posterior_std if texture else 0.0,
+        "decode_noise": gm.codec.decode_noise if texture else "none",
     }
     pixel_mm, slice_mm = output_spacing(gm.metadata)
     rows: list[dict[str, Any]] = []

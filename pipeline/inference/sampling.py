@@ -27,7 +27,7 @@ from pipeline.core.labels import Schema
 from pipeline.inference.autoregressive import sample_codes
 from pipeline.inference.diffusion import BoundCovariates, guided_sample
 from pipeline.inference.texture import Texture, finish
-from pipeline.models.codec import LatentCodec
+from pipeline.models.codec import LatentCodec, StdCurve
 from pipeline.models.conditioning import check_z
 from pipeline.models.files import load_autoencoder, load_model, model_schema
 
@@ -262,16 +262,18 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> Gene
             shape = tuple(int(s) for s in meta["latent_shape"])
             scale = float(meta["scale_factor"])
             posterior_std = float(meta.get("posterior_std") or 0.0)  # 0 in older files
+            std_curve = StdCurve.from_meta(meta.get("posterior_std_curve"))  # None: isotropic
             if "scheduler" not in meta:
                 raise KeyError("scheduler")
         else:
             shape, scale, posterior_std = tuple(int(s) for s in meta["code_shape"]), 1.0, 0.0
+            std_curve = None
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(
             f"{path} lacks its {loaded.kind} metadata ({err}); re-run its training stage"
         ) from None
     autoencoder, ae_meta = _autoencoder_for(path, meta, device)
-    codec = LatentCodec(autoencoder, scale, posterior_std)
+    codec = LatentCodec(autoencoder, scale, posterior_std, std_curve)
     return GeneratorModel(
         kind=loaded.kind,  # type: ignore[arg-type]
         network=loaded.network,

@@ -51,7 +51,7 @@ from pipeline.inference.diffusion import (
 )
 from pipeline.inference.sampling import load_generator, sample
 from pipeline.inference.texture import Texture
-from pipeline.models.codec import LatentCodec
+from pipeline.models.codec import LatentCodec, StdCurve
 from pipeline.models.conditioning import batch_covariates, drop_covariates, index_from_z
 from pipeline.models.files import load_autoencoder, save_model
 from pipeline.models.unet import ZConditionedUNet
@@ -447,6 +447,28 @@ def sampling_speed(model_path: Path, device: torch.device, seed: int) -> dict[st
     }
 
 
+def decode_std_curve(cfg: LDMConfig, meta: dict[str, Any], latents: Path) -> StdCurve | None:
+    """The curve the LDM's decode noise follows (``ldm.decode_noise: by_magnitude``): the
+    latents' ``posterior_std_curve`` times ``ldm.decode_posterior_std``. None where the noise
+    is isotropic or there is none (a VQ-VAE, or a decode factor of 0).
+
+    Raises:
+        InputError: ``by_magnitude`` on latents encoded before the curve was recorded.
+    """
+    if cfg.decode_noise != "by_magnitude" or not cfg.decode_posterior_std:
+        return None
+    if not float(meta.get("posterior_std") or 0.0):
+        return None
+    curve = StdCurve.from_meta(meta.get("posterior_std_curve"))
+    if curve is None:
+        raise InputError(
+            f"{latents / 'meta.json'} has no posterior_std_curve for ldm.decode_noise: "
+            "by_magnitude; re-run encode_latents (dvc repro encode_latents) or set "
+            "ldm.decode_noise: isotropic"
+        )
+    return curve.scaled(cfg.decode_posterior_std)
+
+
 def train_ldm(
     params: Params,
     *,
@@ -482,7 +504,10 @@ def train_ldm(
             "re-run encode_latents (dvc repro encode_latents)"
         )
     posterior_std = cfg.decode_posterior_std * float(meta.get("posterior_std") or 0.0)
-    codec = LatentCodec(load_autoencoder(meta["autoencoder"], device)[0], scale, posterior_std)
+    std_curve = decode_std_curve(cfg, meta, paths.latents)
+    codec = LatentCodec(
+        load_autoencoder(meta["autoencoder"], device)[0], scale, posterior_std, std_curve
+    )
     dataset: Dataset = train  # the mirrored slices' latents join it, not the nearest-latent check
     if cfg.mirror_slices:
         prepared_train = Path(params.data.prepared_dir) / "train"
@@ -534,6 +559,7 @@ def train_ldm(
         "scheduler": scheduler_config(cfg),
         **Texture.from_meta(meta).as_meta(),
         "posterior_std": posterior_std,
+        **({} if std_curve is None else {"posterior_std_curve": std_curve.as_meta()}),
         "covariates": schema_to_meta(schema),
         "covariate_reference": reference,
     }
