@@ -50,6 +50,9 @@ def test_bad_values_name_the_key() -> None:
         params_from_dict({"ldm": {"posterior_samples": "sometimes"}})
     with pytest.raises(ConfigError, match=r"ldm.*decode_noise"):
         params_from_dict({"ldm": {"decode_noise": "everywhere"}})
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match=r"ldm.*dropout"):
+            params_from_dict({"ldm": {"dropout": bad}})
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:

@@ -81,6 +81,19 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def test_dropout_acts_in_training_only_and_keeps_the_parameter_names() -> None:
+    plain, dropped = _unet(), _unet(_cfg(dropout=0.5))
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    dropped.load_state_dict(plain.state_dict())  # files without dropout load unchanged
+    x, t, z = torch.randn(2, *SHAPE, generator=_gen(1)), torch.tensor([10, 500]), torch.rand(2)
+    with torch.no_grad():
+        assert torch.equal(dropped(x, t, z), plain(x, t, z))  # eval: no dropout
+        dropped.train()
+        first, second = dropped(x, t, z), dropped(x, t, z)
+    assert not torch.allclose(first, second)
+    assert not torch.allclose(first, plain(x, t, z))
+
+
 def test_schedulers_share_betas_and_do_not_clip() -> None:
     cfg = _cfg(prediction_type="v_prediction")
     config = scheduler_config(cfg)

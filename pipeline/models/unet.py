@@ -15,6 +15,11 @@ embedding. The wrapper replaces that lookup table with a learned projection of t
 embedding and passes the embedding as ``class_labels``, so MONAI's forward is reused as it
 is, without a copy and without hooks holding state.
 
+MONAI's residual block has no dropout. With ``ldm.dropout`` > 0 the wrapper registers a
+forward pre-hook on each block's second convolution that drops its input in training (where
+Ho et al. 2020 put it); the hook holds only the probability, and the parameter names, so the
+model files, stay MONAI's.
+
 Attention runs through torch's ``scaled_dot_product_attention``. On the CPU its fused
 (flash) kernel is slower than the plain math for these short sequences (16-256 tokens): the
 backward pass of one training step took 0.06 s of 0.34 s. So the forward pass picks the math
@@ -24,10 +29,13 @@ backend on the CPU and leaves torch's choice (flash) on CUDA.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.core.config import ConditioningConfig, LDMConfig
@@ -73,6 +81,10 @@ class ZConditionedUNet(nn.Module):
             use_flash_attention=True,  # torch scaled_dot_product_attention
         )
         self.cross_attention = config.cross_attention
+        if config.dropout > 0:
+            for block in self.unet.modules():
+                if isinstance(block, DiffusionUNetResnetBlock):
+                    block.conv2.register_forward_pre_hook(partial(_drop_input, p=config.dropout))
         time_dim = self.unet.time_embed[-1].out_features
         self.unet.class_embedding = nn.Sequential(nn.SiLU(), nn.Linear(conditioning.dim, time_dim))
 
@@ -103,3 +115,11 @@ class ZConditionedUNet(nn.Module):
         math = sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else nullcontext()
         with math:
             return self.unet(x, t, context=context, class_labels=emb)
+
+
+def _drop_input(
+    module: nn.Module, args: tuple[torch.Tensor, ...], p: float
+) -> tuple[torch.Tensor, ...]:
+    """Forward pre-hook: dropout with probability ``p`` on a module's (B, C, h, w) input,
+    in training mode only."""
+    return (F.dropout(args[0], p, module.training), *args[1:])
