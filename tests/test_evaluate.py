@@ -290,6 +290,11 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(
         section = saved[f"ae_{kind}"]
         expected = {"ssim", "ssim_brain", "psnr", "lpips", "checkpoint_sha256", "n_samples"}
         assert expected <= set(section), kind
+        # the second stage's ceiling at the generator's set size: the same real slices of
+        # other subjects, reconstructed (an untrained first stage: not the real figure)
+        ceiling, others = section["other_subjects"], saved["real"]["other_subjects"]
+        assert set(ceiling) == set(others) and ceiling["n_samples"] == others["n_samples"]
+        assert ceiling["fd_alex"] != others["fd_alex"]
 
     # the realism judge: controls, every generator and both autoencoders, raw and blurred
     for name in ("real", "ldm", "pixelcnn", "ae_vqvae", "ae_vaegan"):

@@ -22,6 +22,7 @@ from pipeline.evaluation.report import (
     build_report,
     curves_image,
     labels_html,
+    verdict_mark,
     write_report,
 )
 from pipeline.training.ldm import save_gif
@@ -145,6 +146,15 @@ def test_page_opens_with_verdicts_and_folds_the_full_table(tmp_path: Path) -> No
     assert rows["z fidelity (z-probe MAE, slices)"] == "pass"  # 0.9 <= 1.5 x 0.61
     assert rows["precision"] == "unknown"
     assert "PixelCNN prior: " not in page  # no section in metrics.json, no verdict table
+
+
+def test_a_short_mark_says_when_the_ceiling_is_short_too() -> None:
+    limit = "so is the ceiling"
+    assert limit in verdict_mark(False, ceiling_passed=False)
+    assert limit not in verdict_mark(False, ceiling_passed=True)
+    assert limit not in verdict_mark(False)
+    assert verdict_mark(True, ceiling_passed=False) == '<span class="pass">pass</span>'
+    assert "cannot judge: probe at chance" in verdict_mark(None, "probe at chance", False)
 
 
 def test_missing_inputs_never_crash(tmp_path: Path) -> None:

@@ -24,7 +24,10 @@ METRICS = {
         "novelty": {"copy_like_fraction": 0.0},
         "noise_sigma": 0.03,  # 1.5 x the real noise: a texture judge fooled by noise
     },
-    "ae_vaegan": {"c2st": {"raw": {"auc": 0.97}, "blur": {"auc": 0.55}}},
+    "ae_vaegan": {
+        "c2st": {"raw": {"auc": 0.97}, "blur": {"auc": 0.55}},
+        "other_subjects": {"fd_alex": 6.5, "precision": 0.84, "recall": 0.78},
+    },
 }
 
 
@@ -121,3 +124,13 @@ def test_a_covariate_is_obeyed_only_when_the_shuffled_control_is_clearly_worse()
     labels["real"]["cdr_auc"] = 0.55  # the probe reads nothing: not judged, whatever matched is
     rows = {r.label: r for r in model_verdicts({"ldm": {"labels": labels}}, "ldm")}
     assert rows["CDR obeyed (matched vs shuffled control, AUC)"].passed is None
+
+
+def test_same_size_bars_carry_the_reconstructions_as_ceiling_and_say_when_it_is_short() -> None:
+    rows = {row.label: row for row in model_verdicts(METRICS, "ldm")}
+    same_size = rows["fd_alex, same set size (real: other subjects)"]
+    assert (same_size.ceiling, same_size.ceiling_passed) == (6.5, True)  # 6.5 <= 1.5 x 6
+    assert (rows["precision"].ceiling, rows["precision"].ceiling_passed) == (0.84, True)
+    assert (rows["recall"].ceiling, rows["recall"].ceiling_passed) == (0.78, False)  # < 0.8
+    assert rows["realism, texture (C2ST AUC, raw)"].ceiling_passed is False  # 0.97 > 0.8
+    assert rows["z fidelity (z-probe MAE, slices)"].ceiling_passed is None  # no ceiling

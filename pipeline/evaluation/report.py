@@ -223,13 +223,19 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
     )
 
 
-def verdict_mark(passed: bool | None, note: str | None = None) -> str:
+def verdict_mark(
+    passed: bool | None, note: str | None = None, ceiling_passed: bool | None = None
+) -> str:
     """The verdict cell: pass (green), short (red), or not measured / cannot judge (grey,
-    with ``note`` saying why)."""
+    with ``note`` saying why); a short mark says so when the autoencoder's ceiling is short
+    of the bar too (``ceiling_passed`` False: the first stage, not the generator, limits it)."""
     if passed is None:
         text = f"cannot judge: {note}" if note else "not measured"
         return f'<span class="unknown">{html.escape(text)}</span>'
-    return '<span class="pass">pass</span>' if passed else '<span class="short">short</span>'
+    if passed:
+        return '<span class="pass">pass</span>'
+    limit = " (so is the ceiling: the first stage limits it)" if ceiling_passed is False else ""
+    return f'<span class="short">short</span>{limit}'
 
 
 def seeds_note(seeds: Mapping[str, Any] | None) -> str:
@@ -266,7 +272,8 @@ def verdict_table(
         f"<tr><td>{html.escape(row.label)}</td><td class='num'>{format_value(row.value)}</td>"
         f"<td class='num'>{format_value(row.reference)}</td>"
         f"<td class='num'>{format_value(row.ceiling)}</td>"
-        f"<td>{html.escape(row.bar)}</td><td>{verdict_mark(row.passed, row.note)}</td></tr>"
+        f"<td>{html.escape(row.bar)}</td>"
+        f"<td>{verdict_mark(row.passed, row.note, row.ceiling_passed)}</td></tr>"
         for row in rows
     )
     head = "".join(
