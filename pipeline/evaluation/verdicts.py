@@ -111,16 +111,24 @@ def _age(bound: float) -> Bar:
     )
 
 
-def _fd_same_size(bound: float) -> Bar:
-    """The fd_alex bar against real slices of other subjects at the generator's set size,
-    with the autoencoder's reconstructions of those slices as its ceiling."""
+def _same_size(label: str, figure: str, rule: Rule, bound: float) -> Bar:
+    """A bar against real slices of other subjects at the generator's set size
+    (``real.other_subjects``), with the autoencoder's reconstructions of those slices as its
+    ceiling (``{ae}.other_subjects``)."""
     return Bar(
-        "fd_alex, same set size (real: other subjects)",
-        "fd_alex",
-        "max_ratio",
+        label,
+        figure,
+        rule,
         bound,
-        "real.other_subjects.fd_alex",
-        "{ae}.other_subjects.fd_alex",
+        f"real.other_subjects.{figure}",
+        f"{{ae}}.other_subjects.{figure}",
+    )
+
+
+def _fd_same_size(bound: float) -> Bar:
+    """The fd_alex bar at the generator's set size (:func:`_same_size`)."""
+    return _same_size(
+        "fd_alex, same set size (real: other subjects)", "fd_alex", "max_ratio", bound
     )
 
 
@@ -189,22 +197,8 @@ BARS: dict[str, tuple[Bar, ...]] = {
         ),
         Bar("fd_alex", "fd_alex", "max_ratio", 1.5, "real.split_halves.fd_alex"),
         _fd_same_size(1.5),
-        Bar(
-            "precision",
-            "precision",
-            "min_abs",
-            0.8,
-            "real.other_subjects.precision",
-            "{ae}.other_subjects.precision",
-        ),
-        Bar(
-            "recall",
-            "recall",
-            "min_abs",
-            0.8,
-            "real.other_subjects.recall",
-            "{ae}.other_subjects.recall",
-        ),
+        _same_size("precision", "precision", "min_abs", 0.8),
+        _same_size("recall", "recall", "min_abs", 0.8),
         _NOVELTY,
         Bar("z fidelity (z-probe MAE, slices)", "zprobe_mae", "max_ratio", 1.5, "real.zprobe_mae"),
         _age(1.5),
