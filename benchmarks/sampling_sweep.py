@@ -29,20 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from tqdm import tqdm
 
-from pipeline.core.config import GENERATORS, load_params
+from pipeline.core.config import GENERATORS, Params, load_params
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
 from pipeline.core.io import write_json, write_text
 from pipeline.core.stage import main as run_command
 from pipeline.evaluation.evaluate import EvalContext, EvaluatePaths, run_judges, score_generator
 from pipeline.evaluation.seeds import COLUMNS, seed_row, summarise
-from pipeline.inference.sampling import load_generator
+from pipeline.inference.sampling import GeneratorModel, load_generator
 
 
 def parse_settings(text: str) -> list[dict[str, float | int | str]]:
@@ -85,15 +86,23 @@ def setting_name(setting: Mapping[str, Any]) -> str:
 
 
 def markdown(model: str, results: Mapping[str, Mapping[str, Any]], seeds: Sequence[int]) -> str:
-    """The report: one row per setting (means over seeds, ranges below), then the bars each
-    setting fell short of and on how many seeds."""
-    lines = [
+    """The report: a heading, then :func:`table` of the settings."""
+    heading = [
         f"# Sampling settings of the {model} over sampling seeds {', '.join(map(str, seeds))}",
         "",
         "Scored as `evaluate` scores the model (stand-in test split where the data is the demo"
         " cohort); each cell is the mean over seeds, with the range in brackets.",
         "",
-        "| setting | seeds meeting every bar | "
+    ]
+    return "\n".join(heading + table(results)) + "\n"
+
+
+def table(results: Mapping[str, Mapping[str, Any]], first: str = "setting") -> list[str]:
+    """Lines of the table (one row per entry of ``results``: means over seeds, ranges in
+    brackets; ``first`` heads the name column), then the bars each entry fell short of and
+    on how many seeds."""
+    lines = [
+        f"| {first} | seeds meeting every bar | "
         + " | ".join(column for column, _, _ in COLUMNS)
         + " |",
         "|---|---|" + "---|" * len(COLUMNS),
@@ -119,7 +128,7 @@ def markdown(model: str, results: Mapping[str, Mapping[str, Any]], seeds: Sequen
         short = result["summary"]["short"]
         listed = "; ".join(f"{row['bar']} ({row['seeds']})" for row in short) or "none"
         lines.append(f"- **{name}**: {listed}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def sweep(
@@ -141,21 +150,90 @@ def sweep(
     results: dict[str, dict[str, Any]] = {}
     with tqdm(total=len(generators) * len(seeds), desc="settings x seeds", unit="run") as bar:
         for name, (setting, generator) in generators.items():
-            rows = {}
-            for seed in seeds:
-                scored = score_generator(model, generator, ctx, seed)
-                for job, result in zip(
-                    scored.judges, run_judges(scored.judges, ctx.device), strict=True
-                ):
-                    scored.section.setdefault("c2st", {})[job.variant] = result.as_dict()
-                rows[seed] = seed_row(scored.section, metrics, model)
-                bar.update()
-            results[name] = {
-                "setting": setting,
-                "seeds": rows,
-                "summary": summarise(list(rows.values())),
-            }
+            results[name] = {"setting": setting} | score_seeds(
+                model, generator, seeds, ctx=ctx, metrics=metrics, bar=bar
+            )
     return results
+
+
+def score_seeds(
+    model: str,
+    generator: GeneratorModel,
+    seeds: Sequence[int],
+    *,
+    ctx: EvalContext,
+    metrics: Mapping[str, Any],
+    bar: tqdm | None = None,
+) -> dict[str, Any]:
+    """Score one generator on every seed as ``evaluate`` does, judges included.
+
+    Args:
+        model: ``ldm`` or ``pixelcnn`` (which bars apply).
+        generator: the loaded generator, at the settings to score.
+        seeds: sampling seeds.
+        ctx: the scoring context (:class:`EvalContext`).
+        metrics: ``reports/metrics.json`` (the bars' real references).
+        bar: a progress bar advanced once per seed.
+
+    Returns:
+        ``{seeds: {seed: seed_row}, summary: summarise(rows)}``.
+    """
+    rows = {}
+    for seed in seeds:
+        scored = score_generator(model, generator, ctx, seed)
+        for job, result in zip(scored.judges, run_judges(scored.judges, ctx.device), strict=True):
+            scored.section.setdefault("c2st", {})[job.variant] = result.as_dict()
+        rows[seed] = seed_row(scored.section, metrics, model)
+        if bar is not None:
+            bar.update()
+    return {"seeds": rows, "summary": summarise(list(rows.values()))}
+
+
+@dataclass
+class Scoring:
+    """What scoring a generator as ``evaluate`` does needs, from the command line.
+
+    Attributes:
+        params: the parameters (``--params``).
+        ctx: the scoring context on the chosen device.
+        metrics: ``reports/metrics.json`` (the bars' real references).
+        seeds: the sampling seeds.
+        models: the model folder.
+    """
+
+    params: Params
+    ctx: EvalContext
+    metrics: dict[str, Any]
+    seeds: list[int]
+    models: Path
+
+
+def scoring_arguments(parser: argparse.ArgumentParser, seeds: str) -> None:
+    """Add ``--seeds`` (default ``seeds``), ``--params``, ``--metrics``, ``--out``, ``--device``."""
+    parser.add_argument("--seeds", default=seeds, help="sampling seeds (comma list)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
+    parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--device", default="auto")
+
+
+def scoring(args: argparse.Namespace) -> Scoring:
+    """Load the parameters, the report and the scoring context :func:`scoring_arguments` name.
+
+    Raises:
+        InputError: no ``reports/metrics.json`` (``dvc repro`` has not run).
+    """
+    params = load_params(args.params)
+    if not args.metrics.is_file():
+        raise InputError(f"{args.metrics} not found: run `dvc repro` (its evaluate stage) first")
+    paths = EvaluatePaths.standard(params.data.prepared_dir)
+    return Scoring(
+        params,
+        EvalContext.build(params, paths, resolve_device(args.device)),
+        json.loads(args.metrics.read_text()),
+        [int(s) for s in args.seeds.split(",") if s.strip()],
+        paths.models,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -165,30 +243,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument(
         "--settings", default="", help='e.g. "guidance=3; guidance=1.5,temperature=1.2"'
     )
-    parser.add_argument("--seeds", default="0,1,2,3,4", help="sampling seeds (comma list)")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
-    parser.add_argument("--out", type=Path, default=Path("reports"))
-    parser.add_argument("--device", default="auto")
+    scoring_arguments(parser, seeds="0,1,2,3,4")
     args = parser.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    params = load_params(args.params)
-    if not args.metrics.is_file():
-        raise InputError(f"{args.metrics} not found: run `dvc repro` (its evaluate stage) first")
-    paths = EvaluatePaths.standard(params.data.prepared_dir)
-    device = resolve_device(args.device)
-    ctx = EvalContext.build(params, paths, device)
+    run = scoring(args)
     results = sweep(
         args.model,
         parse_settings(args.settings),
-        seeds,
-        ctx=ctx,
-        metrics=json.loads(args.metrics.read_text()),
-        models=paths.models,
+        run.seeds,
+        ctx=run.ctx,
+        metrics=run.metrics,
+        models=run.models,
     )
     stem = args.out / f"sampling_sweep_{args.model}"
-    write_json(stem.with_suffix(".json"), {"model": args.model, "seeds": seeds, "results": results})
-    report = markdown(args.model, results, seeds)
+    write_json(
+        stem.with_suffix(".json"), {"model": args.model, "seeds": run.seeds, "results": results}
+    )
+    report = markdown(args.model, results, run.seeds)
     write_text(stem.with_suffix(".md"), report)
     Console().print(report)
     return results

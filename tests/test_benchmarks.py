@@ -18,6 +18,7 @@ from torch import nn
 from benchmarks.ldm_ablation import ARMS, FIGURE_LEVELS, LABEL_MARGIN, arm_params, figure
 from benchmarks.measure import PeakMemory, Row, interleaved
 from benchmarks.monai_models import closest_width
+from benchmarks.real_start import RealStarts, start_timestep
 from benchmarks.rows import autocast
 from benchmarks.run import fmt, main, markdown
 from benchmarks.sampling_sweep import markdown as sweep_markdown
@@ -27,6 +28,7 @@ from benchmarks.workstation_smoke import shorten, smoke_params
 from pipeline.core.config import TrainConfig, load_params, params_from_dict
 from pipeline.core.errors import InputError
 from pipeline.evaluation.seeds import seed_row, summarise
+from pipeline.inference.diffusion import scheduler_config
 from pipeline.models.unet import ZConditionedUNet
 from pipeline.training import loop
 
@@ -279,3 +281,52 @@ def test_workstation_smoke_runs_stages_in_a_scratch_folder_and_keeps_each_stage_
     assert "===== prepare =====" in (out / "workstation_smoke.log").read_text()
     with pytest.raises(SystemExit, match="unknown stages"):
         smoke_main(["--stages=prepare,train_everything"])
+
+
+def _starts(with_stds: bool) -> RealStarts:
+    """Four training latents per level of 4, each filled with its level (and its row / 100)."""
+    levels = np.repeat(np.arange(4), 4)
+    latents = (levels + np.arange(16) / 100)[:, None, None, None] * np.ones((16, 2, 3, 3))
+    stds = np.full((16, 2, 3, 3), 0.5, np.float32) if with_stds else None
+    return RealStarts(latents.astype(np.float32), stds, levels, n_slices=4)
+
+
+def test_real_starts_draw_a_training_latent_at_the_nearest_level_seeded() -> None:
+    starts = _starts(with_stds=False)
+    z = torch.tensor([0.0, 1 / 3, 0.7, 1.0])  # 0.7 x 3 = 2.1: level 2
+    drawn = starts.draw(z, torch.Generator().manual_seed(0))
+    assert drawn.shape == (4, 2, 3, 3)
+    assert drawn[:, 0, 0, 0].floor().tolist() == [0, 1, 2, 3]
+    assert ((drawn - drawn[:, :1, :1, :1]) == 0).all()  # a stored latent, not a blend
+    again = starts.draw(z, torch.Generator().manual_seed(0))
+    assert torch.equal(drawn, again)
+    rows = {
+        tuple(starts.draw(z, torch.Generator().manual_seed(s))[:, 0, 0, 0].tolist())
+        for s in range(8)
+    }
+    assert len(rows) > 1  # the seed picks among each level's slices
+    many = z.repeat(50)
+    noisy = _starts(with_stds=True).draw(many, torch.Generator().manual_seed(0))
+    clean = starts.draw(many, torch.Generator().manual_seed(0))  # the same slices
+    assert abs(float((noisy - clean).std()) - 0.5) < 0.05  # a posterior sample, std 0.5
+    with pytest.raises(InputError, match="level 3"):
+        RealStarts(starts.latents[:12], None, starts.levels[:12], 4).draw(z, None)
+
+
+def test_real_start_sampler_keeps_the_real_latent_at_low_t_and_not_at_full_strength() -> None:
+    params = load_params()
+    schedule = scheduler_config(params.ldm)
+    zero = lambda x, t, z, drop: torch.zeros_like(x)  # noqa: E731  # v = 0: x0 = sqrt(ᾱ) x
+    starts = _starts(with_stds=False)
+    z = torch.tensor([0.0, 1.0])
+    real = starts.draw(z, torch.Generator().manual_seed(0))
+    kwargs = {"sampler": "pndm", "steps": 10, "guidance": 1.0, "guidance_min_t": 0}
+    early = starts.sampler(0.002)(
+        zero, schedule, z, (2, 3, 3), generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    assert start_timestep(0.002, 1000) == 2 and start_timestep(1.0, 1000) == 999
+    assert torch.allclose(early, real, atol=0.3)  # t = 2: the real latent, barely noised
+    full = starts.sampler(1.0)(
+        zero, schedule, z, (2, 3, 3), generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    assert not torch.allclose(full, real, atol=0.5)  # t = 999: the start is gone
