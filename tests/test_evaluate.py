@@ -293,7 +293,9 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(
         # the second stage's ceiling at the generator's set size: the same real slices of
         # other subjects, reconstructed (an untrained first stage: not the real figure)
         ceiling, others = section["other_subjects"], saved["real"]["other_subjects"]
-        assert set(ceiling) == set(others) and ceiling["n_samples"] == others["n_samples"]
+        assert set(ceiling) == set(others) | {"draws"}
+        assert ceiling["n_samples"] == others["n_samples"]
+        assert ceiling["draws"] == params.evaluate.sampling_seeds
         assert ceiling["fd_alex"] != others["fd_alex"]
 
     # the realism judge: controls, every generator and both autoencoders, raw and blurred
@@ -375,12 +377,32 @@ def test_sampling_sweep_at_the_defaults_reproduces_metrics_json(tmp_path: Path) 
     assert fd["mean"] == pytest.approx((at_defaults["fd_alex"] + other_seed["fd_alex"]) / 2)
 
 
-def test_several_sampling_seeds_are_judged_on_their_mean(tmp_path: Path) -> None:
+def test_several_sampling_seeds_are_judged_on_their_mean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With ``sampling_seeds: 2`` each generator's figures are the mean of the two seeds'
-    (as the sweep scores each seed), and ``seeds`` counts the seeds that met every bar."""
+    (as the sweep scores each seed), and ``seeds`` counts the seeds that met every bar; each
+    autoencoder's ceiling is the mean of two draws of its reconstructions."""
     params, paths = _stage_inputs(tmp_path, sampling_seeds=2)
     cpu = torch.device("cpu")
+    scored: list[dict[str, Any]] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        result = set_figures(*args, **kwargs)
+        scored.append(result[0])
+        return result
+
+    def drawn(*args: Any, **kwargs: Any) -> torch.Tensor:  # these files decode without noise
+        out = ceiling_reconstructions(*args, **kwargs)
+        return (out + 0.05 * torch.rand(out.shape, generator=args[4])).clamp(0, 1)
+
+    monkeypatch.setattr(evaluate_module, "set_figures", recording)
+    monkeypatch.setattr(evaluate_module, "ceiling_reconstructions", drawn)
     metrics = evaluate(params, run=RecordingRun("evaluate"), device=cpu, paths=paths)
+    ceiling = metrics["ae_vaegan"]["other_subjects"]  # the last kind: the last two scorings
+    draws = [row["fd_alex"] for row in scored[-2:]]
+    assert ceiling["draws"] == 2 and draws[0] != draws[1]
+    assert ceiling["fd_alex"] == pytest.approx(sum(draws) / 2)
     seeds = [params.seed, params.seed + 1]
     results = sweep(
         "pixelcnn",

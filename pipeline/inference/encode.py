@@ -66,6 +66,7 @@ def encode_dataset(
     batch_size: int = ENCODE_BATCH,
     progress: bool = True,
     desc: str = "encode",
+    mirror: bool = False,
 ) -> Encoded:
     """Encode every slice of a dataset, in order.
 
@@ -76,6 +77,8 @@ def encode_dataset(
         batch_size: slices per batch.
         progress: show a progress bar.
         desc: progress bar label.
+        mirror: encode each slice flipped left-right instead (a mirrored slice is plausible
+            anatomy, but its latent is not the mirrored latent).
 
     Returns:
         The latents, the posterior's stds (VAE-GAN) and the code indices (VQ-VAE).
@@ -86,6 +89,7 @@ def encode_dataset(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in tqdm(loader, desc=desc, disable=not progress):
         x, z = batch["image"].to(device).float(), batch["z"].to(device).float()
+        x = x.flip(-1) if mirror else x
         mean, std = codec.encode_stage_2_posterior(x, z)
         latents.append(mean.float().cpu())
         if std is not None:

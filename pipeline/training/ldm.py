@@ -39,7 +39,7 @@ from pipeline.core.io import atomic_write, write_json
 from pipeline.core.labels import schema_to_meta
 from pipeline.core.stage import StagePaths
 from pipeline.core.tracking import StageRun, to_uint8_image
-from pipeline.data.datasets import EvalData, SliceDataset
+from pipeline.data.datasets import SliceDataset
 from pipeline.data.latents import LatentDataset, read_latent_meta, training_covariates
 from pipeline.inference.diffusion import (
     Trajectory,
@@ -49,6 +49,7 @@ from pipeline.inference.diffusion import (
     guided_sample,
     scheduler_config,
 )
+from pipeline.inference.encode import encode_dataset
 from pipeline.inference.sampling import load_generator, sample
 from pipeline.inference.texture import Texture
 from pipeline.models.codec import LatentCodec, StdCurve
@@ -223,14 +224,8 @@ def mirrored_training_latents(
         Items as ``train``'s (the same z, covariates and labels), with the mirrored slices'
         latents and, for a VAE-GAN, their posterior stds.
     """
-    slices = EvalData.from_dataset(SliceDataset(slices_dir))
-    means, stds = [], []
-    for image, z in zip(slices.image.split(EVAL_BATCH), slices.z.split(EVAL_BATCH), strict=True):
-        mean, std = codec.encode_stage_2_posterior(image.flip(-1).to(device), z.to(device))
-        means.append(mean.float().cpu())
-        stds.append(None if std is None else std.float().cpu())
-    latent_std = None if stds[0] is None else torch.cat(stds).numpy()  # type: ignore[arg-type]
-    return _WithLatents(train, torch.cat(means).numpy(), latent_std)
+    encoded = encode_dataset(codec, SliceDataset(slices_dir), device, mirror=True, progress=False)
+    return _WithLatents(train, encoded.latents, encoded.stds)
 
 
 @dataclass
