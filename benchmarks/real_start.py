@@ -226,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     rows: dict[float, dict[str, Any]] = {}
     with tqdm(total=len(strengths) * len(seeds), desc="strengths x seeds", unit="run") as bar:
         for strength in strengths:
+            # sample_slices draws every LDM latent through sampling.guided_sample: swapping
+            # it runs evaluate's scoring unchanged (slices, judges, probes) on real starts
             with patch.object(sampling, "guided_sample", starts.sampler(strength)):
                 rows[strength] = score_seeds(
                     "ldm", generator, seeds, ctx=ctx, metrics=run.metrics, bar=bar
