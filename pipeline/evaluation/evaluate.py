@@ -75,6 +75,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -487,6 +488,35 @@ def ceiling_reconstructions(
             latent = latent + std * torch.randn(std.shape, generator=generator).to(std.device)
         out.append(codec.decode_stage_2_outputs(latent, zb, generator=generator).float().cpu())
     return torch.cat(out)
+
+
+def finished_reconstructions(
+    codec: LatentCodec,
+    texture: Texture,
+    image: torch.Tensor,
+    z: torch.Tensor,
+    posterior: torch.Generator,
+    noise: torch.Generator,
+    *,
+    device: torch.device,
+    posterior_samples: bool = False,
+) -> torch.Tensor:
+    """:func:`ceiling_reconstructions` finished with ``texture`` as the generator finishes
+    its samples (:func:`~pipeline.inference.texture.finish`).
+
+    Args:
+        codec, image, z, device, posterior_samples: as for :func:`ceiling_reconstructions`.
+        texture: the generator's calibrated noise texture.
+        posterior: a seeded CPU generator for the posterior draws.
+        noise: a seeded CPU generator for the texture noise.
+
+    Returns:
+        (N, 1, H, W) on the CPU, in [0, 1].
+    """
+    raw = ceiling_reconstructions(
+        codec, image, z, device, posterior, posterior_samples=posterior_samples
+    )
+    return finish(raw, texture, noise)
 
 
 @dataclass(frozen=True)
@@ -913,16 +943,13 @@ def evaluate(
         else:
             codec, texture = LatentCodec(load_autoencoder(path, device)[0]), Texture()
             on_samples = False
+        reconstructed = partial(
+            finished_reconstructions, codec, texture, device=device, posterior_samples=on_samples
+        )
         noise = torch.Generator().manual_seed(seed + 3)
         posterior = torch.Generator().manual_seed(seed + 4)
         fake_train, fake_test, fake_others = (
-            finish(
-                ceiling_reconstructions(
-                    codec, x, z, device, posterior, posterior_samples=on_samples
-                ),
-                texture,
-                noise,
-            )
+            reconstructed(x, z, posterior, noise)
             for x, z in (
                 (train.image[judge_rows], train.z[judge_rows]),
                 (real.image, real.z),
@@ -933,16 +960,10 @@ def evaluate(
         # one draw's recall moves by about ±0.025 against a bar of 0.8: the ceiling is the
         # mean over as many posterior and texture draws as the generator has sampling seeds
         draws = [fake_others] + [
-            finish(
-                ceiling_reconstructions(
-                    codec,
-                    train.image[others],
-                    train.z[others],
-                    device,
-                    torch.Generator().manual_seed(seed + 4 + CEILING_DRAW_STRIDE * k),
-                    posterior_samples=on_samples,
-                ),
-                texture,
+            reconstructed(
+                train.image[others],
+                train.z[others],
+                torch.Generator().manual_seed(seed + 4 + CEILING_DRAW_STRIDE * k),
                 torch.Generator().manual_seed(seed + 3 + CEILING_DRAW_STRIDE * k),
             )
             for k in range(1, len(seeds))
