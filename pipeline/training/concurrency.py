@@ -24,13 +24,13 @@ A child keeps its thread count within a training phase: the weights a CPU traini
 depend on it (oneDNN and the plain convolution kernels sum in different orders), so a child
 that took the freed cores the moment its sibling finished would give results that depend on
 which step that happened at. Between two phases of one training (the VAE-GAN's decoder-only
-phase), or at a fixed step of one (``train.join_freed_cores_at``: the PixelCNN prior, which
-outlasts the LDM beside it), a child may call :func:`take_freed_cores`: it waits until every
-sibling has finished and then uses all the cores, so the rest of the training always runs
-with the same thread count and the cores a finished sibling leaves do not idle. The parent
-tells the children where it marks finished siblings (``BRAINGEN_DONE_DIR``) and how many there
-are (``BRAINGEN_SIBLINGS``). The final thread count is recorded in the model file's metadata
-(``torch_threads``).
+phase), or at a fixed step of one (``train.join_freed_cores_at``, for a training that
+outlasts its sibling; no profile sets it now), a child may call :func:`take_freed_cores`: it
+waits until every sibling has finished and then uses all the cores, so the rest of the
+training always runs with the same thread count and the cores a finished sibling leaves do not
+idle. The parent tells the children where it marks finished siblings (``BRAINGEN_DONE_DIR``)
+and how many there are (``BRAINGEN_SIBLINGS``). The final thread count is recorded in the
+model file's metadata (``torch_threads``).
 
 If one child fails, the others are stopped (each resumes from its last checkpoint when the
 stage is re-run); if this process is interrupted or terminated, so are they.
