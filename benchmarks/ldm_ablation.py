@@ -2,33 +2,38 @@
 
 Every arm retrains the latent diffusion model on the committed latents
 (``data/latents/<ldm.latent_source>``) with the demo profile plus one override, for the same
-number of optimizer steps (by default the demo's ``ldm.train.steps``) and the same seed,
-then samples as ``evaluate`` does (as many slices per z as the test split holds, on z alone,
-the model's default sampler) and is scored like a generator in ``evaluate``: fd_alex,
-precision/recall, the z-probe MAE, and the classifier two-sample test (raw and blurred,
-:mod:`pipeline.metrics.c2st`, judge trained on the training split against
-``evaluate.c2st.train_samples`` slices of the arm).
+number of optimizer steps (by default the demo's ``ldm.train.steps``) and the same training
+seed, then is scored exactly as ``evaluate`` scores the demo LDM, over several sampling seeds
+(:func:`benchmarks.scoring.score_seeds`: slices at the test slices' own z and covariates,
+fd_alex, precision / recall, the z-probe, the raw and blurred judges, the copy-like fraction
+and the label probes, each seed judged against the report's bars). So every row reads on the
+scale of ``reports/metrics.json``, and the baseline row at the demo's steps is the demo LDM's
+figures up to the training run's own numerics.
 
-Sampling-only arms (``sample_overrides``) reuse the baseline's model file, so they cost no
+Sampling-only arms (``SAMPLE_ARMS``) reuse the baseline's model file, so they cost no
 training. A decoder check decodes the real test latents with added Gaussian noise: if a small
 error in the latent already shows as mottled texture, the first stage, not the LDM, sets the
 limit.
 
+Nothing is lost when a run is killed: the report is rewritten after every arm, an arm whose
+model file, training report and settings hash are in ``<work>`` is scored without training
+again, and a killed training resumes from its checkpoint.
+
 Usage::
 
     python -m benchmarks.ldm_ablation [--steps N] [--arms baseline,uniform_loss,...]
-                                      [--out reports] [--work ablation]
+                                      [--seeds 0,1,2] [--out reports] [--work ablation]
 
-Needs ``data/prepared``, ``data/latents`` and ``models/{ae_vaegan,zprobe}.pt`` from
-``dvc repro``. Writes ``<out>/ldm_ablation.{json,md}`` and ``<out>/ldm_ablation.png`` (a
-row per arm, labelled, under real test slices at the same levels); model files go
-to ``<work>``.
+Needs ``data/prepared``, ``data/latents``, ``models/`` and ``reports/metrics.json`` from
+``dvc repro``. Writes ``<out>/ldm_ablation.{json,md}`` and ``<out>/ldm_ablation.png`` (a row
+per arm, labelled, under real test slices at the same levels); model files go to ``<work>``.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,26 +41,20 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from rich.console import Console
-from rich.table import Table
 
-from pipeline.core.config import Params, load_params
-from pipeline.core.device import resolve_device
+from benchmarks.scoring import Scoring, score_seeds, scoring, scoring_arguments, table
+from pipeline.core.config import Params
+from pipeline.core.errors import InputError
 from pipeline.core.figures import figure_image, grid, save_png
 from pipeline.core.identity import stage_identity
 from pipeline.core.io import write_json, write_text
 from pipeline.core.stage import StagePaths
-from pipeline.core.tracking import StageRun
+from pipeline.core.stage import main as run_command
+from pipeline.core.tracking import StageRun, params_hash
 from pipeline.data.datasets import EvalData
 from pipeline.data.latents import latents_identity
-from pipeline.evaluation.evaluate import (
-    EvalContext,
-    EvaluatePaths,
-    generate_like,
-    judge_jobs,
-    run_judges,
-    set_figures,
-)
-from pipeline.inference.sampling import load_generator, sample, sample_slices
+from pipeline.evaluation.evaluate import EvalContext
+from pipeline.inference.sampling import GeneratorModel, load_generator, sample
 from pipeline.metrics.quality import alex_features, fd_alex
 from pipeline.models.conditioning import z_from_index
 from pipeline.training.ldm import train_ldm
@@ -100,51 +99,15 @@ def arm_params(params: Params, overrides: dict[str, Any], steps: int) -> Params:
     return params.model_copy(update={"ldm": type(params.ldm).model_validate(ldm.model_dump())})
 
 
-def score(
-    images: torch.Tensor,
-    index: torch.Tensor,
-    judge_fakes: torch.Tensor,
-    ctx: dict[str, Any],
-) -> dict[str, Any]:
-    """evaluate's generator figures plus the C2ST AUCs of one arm's samples."""
-    figures, _ = set_figures(ctx["real"], images, index, **ctx["scoring"])
-    jobs = judge_jobs(
-        "arm", ctx["train"].image, judge_fakes, ctx["real"].image, images, **ctx["judging"]
-    )
-    judged = {job.variant: r for job, r in zip(jobs, run_judges(jobs, ctx["device"]), strict=True)}
-    return {
-        **{k: figures[k] for k in ("fd_alex", "precision", "recall", "zprobe_mae")},
-        "c2st_raw": judged["raw"].auc,
-        "c2st_blur": judged["blur"].auc,
-    }
-
-
-def scoring_context(params: Params, device: torch.device) -> dict[str, Any]:
-    """What scoring a model needs, from ``evaluate``'s own
-    :class:`~pipeline.evaluation.evaluate.EvalContext`: the real test and training splits (and
-    the test manifest), ``evaluate``'s settings (``measuring`` for :func:`real_figures`,
-    ``scoring`` for :func:`set_figures`, ``judging`` for the judges), and the training rows
-    the judges' synthetic slices are made at (``judge_rows``)."""
-    ctx = EvalContext.build(params, EvaluatePaths.standard(params.data.prepared_dir), device)
-    return {
-        "real": ctx.real,
-        "train": ctx.train,
-        "test_manifest": ctx.test_manifest,
-        "device": device,
-        "n_slices": ctx.n_slices,
-        "seed": ctx.seed,
-        "judge_rows": ctx.judge_rows,
-        "measuring": ctx.measuring,
-        "scoring": ctx.scoring,
-        "judging": ctx.judging,
-    }
-
-
 def train_arm(arm: Params, name: str, work: Path, device: torch.device) -> tuple[Path, float]:
-    """Train the LDM of ``arm`` (tracking off) into ``<work>/ldm_<name>.pt``.
+    """Train the LDM of ``arm`` (tracking off) into ``<work>/ldm_<name>.pt``, or reuse it.
+
+    An arm already trained in ``<work>`` with the same settings (its model file, its training
+    report and ``ldm_<name>.hash``, the hash of the stage's identity, all present and the hash
+    equal) is not trained again: a killed run resumes where it stopped.
 
     Returns:
-        (the model file, training seconds).
+        (the model file, training seconds, from the training report).
     """
     latents_dir = Path("data/latents") / arm.ldm.latent_source
     paths = StagePaths(
@@ -155,41 +118,48 @@ def train_arm(arm: Params, name: str, work: Path, device: torch.device) -> tuple
         latents=latents_dir,
     )
     identity = stage_identity(arm, "train_ldm", **latents_identity(latents_dir))
-    started = time.perf_counter()
-    with StageRun("ldm_ablation", identity, enabled=False) as run:
-        train_ldm(arm, run=run, device=device, paths=paths, identity=identity)
-    return paths.model, time.perf_counter() - started
+    stamp, digest = work / f"ldm_{name}.hash", params_hash(identity)
+    done = paths.model.is_file() and paths.report.is_file() and stamp.is_file()
+    if not (done and stamp.read_text().strip() == digest):
+        stamp.unlink(missing_ok=True)
+        with StageRun("ldm_ablation", identity, enabled=False) as run:
+            train_ldm(arm, run=run, device=device, paths=paths, identity=identity)
+        stamp.write_text(digest + "\n")
+    return paths.model, float(json.loads(paths.report.read_text())["train_seconds"])
 
 
-def score_model(model: Path, ctx: dict[str, Any]) -> dict[str, Any]:
-    """:func:`score` of a model file's slices, made as ``evaluate`` makes them on z alone:
-    one per test slice, and one per judge training row."""
-    real, train, n_slices, seed = ctx["real"], ctx["train"], ctx["n_slices"], ctx["seed"]
-    generator = load_generator(model, ctx["device"])
-    made, _ = generate_like(generator, real.z_index, n_slices, seed)
-    fakes, _ = generate_like(generator, train.z_index[ctx["judge_rows"]], n_slices, seed + 1)
-    return score(made.images, real.z_index, fakes.images, ctx)
+def score_arm(generator: GeneratorModel, run: Scoring) -> dict[str, Any]:
+    """One arm scored as ``evaluate`` scores the LDM, on each of ``run.seeds``
+    (:func:`benchmarks.scoring.score_seeds`): ``{seeds, summary}``."""
+    return score_seeds("ldm", generator, run.seeds, ctx=run.ctx, metrics=run.metrics)
 
 
-def decoder_check(ctx: dict[str, Any], latents_dir: Path, params: Params) -> list[dict[str, Any]]:
-    """fd_alex of real test latents decoded with added noise, by noise level."""
-    gm = load_generator(ctx["model"], ctx["device"])
+def figure_levels(n_slices: int) -> torch.Tensor:
+    """(len(FIGURE_LEVELS),) z of the levels the figure shows."""
+    index = torch.tensor([round(f * (n_slices - 1)) for f in FIGURE_LEVELS]).float()
+    return z_from_index(index, n_slices)
+
+
+def decoder_check(model: Path, ctx: EvalContext, latents_dir: Path, seed: int) -> list[dict]:
+    """fd_alex of the real test latents decoded with added noise, by noise level.
+
+    Args:
+        model: an LDM file (its codec decodes).
+        ctx: the scoring context (the test split, its AlexNet features).
+        latents_dir: ``data/latents/<source>`` (its ``test/latents.npy``: (N, C, h, w)).
+        seed: seeds the added noise.
+    """
+    codec = load_generator(model, ctx.device).codec
     latents = torch.from_numpy(np.load(latents_dir / "test" / "latents.npy"))
-    real = ctx["real"]
+    gen = torch.Generator().manual_seed(seed)
     rows = []
-    gen = torch.Generator().manual_seed(params.seed)
     for sigma in LATENT_NOISE:
         noisy = latents + sigma * torch.randn(latents.shape, generator=gen)
         with torch.no_grad():
-            decoded = gm.codec.decode_stage_2_outputs(
-                noisy.to(ctx["device"]), real.z.to(ctx["device"])
-            )
+            decoded = codec.decode_stage_2_outputs(noisy.to(ctx.device), ctx.real.z.to(ctx.device))
         decoded = decoded.float().cpu().clamp(0, 1)
         rows.append(
-            {
-                "latent_noise": sigma,
-                "fd_alex": fd_alex(ctx["scoring"]["real_features"], alex_features(decoded)),
-            }
+            {"latent_noise": sigma, "fd_alex": fd_alex(ctx.real_features, alex_features(decoded))}
         )
     return rows
 
@@ -220,91 +190,90 @@ def figure(rows: dict[str, torch.Tensor], real: EvalData, n_slices: int) -> np.n
     return figure_image(fig)
 
 
-def main() -> None:
-    """Train and score every arm; write the table, the JSON and the figure."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="default: ldm.train.steps")
-    parser.add_argument("--arms", default=",".join([*ARMS, *SAMPLE_ARMS]))
-    parser.add_argument("--out", type=Path, default=Path("reports"))
-    parser.add_argument("--work", type=Path, default=Path("ablation"))
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-    wanted = args.arms.split(",")
-    unknown = sorted(set(wanted) - set(ARMS) - set(SAMPLE_ARMS))
-    if unknown:
-        parser.error(f"unknown arms {unknown}; choose from {[*ARMS, *SAMPLE_ARMS]}")
-
-    params = load_params()
-    args.steps = args.steps or params.ldm.train.steps
-    device = resolve_device(args.device)
-    n_slices, seed = params.prepare.n_slices, params.seed
-    ctx = scoring_context(params, device)
-    real, train, judge_rows = ctx["real"], ctx["train"], ctx["judge_rows"]
-    latents_dir = Path("data/latents") / params.ldm.latent_source
-    results: dict[str, Any] = {"steps": args.steps, "seed": seed, "arms": {}}
-    shown: dict[str, torch.Tensor] = {}
-    levels = z_from_index(
-        torch.tensor([round(f * (n_slices - 1)) for f in FIGURE_LEVELS]).float(), n_slices
-    )
-    console = Console()
-    for name in [a for a in wanted if a in ARMS]:
-        arm = arm_params(params, ARMS[name], args.steps)
-        model, seconds = train_arm(arm, name, args.work, device)
-        ctx["model"] = model
-        results["arms"][name] = {"overrides": ARMS[name], "train_seconds": seconds}
-        results["arms"][name] |= score_model(model, ctx)
-        shown[name], _ = sample(load_generator(model, device), levels, 2, seed)
-        console.print(name, results["arms"][name])
-    base = args.work / "ldm_baseline.pt"
-    for name in [a for a in wanted if a in SAMPLE_ARMS]:
-        if not base.is_file():
-            parser.error("sampling-only arms need the baseline arm (train it first)")
-        gm = load_generator(base, device)
-        over = SAMPLE_ARMS[name]
-        pool = sample_slices(gm, z_from_index(real.z_index.float(), n_slices), seed, **over)
-        judge_z = z_from_index(train.z_index[judge_rows].float(), n_slices)
-        fakes = sample_slices(gm, judge_z, seed + 1, **over).images
-        results["arms"][name] = {"sampling": over} | score(pool.images, real.z_index, fakes, ctx)
-        shown[name], _ = sample(gm, levels, 2, seed, **over)
-        console.print(name, results["arms"][name])
-    if base.is_file():
-        ctx["model"] = base
-        results["decoder_check"] = decoder_check(ctx, latents_dir, params)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "ldm_ablation.json", results)
-    save_png(figure(shown, real, n_slices), args.out / "ldm_ablation.png")
-    table = Table(title=f"LDM ablation ({args.steps} steps, seed {seed}; stand-in test split)")
-    columns = (
-        "fd_alex",
-        "precision",
-        "recall",
-        "zprobe_mae",
-        "c2st_raw",
-        "c2st_blur",
-        "train_seconds",
-    )
-    for col in ("arm", *columns):
-        table.add_column(col)
+def markdown(results: Mapping[str, Any], seeds: Sequence[int]) -> str:
+    """The report: what was run, the arms' table (means over seeds, ranges in brackets, the
+    bars each arm fell short of), each arm's training time and the decoder check."""
+    arms = results["arms"]
     lines = [
-        f"# LDM ablation: {args.steps} training steps per arm, seed {seed} (stand-in cohort)",
+        f"# LDM ablation: {results['steps']} training steps per arm, training seed "
+        f"{results['seed']} (stand-in cohort where the data is the demo's)",
         "",
-        "| arm | " + " | ".join(columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
+        "One change from the demo recipe per arm (`benchmarks/ldm_ablation.py`), scored as "
+        f"`evaluate` scores the LDM over sampling seeds {', '.join(map(str, seeds))}: the mean, "
+        "with the range in brackets.",
+        "",
+        *table(arms, first="arm"),
+        "",
+        "| arm | change | training s |",
+        "|---|---|---|",
     ]
-    for name, row in results["arms"].items():
-        cells = [f"{row[c]:.3g}" if c in row else "-" for c in columns]
-        table.add_row(name, *cells)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, row in arms.items():
+        change = row.get("overrides", row.get("sampling"))
+        seconds = f"{row['train_seconds']:.0f}" if "train_seconds" in row else "(baseline model)"
+        lines.append(f"| {name} | `{change}` | {seconds} |")
     if "decoder_check" in results:
         lines += ["", "Decoder check: real test latents + Gaussian noise (latent std units)", ""]
         lines += ["| latent noise | fd_alex |", "|---|---|"]
         lines += [
             f"| {r['latent_noise']:g} | {r['fd_alex']:.3g} |" for r in results["decoder_check"]
         ]
-    write_text(args.out / "ldm_ablation.md", "\n".join(lines) + "\n")
-    console.print(table)
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    out: Path, results: Mapping[str, Any], shown: dict[str, torch.Tensor], run: Scoring
+) -> None:
+    """Write ``<out>/ldm_ablation.{json,md,png}`` (called after every arm)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "ldm_ablation.json", {**results, "seeds": run.seeds})
+    write_text(out / "ldm_ablation.md", markdown(results, run.seeds))
+    save_png(figure(shown, run.ctx.real, run.ctx.n_slices), out / "ldm_ablation.png")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train and score every arm; write the table, the JSON and the figure."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ldm_ablation")
+    parser.add_argument("--steps", type=int, default=None, help="default: ldm.train.steps")
+    parser.add_argument("--arms", default=",".join([*ARMS, *SAMPLE_ARMS]))
+    parser.add_argument("--work", type=Path, default=Path("ablation"))
+    scoring_arguments(parser, seeds="0,1,2")
+    args = parser.parse_args(argv)
+    wanted = args.arms.split(",")
+    unknown = sorted(set(wanted) - set(ARMS) - set(SAMPLE_ARMS))
+    if unknown:
+        raise InputError(f"unknown arms {unknown}; choose from {[*ARMS, *SAMPLE_ARMS]}")
+    base = args.work / "ldm_baseline.pt"
+    if any(a in SAMPLE_ARMS for a in wanted) and "baseline" not in wanted and not base.is_file():
+        raise InputError("sampling-only arms need the baseline arm (add baseline to --arms)")
+
+    run = scoring(args)
+    params, device, seed = run.params, run.ctx.device, run.params.seed
+    steps = args.steps or params.ldm.train.steps
+    results: dict[str, Any] = {"steps": steps, "seed": seed, "arms": {}}
+    shown: dict[str, torch.Tensor] = {}
+    levels = figure_levels(run.ctx.n_slices)
+    console = Console()
+    for name in [a for a in wanted if a in ARMS]:
+        model, seconds = train_arm(arm_params(params, ARMS[name], steps), name, args.work, device)
+        generator = load_generator(model, device)
+        results["arms"][name] = {"overrides": ARMS[name], "train_seconds": seconds}
+        results["arms"][name] |= score_arm(generator, run)
+        shown[name], _ = sample(generator, levels, 2, seed)
+        write_report(args.out, results, shown, run)
+        console.print(name, results["arms"][name]["summary"]["figures"])
+    for name in [a for a in wanted if a in SAMPLE_ARMS]:
+        generator = load_generator(base, device).with_defaults(**SAMPLE_ARMS[name])
+        results["arms"][name] = {"sampling": SAMPLE_ARMS[name]} | score_arm(generator, run)
+        shown[name], _ = sample(generator, levels, 2, seed)
+        write_report(args.out, results, shown, run)
+        console.print(name, results["arms"][name]["summary"]["figures"])
+    if base.is_file():
+        latents_dir = Path("data/latents") / params.ldm.latent_source
+        results["decoder_check"] = decoder_check(base, run.ctx, latents_dir, seed)
+    write_report(args.out, results, shown, run)
+    console.print(markdown(results, run.seeds))
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -38,18 +38,23 @@ from unittest.mock import patch
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from rich.console import Console
 from torch import nn
 from tqdm import tqdm
 
-from benchmarks.sampling_sweep import score_seeds, scoring, scoring_arguments, table
+from benchmarks.scoring import (
+    bar_lines,
+    curve_figure,
+    score_seeds,
+    scoring,
+    scoring_arguments,
+    table,
+)
 from pipeline.core.errors import InputError
-from pipeline.core.figures import figure_image, save_png
+from pipeline.core.figures import save_png
 from pipeline.core.io import write_json, write_text
 from pipeline.core.stage import main as run_command
 from pipeline.data.latents import LatentDataset
-from pipeline.evaluation.verdicts import BARS
 from pipeline.inference import sampling
 from pipeline.inference.diffusion import build_scheduler, sdedit
 
@@ -60,13 +65,6 @@ PANELS = (
     ("recall", "recall"),
     ("copy-like", "copy-like fraction"),
 )
-#: The bar drawn in each panel, by its dotted key in :data:`BARS`' LDM bars.
-PANEL_BARS = {
-    "judge blurred": "c2st.blur.auc",
-    "judge raw": "c2st.raw.auc",
-    "recall": "recall",
-    "copy-like": "novelty.copy_like_fraction",
-}
 
 
 @dataclass
@@ -163,35 +161,6 @@ def start_timestep(strength: float, num_train_timesteps: int) -> int:
     return round(strength * (num_train_timesteps - 1))
 
 
-def curve_figure(rows: dict[float, dict[str, Any]], timesteps: dict[float, int]) -> np.ndarray:
-    """One panel per :data:`PANELS` column (mean over seeds, range as error bars) against
-    the start timestep; dashed: the LDM's bar, where it has one."""
-    bounds = {bar.figure: bar.bound for bar in BARS["ldm"]}
-    fig = Figure(figsize=(4 * len(PANELS), 3.2), dpi=100)
-    strengths = sorted(rows)
-    x = [timesteps[s] for s in strengths]
-    for ax, (column, title) in zip(fig.subplots(1, len(PANELS)), PANELS, strict=True):
-        figures = [rows[s]["summary"]["figures"].get(column) for s in strengths]
-        if any(f is None for f in figures):  # e.g. no covariate probe: nothing to draw
-            ax.set(title=f"{title} (not measured)")
-            continue
-        mean = np.array([f["mean"] for f in figures])
-        spread = np.array(
-            [
-                [m - f["min"] for m, f in zip(mean, figures, strict=True)],
-                [f["max"] - m for m, f in zip(mean, figures, strict=True)],
-            ]
-        )
-        ax.errorbar(x, mean, yerr=spread, marker="o", capsize=3)
-        bound = bounds.get(PANEL_BARS[column])
-        if bound is not None:
-            ax.axhline(bound, color="grey", linestyle="--", label="bar")
-            ax.legend(fontsize=7)
-        ax.set(xlabel="t the model's own steps start from (of 1000)", title=title)
-    fig.tight_layout()
-    return figure_image(fig)
-
-
 def markdown(results: dict[str, dict[str, Any]], seeds: Sequence[int]) -> str:
     """The report: what was run, then the sweep table (one row per start timestep)."""
     heading = [
@@ -234,7 +203,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
                 )
     results = {f"t = {timesteps[s]}": rows[s] | {"strength": s} for s in strengths}
     write_json(args.out / "real_start.json", {"seeds": seeds, "results": results})
-    save_png(curve_figure(rows, timesteps), args.out / "real_start.png")
+    figure = curve_figure(
+        [timesteps[s] for s in strengths],
+        [rows[s]["summary"] for s in strengths],
+        PANELS,
+        xlabel="t the model's own steps start from (of 1000)",
+        bars=bar_lines(run.metrics, "ldm"),
+    )
+    save_png(figure, args.out / "real_start.png")
     report = markdown(results, seeds)
     write_text(args.out / "real_start.md", report)
     Console().print(report)

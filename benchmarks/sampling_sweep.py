@@ -27,23 +27,20 @@ Needs ``data/prepared``, ``models/`` and ``reports/metrics.json`` from ``dvc rep
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from tqdm import tqdm
 
-from pipeline.core.config import GENERATORS, Params, load_params
-from pipeline.core.device import resolve_device
+from benchmarks.scoring import score_seeds, scoring, scoring_arguments, table
+from pipeline.core.config import GENERATORS
 from pipeline.core.errors import InputError
 from pipeline.core.io import write_json, write_text
 from pipeline.core.stage import main as run_command
-from pipeline.evaluation.evaluate import EvalContext, EvaluatePaths, run_judges, score_generator
-from pipeline.evaluation.seeds import COLUMNS, seed_row, summarise
-from pipeline.inference.sampling import GeneratorModel, load_generator
+from pipeline.evaluation.evaluate import EvalContext
+from pipeline.inference.sampling import load_generator
 
 
 def parse_settings(text: str) -> list[dict[str, float | int | str]]:
@@ -97,40 +94,6 @@ def markdown(model: str, results: Mapping[str, Mapping[str, Any]], seeds: Sequen
     return "\n".join(heading + table(results)) + "\n"
 
 
-def table(results: Mapping[str, Mapping[str, Any]], first: str = "setting") -> list[str]:
-    """Lines of the table (one row per entry of ``results``: means over seeds, ranges in
-    brackets; ``first`` heads the name column), then the bars each entry fell short of and
-    on how many seeds."""
-    lines = [
-        f"| {first} | seeds meeting every bar | "
-        + " | ".join(column for column, _, _ in COLUMNS)
-        + " |",
-        "|---|---|" + "---|" * len(COLUMNS),
-    ]
-    for name, result in results.items():
-        summary = result["summary"]
-        cells = []
-        for column, _, digits in COLUMNS:
-            figure = summary["figures"].get(column)
-            cells.append(
-                "—"
-                if figure is None
-                else f"{figure['mean']:.{digits}f} ({figure['min']:.{digits}f}–"
-                f"{figure['max']:.{digits}f})"
-            )
-        lines.append(
-            f"| {name} | {summary['all_bars_met']} of {summary['n_seeds']} | "
-            + " | ".join(cells)
-            + " |"
-        )
-    lines += ["", "Bars short, with the number of seeds:", ""]
-    for name, result in results.items():
-        short = result["summary"]["short"]
-        listed = "; ".join(f"{row['bar']} ({row['seeds']})" for row in short) or "none"
-        lines.append(f"- **{name}**: {listed}")
-    return lines
-
-
 def sweep(
     model: str,
     settings: Sequence[Mapping[str, Any]],
@@ -154,86 +117,6 @@ def sweep(
                 model, generator, seeds, ctx=ctx, metrics=metrics, bar=bar
             )
     return results
-
-
-def score_seeds(
-    model: str,
-    generator: GeneratorModel,
-    seeds: Sequence[int],
-    *,
-    ctx: EvalContext,
-    metrics: Mapping[str, Any],
-    bar: tqdm | None = None,
-) -> dict[str, Any]:
-    """Score one generator on every seed as ``evaluate`` does, judges included.
-
-    Args:
-        model: ``ldm`` or ``pixelcnn`` (which bars apply).
-        generator: the loaded generator, at the settings to score.
-        seeds: sampling seeds.
-        ctx: the scoring context (:class:`EvalContext`).
-        metrics: ``reports/metrics.json`` (the bars' real references).
-        bar: a progress bar advanced once per seed.
-
-    Returns:
-        ``{seeds: {seed: seed_row}, summary: summarise(rows)}``.
-    """
-    rows = {}
-    for seed in seeds:
-        scored = score_generator(model, generator, ctx, seed)
-        for job, result in zip(scored.judges, run_judges(scored.judges, ctx.device), strict=True):
-            scored.section.setdefault("c2st", {})[job.variant] = result.as_dict()
-        rows[seed] = seed_row(scored.section, metrics, model)
-        if bar is not None:
-            bar.update()
-    return {"seeds": rows, "summary": summarise(list(rows.values()))}
-
-
-@dataclass
-class Scoring:
-    """What scoring a generator as ``evaluate`` does needs, from the command line.
-
-    Attributes:
-        params: the parameters (``--params``).
-        ctx: the scoring context on the chosen device.
-        metrics: ``reports/metrics.json`` (the bars' real references).
-        seeds: the sampling seeds.
-        models: the model folder.
-    """
-
-    params: Params
-    ctx: EvalContext
-    metrics: dict[str, Any]
-    seeds: list[int]
-    models: Path
-
-
-def scoring_arguments(parser: argparse.ArgumentParser, seeds: str) -> None:
-    """Add ``--seeds`` (default ``seeds``), ``--params``, ``--metrics``, ``--out``, ``--device``."""
-    parser.add_argument("--seeds", default=seeds, help="sampling seeds (comma list)")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
-    parser.add_argument("--out", type=Path, default=Path("reports"))
-    parser.add_argument("--device", default="auto")
-
-
-def scoring(args: argparse.Namespace) -> Scoring:
-    """Load the parameters, the report and the scoring context :func:`scoring_arguments` name.
-
-    Raises:
-        InputError: no ``reports/metrics.json`` (``dvc repro`` has not run).
-    """
-    params = load_params(args.params)
-    if not args.metrics.is_file():
-        raise InputError(f"{args.metrics} not found: run `dvc repro` (its evaluate stage) first")
-    paths = EvaluatePaths.standard(params.data.prepared_dir)
-    return Scoring(
-        params,
-        EvalContext.build(params, paths, resolve_device(args.device)),
-        json.loads(args.metrics.read_text()),
-        [int(s) for s in args.seeds.split(",") if s.strip()],
-        paths.models,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,9 @@ import torch
 import yaml
 from torch import nn
 
-from benchmarks.ldm_ablation import ARMS, FIGURE_LEVELS, LABEL_MARGIN, arm_params, figure
+from benchmarks import ldm_ablation
+from benchmarks.ldm_ablation import ARMS, FIGURE_LEVELS, LABEL_MARGIN, arm_params, figure, train_arm
+from benchmarks.ldm_ablation import main as ablation_main
 from benchmarks.measure import PeakMemory, Row, interleaved
 from benchmarks.monai_models import closest_width
 from benchmarks.real_start import RealStarts, start_timestep
@@ -23,6 +26,7 @@ from benchmarks.rows import autocast
 from benchmarks.run import fmt, main, markdown
 from benchmarks.sampling_sweep import markdown as sweep_markdown
 from benchmarks.sampling_sweep import parse_settings, setting_name
+from benchmarks.scoring import bar_lines, curve_figure
 from benchmarks.workstation_smoke import main as smoke_main
 from benchmarks.workstation_smoke import shorten, smoke_params
 from pipeline.core.config import TrainConfig, load_params, params_from_dict
@@ -126,14 +130,83 @@ def test_smoke_run_writes_the_table(tmp_path: Path) -> None:
     assert "| prior sampling |" in (out / "benchmarks.md").read_text()
 
 
-def test_scaling_figure_has_one_panel_per_figure() -> None:
-    from benchmarks.ldm_scaling import PANELS, curve_figure
+def test_bar_lines_place_each_columns_first_bar_and_skip_unknown_references() -> None:
+    metrics = {"real": {"split_halves": {"fd_alex": 10.0}, "zprobe_mae": 0.8}}
+    lines = bar_lines(metrics, "ldm")
+    assert lines["fd_alex"] == pytest.approx(15.0)  # 1.5 x the real halves, not other subjects
+    assert lines["z-probe MAE"] == pytest.approx(1.2)
+    assert lines["judge blurred"] == 0.65 and lines["judge raw"] == 0.8
+    assert lines["precision"] == lines["recall"] == 0.8 and lines["copy-like"] == 0.05
+    # no real CDR figure: no line, and never the shuffled control's bar in its place
+    with_shuffled = {**metrics, "ldm": {"labels": {"shuffled": {"cdr_auc": 0.6}}}}
+    assert "CDR AUC" not in bar_lines(with_shuffled, "ldm")
+    with_real = {"ldm": {"labels": {"real": {"cdr_auc": 0.8}}}}
+    assert bar_lines(with_real, "ldm")["CDR AUC"] == pytest.approx(0.72)
 
-    rows = [
-        {"train_minutes": m, **{k: v for k, _ in PANELS for v in [1.0 / m]}} for m in (5.0, 10.0)
-    ]
-    image = curve_figure(rows, {"fd_alex": 0.5, "zprobe_mae": 0.8})
-    assert image.ndim == 3 and image.shape[1] == 100 * 4 * len(PANELS)
+
+def test_curve_figure_draws_one_panel_per_column() -> None:
+    from benchmarks.ldm_scaling import PANELS
+
+    def summary(value: float) -> dict[str, Any]:
+        figure = {"mean": value, "min": value - 0.1, "max": value + 0.1}
+        return {"figures": {column: figure for column, _ in PANELS if column != "CDR AUC"}}
+
+    image = curve_figure(
+        [5.0, 10.0], [summary(1.0), summary(0.5)], PANELS, xlabel="min", bars={"fd_alex": 0.8}
+    )
+    assert image.ndim == 3 and image.dtype == np.uint8
+    assert image.shape[1] == 100 * 4 * len(PANELS)
+
+
+def test_trained_arm_is_reused_only_with_the_same_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed ablation or scaling run resumes: an arm whose model, training report and
+    settings hash are in the work folder is scored without training; another step count, or
+    a model without its hash (killed before the end), trains again."""
+    monkeypatch.chdir(tmp_path)
+    latents = tmp_path / "data" / "latents" / "vaegan"
+    latents.mkdir(parents=True)
+    (latents / "meta.json").write_text(
+        json.dumps({"autoencoder": "models/ae.pt", "autoencoder_sha256": "a", "scale_factor": 1})
+    )
+    trained: list[int] = []
+
+    def fake_train(arm: Any, *, run: Any, device: Any, paths: Any, identity: Any) -> None:
+        trained.append(arm.ldm.train.steps)
+        paths.model.write_bytes(b"model")
+        paths.report.write_text(json.dumps({"train_seconds": 60.0 * arm.ldm.train.steps}))
+
+    monkeypatch.setattr(ldm_ablation, "train_ldm", fake_train)
+    params = load_params(Path(__file__).parents[1] / "params.yaml")
+    work, cpu = tmp_path / "work", torch.device("cpu")
+    work.mkdir()
+    model, seconds = train_arm(arm_params(params, {}, 3), "a", work, cpu)
+    assert trained == [3] and seconds == 180.0 and model == work / "ldm_a.pt"
+    assert train_arm(arm_params(params, {}, 3), "a", work, cpu) == (model, 180.0)
+    assert trained == [3]  # reused
+    train_arm(arm_params(params, {}, 4), "a", work, cpu)
+    assert trained == [3, 4]  # other settings: trained again
+    (work / "ldm_a.hash").unlink()
+    train_arm(arm_params(params, {}, 4), "a", work, cpu)
+    assert trained == [3, 4, 4]  # no hash: the last run did not finish
+
+
+def test_ablation_refuses_unknown_arms_and_sampling_arms_without_a_baseline(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(InputError, match="unknown arms"):
+        ablation_main(["--arms", "baseline,nonsense"])
+    with pytest.raises(InputError, match="baseline"):
+        ablation_main(["--arms", "ddim_50", "--work", str(tmp_path)])
+
+
+def test_scaling_refuses_budgets_that_are_not_whole_positive_numbers() -> None:
+    from benchmarks.ldm_scaling import main as scaling_main
+
+    for steps in ("1200,abc", "0,100", ","):
+        with pytest.raises(InputError, match="--steps"):
+            scaling_main(["--steps", steps])
 
 
 @pytest.mark.parametrize("name", [a for a in ARMS if a != "baseline"])

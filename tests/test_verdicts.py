@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.evaluation.verdicts import BARS, Bar, judge, lookup, model_verdicts
+from pipeline.evaluation.verdicts import BARS, Bar, judge, lookup, model_verdicts, threshold
 
 METRICS = {
     "real": {
@@ -134,3 +134,14 @@ def test_same_size_bars_carry_the_reconstructions_as_ceiling_and_say_when_it_is_
     assert (rows["recall"].ceiling, rows["recall"].ceiling_passed) == (0.78, False)  # < 0.8
     assert rows["realism, texture (C2ST AUC, raw)"].ceiling_passed is False  # 0.97 > 0.8
     assert rows["z fidelity (z-probe MAE, slices)"].ceiling_passed is None  # no ceiling
+
+
+def test_threshold_is_where_judge_flips() -> None:
+    metrics = {"real": {"zprobe_mae": 0.8}}
+    (zbar,) = [b for b in BARS["ldm"] if b.figure == "zprobe_mae"]
+    line = threshold(zbar, metrics, "ldm")
+    assert line == pytest.approx(1.2)
+    assert judge(zbar, line - 1e-9, 0.8) is True and judge(zbar, line + 1e-9, 0.8) is False
+    assert threshold(zbar, {}, "ldm") is None  # no reference: no line
+    (blur,) = [b for b in BARS["ldm"] if b.figure == "c2st.blur.auc"]
+    assert threshold(blur, {}, "ldm") == 0.65

@@ -59,8 +59,8 @@ shuffled slices against the asked-for age and CDR, and the age error per z, to
 ``reports/labels_<generator>.png``.
 
 One generator's section is :func:`score_generator` on an :class:`EvalContext` (the splits,
-probes and references built once); ``benchmarks.sampling_sweep`` calls the same function over
-sampling settings and seeds.
+probes and references built once); ``benchmarks/scoring.py`` calls the same function for the
+benchmarks that compare sampling settings, starts, recipe arms and training budgets.
 
 Each generator is scored on ``evaluate.sampling_seeds`` sampling seeds (``seed``, ``seed + 1``,
 ...): its section holds their mean (:func:`pipeline.evaluation.seeds.mean_section`), which

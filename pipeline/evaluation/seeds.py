@@ -5,8 +5,8 @@ One sampling seed's figures move by more than several bars' margins: on the demo
 the PixelCNN's fd_alex reads 10.2-12.1 over five seeds against a bar of 12.0, and the LDM's
 CDR probe 0.66-0.79 against 0.756, so a verdict on one seed can flip on the next. ``evaluate``
 therefore scores ``evaluate.sampling_seeds`` seeds, judges their mean (:func:`mean_section`)
-and records how many seeds met every bar (:func:`summarise`); ``benchmarks.sampling_sweep``
-uses the same functions over sampling settings.
+and records how many seeds met every bar (:func:`summarise`); ``benchmarks/scoring.py`` uses
+the same functions for the benchmarks (sampling settings, starts, recipe arms, budgets).
 """
 
 from __future__ import annotations

@@ -272,19 +272,26 @@ def lookup(metrics: Mapping[str, Any], dotted: str | None) -> float | None:
     return float(node)
 
 
+def limit(bar: Bar, reference: float | None) -> float | None:
+    """The figure at which ``bar`` flips between pass and short: its bound, times
+    ``reference`` for a ratio rule (None when a ratio rule has no reference)."""
+    if bar.rule in ("max_abs", "min_abs"):
+        return bar.bound
+    return None if reference is None else bar.bound * reference
+
+
 def judge(bar: Bar, value: float | None, reference: float | None) -> bool | None:
     """Whether ``value`` meets ``bar`` (None when it or a needed reference is missing)."""
-    if value is None:
+    line = limit(bar, reference)
+    if value is None or line is None:
         return None
-    if bar.rule == "max_abs":
-        return value <= bar.bound
-    if bar.rule == "min_abs":
-        return value >= bar.bound
-    if reference is None:
-        return None
-    if bar.rule == "min_ratio":
-        return value >= bar.bound * reference
-    return value <= bar.bound * reference
+    return value <= line if bar.rule in ("max_abs", "max_ratio") else value >= line
+
+
+def threshold(bar: Bar, metrics: Mapping[str, Any], model: str) -> float | None:
+    """:func:`limit` with the reference read from ``metrics`` (``reports/metrics.json``;
+    ``{self}`` in the reference's key stands for ``model``'s section)."""
+    return limit(bar, lookup(metrics, bar.reference.format(self=model) if bar.reference else None))
 
 
 #: How much better than chance the real reference of a label bar must be for the probe to
