@@ -149,6 +149,10 @@ def table(results: Mapping[str, Mapping[str, Any]], first: str = "setting") -> l
     return lines
 
 
+#: The most panels :func:`curve_figure` puts side by side.
+PANELS_PER_ROW = 4
+
+
 def bar_lines(metrics: Mapping[str, Any], model: str) -> dict[str, float]:
     """Where each :data:`~pipeline.evaluation.seeds.COLUMNS` column's bar lies for ``model``:
     the first bar on that figure (a later one is a control's, e.g. CDR obeyed against the
@@ -190,10 +194,15 @@ def curve_figure(
         bars: column -> bar (:func:`bar_lines`).
 
     Returns:
-        (H, W, 3) uint8 image, 400 px wide per panel.
+        (H, W, 3) uint8 image: panels 400 x 320 px, at most :data:`PANELS_PER_ROW` a row.
     """
-    fig = Figure(figsize=(4 * len(panels), 3.2), dpi=100)
-    for ax, (column, title) in zip(fig.subplots(1, len(panels)), panels, strict=True):
+    ncols = min(len(panels), PANELS_PER_ROW)
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(4 * ncols, 3.2 * nrows), dpi=100)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(panels) :]:
+        ax.set_axis_off()
+    for ax, (column, title) in zip(axes, panels, strict=False):
         figures = [s["figures"].get(column) for s in summaries]
         if any(f is None for f in figures):  # e.g. no covariate probe: nothing to draw
             ax.set(title=f"{title} (not measured)")

@@ -155,7 +155,9 @@ def test_curve_figure_draws_one_panel_per_column() -> None:
         [5.0, 10.0], [summary(1.0), summary(0.5)], PANELS, xlabel="min", bars={"fd_alex": 0.8}
     )
     assert image.ndim == 3 and image.dtype == np.uint8
-    assert image.shape[1] == 100 * 4 * len(PANELS)
+    assert len(PANELS) == 8 and image.shape[:2] == (2 * 320, 4 * 400)  # two rows of four
+    three = curve_figure([1.0], [summary(1.0)], PANELS[:3], xlabel="min", bars={})
+    assert three.shape[:2] == (320, 3 * 400)
 
 
 def test_trained_arm_is_reused_only_with_the_same_settings(
