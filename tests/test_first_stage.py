@@ -144,15 +144,50 @@ def test_only_the_listed_kinds_train_against_the_discriminator(
     assert (logs["adaptive_weight"] > 0) is adversarial
 
 
-def test_ssim_weight_adds_the_ssim_term_to_the_loss() -> None:
+@pytest.mark.parametrize(
+    ("kind", "key", "logged"),
+    [("vqvae", "ssim_weight", "ssim_loss"), ("vaegan", "scale_equivariance", "scale_equivariance")],
+)
+def test_a_term_weight_adds_its_term_to_the_loss(kind: str, key: str, logged: str) -> None:
+    """SSIM (any kind) and scale equivariance (the L1 of the pooled latent's decode against
+    the pooled slice, vaegan): off at weight 0, added times the weight otherwise."""
     batch = _fixed_batch()
-    base = _task("vqvae")
+    base = _task(kind)
     plain = base.train_step(batch, 0, Optimization(base.optimizers, 1.0))
-    assert "ssim_loss" not in plain
-    task = _task("vqvae", _cfg().model_copy(update={"ssim_weight": 2.0}))
+    assert logged not in plain
+    task = _task(kind, _cfg().model_copy(update={key: 2.0}))
     logs = task.train_step(batch, 0, Optimization(task.optimizers, 1.0))
-    assert 0 < logs["ssim_loss"] < 2
-    assert logs["loss"] == pytest.approx(plain["loss"] + 2.0 * logs["ssim_loss"], rel=1e-4)
+    assert 0 < logs[logged] < 1
+    assert logs["loss"] == pytest.approx(plain["loss"] + 2.0 * logs[logged], rel=1e-4)
+
+
+def test_scale_equivariance_is_off_for_the_vqvae_and_in_the_decoder_only_phase() -> None:
+    cfg = _cfg().model_copy(update={"scale_equivariance": 1.0})
+    batch = _fixed_batch()
+    vq = _task("vqvae", cfg)
+    assert "scale_equivariance" not in vq.train_step(batch, 0, Optimization(vq.optimizers, 1.0))
+    task = _task("vaegan", cfg)
+    assert task.scale_equivariance_on
+    task.freeze_encoder(DecoderFinetuneConfig(train=TrainConfig(steps=2, lr=2e-3)))
+    assert not task.scale_equivariance_on
+    logs = task.train_step(batch, 0, Optimization(task.optimizers, 1.0))
+    assert "scale_equivariance" not in logs
+
+
+def test_downscaled_decode_is_the_decode_of_the_pooled_latent() -> None:
+    model = _task("vaegan").model.eval()
+    batch = _fixed_batch()
+    with torch.no_grad():
+        out = model(batch["image"], batch["z"], downscaled=True)
+        expected = model.decode_from_latent(
+            torch.nn.functional.avg_pool2d(out.latent, 2), batch["z"]
+        )
+    assert out.downscaled_recon is not None
+    assert out.downscaled_recon.shape == (4, 1, SIZE // 2, SIZE // 2)
+    torch.testing.assert_close(out.downscaled_recon, expected)
+    assert model(batch["image"], batch["z"]).downscaled_recon is None
+    with pytest.raises(InputError, match="vaegan"):
+        _task("vqvae").model(batch["image"], batch["z"], downscaled=True)
 
 
 def test_decoder_only_phase_keeps_the_latents_and_trains_the_decoder() -> None:

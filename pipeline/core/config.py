@@ -322,6 +322,12 @@ class AutoencoderConfig(_Section):
         l1_weight: weight of the L1 reconstruction loss.
         ssim_weight: weight of the ``1 - SSIM`` loss (:func:`pipeline.training.losses.ssim_loss`).
         perceptual_weight: weight of the LPIPS loss.
+        scale_equivariance: weight of the scale-equivariance term (vaegan, while the encoder
+            trains; Skorokhodov et al. 2025, "Improving the diffusability of autoencoders"):
+            L1 between the decode of the latent average-pooled by 2 and the slice
+            average-pooled by 2. It keeps the latent's fine detail from carrying content the
+            image lacks, so the latent looks more like a small image and is easier for the
+            LDM to model. 0 (the default of files made before the key existed): off.
         tissue_weight: weight of the cross-entropy of the decoder's tissue head (background,
             CSF, GM, WM logits from the decoder's last features, trained where the prepared
             split has ``tissue.npy``); > 0 builds the head, so every decoded latent comes
@@ -350,6 +356,7 @@ class AutoencoderConfig(_Section):
     l1_weight: float = Field(1.0, ge=0)
     ssim_weight: float = Field(0.0, ge=0)
     perceptual_weight: float = Field(0.5, ge=0)
+    scale_equivariance: float = Field(0.0, ge=0)
     tissue_weight: float = Field(0.0, ge=0)
     output_activation: Literal["none", "relu"] = "none"
     vq: VQConfig = VQConfig()

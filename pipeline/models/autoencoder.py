@@ -419,6 +419,8 @@ class AutoencoderOutput:
         perplexity: codebook perplexity of the batch (vqvae) or None.
         codes_used: fraction of codes used by the batch (vqvae) or None.
         tissue_logits: (B, 4, H, W) logits of the tissue head, or None.
+        downscaled_recon: (B, 1, H/2, W/2) decode of the latent average-pooled by 2
+            (``forward(..., downscaled=True)``, vaegan only), or None.
     """
 
     recon: torch.Tensor
@@ -428,6 +430,7 @@ class AutoencoderOutput:
     perplexity: torch.Tensor | None = None
     codes_used: torch.Tensor | None = None
     tissue_logits: torch.Tensor | None = None
+    downscaled_recon: torch.Tensor | None = None
 
 
 class Autoencoder(nn.Module):
@@ -604,7 +607,12 @@ class Autoencoder(nn.Module):
         return image, logits.argmax(dim=1)  # type: ignore[union-attr]
 
     def forward(
-        self, x: torch.Tensor, z: torch.Tensor, *, sample: bool | None = None
+        self,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        *,
+        sample: bool | None = None,
+        downscaled: bool = False,
     ) -> AutoencoderOutput:
         """Reconstruct ``x``; in training mode the VQ codebook is updated.
 
@@ -612,10 +620,18 @@ class Autoencoder(nn.Module):
             x: (B, 1, H, W) slices, intensities in [0, 1].
             z: (B,) slice positions in [0, 1].
             sample: vaegan only: decode a posterior sample (default: in training mode).
+            downscaled: vaegan only: also decode the latent average-pooled by 2 (the
+                scale-equivariance term's input, ``autoencoder.scale_equivariance``), in the
+                same forward so a DDP wrapper sees one pass.
 
         Returns:
             An :class:`AutoencoderOutput`.
+
+        Raises:
+            InputError: ``downscaled`` for a vqvae (a pooled code is no code).
         """
+        if downscaled and self.quantizer is not None:
+            raise InputError("downscaled decoding is for the vaegan kind, not vqvae")
         h, emb = self._encode(x, z)
         if self.quantizer is not None:
             q = self.quantizer(h)
@@ -632,6 +648,11 @@ class Autoencoder(nn.Module):
         draw = self.training if sample is None else sample
         latent = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if draw else mean
         recon, tissue = self.decoder.with_tissue(latent, emb)
+        small = self.decoder(F.avg_pool2d(latent, 2), emb) if downscaled else None
         return AutoencoderOutput(
-            recon=recon, latent=latent, kl=gaussian_kl(mean, logvar), tissue_logits=tissue
+            recon=recon,
+            latent=latent,
+            kl=gaussian_kl(mean, logvar),
+            tissue_logits=tissue,
+            downscaled_recon=small,
         )

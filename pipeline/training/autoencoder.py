@@ -2,7 +2,8 @@
 
 - :class:`AutoencoderTask`: the :class:`~pipeline.training.loop.TrainingTask` of both kinds. One
   generator step (L1 + LPIPS + VQ commitment or annealed KL + VQGAN-weighted adversarial
-  loss) and, once the discriminator has started, one discriminator step per batch.
+  loss, and for the VAE-GAN optionally the scale-equivariance term) and, once the
+  discriminator has started, one discriminator step per batch.
 - :class:`Evaluator`: the ``evaluate`` callback of :func:`~pipeline.training.loop.fit`: validation
   SSIM/PSNR/LPIPS, "real | recon" grids ordered by z, random-latent grids (vaegan) and a
   codebook-usage histogram (vqvae).
@@ -181,6 +182,13 @@ class AutoencoderTask(TrainingTask):
         self.adversarial_after_freeze = phase.discriminator_lr is not None
         self.encoder_frozen = True
 
+    @property
+    def scale_equivariance_on(self) -> bool:
+        """Whether ``train_step`` adds the scale-equivariance term: ``scale_equivariance``
+        > 0, a vaegan, and the encoder still training (the term shapes the latent, which the
+        decoder-only phase no longer changes)."""
+        return self.cfg.scale_equivariance > 0 and self.kind == "vaegan" and not self.encoder_frozen
+
     def adversarial_on(self, step: int) -> bool:
         """Whether the discriminator trains and feeds the generator at ``step``.
 
@@ -214,7 +222,8 @@ class AutoencoderTask(TrainingTask):
         """
         cfg = self.cfg
         x, z = batch["image"], batch["z"]
-        out = self.net("model")(x, z)
+        equivariance = self.scale_equivariance_on
+        out = self.net("model")(x, z, downscaled=True) if equivariance else self.net("model")(x, z)
         rec = (out.recon - x).abs().mean()
         perc = (
             self.perceptual(out.recon, x).mean()
@@ -227,6 +236,10 @@ class AutoencoderTask(TrainingTask):
             tissue = F.cross_entropy(out.tissue_logits, batch["tissue"])
             nll = nll + cfg.tissue_weight * tissue
             logs["tissue_ce"] = tissue.item()
+        if out.downscaled_recon is not None:
+            small = (out.downscaled_recon - F.avg_pool2d(x, 2)).abs().mean()
+            nll = nll + cfg.scale_equivariance * small
+            logs["scale_equivariance"] = small.item()
         if cfg.ssim_weight > 0:
             structure = ssim_loss(out.recon, x)
             nll = nll + cfg.ssim_weight * structure
