@@ -17,6 +17,7 @@ import yaml
 from torch import nn
 
 from benchmarks import ldm_ablation
+from benchmarks.latent_spectrum import pooled, spectrum
 from benchmarks.ldm_ablation import ARMS, FIGURE_LEVELS, LABEL_MARGIN, arm_params, figure, train_arm
 from benchmarks.ldm_ablation import main as ablation_main
 from benchmarks.measure import PeakMemory, Row, interleaved
@@ -405,3 +406,35 @@ def test_real_start_sampler_keeps_the_real_latent_at_low_t_and_not_at_full_stren
         zero, schedule, z, (2, 3, 3), generator=torch.Generator().manual_seed(0), **kwargs
     )
     assert not torch.allclose(full, real, atol=0.5)  # t = 999: the start is gone
+
+
+def test_latent_spectrum_tells_white_noise_from_an_image() -> None:
+    gen = np.random.default_rng(0)
+    white = gen.standard_normal((64, 4, 16, 16))
+    noise = spectrum(white)
+    assert noise.high_frequency_share == pytest.approx(1 - math.pi / 16, abs=0.02)
+    assert abs(noise.neighbour_correlation) < 0.03
+    # the same noise smoothed over a few pixels, as an image's power falls with frequency
+    kernel = np.ones(4) / 4
+    smooth = np.apply_along_axis(np.convolve, -1, white, kernel, mode="same")
+    smooth = np.apply_along_axis(np.convolve, -2, smooth, kernel, mode="same")
+    image = spectrum(smooth)
+    assert image.high_frequency_share < 0.2
+    assert image.neighbour_correlation > 0.6
+    # what every slice shares is removed: a constant template adds nothing
+    template = spectrum(white + 5 * np.sin(np.arange(16))[None, None, :, None])
+    assert template.high_frequency_share == pytest.approx(noise.high_frequency_share)
+    assert template.neighbour_correlation == pytest.approx(noise.neighbour_correlation)
+
+
+def test_latent_spectrum_pools_slices_and_refuses_bad_input() -> None:
+    slices = np.arange(2 * 8 * 8, dtype=float).reshape(2, 8, 8)
+    small = pooled(slices, (2, 2))
+    assert small.shape == (2, 1, 2, 2)
+    assert small[0, 0, 0, 0] == pytest.approx(slices[0, :4, :4].mean())
+    with pytest.raises(InputError, match="pool"):
+        pooled(slices, (3, 3))
+    with pytest.raises(InputError, match="N >= 2"):
+        spectrum(np.zeros((1, 1, 4, 4)))
+    with pytest.raises(InputError, match="vary"):
+        spectrum(np.ones((3, 1, 4, 4)))
