@@ -222,8 +222,7 @@ class AutoencoderTask(TrainingTask):
         """
         cfg = self.cfg
         x, z = batch["image"], batch["z"]
-        equivariance = self.scale_equivariance_on
-        out = self.net("model")(x, z, downscaled=True) if equivariance else self.net("model")(x, z)
+        out = self.net("model")(x, z, downscaled=self.scale_equivariance_on)
         rec = (out.recon - x).abs().mean()
         perc = (
             self.perceptual(out.recon, x).mean()
