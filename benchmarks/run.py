@@ -15,9 +15,12 @@ Usage::
 
     python -m benchmarks.run [--quick] [--out reports] [--data data/prepared] [--budget S]
                              [--profile NAME] [--rows first_stage,ldm,prior,prepare]
+                             [--matched reports/sampling_steps.json]
 
 Uses ``data/prepared`` when it holds train and test splits, otherwise builds a small cohort
-on the ``tiny`` profile in a temporary folder. Writes ``<out>/benchmarks.md`` and
+on the ``tiny`` profile in a temporary folder. The matched-quality sampling row runs our
+sampler at the setting ``benchmarks.sampling_steps`` recommends (``--matched``; run that study
+on the trained models first). Writes ``<out>/benchmarks.md`` and
 ``<out>/benchmarks.json``.
 """
 
@@ -40,6 +43,7 @@ from rich.table import Table
 
 from benchmarks.measure import Row
 from benchmarks.rows import ROWS, Bench
+from benchmarks.sampling_steps import read_recommendation
 from pipeline.core.config import Params, load_params
 from pipeline.core.device import resolve_device
 from pipeline.core.io import write_json, write_text
@@ -144,6 +148,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(ROWS)}",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: params")
+    parser.add_argument(
+        "--matched",
+        type=Path,
+        default=Path("reports/sampling_steps.json"),
+        help="benchmarks.sampling_steps' report: its fastest quality-matched setting is our "
+        "side of the matched-quality row (missing: the configured sampler, unverified)",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.rows.split(",")) - set(ROWS)
     if unknown:
@@ -179,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             n_samples=args.samples or samples,
             prepare_subjects=subjects,
             seed=params.seed,
+            matched=read_recommendation(args.matched),
         )
         meta = {
             "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -23,6 +23,7 @@ Writes ``<out>/sampling_steps.md`` and ``<out>/sampling_steps.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.core.config import SAMPLERS, load_params
+from pipeline.core.config import SAMPLERS, Sampler, load_params
 from pipeline.core.device import resolve_device
 from pipeline.core.io import write_json, write_text
 from pipeline.data.datasets import EvalData, SliceDataset
@@ -78,6 +79,24 @@ def recommend(rows: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
     best = max(good, key=lambda r: r["slices_per_s"]) if good else None
     out["fastest"] = {"sampler": best["sampler"], "steps": best["steps"]} if best else None
     return out
+
+
+def read_recommendation(path: Path) -> tuple[Sampler, int] | None:
+    """The fastest quality-matched setting a written study recommends.
+
+    Args:
+        path: a ``sampling_steps.json`` this module wrote.
+
+    Returns:
+        ``(sampler, steps)``, or None when the file is missing or no setting was within the
+        tolerance.
+    """
+    if not path.is_file():
+        return None
+    fastest = json.loads(path.read_text())["summary"]["recommended"]["fastest"]
+    if not fastest or fastest["sampler"] not in SAMPLERS:
+        return None
+    return fastest["sampler"], int(fastest["steps"])
 
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ from benchmarks.monai_models import closest_width
 from benchmarks.real_start import RealStarts, start_timestep
 from benchmarks.rows import autocast
 from benchmarks.run import fmt, main, markdown
+from benchmarks.sampling_steps import read_recommendation
 from benchmarks.sampling_sweep import markdown as sweep_markdown
 from benchmarks.sampling_sweep import parse_settings, setting_name
 from benchmarks.scoring import bar_lines, curve_figure
@@ -106,24 +107,42 @@ def _tiny_prepared(root: Path) -> Path:
     return root
 
 
+def _steps_report(path: Path, fastest: dict[str, Any] | None) -> Path:
+    """A ``sampling_steps.json`` whose study recommends ``fastest``."""
+    path.write_text(json.dumps({"summary": {"recommended": {"pndm": 3, "fastest": fastest}}}))
+    return path
+
+
+def test_matched_setting_is_read_from_the_sampling_steps_study(tmp_path: Path) -> None:
+    found = _steps_report(tmp_path / "a.json", {"sampler": "pndm", "steps": 20})
+    assert read_recommendation(found) == ("pndm", 20)
+    assert read_recommendation(_steps_report(tmp_path / "b.json", None)) is None
+    unknown = _steps_report(tmp_path / "c.json", {"sampler": "euler", "steps": 20})
+    assert read_recommendation(unknown) is None
+    assert read_recommendation(tmp_path / "missing.json") is None
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # ~210 s on a loaded 2-core machine
 def test_smoke_run_writes_the_table(tmp_path: Path) -> None:
     data = _tiny_prepared(tmp_path / "prepared")
     out = tmp_path / "out"
+    study = _steps_report(tmp_path / "sampling_steps.json", {"sampler": "pndm", "steps": 3})
     args = ["--profile", "tiny", "--data", str(data), "--budget", "0.5", "--samples", "2"]
-    report = main([*args, "--rows", "first_stage,ldm,prior", "--out", str(out), "--device", "cpu"])
+    args += ["--matched", str(study), "--out", str(out), "--device", "cpu"]
+    report = main([*args, "--rows", "first_stage,ldm,prior"])
     names = [(r["benchmark"], r["metric"]) for r in report["rows"]]
     assert ("VQ-VAE training", "slices/s") in names
     assert ("KL autoencoder reconstruction", "test LPIPS") in names
     assert ("LDM guided DDIM sampling", "slices/s") in names
     matched = next(r for r in report["rows"] if r["benchmark"] == "LDM sampling at matched quality")
-    tiny = load_params(Path(__file__).parents[1] / "params.yaml", profile="tiny").ldm
     assert matched["extra"] == {
-        "ours_sampler": tiny.sampler,
-        "ours_steps": tiny.sample_steps,
+        "ours_sampler": "pndm",
+        "ours_steps": 3,
         "reference_steps": 50,
+        "quality_matched": True,
     }
+    assert "ours pndm 3 steps" in matched["note"]
     assert ("prior sampling", "slices/s") in names
     for row in report["rows"]:
         assert row["ours"] > 0 and row["reference"] > 0 and math.isfinite(row["ratio"]), row
