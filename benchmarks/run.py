@@ -47,6 +47,7 @@ from benchmarks.sampling_steps import read_recommendation
 from pipeline.core.config import Params, load_params
 from pipeline.core.device import resolve_device
 from pipeline.core.io import write_json, write_text
+from pipeline.core.stage import main as run_command
 from pipeline.data.datasets import EvalData, SliceDataset
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     Returns:
         The JSON report (``meta`` and ``rows``).
     """
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parse(argv)
     budget, samples, subjects = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory(prefix="braingen-bench-data-") as tmp:
@@ -220,4 +220,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

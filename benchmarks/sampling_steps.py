@@ -34,6 +34,7 @@ from rich.table import Table
 
 from pipeline.core.config import SAMPLERS, Sampler, load_params
 from pipeline.core.device import resolve_device
+from pipeline.core.errors import InputError
 from pipeline.core.io import write_json, write_text
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.evaluation.evaluate import zprobe_errors
@@ -88,12 +89,18 @@ def read_recommendation(path: Path) -> tuple[Sampler, int] | None:
         path: a ``sampling_steps.json`` this module wrote.
 
     Returns:
-        ``(sampler, steps)``, or None when the file is missing or no setting was within the
-        tolerance.
+        ``(sampler, steps)``, or None when the file is missing, no setting was within the
+        tolerance, or its sampler is not one of ours.
+
+    Raises:
+        InputError: the file is not such a report.
     """
     if not path.is_file():
         return None
-    fastest = json.loads(path.read_text())["summary"]["recommended"]["fastest"]
+    try:
+        fastest = json.loads(path.read_text())["summary"]["recommended"]["fastest"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{path} is not a report of benchmarks.sampling_steps") from None
     if not fastest or fastest["sampler"] not in SAMPLERS:
         return None
     return fastest["sampler"], int(fastest["steps"])

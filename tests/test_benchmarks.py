@@ -120,6 +120,9 @@ def test_matched_setting_is_read_from_the_sampling_steps_study(tmp_path: Path) -
     unknown = _steps_report(tmp_path / "c.json", {"sampler": "euler", "steps": 20})
     assert read_recommendation(unknown) is None
     assert read_recommendation(tmp_path / "missing.json") is None
+    (tmp_path / "d.json").write_text('{"rows": []}')
+    with pytest.raises(InputError, match="not a report of"):
+        read_recommendation(tmp_path / "d.json")
 
 
 @pytest.mark.slow
