@@ -99,11 +99,11 @@ def read_recommendation(path: Path) -> tuple[Sampler, int] | None:
         return None
     try:
         fastest = json.loads(path.read_text())["summary"]["recommended"]["fastest"]
+        if not fastest or fastest["sampler"] not in SAMPLERS:
+            return None
+        return fastest["sampler"], int(fastest["steps"])
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{path} is not a report of benchmarks.sampling_steps") from None
-    if not fastest or fastest["sampler"] not in SAMPLERS:
-        return None
-    return fastest["sampler"], int(fastest["steps"])
 
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:

@@ -123,6 +123,9 @@ def test_matched_setting_is_read_from_the_sampling_steps_study(tmp_path: Path) -
     (tmp_path / "d.json").write_text('{"rows": []}')
     with pytest.raises(InputError, match="not a report of"):
         read_recommendation(tmp_path / "d.json")
+    truncated = _steps_report(tmp_path / "e.json", {"sampler": "pndm"})
+    with pytest.raises(InputError, match="not a report of"):
+        read_recommendation(truncated)
 
 
 @pytest.mark.slow
