@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -26,7 +27,7 @@ from pipeline.inference.generate import (
     reference_split,
 )
 from pipeline.metrics import novelty
-from pipeline.metrics.novelty import MEASURES, NearestTraining
+from pipeline.metrics.novelty import MEASURES, RULE_MEASURES, NearestTraining
 from pipeline.metrics.quality import alex_features, ssim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,6 +163,52 @@ def test_bad_inputs_are_named(splits) -> None:
         novelty.nearest_training(train[:1] + 2, train)
 
 
+def test_relative_pixel_distance_is_one_minus_d1_over_d2(splits, train_features) -> None:
+    train = splits["train"]
+    images = np.concatenate([train[3:4], splits["test"][2:3]])
+    found = novelty.nearest_training(images, train, candidates=2, train_features=train_features)
+    x = torch.from_numpy(images[1]).flatten()
+    corr = np.sort([np.corrcoef(x, torch.from_numpy(t).flatten())[0, 1] for t in train])[::-1]
+    d1, d2 = 1 - corr[0], 1 - corr[1]
+    assert found.similarity["pixel_relative"][0] == pytest.approx(1.0, abs=1e-5)  # a copy
+    assert found.similarity["pixel_relative"][1] == pytest.approx(1 - d1 / d2, abs=1e-4)
+    np.testing.assert_array_equal(found.index["pixel_relative"], found.index["pixel_corr"])
+    one = novelty.nearest_training(images[1:], train[:1], candidates=1)  # no second slice
+    assert one.similarity["pixel_relative"][0] == pytest.approx(
+        one.similarity["pixel_corr"][0], abs=1e-5
+    )
+
+
+def test_averaged_and_blurred_slices_pass_pixel_corr_but_not_the_relative_distance(
+    splits, train_features, reference
+) -> None:
+    """An average of training slices, or a blurred held-out slice, sits near many training
+    slices at once: its pixel correlation passes the held-out slices' (so that measure is
+    reported, not used to flag), its relative distance does not. A training slice with added
+    noise still sits on one and is copy-like."""
+    train, levels = splits["train"], np.arange(len(splits["train"])) % LEVELS
+    means = np.stack([train[levels == z].mean(0) for z in range(LEVELS)])
+    blurred = gaussian_filter(splits["val"], (0, 0, 1.5, 1.5))
+    noise = np.random.default_rng(3).normal(0, 0.03, (3, 1, SIZE, SIZE))
+    noisy = np.clip(train[[2, 12, 21]] + noise, 0, 1)
+    limits = novelty.thresholds(reference, 0.99)
+
+    def above(images: np.ndarray, measure: str) -> np.ndarray:
+        found = novelty.nearest_training(
+            images.astype(np.float32), train, candidates=4, train_features=train_features
+        )
+        return found.similarity[measure] > limits[measure]
+
+    assert above(means, "pixel_corr").all()  # the alarm the plain correlation gave
+    assert not above(means, "pixel_relative").any()
+    assert not above(blurred, "pixel_relative").any()
+    assert above(noisy, "pixel_relative").all()
+    noisy_found = novelty.nearest_training(
+        noisy.astype(np.float32), train, candidates=4, train_features=train_features
+    )
+    assert novelty.copy_like(noisy_found, limits).all()
+
+
 # --- thresholds, the rule and the summary --------------------------------------------------
 
 
@@ -172,22 +219,29 @@ def test_thresholds_are_the_reference_quantile_and_any_measure_flags() -> None:
     assert limits == {m: pytest.approx(np.quantile(ref.similarity[m], 0.9)) for m in MEASURES}
     with pytest.raises(InputError, match="quantile"):
         novelty.thresholds(ref, 1.0)
-    # each sample above exactly one measure's threshold, or none
+    # each sample above exactly one measure's threshold, or none: every measure but
+    # pixel_corr flags
+    n = len(MEASURES) + 1
     above = {
-        m: [limits[m] + 0.01 if i == k else 0.0 for i in range(4)] for k, m in enumerate(MEASURES)
+        m: [limits[m] + 0.01 if i == k else 0.0 for i in range(n)] for k, m in enumerate(MEASURES)
     }
     flags = novelty.copy_like(_nearest(**above), limits)
-    np.testing.assert_array_equal(flags, [True, True, True, False])
+    np.testing.assert_array_equal(flags, [m in RULE_MEASURES for m in MEASURES] + [False])
+    assert "pixel_corr" not in RULE_MEASURES
 
 
 def test_summary_reports_every_measure_and_both_fractions() -> None:
     ref = _nearest(**{m: np.linspace(0, 1, 101) for m in MEASURES})  # thresholds 0.9
     samples = _nearest(
-        pixel_corr=[0.95, 0.5, 0.5, 0.5], ssim=[0.95, 0.95, 0.5, 0.5], alex_cos=[0.5] * 4
+        pixel_corr=[0.5, 0.5, 0.5, 0.95],  # reported, flags nothing
+        pixel_relative=[0.95, 0.5, 0.5, 0.5],
+        ssim=[0.95, 0.95, 0.5, 0.5],
+        alex_cos=[0.5] * 4,
     )
     summary = novelty.novelty_summary(samples, ref, 0.9)
     assert summary["copy_like_fraction"] == 0.5
     assert summary["pixel_corr"]["copy_like_fraction"] == 0.25
+    assert summary["pixel_relative"]["copy_like_fraction"] == 0.25
     assert summary["ssim"]["copy_like_fraction"] == 0.5
     assert summary["alex_cos"] == {
         "median": 0.5,
@@ -198,7 +252,7 @@ def test_summary_reports_every_measure_and_both_fractions() -> None:
         "copy_like_fraction": 0.0,
     }
     assert (summary["n_samples"], summary["n_reference"], summary["quantile"]) == (4, 101, 0.9)
-    # the reference against its own thresholds: 10 of 101 above 0.9 on all three measures
+    # the reference against its own thresholds: 10 of 101 above 0.9 on every measure
     assert summary["reference_copy_like_fraction"] == pytest.approx(10 / 101)
 
 
@@ -265,8 +319,8 @@ def test_generate_replaces_a_planted_copy_and_records_similarity(
     rows = read_manifest(result.manifest)
     assert [r["novelty_attempts"] for r in rows] == ["0", "1", "0"]
     limits = novelty.thresholds(reference, 0.99)
-    for row in rows:  # every kept slice is below every threshold
-        assert all(float(row[c]) < limits[m] for m, c in NOVELTY_COLUMNS.items()), row
+    for row in rows:  # every kept slice is below every threshold that flags
+        assert all(float(row[NOVELTY_COLUMNS[m]]) < limits[m] for m in RULE_MEASURES), row
     kept = [read_slice(path) for path in result.files]
     before = [read_slice(path) for path in plain.files]
     np.testing.assert_array_equal(kept[0], before[0])  # slices that were not copies stay
@@ -287,7 +341,7 @@ def test_generate_gives_up_with_one_line_and_writes_nothing(
     ) as err:
         generate(tiny_generators["ldm"], "0:1", 3, 0, out, progress=False, device="cpu",
                  novelty=settings)  # fmt: skip
-    assert "\n" not in str(err.value) and "pixel_corr 1.0000 >" in str(err.value)
+    assert "\n" not in str(err.value) and "pixel_relative 1.0000 >" in str(err.value)
     assert len(calls) == 3  # the first draw and two re-samples of level 0; level 1 never ran
     assert not [p for p in out.rglob("*") if p.is_file()]
 

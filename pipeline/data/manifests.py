@@ -25,8 +25,9 @@ COVARIATE_COLUMNS: tuple[str, ...] = tuple(KNOWN_COVARIATES)
 #: ``mask_file``: the slice's tissue-label file (same name plus ``_mask``), empty without masks.
 #: ``guidance_min_t``: the first guided timestep (ldm). ``posterior_std``: the std of the
 #: posterior sample the LDM's latent was decoded as (scaled latent units; 0 for none).
-#: New columns go last: an older manifest's
-#: header is a prefix of this one.
+#: ``nearest_train_*``: the novelty check's similarities (``generate --novelty``;
+#: :data:`pipeline.inference.generate.NOVELTY_COLUMNS`). New columns go last: an older
+#: manifest's header is a prefix of this one.
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "file",
     "type",
@@ -51,6 +52,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "guidance_min_t",
     "posterior_std",
     "decode_noise",
+    "nearest_train_relative",
 )
 #: The columns every generate manifest has had; later columns are blank when read from an
 #: older manifest (written before texture, novelty, covariates and masks were recorded).

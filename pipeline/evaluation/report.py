@@ -536,11 +536,11 @@ def build_report(paths: ReportPaths, *, tracking_uri: str, stand_in: bool) -> st
             "judge strength: held-out AUC over training steps (a judge still rising is weak)",
         ),
         figure_html(
-            r / "novelty_ldm.png", "latent diffusion: samples nearest a training slice, beside it"
+            r / "novelty_ldm.png",
+            "latent diffusion: the samples most like a copy (nearest training slice far nearer "
+            "than the next, d1/d2 small), each above that training slice",
         ),
-        figure_html(
-            r / "novelty_pixelcnn.png", "PixelCNN: samples nearest a training slice, beside it"
-        ),
+        figure_html(r / "novelty_pixelcnn.png", "PixelCNN: the same"),
         "</div>",
         "<h2>Labels: are covariates and masks obeyed?</h2>",
         "<p>Independent probes trained on real training slices read age, CDR &gt; 0 and sex "

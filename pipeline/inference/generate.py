@@ -110,6 +110,7 @@ SUFFIXES: dict[str, tuple[str, ...]] = {
 #: nearest training slice; ``novelty_attempts`` holds the re-samples it took (0 = first draw).
 NOVELTY_COLUMNS: dict[str, str] = {
     "pixel_corr": "nearest_train_corr",
+    "pixel_relative": "nearest_train_relative",
     "ssim": "nearest_train_ssim",
     "alex_cos": "nearest_train_alex",
 }
@@ -201,7 +202,13 @@ def novelty_screen(settings: NoveltySettings, device: torch.device) -> Screen:
         PreparedDataError: a split is missing or inconsistent.
     """
     # Imported here: loading generate for a run without the check pulls in no metric code.
-    from pipeline.metrics.novelty import NearestTraining, copy_like, nearest_training, thresholds
+    from pipeline.metrics.novelty import (
+        RULE_MEASURES,
+        NearestTraining,
+        copy_like,
+        nearest_training,
+        thresholds,
+    )
     from pipeline.metrics.quality import alex_features
 
     cfg = settings.config
@@ -241,7 +248,7 @@ def novelty_screen(settings: NoveltySettings, device: torch.device) -> Screen:
             j = int(np.flatnonzero(flagged)[0])
             above = ", ".join(
                 f"{m} {near.similarity[m][j]:.4f} > {limits[m]:.4f}"
-                for m in NOVELTY_COLUMNS
+                for m in RULE_MEASURES
                 if near.similarity[m][j] > limits[m]
             )
             raise InputError(
