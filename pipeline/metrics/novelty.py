@@ -115,14 +115,12 @@ def _unit_rows(x: torch.Tensor, *, centre: bool) -> torch.Tensor:
     return torch.where(norm > _EPS, flat / norm.clamp_min(_EPS), 0.0)
 
 
-def _relative(corr: torch.Tensor) -> torch.Tensor:
-    """(n, m) pixel correlations → (n, m) scores whose row maximum is ``pixel_relative``:
-    ``1 - d / d2`` for every column, with ``d = 1 - corr`` and ``d2`` the row's second-smallest
-    ``d`` (1 where there is one column), so the maximum sits at the nearest training slice."""
-    distance = (1.0 - corr).clamp_min(0.0)
-    second = distance.topk(2, dim=1, largest=False).values[:, 1:] if corr.shape[1] > 1 else None
-    d2 = torch.ones_like(distance[:, :1]) if second is None else second
-    return 1.0 - distance / d2.clamp_min(_EPS)
+def _relative(top: torch.Tensor) -> torch.Tensor:
+    """``pixel_relative`` from each row's highest pixel correlations, best first: (n, >= 1)
+    → (n,) ``1 - d1 / d2`` with ``d = 1 - corr`` (d2 = 1 where there is one column)."""
+    distance = (1.0 - top[:, :2]).clamp_min(0.0)
+    d2 = distance[:, 1] if distance.shape[1] > 1 else torch.ones_like(distance[:, 0])
+    return 1.0 - distance[:, 0] / d2.clamp_min(_EPS)
 
 
 def nearest_training(
@@ -168,19 +166,25 @@ def nearest_training(
     similarity: dict[str, list[torch.Tensor]] = {m: [] for m in MEASURES}
     index: dict[str, list[torch.Tensor]] = {m: [] for m in MEASURES}
 
+    def record(name: str, value: torch.Tensor, row: torch.Tensor) -> None:
+        """Record (n,) similarities and the (n,) training rows they were found at."""
+        similarity[name].append(value.double().cpu())
+        index[name].append(row.cpu())
+
     def best(name: str, sim: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Record the row-wise maximum of (n, m) ``sim``; ``rows`` map its columns to train."""
         value, col = sim.max(dim=1)
-        similarity[name].append(value.double().cpu())
-        index[name].append((col if rows is None else rows.gather(1, col[:, None])[:, 0]).cpu())
+        record(name, value, col if rows is None else rows.gather(1, col[:, None])[:, 0])
 
     train_pixels = _unit_rows(t, centre=True).to(device)
     k = min(candidates, t.shape[0])
     for chunk in x.split(CHUNK):
         corr = _unit_rows(chunk, centre=True).to(device) @ train_pixels.T
-        best("pixel_corr", corr)
-        best("pixel_relative", _relative(corr))
-        cand = corr.topk(k, dim=1).indices.cpu()  # (n, k)
+        # one sort serves the nearest slice, the second nearest and the SSIM candidates
+        top = corr.topk(min(max(k, 2), corr.shape[1]), dim=1)
+        record("pixel_corr", top.values[:, 0], top.indices[:, 0])
+        record("pixel_relative", _relative(top.values), top.indices[:, 0])
+        cand = top.indices[:, :k].cpu()  # (n, k)
         pairs = ssim(t[cand.flatten()], chunk.repeat_interleave(k, dim=0)).view(-1, k)
         best("ssim", pairs, cand)
     feats = torch.from_numpy(alex_features(x, device=device))
