@@ -4,7 +4,8 @@ A diffusion model decides coarse structure at high noise and fine detail at low 
 order works when the data's power falls with spatial frequency, as an image's does. A first
 stage whose latent is close to white noise in space leaves the early steps nothing coarse to
 decide, and every latent pixel's value has to be right on its own (Skorokhodov et al. 2025,
-"Improving the diffusability of autoencoders"; README, "A latent the LDM can model"). This
+"Improving the diffusability of autoencoders"; docs/realism_log.md, "A latent the LDM can
+model"). This
 prints two figures for the training latents and, as the reference, for the training slices
 average-pooled to the latent's size:
 

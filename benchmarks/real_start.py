@@ -1,7 +1,8 @@
 """Where along its sampling trajectory the LDM loses the anatomy: sampling started from real slices.
 
 ``evaluate``'s blurred judge tells the demo LDM's slices from real ones although the latents
-it samples have the statistics of real latents (README, "Where the LDM loses the anatomy").
+it samples have the statistics of real latents (docs/realism_log.md, "Where the LDM loses the
+anatomy").
 This finds the noise levels at which the anatomy is lost. Each slice ``evaluate`` asks for (at
 a test slice's z and covariates) is made not from pure noise but from the latent of a real
 training slice at the same level: a posterior sample, as the LDM trains on, noised to

@@ -300,7 +300,8 @@ class DecoderFinetuneConfig(_Section):
             decoder, and so does one at 2e-4 against a decoder at 2.5e-4 or more. At 2e-4
             against a decoder at 1e-4 it keeps learning, but its adaptive weight is then
             0.002-0.07 and the ceiling is worse than with the term off and the decoder at 5e-4
-            (demo widths, stand-in cohort; README, "The discriminator learned nothing").
+            (demo widths, stand-in cohort; docs/realism_log.md, "The discriminator learned
+            nothing").
     """
 
     kinds: tuple[Literal["vaegan"], ...] = ("vaegan",)
@@ -337,10 +338,10 @@ class AutoencoderConfig(_Section):
             default of files made before the key existed): the output conv's value.
             ``relu`` (what ``params.yaml`` sets): ``max(0, value)``, so the decoder can draw
             the exact-zero background of skull-stripped slices (64 % of the demo's pixels).
-            On a fresh demo (stand-in cohort, bf16 host; README, "A ReLU on the decoder's
-            output"): test PSNR +1.7 dB for both kinds, no background haze left to clear,
-            the LDM's judges raw 0.985 -> 0.829 and blurred 0.873 -> 0.835, the PixelCNN's
-            blurred 0.973 -> 0.813.
+            On a fresh demo (stand-in cohort, bf16 host; docs/realism_log.md, "A ReLU on the
+            decoder's output"): test PSNR +1.7 dB for both kinds, no background haze left to
+            clear, the LDM's judges raw 0.985 -> 0.829 and blurred 0.873 -> 0.835, the
+            PixelCNN's blurred 0.973 -> 0.813.
         vq: vector quantiser settings.
         kl: Gaussian latent settings.
         discriminator: PatchGAN settings.

@@ -24,8 +24,8 @@ batched forward per step and combines ``u + w (c - u)`` (Ho & Salimans 2022); gu
 linear in the model output, so it is the same for epsilon and v prediction. Every sampler
 takes ``guidance_min_t``: below that timestep the weight is 1 (the conditional output alone, one
 forward pass), so guidance shapes the layout at high noise and leaves the fine texture of the
-low-noise steps to the conditional model (:func:`step_guidance`; README, "Guidance at high
-noise only").
+low-noise steps to the conditional model (:func:`step_guidance`;
+docs/realism_log.md, "Guidance at high noise only").
 """
 
 from __future__ import annotations

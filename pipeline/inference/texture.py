@@ -21,7 +21,7 @@ on the training slices and adds it to generated slices:
   itself. Adding the noise to the value counted the bias twice in dark tissue (CSF), and a
   judge saw it through the 1-px blur: on the demo VQ-VAE's reconstructions the blurred judge
   read 0.914 with the biased noise, 0.679 with mean-keeping noise and 0.674 with none
-  (README, "Scan noise that keeps the mean").
+  (docs/realism_log.md, "Scan noise that keeps the mean").
 - :func:`background_floor` is the haze a decoder leaves where real slices are exactly 0 (the
   background of skull-stripped slices): the ``quantile`` of the reconstructions' intensities
   over the real background pixels. The demo's VQ-VAE leaves 0.03 there, and a judge that

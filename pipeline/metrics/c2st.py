@@ -23,8 +23,8 @@ Strength: the held-out AUC is recorded every ``curve_every`` steps of the one tr
 rises at the end was too weak (or trained too briefly) and its AUC is a lower bound. A curve
 that flattens is not proof of strength: the learning rate decays to 0 at the end of every
 run, so every curve flattens there. The step count was chosen by comparing whole runs of
-600, 1200 and 2400 steps (README, "A stronger judge"): on the demo, a 600-step judge read
-0.65 for LDM samples that a 2400-step judge tells from real slices at 0.99.
+600, 1200 and 2400 steps (docs/realism_log.md, "A stronger judge"): on the demo, a 600-step
+judge read 0.65 for LDM samples that a 2400-step judge tells from real slices at 0.99.
 
 The judge is a plain :class:`torch.nn.Sequential` (:func:`judge_network`): four stride-2 3x3
 convolutions (8, 16, 32, 64 channels), GroupNorm and SiLU, global average pooling and a

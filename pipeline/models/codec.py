@@ -24,7 +24,7 @@ around the latent instead: Gaussian noise of ``posterior_std`` is added first (t
 posterior's std in the scaled space: the RMS over every training latent element that the
 ``encode_latents`` stage records, times ``ldm.decode_posterior_std``). On the demo stand-in
 this took the LDM's raw two-sample judge from 0.88 to 0.61 and fd_alex from 10.3 to 7.6 at
-an unchanged pixel noise level (README, "Decoding a posterior sample, not the mean"; judged
+an unchanged pixel noise level (docs/realism_log.md, "Decoding a posterior sample, not the mean"; judged
 by 600-step judges). A VQ-VAE's decoder sees the quantised latent itself, so its
 ``posterior_std`` is 0.
 
@@ -35,8 +35,8 @@ scaled units where |mean| > 1), the rest sit near the prior (std about 0.85 wher
 carry the anatomy, and their decodes turn mottled at the 4-8 px scale of a latent pixel.
 With a :class:`StdCurve` (the posterior's std as a function of the latent's magnitude,
 fitted on the training latents by ``encode_latents``) the codec draws each element's noise
-at the std the posterior has at that magnitude (``ldm.decode_noise: by_magnitude``; README,
-"Decode noise where the posterior has it").
+at the std the posterior has at that magnitude (``ldm.decode_noise: by_magnitude``;
+docs/realism_log.md, "Decode noise where the posterior has it").
 """
 
 from __future__ import annotations

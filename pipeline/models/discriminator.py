@@ -11,8 +11,8 @@ reconstructions (seeds 0-2), its hinge loss ends at 0.93-0.96 with real and fake
 0.02 of each other; with PyTorch's init at 0.38-0.75, gap 0.65-2.6 (stand-in cohort). Every
 earlier VAE-GAN's adversarial term was therefore inert. In the decoder-only phase it went blind
 again when that phase restarted the learning rates at their peak; the demo now leaves the
-adversarial term out of that phase (``decoder_finetune.discriminator_lr``; README, "The
-discriminator learned nothing").
+adversarial term out of that phase (``decoder_finetune.discriminator_lr``;
+docs/realism_log.md, "The discriminator learned nothing").
 """
 
 from __future__ import annotations
