@@ -4,8 +4,10 @@ that compare models, sampling settings or starts.
 ``benchmarks.sampling_sweep`` (settings of one model), ``benchmarks.real_start`` (sampling
 started from real latents), ``benchmarks.ldm_ablation`` (one recipe change per arm) and
 ``benchmarks.ldm_scaling`` (training budgets) all score each of their rows here: every
-sampling seed through :func:`pipeline.evaluation.evaluate.score_generator` (the slices, judges,
-novelty check and label probes of ``evaluate``), each seed judged against the report's bars
+sampling seed through :func:`pipeline.evaluation.evaluate.score_generator` (the slices,
+novelty check and label probes of ``evaluate``), the judges of
+:func:`~pipeline.evaluation.evaluate.generator_judges`, trained as ``evaluate`` trains them
+and read on every seed's slices, each seed judged against the report's bars
 (:func:`pipeline.evaluation.seeds.seed_row`), the seeds summarised as mean and range. So a row of
 any of their tables reads on the same scale as ``reports/metrics.json`` and its bars, and at
 a model's defaults the mean of seeds ``params.seed`` ... ``params.seed +
@@ -29,7 +31,13 @@ from pipeline.core.config import Params, load_params
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import InputError
 from pipeline.core.figures import figure_image
-from pipeline.evaluation.evaluate import EvalContext, EvaluatePaths, run_judges, score_generator
+from pipeline.evaluation.evaluate import (
+    EvalContext,
+    EvaluatePaths,
+    generator_judges,
+    run_judges,
+    score_generator,
+)
 from pipeline.evaluation.seeds import COLUMNS, seed_row, summarise
 from pipeline.evaluation.verdicts import BARS, threshold
 from pipeline.inference.sampling import GeneratorModel
@@ -104,14 +112,17 @@ def score_seeds(
     Returns:
         ``{seeds: {seed: seed_row}, summary: summarise(rows)}``.
     """
-    rows = {}
+    scores = []
     for seed in seeds:
-        scored = score_generator(model, generator, ctx, seed)
-        for job, result in zip(scored.judges, run_judges(scored.judges, ctx.device), strict=True):
-            scored.section.setdefault("c2st", {})[job.variant] = result.as_dict()
-        rows[seed] = seed_row(scored.section, metrics, model)
+        scores.append(score_generator(model, generator, ctx, seed))
         if bar is not None:
             bar.update()
+    jobs = generator_judges(model, generator, ctx, scores)
+    for job, results in zip(jobs, run_judges(jobs, ctx.device), strict=True):
+        for scored, result in zip(scores, results, strict=True):
+            scored.section.setdefault("c2st", {})[job.variant] = result.as_dict()
+    sections = [scored.section for scored in scores]
+    rows = {seed: seed_row(s, metrics, model) for seed, s in zip(seeds, sections, strict=True)}
     return {"seeds": rows, "summary": summarise(list(rows.values()))}
 
 

@@ -159,6 +159,22 @@ def test_bad_inputs_raise_one_line(sets: dict[str, torch.Tensor], message: str) 
     assert next(iter(sets)) in str(info.value)
 
 
+def test_one_judge_read_on_several_sets_reads_each_as_alone() -> None:
+    """A judge read on several synthetic held-out sets trains once, as for one set: its
+    result on each set equals the one-set test on that set, curve included."""
+    real, fake = brains(N, 0), brains(N, 1, ventricle=False)
+    other, same = brains(96, 2, ventricle=False), brains(96, 3)
+    k = 3 * N // 4
+    common = {"cfg": CFG, "device": CPU, "seed": 0}
+    both = c2st.two_sample_aucs(real[:k], fake[:k], real[k:], [other, same], **common)
+    for alone, result in zip((other, same), both, strict=True):
+        assert result == c2st.two_sample_auc(real[:k], fake[:k], real[k:], alone, **common)
+    assert both[0].auc > 0.9 > 0.7 > both[1].auc  # no ventricle is told; a real-like set is not
+    assert both[1].n_test == (N - k, 96)
+    with pytest.raises(InputError, match="at least one synthetic held-out set"):
+        c2st.two_sample_aucs(real[:k], fake[:k], real[k:], [], **common)
+
+
 def test_blur_rejects_non_positive_sigma() -> None:
     with pytest.raises(InputError, match="sigma"):
         c2st.blur(torch.rand(2, 1, 8, 8), 0.0)

@@ -396,9 +396,32 @@ def test_several_sampling_seeds_are_judged_on_their_mean(
         out = ceiling_reconstructions(*args, **kwargs)
         return (out + 0.05 * torch.rand(out.shape, generator=args[4])).clamp(0, 1)
 
+    jobs: list[evaluate_module.JudgeJob] = []
+    run_judges, generate_like = evaluate_module.run_judges, evaluate_module.generate_like
+
+    def judging(batch: list[evaluate_module.JudgeJob], device: torch.device) -> Any:
+        jobs.extend(batch)
+        return run_judges(batch, device)
+
+    sampled: list[int] = []
+
+    def sampling(*args: Any, **kwargs: Any) -> Any:
+        sampled.append(args[3])
+        return generate_like(*args, **kwargs)
+
     monkeypatch.setattr(evaluate_module, "set_figures", recording)
     monkeypatch.setattr(evaluate_module, "ceiling_reconstructions", drawn)
+    monkeypatch.setattr(evaluate_module, "run_judges", judging)
+    monkeypatch.setattr(evaluate_module, "generate_like", sampling)
     metrics = evaluate(params, run=RecordingRun("evaluate"), device=cpu, paths=paths)
+    # one raw and one blurred judge per generator, read on both seeds' slices; the slices it
+    # learns are drawn with a seed of their own
+    per_section = {(job.section, job.variant): len(job.fake_tests) for job in jobs}
+    assert len(jobs) == len(per_section) == 11
+    assert all(per_section[(g, v)] == 2 for g in ("ldm", "pixelcnn") for v in ("raw", "blur"))
+    assert per_section[("real", "blur")] == per_section[("ae_vaegan", "raw")] == 1
+    judge_seed = params.seed + evaluate_module.JUDGE_SEED_OFFSET
+    assert sampled == [params.seed, params.seed + 1, judge_seed] * 2
     ceiling = metrics["ae_vaegan"]["other_subjects"]  # the last kind: the last two scorings
     draws = [row["fd_alex"] for row in scored[-2:]]
     assert ceiling["draws"] == 2 and draws[0] != draws[1]

@@ -613,15 +613,17 @@ class C2STConfig(_Section):
         lr: AdamW learning rate of the judge.
         blur_sigma: Gaussian sigma in pixels of the "anatomy" variant: both sides blurred,
             so scan-noise texture cannot decide.
-        train_samples: synthetic slices generated for the judge's training side.
+        train_samples: synthetic slices generated for the judge's training side, one at
+            each of as many training slices' z and covariates (at most every training slice;
+            1376 is every one on the demo).
     """
 
-    steps: int = Field(2400, ge=1)
-    curve_every: int = Field(300, ge=1)
+    steps: int = Field(4800, ge=1)
+    curve_every: int = Field(600, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1.0e-3, gt=0)
     blur_sigma: float = Field(1.0, gt=0)
-    train_samples: int = Field(512, ge=2)
+    train_samples: int = Field(1376, ge=2)
 
 
 class NoveltyConfig(_Section):

@@ -65,7 +65,8 @@ benchmarks that compare sampling settings, starts, recipe arms and training budg
 Each generator is scored on ``evaluate.sampling_seeds`` sampling seeds (``seed``, ``seed + 1``,
 ...): its section holds their mean (:func:`pipeline.evaluation.seeds.mean_section`), which
 the verdicts judge, and under ``seeds`` each figure's mean and range and how many seeds met
-every bar; the per-z curves, grids and judge curves are the first seed's.
+every bar; the per-z curves, grids and judge curves are the first seed's. Its raw and blurred
+judges are trained once (:func:`generator_judges`) and read on every seed's slices.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -104,7 +105,7 @@ from pipeline.inference.sampling import (
     sample_slices,
 )
 from pipeline.inference.texture import Texture, finish, noise_sigma
-from pipeline.metrics.c2st import C2STResult, blur, strength_curve_figure, two_sample_auc
+from pipeline.metrics.c2st import C2STResult, blur, strength_curve_figure, two_sample_aucs
 from pipeline.metrics.novelty import (
     NearestTraining,
     closest_pairs_figure,
@@ -145,6 +146,11 @@ SAME_SIZE_FIGURES = ("fd_alex", "kid", "kid_std", "precision", "recall", "n_samp
 #: seed + 3 + k x stride and its posterior draws with seed + 4 + k x stride; draw 0 is the
 #: judges' draw).
 CEILING_DRAW_STRIDE = 1000
+#: Sampling seed of the judges' synthetic training slices, added to ``params.seed``: far
+#: from the scored seeds (``seed`` .. ``seed + evaluate.sampling_seeds - 1``) and their label
+#: controls (``seed + 2`` ..), so no slice a judge learns shares its noise with one it is
+#: read on.
+JUDGE_SEED_OFFSET = 500
 
 #: metric -> section -> {z_index: value}
 Curves = dict[str, dict[str, dict[int, float]]]
@@ -529,7 +535,8 @@ class JudgeJob:
         real_train: (M, 1, H, W) real slices the judge learns as real.
         fake_train: (M', 1, H, W) slices it learns as synthetic.
         real_test: (N, 1, H, W) unseen real slices.
-        fake_test: (N', 1, H, W) unseen synthetic slices.
+        fake_tests: one or more (N', 1, H, W) sets of unseen synthetic slices (a generator's
+            slices from each sampling seed): the one judge is read on each.
         cfg: the ``evaluate`` section (``c2st`` settings).
         seed: the judge's seed (the same for every job, so jobs differ only in their data).
     """
@@ -539,7 +546,7 @@ class JudgeJob:
     real_train: torch.Tensor
     fake_train: torch.Tensor
     real_test: torch.Tensor
-    fake_test: torch.Tensor
+    fake_tests: tuple[torch.Tensor, ...]
     cfg: EvaluateConfig
     seed: int
 
@@ -549,15 +556,17 @@ def judge_jobs(
     real_train: torch.Tensor,
     fake_train: torch.Tensor,
     real_test: torch.Tensor,
-    fake_test: torch.Tensor,
+    fake_tests: Sequence[torch.Tensor],
     *,
     cfg: EvaluateConfig,
     seed: int,
     variants: tuple[str, ...] = ("raw", "blur"),
 ) -> list[JudgeJob]:
-    """The judges of one synthetic (or reference) set: one :class:`JudgeJob` per variant."""
-    sets = (real_train, fake_train, real_test, fake_test)
-    return [JudgeJob(section, v, *(x.cpu() for x in sets), cfg, seed) for v in variants]
+    """The judges of one synthetic (or reference) set: one :class:`JudgeJob` per variant,
+    each read on every set of ``fake_tests``."""
+    sets = (real_train.cpu(), fake_train.cpu(), real_test.cpu())
+    tests = tuple(x.cpu() for x in fake_tests)
+    return [JudgeJob(section, v, *sets, tests, cfg, seed) for v in variants]
 
 
 #: The device judges run on in this process (set by :func:`_judge_device`).
@@ -568,12 +577,12 @@ def _judge_device(device: torch.device) -> None:
     _JUDGE["device"] = device
 
 
-def _run_judge(job: JudgeJob) -> C2STResult:
-    return two_sample_auc(
+def _run_judge(job: JudgeJob) -> list[C2STResult]:
+    return two_sample_aucs(
         job.real_train,
         job.fake_train,
         job.real_test,
-        job.fake_test,
+        job.fake_tests,
         cfg=job.cfg.c2st,
         device=_JUDGE["device"],
         seed=job.seed,
@@ -581,12 +590,12 @@ def _run_judge(job: JudgeJob) -> C2STResult:
     )
 
 
-def run_judges(jobs: list[JudgeJob], device: torch.device) -> list[C2STResult]:
+def run_judges(jobs: list[JudgeJob], device: torch.device) -> list[list[C2STResult]]:
     """Train every judge, side by side on CPU cores (one thread each: the judge is small and
     uses two threads poorly, :mod:`pipeline.metrics.c2st`), else one after the other.
 
     Returns:
-        One result per job, in order.
+        One list per job, in order: its judge's result on each of its ``fake_tests``.
     """
     workers = min(pool_workers(device), len(jobs))
     device = device if workers == 1 else torch.device("cpu")
@@ -782,7 +791,6 @@ class GeneratorScore:
         section: its ``metrics.json`` section, without ``c2st`` (the judges still to run) and
             without the model file's provenance.
         curves: its per-z curves.
-        judges: its raw and blurred judges, to run with :func:`run_judges`.
         samples: the slices, one per test slice (row i at test slice i's z and covariates).
         nearest: each slice's nearest training slice.
         label_figures: :func:`~pipeline.evaluation.label_fidelity.label_fidelity`'s figures.
@@ -790,7 +798,6 @@ class GeneratorScore:
 
     section: dict[str, Any]
     curves: Curves
-    judges: list[JudgeJob]
     samples: Samples
     nearest: NearestTraining
     label_figures: dict[str, np.ndarray]
@@ -802,9 +809,10 @@ def score_generator(
     """Every figure of one generator at its default sampling settings
     (:meth:`~pipeline.inference.sampling.GeneratorModel.with_defaults` for others).
 
-    Slices are drawn at each test slice's z and covariates with sampling seed ``seed``, the
-    judges' synthetic training slices with ``seed + 1`` and the label controls with
-    ``seed + 2``; the metrics' own draws keep ``ctx.seed``.
+    Slices are drawn at each test slice's z and covariates with sampling seed ``seed`` and
+    the label controls with ``seed + 2``; the metrics' own draws keep ``ctx.seed``. The
+    realism judges are not trained here: :func:`generator_judges` builds one pair for all
+    of a generator's seeds.
 
     Args:
         name: the section name (``ldm``, ``pixelcnn``).
@@ -812,25 +820,15 @@ def score_generator(
         ctx: the run's :class:`EvalContext`.
         seed: sampling seed (``evaluate`` uses ``params.seed``).
     """
-    real, train, n_slices = ctx.real, ctx.train, ctx.n_slices
+    real, n_slices = ctx.real, ctx.n_slices
     samples, seconds = generate_like(
         generator, real.z_index, n_slices, seed, manifest=ctx.test_manifest, masks=True
     )
     section, curves = set_figures(real, samples.images, real.z_index, **ctx.scoring)
     section["sample_seconds"] = seconds
-    judge_fakes, _ = generate_like(
-        generator,
-        train.z_index[ctx.judge_rows],
-        n_slices,
-        seed + 1,
-        manifest=ctx.train_manifest.iloc[ctx.judge_rows.numpy()],
-    )
-    judges = judge_jobs(
-        name, train.image, judge_fakes.images, real.image, samples.images, **ctx.judging
-    )
     nearest = nearest_training(
         samples.images,
-        train.image,
+        ctx.train.image,
         device=ctx.device,
         candidates=ctx.cfg.novelty.candidates,
         train_features=ctx.train_features,
@@ -847,7 +845,30 @@ def score_generator(
         train_labels=ctx.train_labels,
         matched=samples,
     )
-    return GeneratorScore(section, curves, judges, samples, nearest, label_figures)
+    return GeneratorScore(section, curves, samples, nearest, label_figures)
+
+
+def generator_judges(
+    name: str, generator: GeneratorModel, ctx: EvalContext, scores: Sequence[GeneratorScore]
+) -> list[JudgeJob]:
+    """One generator's realism judges (raw and blurred), each trained once and read on the
+    slices of every sampling seed in ``scores`` (:func:`score_generator`, in seed order).
+
+    The judge learns real training slices against the generator's slices at the same
+    training slices' z and covariates (``ctx.judge_rows``), drawn with sampling seed
+    ``ctx.seed +`` :data:`JUDGE_SEED_OFFSET`, which no scored seed shares: the slices it is
+    read on must not share their noise draws with the slices it learned.
+    """
+    rows = ctx.judge_rows
+    fakes, _ = generate_like(
+        generator,
+        ctx.train.z_index[rows],
+        ctx.n_slices,
+        ctx.seed + JUDGE_SEED_OFFSET,
+        manifest=ctx.train_manifest.iloc[rows.numpy()],
+    )
+    tests = [scored.samples.images for scored in scores]
+    return judge_jobs(name, ctx.train.image, fakes.images, ctx.real.image, tests, **ctx.judging)
 
 
 def evaluate(
@@ -886,7 +907,7 @@ def evaluate(
     # volume by volume, levels in order) and subject identity cannot decide
     test_a, test_b = torch.arange(0, len(real.z), 2), torch.arange(1, len(real.z), 2)
     judges += judge_jobs(
-        "real", train.image, val.image, real.image[test_a], real.image[test_b], **judging
+        "real", train.image, val.image, real.image[test_a], [real.image[test_b]], **judging
     )
     metrics["real"]["novelty"] = novelty_summary(ctx.reference, ctx.reference, cfg.novelty.quantile)
 
@@ -902,7 +923,7 @@ def evaluate(
         train.image,
         blur(train.image, cfg.blur_sigma),
         real.image,
-        blurred,
+        [blurred],
         variants=("raw",),
         **judging,
     )
@@ -910,14 +931,14 @@ def evaluate(
     generators = {name: load_generator(paths.models / f"{name}.pt", device) for name in GENERATORS}
     seeds = [seed + k for k in range(cfg.sampling_seeds)]
     per_seed: dict[str, list[dict[str, Any]]] = {}  # each generator's section per seed
-    target: dict[int, dict[str, Any]] = {}  # id(job) -> its seed's section, generators' judges
+    target: dict[int, list[dict[str, Any]]] = {}  # id(job) -> each seed's section, generators
     for name, generator in generators.items():
         metrics[name] = {}  # its place in metrics.json; the seeds' mean once judged
         scores = [score_generator(name, generator, ctx, s) for s in seeds]
         per_seed[name] = [scored.section for scored in scores]
-        for scored in scores:
-            judges += scored.judges
-            target |= {id(job): scored.section for job in scored.judges}
+        jobs = generator_judges(name, generator, ctx, scores)
+        judges += jobs
+        target |= {id(job): per_seed[name] for job in jobs}
         first = scores[0]  # the first seed's curves and figures
         _merge(curves, name, first.curves)
         save_png(
@@ -956,7 +977,7 @@ def evaluate(
                 (train.image[others], train.z[others]),
             )
         )
-        judges += judge_jobs(section, train.image, fake_train, real.image, fake_test, **judging)
+        judges += judge_jobs(section, train.image, fake_train, real.image, [fake_test], **judging)
         # one draw's recall moves by about ±0.025 against a bar of 0.8: the ceiling is the
         # mean over as many posterior and texture draws as the generator has sampling seeds
         draws = [fake_others] + [
@@ -973,10 +994,11 @@ def evaluate(
             [{k: c[k] for k in SAME_SIZE_FIGURES} for c in ceilings]
         ) | {"draws": len(draws)}
     judge_curves: dict[str, list[tuple[int, float]]] = {}
-    for job, result in zip(judges, run_judges(judges, device), strict=True):
-        section = target[id(job)] if id(job) in target else metrics[job.section]
-        section.setdefault("c2st", {})[job.variant] = result.as_dict()
-        judge_curves.setdefault(f"{job.section} ({job.variant})", result.curve)  # first seed
+    for job, results in zip(judges, run_judges(judges, device), strict=True):
+        sections = target.get(id(job), [metrics[job.section]])
+        for section, result in zip(sections, results, strict=True):
+            section.setdefault("c2st", {})[job.variant] = result.as_dict()
+        judge_curves[f"{job.section} ({job.variant})"] = results[0].curve  # first seed
     for name, generator in generators.items():
         metrics[name] = mean_section(per_seed[name]) | provenance(
             generator, paths.models / f"{name}.pt"
