@@ -66,3 +66,44 @@ def test_disabled_run_does_nothing(project: Path) -> None:
     with StageRun("x", {}, enabled=False) as run:
         run.log_metrics({"a": 1.0})
     assert not (project / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("message", "calls", "offline"),
+    [
+        ("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id", 2, False),
+        ("(sqlite3.OperationalError) no such table: datasets", 1, True),
+    ],
+)
+def test_a_collision_with_a_sibling_run_is_repeated_other_failures_go_offline(
+    project: Path, monkeypatch: pytest.MonkeyPatch, message: str, calls: int, offline: bool
+) -> None:
+    """Two runs side by side logging one split at once collide on the dataset's unique key
+    (seen in a demo: the VAE-GAN's run then went offline for good); the call is repeated and
+    the run stays on the store. Any other failure goes offline at once, and the run is
+    still ended in the store if it answers."""
+    import mlflow
+
+    split = project / "data" / "prepared" / "train"
+    split.mkdir(parents=True)
+    (split / "slices.npy").write_bytes(b"0")
+    monkeypatch.setattr(tracking, "STORE_RETRY_PAUSE_S", 0.0)
+    made: list[int] = []
+    with StageRun("train", {"a": 1}) as run:
+        log_input = mlflow.log_input
+
+        def colliding(*args: object, **kwargs: object) -> None:
+            made.append(1)
+            if len(made) == 1:
+                raise mlflow.exceptions.MlflowException(message)
+            log_input(*args, **kwargs)
+
+        monkeypatch.setattr(mlflow, "log_input", colliding)
+        run.log_datasets("data/prepared", ("train",))
+        run.log_metrics({"loss": 1.0})
+    assert len(made) == calls and run.offline is offline
+    got = mlflow.tracking.MlflowClient(tracking.tracking_uri()).get_run(run.run_id)
+    assert got.info.status == "FINISHED"  # an offline run is still closed where the store answers
+    if not offline:
+        assert [d.dataset.name for d in got.inputs.dataset_inputs] == ["data/prepared/train"]
+        assert got.data.metrics["loss"] == 1.0

@@ -23,6 +23,8 @@ warned about once, and every later call is appended to a local JSON-lines file
 (``reports/tracking_offline/<stage>.jsonl``) so nothing is lost. MLflow's own HTTP defaults
 (7 retries with exponential backoff, 120 s timeout) would stall a stage for minutes before
 that first failure; :data:`HTTP_DEFAULTS` shortens them unless the environment sets them.
+Runs side by side share the sqlite store: a call that collides with a sibling's write
+(:data:`TRANSIENT_STORE_ERRORS`) is repeated before the run gives up on the store.
 
 Usage::
 
@@ -36,6 +38,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -70,6 +73,15 @@ SPLIT_CONTEXT = {"train": "training", "val": "validation", "test": "test"}
 #: The code whose uncommitted changes make another pipeline run (``dvc.lock`` and reports,
 #: which DVC rewrites during a repro, are not in it).
 CODE_PATHS = ("pipeline", "data_prep", "stages", "pyproject.toml")
+#: Failures of a shared sqlite store that another process's write at the same moment causes
+#: and that a repeat of the call does not meet: MLflow gets or inserts a dataset's row, so two
+#: runs side by side (the VQ-VAE and the VAE-GAN) logging the same split at once collide on
+#: its unique key, and a write can find the database locked. Such a call is repeated
+#: (:data:`STORE_RETRIES` times, :data:`STORE_RETRY_PAUSE_S` apart) before the run goes
+#: offline.
+TRANSIENT_STORE_ERRORS = ("UNIQUE constraint failed", "database is locked")
+STORE_RETRIES = 3
+STORE_RETRY_PAUSE_S = 0.5
 #: MLflow HTTP client settings used unless set in the environment: a server that refuses
 #: connections fails within seconds, one that never answers within about a minute.
 HTTP_DEFAULTS: dict[str, str] = {
@@ -257,6 +269,11 @@ class StageRun:
         if self._monitor is not None and not self._offline:
             self._monitor.finish()
         self._call(self._summarise_in_parent)
+        if self._offline:  # recorded; still close the run in the store if it answers now
+            self._record_offline("end_run", (status,))
+            with contextlib.suppress(Exception):
+                self._mlflow.end_run(status=status)
+            return
         self._call(lambda: self._mlflow.end_run(status=status))
 
     @property
@@ -404,22 +421,35 @@ class StageRun:
         client.set_terminated(self.parent_run_id, "FINISHED")
 
     def _call(self, fn: Any, *args: Any) -> None:
-        """Run one MLflow call; on failure warn once and switch to the offline log."""
+        """Run one MLflow call; on failure (after :data:`STORE_RETRIES` repeats of a
+        :data:`TRANSIENT_STORE_ERRORS` one) warn once and switch to the offline log."""
         if self._offline:
             self._record_offline(fn.__name__ if hasattr(fn, "__name__") else "call", args)
             return
-        try:
-            fn(*args)
-        except Exception as err:  # any tracking failure must not stop training
-            self._offline = True
-            logger.warning(
-                "MLflow tracking at %s failed (%s: %s); continuing and recording to %s",
-                tracking_uri(),
-                type(err).__name__,
-                str(err).splitlines()[0][:200] if str(err) else "",
-                self._offline_path,
-            )
-            self._record_offline(getattr(fn, "__name__", "call"), args)
+        for retry in range(STORE_RETRIES + 1):
+            try:
+                fn(*args)
+                return
+            except Exception as err:  # any tracking failure must not stop training
+                failure = err
+                if retry == STORE_RETRIES or not any(
+                    text in str(err) for text in TRANSIENT_STORE_ERRORS
+                ):
+                    break
+                time.sleep(STORE_RETRY_PAUSE_S)
+        self._go_offline(fn, args, failure)
+
+    def _go_offline(self, fn: Any, args: tuple[Any, ...], err: Exception) -> None:
+        """Warn once and record this and every later call in the offline log."""
+        self._offline = True
+        logger.warning(
+            "MLflow tracking at %s failed (%s: %s); continuing and recording to %s",
+            tracking_uri(),
+            type(err).__name__,
+            str(err).splitlines()[0][:200] if str(err) else "",
+            self._offline_path,
+        )
+        self._record_offline(getattr(fn, "__name__", "call"), args)
 
     def _record_offline(self, kind: str, args: tuple[Any, ...]) -> None:
         self._offline_path.parent.mkdir(parents=True, exist_ok=True)
