@@ -206,11 +206,11 @@ def generate(
         bool,
         typer.Option(
             "--texture/--no-texture",
-            help="Decode and finish slices like real ones: decode an LDM's latent as a "
-            "posterior sample (the decoder's training input), clear the background haze the "
-            "first stage leaves and add the scan noise it removes (calibrated on the training "
-            "slices, recorded as posterior_std, background_floor and texture_sigma in the "
-            "manifest); --no-texture writes the decoder's output for the sampled latent.",
+            help="Decode and finish slices like real ones: clear the background haze the first "
+            "stage leaves and draw the texture of what it misses (calibrated on the training "
+            "slices; recorded as background_floor and texture_residual_std in the manifest), "
+            "after decoding an LDM's latent as a posterior sample if its file says so "
+            "(posterior_std); --no-texture writes the decoder's output for the sampled latent.",
         ),
     ] = True,
     age: AgeOpt = None,

@@ -265,7 +265,11 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(
         assert saved[name]["checkpoint_sha256"] == file_sha256(tmp_path / "models" / f"{name}.pt")
         # what finishes its slices and its first stage's reconstructions (the judge's ceiling)
         assert saved[name]["latent_source"] == source
-        assert saved[name]["texture"] == {"sigma": 0.0, "background_floor": 0.0}  # not calibrated
+        assert saved[name]["texture"] == {  # not calibrated
+            "texture_sigma": 0.0,
+            "background_floor": 0.0,
+            "texture_residual_std": 0.0,
+        }
         assert saved[name]["posterior_std"] == 0.0
     assert saved["ldm"]["sampling"] == {
         "sampler": "ddim",

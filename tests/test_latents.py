@@ -14,6 +14,7 @@ from support import TINY_AE_X2
 from pipeline.core.config import ConditioningConfig, LDMConfig, Params
 from pipeline.data.latents import LatentDataset, read_latent_meta
 from pipeline.inference.encode import encode_all, encode_latents
+from pipeline.inference.texture import Texture
 from pipeline.models.autoencoder import Autoencoder
 from pipeline.models.codec import LatentCodec, StdCurve
 from pipeline.models.files import save_model
@@ -64,6 +65,7 @@ def test_vqvae_codes_latents_manifest_and_meta(tmp_path: Path, prepared: Path) -
     assert meta["source"] == "vqvae" and meta["num_codes"] == 16
     assert meta["latent_shape"] == [3, 8, 8] and meta["splits"] == SIZES
     assert meta["texture_sigma"] >= 0 and 0 <= meta["background_floor"] <= 1  # calibrated
+    assert Texture.from_meta(meta).residual is not None  # the residual texture too
     assert meta["posterior_std"] == 0.0  # the decoder sees the quantised latent itself
     assert "posterior_std_curve" not in meta
     for split, n in SIZES.items():
@@ -146,6 +148,19 @@ def test_vaegan_posterior_mean_without_codes(tmp_path: Path, prepared: Path) -> 
     item = LatentDataset(out / "train")[2]
     torch.testing.assert_close(item["latent_std"], torch.from_numpy(stored[2]))
     assert (out / "val" / "latent_stds.npy").is_file()
+    # the texture about the mean decodes; about posterior samples' decodes where asked
+    assert meta["texture_about"] == "means"
+    sampled = encode_latents(
+        tmp_path / "ae_vaegan.pt",
+        prepared,
+        tmp_path / "sampled",
+        CPU,
+        progress=False,
+        posterior_samples=True,
+    )
+    assert sampled["texture_about"] == "posterior_samples"
+    assert Texture.from_meta(sampled).residual != Texture.from_meta(meta).residual
+    assert sampled["scale_factor"] == meta["scale_factor"]  # the latents themselves unchanged
 
 
 def test_killed_encoding_leaves_no_meta_and_no_temp_files(
@@ -190,6 +205,7 @@ def test_encode_all_uses_only_existing_autoencoders(tmp_path: Path, prepared: Pa
     _export(models / "ae_vaegan.pt", "vaegan")
     metas = encode_all(params, CPU, models_dir=models, latents_root=root, progress=False)
     assert list(metas) == ["vaegan"]
+    assert metas["vaegan"]["texture_about"] == "means"  # Params() trains on posterior means
     assert (root / "vaegan" / "meta.json").is_file() and not (root / "vqvae").exists()
 
 

@@ -1,8 +1,9 @@
-"""Texture: the noise estimator, the calibration, the Rician noise and the background floor on
-known cases."""
+"""Texture: the noise estimator, the calibration, the Rician noise, the residual texture and the
+background floor on known cases."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -16,14 +17,19 @@ from pipeline.inference.sampling import load_generator, sample
 from pipeline.inference.texture import (
     FOREGROUND,
     Texture,
+    add_residual,
     add_scan_noise,
     background_floor,
     clear_background,
     finish,
+    kernel_from_autocorrelation,
+    masked_autocorrelation,
     missing_sigma,
     noise_sigma,
+    residual_texture,
     rician_mean,
     rician_signal,
+    soft_top,
 )
 
 
@@ -115,6 +121,12 @@ def test_sample_adds_the_model_files_texture_and_can_leave_it_off(
     assert torch.equal(textured[~foreground], plain[~foreground])
     again, _ = sample(gm, [0.5], 3, seed=4)
     assert torch.equal(again, textured)
+    # a file with the residual texture draws it instead of the scan noise, below 1
+    clean = disc()
+    gm.metadata["texture_residual"] = residual_texture(coloured(clean, 0.03), clean).as_meta()
+    residual, _ = sample(gm, [0.5], 3, seed=4)
+    assert not torch.equal(residual, textured) and float(residual.max()) < 1.0
+    assert torch.equal(residual[~foreground], plain[~foreground])
 
 
 def test_ldm_slices_are_decoded_as_posterior_samples_unless_texture_is_off(
@@ -183,13 +195,126 @@ def test_finish_clears_the_background_then_adds_noise_to_the_brain_only() -> Non
     assert torch.equal(out[clean == 0], torch.zeros_like(out[clean == 0]))
     assert noise_sigma(out) == pytest.approx(0.03, rel=0.15)
     assert torch.equal(finish(recon, Texture(), torch.Generator()), recon)
+    assert Texture().is_identity and not Texture(sigma=0.03).is_identity
 
 
 def test_texture_metadata_round_trips_and_old_files_read_as_zero() -> None:
-    texture = Texture(sigma=0.02, background_floor=0.03)
-    assert Texture.from_meta(texture.as_meta()) == texture
-    assert Texture.from_meta({}) == Texture() == (0.0, 0.0)
+    clean = disc()
+    residual = residual_texture(coloured(clean, 0.03), clean)
+    texture = Texture(sigma=0.02, background_floor=0.03, residual=residual)
+    stored = json.loads(json.dumps(texture.as_meta()))  # what meta.json and model files hold
+    assert Texture.from_meta(stored) == texture
+    assert Texture.from_meta({}) == Texture() == (0.0, 0.0, None)
     assert Texture.from_meta({"texture_sigma": 0.02}) == Texture(0.02, 0.0)
+    assert texture.summary() == {
+        "texture_sigma": 0.02,
+        "background_floor": 0.03,
+        "texture_residual_std": pytest.approx(float(np.mean(residual.std))),
+    }
+    assert Texture().summary()["texture_residual_std"] == 0.0
+
+
+#: A 3x3 box filter: white noise through it has autocorrelation 6/9, 3/9 and 0 at lags 1, 2, 3.
+BOX = torch.full((3, 3), 1 / 3)
+
+
+def coloured(clean: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    """``clean`` plus noise of std ``sigma`` coloured by :data:`BOX` on its foreground."""
+    white = torch.randn(
+        (clean.shape[0], 1, clean.shape[-2] + 2, clean.shape[-1] + 2),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    noise = torch.nn.functional.conv2d(white, BOX.view(1, 1, 3, 3))
+    return torch.where(clean > 0, clean + sigma * noise, clean)
+
+
+def interior(images: torch.Tensor) -> torch.Tensor:
+    """Pixels 4 px or more inside the foreground (the disc's edge is not in the residual)."""
+    fg = (images > 0).float()
+    return torch.nn.functional.avg_pool2d(fg, 9, stride=1, padding=4) > 0.999
+
+
+def test_masked_autocorrelation_measures_the_colour_inside_the_mask_only() -> None:
+    clean = disc(16)
+    residual = coloured(clean, 0.03) - clean
+    acf = masked_autocorrelation(residual, interior(clean), radius=3)
+    assert acf.shape == (7, 7) and float(acf[3, 3]) == 1.0
+    for lag, expected in ((1, 6 / 9), (2, 3 / 9), (3, 0.0)):
+        assert float(acf[3, 3 + lag]) == pytest.approx(expected, abs=0.03)
+        assert float(acf[3 + lag, 3]) == pytest.approx(expected, abs=0.03)
+    # white noise: nothing beyond lag 0; an empty mask: zeros, not a division by zero
+    white = noisy(clean, 0.03) - clean
+    assert float(masked_autocorrelation(white, interior(clean), 2)[2, 3]) == pytest.approx(
+        0, abs=0.02
+    )
+    assert not masked_autocorrelation(white, torch.zeros_like(clean, dtype=torch.bool), 2).any()
+
+
+def test_the_kernel_turns_white_noise_into_the_measured_autocorrelation() -> None:
+    lags = torch.arange(-3, 4).abs()
+    box_acf = (torch.clamp(3 - lags, min=0) / 3.0)[:, None] * (torch.clamp(3 - lags, min=0) / 3.0)
+    kernel = kernel_from_autocorrelation(box_acf.double())
+    assert kernel.shape == (7, 7)
+    assert float(kernel.square().sum()) == pytest.approx(1.0, abs=1e-5)  # unit variance out
+    self_conv = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(kernel.view(1, 1, 7, 7), (3, 3, 3, 3)), kernel.view(1, 1, 7, 7)
+    )[0, 0]
+    torch.testing.assert_close(self_conv.double(), box_acf.double(), atol=0.02, rtol=0)
+    delta = torch.zeros(5, 5, dtype=torch.float64)
+    delta[2, 2] = 1.0
+    torch.testing.assert_close(kernel_from_autocorrelation(delta), delta.float(), atol=1e-6, rtol=0)
+
+
+def test_residual_texture_redraws_the_level_and_colour_the_decoder_missed() -> None:
+    clean = disc(16)
+    residual = residual_texture(coloured(clean, 0.03), clean)
+    assert residual is not None
+    assert np.asarray(residual.kernel).shape == (9, 9)
+    assert np.asarray(residual.std).shape == (5, 5) and len(residual.intensity_edges) == 4
+    drawn = add_residual(clean, residual, torch.Generator().manual_seed(1))
+    inside = interior(clean)
+    assert float((drawn - clean)[inside].std()) == pytest.approx(0.03, rel=0.1)
+    acf = masked_autocorrelation(drawn - clean, inside, radius=3)
+    assert float(acf[3, 4]) == pytest.approx(6 / 9, abs=0.05)
+    assert float(acf[3, 6]) == pytest.approx(0.0, abs=0.05)
+    assert torch.equal(drawn[clean == 0], clean[clean == 0])  # the background stays 0
+    again = add_residual(clean, residual, torch.Generator().manual_seed(1))
+    assert torch.equal(drawn, again)
+    assert not torch.equal(drawn, add_residual(clean, residual, torch.Generator().manual_seed(2)))
+
+
+def test_the_residual_tables_follow_where_the_decoder_misses_and_what_it_darkens() -> None:
+    clean = disc(16)
+    dark = clean < 0.7  # the outer ring of the ramp: the decoder misses more there
+    sigma = torch.where(dark, 0.06, 0.01)
+    real = torch.where(clean > 0, clean + 0.02 + sigma * torch.randn(clean.shape), clean)
+    residual = residual_texture(real, clean)
+    std, mean = np.asarray(residual.std), np.asarray(residual.mean)
+    populated = std > 0
+    assert std[0][populated[0]].mean() > 3 * std[-1][populated[-1]].mean()  # by intensity
+    assert mean[populated] == pytest.approx(0.02, abs=0.01)  # the decode is 0.02 too dark
+    assert residual_texture(torch.zeros(2, 1, 16, 16), torch.zeros(2, 1, 16, 16)) is None
+
+
+def test_soft_top_keeps_finished_slices_below_one_and_the_rest_unchanged() -> None:
+    x = torch.linspace(0, 1.2, 241)  # a decoded 1 plus the residual's largest draws
+    y = soft_top(x)
+    below = x <= 0.95
+    assert torch.equal(y[below], x[below])
+    assert float(y.max()) < 1.0 and bool((y[~below] > 0.95).all())
+    assert bool((y.diff() > 0).all())  # increasing: intensities keep their order
+
+
+def test_finish_draws_the_residual_texture_where_it_is_calibrated() -> None:
+    clean = disc()
+    residual = residual_texture(coloured(clean, 0.03), clean)
+    recon = hazy(clean, 0.03).clamp(max=0.99) + 0.2 * (clean > 0)  # some pixels near 1
+    texture = Texture(sigma=0.5, background_floor=0.031, residual=residual)
+    out = finish(recon, texture, torch.Generator().manual_seed(3))
+    assert torch.equal(out[clean == 0], torch.zeros_like(out[clean == 0]))
+    assert float(out.max()) < 1.0  # soft top, not a clamp at 1
+    # the residual texture, not the (here absurd) scan-noise sigma
+    assert float((out - recon)[interior(clean)].std()) == pytest.approx(0.03, rel=0.2)
 
 
 def test_sample_clears_the_model_files_background_floor(

@@ -12,7 +12,11 @@ Layout under ``data/latents/<source>/`` (``source`` is the autoencoder kind)::
     {train,val,test}/manifest.csv  the prepared manifest (z, z_index, subject, ...), row i ↔ item i
     meta.json                      {"source", "autoencoder", "autoencoder_sha256",
                                     "scale_factor", "latent_shape", "texture_sigma",
-                                    "background_floor", "posterior_std" (the RMS of the
+                                    "background_floor", "texture_residual" (Residual.as_meta:
+                                    the texture model of what the first stage misses),
+                                    "texture_about" ("posterior_samples" or "means": the
+                                    reconstructions it was measured on),
+                                    "posterior_std" (the RMS of the
                                     stds, 0 for vqvae), "posterior_std_curve" (vaegan:
                                     the RMS std over bins of |latent|, StdCurve.as_meta),
                                     "num_codes" (vqvae),

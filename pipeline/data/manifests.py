@@ -53,6 +53,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "posterior_std",
     "decode_noise",
     "nearest_train_relative",
+    "texture_residual_std",
 )
 #: The columns every generate manifest has had; later columns are blank when read from an
 #: older manifest (written before texture, novelty, covariates and masks were recorded).

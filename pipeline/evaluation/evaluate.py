@@ -308,7 +308,7 @@ def provenance(generator: GeneratorModel, path: Path) -> dict[str, Any]:
         "checkpoint_sha256": file_sha256(path),
         "autoencoder_sha256": generator.metadata.get("autoencoder_sha256"),
         "latent_source": generator.codec.autoencoder.kind,
-        "texture": generator.texture._asdict(),
+        "texture": generator.texture.summary(),
         "posterior_std": generator.codec.posterior_std,
         "decode_noise": generator.codec.decode_noise,
         "sampling": SamplingSettings.resolve(generator).as_dict(),

@@ -4,7 +4,8 @@ Every prepared split goes through the :class:`~pipeline.models.codec.LatentCodec
 autoencoder (in eval mode, under ``torch.no_grad``); the layout written is described in
 :mod:`pipeline.data.latents`. The training split is encoded first: its latents give the
 scale factor every split is stored with, and its reconstructions the scan-noise level the
-first stage removes and the background haze it adds (``texture_sigma``, ``background_floor``:
+first stage removes, the background haze it adds and the texture of what it misses
+(``texture_sigma``, ``background_floor``, ``texture_residual``:
 :mod:`pipeline.inference.texture`); for a VAE-GAN its posterior's std too (``posterior_std``,
 scaled units: what a posterior-sample decode adds, :mod:`pipeline.models.codec`) as one RMS
 figure and as a curve over the latent's magnitude (``posterior_std_curve``), and every
@@ -29,7 +30,7 @@ from pipeline.core.identity import file_sha256
 from pipeline.core.io import atomic_write, write_json
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.data.latents import SPLITS
-from pipeline.inference.texture import Texture, background_floor, missing_sigma
+from pipeline.inference.texture import Texture, background_floor, missing_sigma, residual_texture
 from pipeline.models.codec import LatentCodec, StdCurve
 from pipeline.models.files import load_autoencoder
 
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 ENCODE_BATCH = 64
 #: Training slices the texture calibration reconstructs (spread over z).
 TEXTURE_SLICES = 256
+#: Seed of the posterior draws the texture calibration reconstructs from.
+CALIBRATION_SEED = 0
 
 
 class Encoded(NamedTuple):
@@ -128,35 +131,55 @@ def _calibration_slices(
 
 @torch.no_grad()
 def calibrate_texture(
-    codec: LatentCodec, dataset: SliceDataset, device: torch.device, limit: int = TEXTURE_SLICES
+    codec: LatentCodec,
+    dataset: SliceDataset,
+    device: torch.device,
+    limit: int = TEXTURE_SLICES,
+    *,
+    posterior_samples: bool = False,
 ) -> Texture:
-    """The scan noise the first stage removes and the background haze it adds, measured on
-    training slices.
+    """The scan noise the first stage removes, the background haze it adds and the texture of
+    everything its mean decode misses, measured on training slices.
 
     Args:
         codec: the first stage.
         dataset: the prepared training split.
         device: where the autoencoder runs.
         limit: at most this many slices, spread evenly over z.
+        posterior_samples: reconstruct each slice from a sample of the posterior (mean + std
+            times Gaussian noise, seeded) rather than from its mean, where the first stage has
+            a posterior (a VAE-GAN). An LDM trained on posterior samples (``ldm.posterior_samples``)
+            samples latents like them, and their decodes are brighter than the mean's: the
+            residual about the mean decode made the LDM's finished slices 0.013 too bright
+            inside the brain, and its blurred judge read 0.757 against 0.697 about the
+            posterior samples' decode (docs/realism_log.md, "A texture model of what the decoder
+            misses").
 
     Returns:
-        :func:`~pipeline.inference.texture.missing_sigma` and
-        :func:`~pipeline.inference.texture.background_floor` of the slices and their
+        :func:`~pipeline.inference.texture.missing_sigma`,
+        :func:`~pipeline.inference.texture.background_floor` and
+        :func:`~pipeline.inference.texture.residual_texture` of the slices and their
         reconstructions, in intensity units.
     """
     x, z = _calibration_slices(dataset, device, limit)
-    recon = torch.cat(
-        [
-            codec.decode_stage_2_outputs(codec.encode_stage_2_inputs(xb, zb), zb)
-            for xb, zb in zip(x.split(ENCODE_BATCH), z.split(ENCODE_BATCH), strict=True)
-        ]
-    )
+    noise = torch.Generator().manual_seed(CALIBRATION_SEED)
+    recon = []
+    for xb, zb in zip(x.split(ENCODE_BATCH), z.split(ENCODE_BATCH), strict=True):
+        latent, std = codec.encode_stage_2_posterior(xb, zb)
+        if posterior_samples and std is not None:
+            latent = latent + std * torch.randn(std.shape, generator=noise).to(std.device)
+        recon.append(codec.decode_stage_2_outputs(latent, zb))
+    recon = torch.cat(recon)
     x, recon = x.cpu(), recon.float().cpu().clamp(0, 1)
-    texture = Texture(missing_sigma(x, recon), background_floor(x, recon))
+    texture = Texture(
+        missing_sigma(x, recon), background_floor(x, recon), residual_texture(x, recon)
+    )
     logger.info(
-        "first stage removes scan noise of sigma %.4g and leaves background haze up to %.4g "
-        "(intensity units)",
-        *texture,
+        "first stage removes scan noise of sigma %.4g, leaves background haze up to %.4g and "
+        "misses a residual of mean std %.4g (intensity units)",
+        texture.sigma,
+        texture.background_floor,
+        texture.summary()["texture_residual_std"],
     )
     return texture
 
@@ -169,6 +192,7 @@ def encode_latents(
     *,
     batch_size: int = ENCODE_BATCH,
     progress: bool = True,
+    posterior_samples: bool = False,
 ) -> dict[str, Any]:
     """Encode all prepared splits with one autoencoder and write the latents layout.
 
@@ -179,6 +203,8 @@ def encode_latents(
         device: where the autoencoder runs.
         batch_size: slices per encoder batch.
         progress: show progress bars.
+        posterior_samples: calibrate the texture about decodes of posterior samples
+            (:func:`calibrate_texture`; recorded as ``texture_about``).
 
     Returns:
         The meta dict written to ``out_dir/meta.json``.
@@ -219,7 +245,9 @@ def encode_latents(
             latents = latents * np.float32(codec.scale_factor)
             stds = None if stds is None else stds * np.float32(codec.scale_factor)
             latent_shape = list(latents.shape[1:])
-            texture = calibrate_texture(codec, SliceDataset(src), device)
+            texture = calibrate_texture(
+                codec, SliceDataset(src), device, posterior_samples=posterior_samples
+            )
             posterior_std = _rms_std(stds)
             std_curve = None if stds is None else StdCurve.fit(latents, stds)
         _save_npy(out / split / "latents.npy", latents)
@@ -239,6 +267,7 @@ def encode_latents(
         "scale_factor": codec.scale_factor,
         "latent_shape": latent_shape,
         **texture.as_meta(),
+        "texture_about": "posterior_samples" if posterior_samples and posterior_std else "means",
         "posterior_std": posterior_std,
         "splits": counts,
     }
@@ -264,7 +293,8 @@ def encode_all(
     """Encode with every kind in ``params.autoencoder.kinds`` whose model file exists.
 
     Args:
-        params: all parameters (``autoencoder.kinds``, ``data.prepared_dir``).
+        params: all parameters (``autoencoder.kinds``, ``data.prepared_dir``; the VAE-GAN's
+            texture is calibrated about posterior samples where ``ldm.posterior_samples``).
         device: where the autoencoders run.
         models_dir: folder with ``ae_<kind>.pt``.
         latents_root: output root; each kind goes to ``<latents_root>/<kind>``.
@@ -283,7 +313,12 @@ def encode_all(
             logger.warning("%s not found; no %s latents are written", path, kind)
             continue
         metas[kind] = encode_latents(
-            path, params.data.prepared_dir, Path(latents_root) / kind, device, progress=progress
+            path,
+            params.data.prepared_dir,
+            Path(latents_root) / kind,
+            device,
+            progress=progress,
+            posterior_samples=kind == "vaegan" and params.ldm.posterior_samples,
         )
     if not metas:
         missing = ", ".join(f"{models_dir}/ae_{k}.pt" for k in params.autoencoder.kinds)

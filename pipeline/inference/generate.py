@@ -40,11 +40,13 @@ written. Each slice's manifest row records its nearest-training similarities and
 of re-samples it took (:data:`NOVELTY_COLUMNS`; empty without the check).
 
 Slices are decoded and finished like real ones (the model file's calibration): an LDM's
-latents are decoded as posterior samples (:mod:`pipeline.models.codec`), then the background
-haze the first stage leaves is cleared and the scan noise it removes is added
-(:mod:`pipeline.inference.texture`); all three are recorded per row in the manifest
-(``posterior_std``, ``texture_sigma``, ``background_floor``; 0 with ``texture=False``, for a
-PixelCNN's posterior, or for a model file made before the calibration), with ``decode_noise``
+latents are decoded as posterior samples where ``ldm.decode_posterior_std`` > 0
+(:mod:`pipeline.models.codec`; 0 in the defaults), then the background haze the first stage
+leaves is cleared and the texture of what it misses is drawn (:mod:`pipeline.inference.texture`:
+the residual texture, or the scan noise for a model file calibrated before it); each is
+recorded per row in the manifest (``posterior_std``, ``texture_sigma``, ``background_floor``,
+``texture_residual_std``; 0 with ``texture=False``, for a PixelCNN's posterior, or for a model
+file made before the calibration), with ``decode_noise``
 (``by_magnitude``: each latent element's noise at the posterior's std for its magnitude,
 :class:`~pipeline.models.codec.StdCurve`; ``isotropic``; ``none``).
 """
@@ -470,7 +472,7 @@ def generate(
         "guidance": "" if settings.guidance is None else settings.guidance,
         "guidance_min_t": "" if settings.guidance_min_t is None else settings.guidance_min_t,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        **(gm.texture if texture else Texture()).as_meta(),
+        **(gm.texture if texture else Texture()).summary(),
         "posterior_std": gm.codec.posterior_std if texture else 0.0,
         "decode_noise": gm.codec.decode_noise if texture else "none",
     }

@@ -420,7 +420,7 @@ def sample_slices(
             out = decode(latent, zb)
         images.append(out.float().cpu())
     result = torch.cat(images)
-    if texture and any(gm.texture):
+    if texture and not gm.texture.is_identity:
         noise_gen = torch.Generator().manual_seed(seed + TEXTURE_SEED_OFFSET)
         result = finish(result, gm.texture, noise_gen)
     return Samples(result, all_z, cov, torch.cat(tissue) if masks else None)
