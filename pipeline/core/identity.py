@@ -33,7 +33,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "train_ldm": ("seed", "conditioning", "ldm", "prepare.n_slices"),
     "train_zprobe": ("seed", "zprobe", "prepare.n_slices"),
     "train_probes": ("seed", "probes", "prepare.n_slices"),
-    "encode_latents": ("autoencoder.kinds", "data.prepared_dir"),
+    "encode_latents": ("autoencoder.kinds", "data.prepared_dir", "ldm.posterior_samples"),
     "evaluate": ("seed", "evaluate", "prepare.n_slices", "autoencoder.kinds"),
     "generate": ("generate", "evaluate.novelty", "data.prepared_dir"),
     "augment_study": ("seed", "study", "data.prepared_dir"),
