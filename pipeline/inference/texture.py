@@ -56,6 +56,7 @@ each generator's model file and recorded per slice in the ``generate`` manifest
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -384,14 +385,18 @@ def kernel_from_autocorrelation(acf: torch.Tensor, grid: int = _SPECTRUM_GRID) -
     return (kernel / kernel.square().sum().sqrt()).float()
 
 
-def _bins(images: torch.Tensor, residual: Residual) -> torch.Tensor:
-    """(N, 1, H, W) long: each pixel's flat index into the (bins, bins) tables."""
-    intensity_edges = torch.tensor(residual.intensity_edges, dtype=images.dtype)
-    gradient_edges = torch.tensor(residual.gradient_edges, dtype=images.dtype)
-    bins = len(residual.intensity_edges) + 1
-    row = torch.bucketize(images.contiguous(), intensity_edges.to(images.device))
-    col = torch.bucketize(gradient_magnitude(images).contiguous(), gradient_edges.to(images.device))
-    return row * bins + col
+def _bins(
+    images: torch.Tensor,
+    intensity_edges: Sequence[float] | torch.Tensor,
+    gradient_edges: Sequence[float] | torch.Tensor,
+) -> torch.Tensor:
+    """(N, 1, H, W) long: each pixel's flat index into the (bins, bins) tables of a
+    :class:`Residual` with these inner bin edges (row: intensity, column: gradient)."""
+    intensity = torch.as_tensor(intensity_edges, dtype=images.dtype, device=images.device)
+    gradient = torch.as_tensor(gradient_edges, dtype=images.dtype, device=images.device)
+    row = torch.bucketize(images.contiguous(), intensity)
+    col = torch.bucketize(gradient_magnitude(images).contiguous(), gradient)
+    return row * (len(intensity) + 1) + col
 
 
 def residual_texture(
@@ -424,9 +429,7 @@ def residual_texture(
     inner = torch.linspace(0, 1, bins + 1, dtype=torch.float32)[1:-1]
     intensity_edges = torch.quantile(intensity[::step], inner)
     gradient_edges = torch.quantile(gradient[::step].float(), inner)
-    flat = torch.bucketize(intensity, intensity_edges) * bins + torch.bucketize(
-        gradient.float(), gradient_edges
-    )
+    flat = _bins(reconstructed.float(), intensity_edges, gradient_edges)[inside]
     values = residual[inside].double()
     count = torch.bincount(flat, minlength=bins * bins).double().clamp(min=1)
     mean = torch.bincount(flat, values, minlength=bins * bins) / count
@@ -480,7 +483,7 @@ def add_residual(
     n, _, h, w = images.shape
     white = torch.randn((n, 1, h + 2 * r, w + 2 * r), generator=generator)
     field = F.conv2d(white, kernel.view(1, 1, *kernel.shape)).to(images.device, images.dtype)
-    index = _bins(images, residual)
+    index = _bins(images, residual.intensity_edges, residual.gradient_edges)
     std = torch.tensor(residual.std, dtype=images.dtype, device=images.device).flatten()[index]
     mean = torch.tensor(residual.mean, dtype=images.dtype, device=images.device).flatten()[index]
     textured = soft_top((images + mean + std * field).clamp(min=0))
