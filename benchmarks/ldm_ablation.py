@@ -77,6 +77,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "cross_attention": {"cross_attention": True},
     # The first stage: diffuse the VQ-VAE's quantised latents (8 channels) instead.
     "vqvae_latents": {"latent_source": "vqvae"},
+    # The UNet also sees its own previous clean-latent estimate (Chen et al. 2023).
+    "self_condition": {"self_condition": True},
 }
 #: Sampling-only arms on the baseline model: name -> sampling overrides.
 SAMPLE_ARMS: dict[str, dict[str, Any]] = {

@@ -521,3 +521,88 @@ def test_evaluator_logs_grid_z_error_and_trajectory(tmp_path) -> None:
     assert len(gif) == cfg.sample_steps
     evals = [m for _, m in run.metrics if "val_loss" in m]
     assert len(evals) == 2 and all(0 <= m["nn_level_error"] <= 3 for m in evals)
+
+
+class _EstimateRecorder(_Oracle):
+    """The exact model, self-conditioned: it records the estimate each call gets."""
+
+    self_condition = True
+
+    def __init__(self, target: torch.Tensor, scheduler) -> None:
+        super().__init__(target, scheduler)
+        self.estimates: list[torch.Tensor | None] = []
+        self.grad_enabled: list[bool] = []
+
+    def forward(self, x, t, z, drop_mask, x0_estimate=None):
+        self.estimates.append(x0_estimate)
+        self.grad_enabled.append(torch.is_grad_enabled())
+        return super().forward(x, t, z, drop_mask)
+
+
+def test_a_self_conditioned_unet_takes_the_estimate_as_more_input_channels() -> None:
+    cfg = _cfg(self_condition=True)
+    unet = _unet(cfg)
+    assert unet.unet.conv_in.conv.in_channels == 2 * SHAPE[0]
+    x, t, z = torch.randn(2, *SHAPE, generator=_gen(1)), torch.tensor([10, 500]), torch.rand(2)
+    with torch.no_grad():
+        none, zeros = unet(x, t, z), unet(x, t, z, x0_estimate=torch.zeros_like(x))
+        some = unet(x, t, z, x0_estimate=torch.randn(x.shape, generator=_gen(2)))
+    torch.testing.assert_close(none, zeros)  # no estimate is the zeros it trained with
+    assert not torch.allclose(none, some)
+    with pytest.raises(InputError, match="self_condition"):
+        _unet()(x, t, z, x0_estimate=x)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm"])
+def test_samplers_give_a_self_conditioned_unet_the_previous_steps_estimate(sampler: str) -> None:
+    cfg = _cfg(prediction_type="v_prediction")
+    config = scheduler_config(cfg)
+    target = torch.randn(2, *SHAPE, generator=_gen(4))
+    oracle = _EstimateRecorder(target, build_scheduler(config, "ddpm"))
+    z = torch.tensor([0.2, 0.8])
+    out = guided_sample(
+        oracle, config, z, SHAPE, sampler=sampler, steps=4, guidance=2.0, generator=_gen()
+    )
+    torch.testing.assert_close(out, target, atol=1e-3, rtol=1e-3)
+    first, *rest = oracle.estimates
+    assert first is None and len(rest) >= 3
+    for estimate in rest:  # the exact model's x0, for both halves of the guided batch
+        torch.testing.assert_close(estimate, torch.cat([target, target]), atol=1e-3, rtol=1e-3)
+
+
+def test_the_self_conditioned_loss_trains_the_pass_given_a_no_gradient_estimate() -> None:
+    cfg = _cfg(prediction_type="v_prediction")
+    scheduler = build_scheduler(scheduler_config(cfg), "ddpm")
+    latent = torch.randn(3, *SHAPE, generator=_gen(5))
+    oracle = _EstimateRecorder(latent, scheduler)
+    noise, t = torch.randn(latent.shape, generator=_gen(6)), torch.tensor([5, 300, 999])
+    args = (oracle, scheduler, latent, torch.rand(3), noise, t, torch.zeros(3, dtype=torch.bool))
+    assert float(diffusion_loss(*args, self_condition=True)) < 1e-8
+    assert oracle.estimates[0] is None and oracle.grad_enabled == [False, True]
+    torch.testing.assert_close(oracle.estimates[1], latent, atol=1e-4, rtol=1e-4)
+    oracle.estimates.clear()
+    diffusion_loss(*args)
+    assert oracle.estimates == [None]  # off: one pass, no estimate
+
+
+def test_train_step_self_conditions_about_half_the_steps_with_the_same_draws(monkeypatch) -> None:
+    seen: list[tuple[torch.Tensor, ...]] = []
+    flags: list[bool] = []
+
+    def spy(unet, scheduler, latent, z, noise, t, drop, **kwargs):
+        seen.append((noise.clone(), t.clone(), drop.clone()))
+        flags.append(kwargs["self_condition"])
+        return diffusion_loss(unet, scheduler, latent, z, noise, t, drop, **kwargs)
+
+    monkeypatch.setattr(ldm, "diffusion_loss", spy)
+    batch = {"latent": torch.randn(4, *SHAPE, generator=_gen(13)), "z": torch.rand(4)}
+    for cfg in (_cfg(), _cfg(self_condition=True)):
+        task = _task(cfg)
+        for step in range(16):
+            torch.manual_seed(step)
+            task.train_step(batch, step, Optimization(task.optimizers, 0.0))
+    plain, conditioned = flags[:16], flags[16:]
+    assert not any(plain) and 3 <= sum(conditioned) <= 13
+    for x, y in zip(seen[:16], seen[16:], strict=True):  # drawn last: the same noise, t, drop
+        for a, b in zip(x, y, strict=True):
+            assert torch.equal(a, b)

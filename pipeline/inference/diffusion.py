@@ -26,6 +26,10 @@ takes ``guidance_min_t``: below that timestep the weight is 1 (the conditional o
 forward pass), so guidance shapes the layout at high noise and leaves the fine texture of the
 low-noise steps to the conditional model (:func:`step_guidance`;
 docs/realism_log.md, "Guidance at high noise only").
+
+A self-conditioned UNet (``ldm.self_condition``, :func:`self_conditioned`) gets the previous
+step's guided clean-latent estimate in every sampler (zeros at the first step), and
+:func:`diffusion_loss` forms its estimate with a first pass without gradients.
 """
 
 from __future__ import annotations
@@ -190,6 +194,7 @@ def diffusion_loss(
     weighting: LossWeighting = "uniform",
     min_snr_gamma: float = 5.0,
     covariates: torch.Tensor | None = None,
+    self_condition: bool = False,
 ) -> torch.Tensor:
     """DDPM training loss: MSE between the UNet output and the epsilon or v target.
 
@@ -205,6 +210,10 @@ def diffusion_loss(
             over the batch of each sample's MSE times :func:`min_snr_weight` at its t).
         min_snr_gamma: γ of ``min_snr`` (> 0); unused by ``uniform``.
         covariates: optional (B, n) covariate codes (NaN = unknown).
+        self_condition: first run the UNet without gradients (no estimate) and give its
+            clean-latent estimate to the pass that is trained (``ldm.self_condition``; the
+            caller draws on which steps). False with a self-conditioned UNet trains the
+            no-estimate case.
 
     Returns:
         Scalar (weighted) mean squared error.
@@ -216,7 +225,13 @@ def diffusion_loss(
         target = scheduler.get_velocity(latent, noise, t)
     else:
         target = noise
-    extra = {} if covariates is None else {"covariates": covariates}
+    extra: dict[str, torch.Tensor] = {} if covariates is None else {"covariates": covariates}
+    if self_condition:
+        with torch.no_grad():
+            first = unet(noisy, t, z, drop_mask, **extra).float()
+        alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[t].view(-1, *(1,) * (noisy.ndim - 1))
+        x0, _ = _x0_and_eps(first, noisy.float(), alpha_bar, scheduler.prediction_type)
+        extra["x0_estimate"] = x0.to(noisy.dtype)
     output, target = unet(noisy, t, z, drop_mask, **extra).float(), target.float()
     if weighting == "uniform":
         return F.mse_loss(output, target)
@@ -242,18 +257,35 @@ class BoundCovariates(nn.Module):
     def __init__(self, unet: nn.Module, covariates: torch.Tensor) -> None:
         super().__init__()
         self.unet, self.covariates = unet, covariates
+        self.self_condition = self_conditioned(unet)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, drop_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        z: torch.Tensor,
+        drop_mask: torch.Tensor,
+        **estimate: torch.Tensor,
     ) -> torch.Tensor:
-        """The UNet output with the bound covariates (repeated to x's batch)."""
+        """The UNet output with the bound covariates (repeated to x's batch); ``estimate``:
+        the ``x0_estimate`` of a self-conditioned UNet, passed on."""
         repeats = x.shape[0] // len(self.covariates)
         covariates = self.covariates.to(x.device).repeat(repeats, 1)
-        return self.unet(x, t, z, drop_mask, covariates)
+        return self.unet(x, t, z, drop_mask, covariates, **estimate)
+
+
+def self_conditioned(unet: nn.Module) -> bool:
+    """Whether ``unet`` takes an ``x0_estimate`` (``ldm.self_condition``)."""
+    return bool(getattr(unet, "self_condition", False))
 
 
 def guided_output(
-    unet: nn.Module, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, guidance: float
+    unet: nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    z: torch.Tensor,
+    guidance: float,
+    x0_estimate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Classifier-free guided model output from ONE UNet forward.
 
@@ -264,15 +296,20 @@ def guided_output(
         z: (B,) slice positions in [0, 1].
         guidance: weight w; 1 is the plain conditional output (the null pass is skipped),
             0 the unconditional one.
+        x0_estimate: (B, C, h, w) clean-latent estimate for a self-conditioned UNet (the
+            previous step's, given to both halves), or None (zeros, or no self-conditioning).
 
     Returns:
         (B, C, h, w) ``u + w (c - u)`` with c, u the conditional and null-condition outputs.
     """
     batch = x.shape[0]
+    extra = {} if x0_estimate is None else {"x0_estimate": x0_estimate}
     if guidance == 1.0:
-        return unet(x, t, z, torch.zeros(batch, dtype=torch.bool, device=x.device))
+        return unet(x, t, z, torch.zeros(batch, dtype=torch.bool, device=x.device), **extra)
     drop = torch.arange(2 * batch, device=x.device) >= batch
-    out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z]), drop)
+    if x0_estimate is not None:
+        extra = {"x0_estimate": torch.cat([x0_estimate, x0_estimate])}
+    out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z]), drop, **extra)
     return guide(out, guidance)
 
 
@@ -349,12 +386,15 @@ def _denoise(
     alphas = scheduler.alphas_cumprod.to(device=x.device, dtype=x.dtype)
     one = torch.ones((), device=x.device, dtype=x.dtype)
     xs, x0s = [], []
+    estimate = None  # the previous step's x0 for a self-conditioned UNet
     for i, t in enumerate(timesteps.tolist()):
         a_t = alphas[t]
         a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else one
         w = step_guidance(t, guidance, guidance_min_t)
-        out = guided_output(unet, x, torch.full((x.shape[0],), t, device=x.device), z, w)
+        tt = torch.full((x.shape[0],), t, device=x.device)
+        out = guided_output(unet, x, tt, z, w, estimate)
         x0, eps = _x0_and_eps(out, x, a_t, scheduler.prediction_type)
+        estimate = x0 if self_conditioned(unet) else None
         if return_trajectory:
             xs.append(x)
             x0s.append(x0)
@@ -482,10 +522,13 @@ def pndm_sample(
     # PLMS warm-up (as diffusers' skip_prk_steps): the second timestep comes twice, the first
     # time as the corrector of the first step. MONAI's step counts on it, but its own
     # skip_prk_steps schedule leaves it out, which ends sampling one step short of clean.
+    estimate = None  # the previous step's x0 for a self-conditioned UNet
     for t in timesteps[:2] + timesteps[1:]:
         w = step_guidance(t, guidance, guidance_min_t)
-        out = guided_output(unet, x, torch.full((x.shape[0],), t, device=x.device), z, w)
-        _, eps = _x0_and_eps(out, x, alphas[t], schedule["prediction_type"])
+        tt = torch.full((x.shape[0],), t, device=x.device)
+        out = guided_output(unet, x, tt, z, w, estimate)
+        x0, eps = _x0_and_eps(out, x, alphas[t], schedule["prediction_type"])
+        estimate = x0 if self_conditioned(unet) else None
         x, _ = scheduler.step(eps, t, x)
     return x
 

@@ -53,6 +53,10 @@ class ZConditionedUNet(nn.Module):
         latent_channels: channels C of the diffused latent (input and output).
         schema: covariates conditioned on besides z (empty: z alone). The attribute keeps
             the name ``z_embed`` so z-only model files from before covariates load.
+
+    With ``config.self_condition`` the network's input is (B, 2C, h, w): the noisy latent and
+    an estimate of the clean latent (zeros where there is none), and :attr:`self_condition`
+    is True, which the samplers read (``pipeline.inference.diffusion``).
     """
 
     def __init__(
@@ -66,9 +70,10 @@ class ZConditionedUNet(nn.Module):
         if latent_channels < 1:
             raise InputError(f"latent_channels must be >= 1, got {latent_channels}")
         self.z_embed = Conditioner(conditioning, schema, null_token=True)
+        self.self_condition = config.self_condition
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
-            in_channels=latent_channels,
+            in_channels=latent_channels * (2 if config.self_condition else 1),
             out_channels=latent_channels,
             channels=config.channels,
             attention_levels=config.attention_levels,
@@ -95,6 +100,7 @@ class ZConditionedUNet(nn.Module):
         z: torch.Tensor,
         drop_mask: torch.Tensor | None = None,
         covariates: torch.Tensor | None = None,
+        x0_estimate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the noise (or velocity) of a noisy latent.
 
@@ -106,10 +112,17 @@ class ZConditionedUNet(nn.Module):
                 null condition (condition dropout in training, the unconditional half of
                 guidance).
             covariates: optional (B, len(schema)) codes, NaN = unknown; None = all unknown.
+            x0_estimate: optional (B, C, h, w) estimate of the clean latent for a
+                self-conditioned network (None = zeros); a network without
+                self-conditioning must not be given one.
 
         Returns:
             (B, C, h, w) model output (epsilon or v, as trained).
         """
+        if self.self_condition:
+            x = torch.cat([x, torch.zeros_like(x) if x0_estimate is None else x0_estimate], 1)
+        elif x0_estimate is not None:
+            raise InputError("x0_estimate given to a UNet without ldm.self_condition")
         emb = self.z_embed(z, drop_mask, covariates).to(x.dtype)
         context = emb[:, None, :] if self.cross_attention else None
         math = sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else nullcontext()

@@ -2,7 +2,8 @@
 
 - :class:`LDMTask`: DDPM training on scaled latents with condition dropout (epsilon or v
   target, uniform or min-SNR-γ loss weighting, posterior samples or means, optionally
-  left-right mirrored latents: :func:`random_mirror`); the loop keeps an EMA of the UNet,
+  left-right mirrored latents: :func:`random_mirror`, optionally self-conditioning); the
+  loop keeps an EMA of the UNet,
   which is what gets sampled and exported.
 - :class:`Evaluator`: the ``evaluate`` callback: validation loss, a sample grid with one row
   per z level decoded through the first stage, the nearest-training-latent z error of those
@@ -60,6 +61,8 @@ from pipeline.training.loop import Optimization, TrainingTask, adamw, finish_res
 
 logger = logging.getLogger(__name__)
 
+#: Share of training steps that give a self-conditioned UNet its own estimate (Chen et al.).
+SELF_CONDITION_P = 0.5
 #: Latents per batch when computing the validation loss.
 EVAL_BATCH = 64
 #: At most this many validation latents enter the validation loss.
@@ -145,10 +148,11 @@ class LDMTask(TrainingTask):
 
         Timesteps are uniform over [0, T), the pure-noise t = T - 1 included. With
         ``posterior_samples`` and a ``latent_std``, the latent is replaced by
-        ``latent + latent_std * noise`` (a posterior sample). That noise, the mirror flips and
-        the per-covariate dropout are drawn after the diffusion noise, timesteps and
-        condition dropout, so with those options off and no covariates the random stream is
-        the same as before the options existed.
+        ``latent + latent_std * noise`` (a posterior sample). That noise, the mirror flips,
+        the per-covariate dropout and (with ``self_condition``) whether this step forms a
+        clean-latent estimate (probability :data:`SELF_CONDITION_P`) are drawn after the
+        diffusion noise, timesteps and condition dropout, so with those options off and no
+        covariates the random stream is the same as before the options existed.
         """
         cfg = self.config
         latent, z = batch["latent"], batch["z"]
@@ -163,6 +167,7 @@ class LDMTask(TrainingTask):
         covariates = batch_covariates(batch)
         if covariates is not None:
             covariates = drop_covariates(covariates, self.covariate_dropout)
+        estimate = cfg.self_condition and bool(torch.rand(()) < SELF_CONDITION_P)
         loss = diffusion_loss(
             self.net("unet"),
             self.scheduler,
@@ -174,6 +179,7 @@ class LDMTask(TrainingTask):
             weighting=cfg.loss_weighting,
             min_snr_gamma=cfg.min_snr_gamma,
             covariates=covariates,
+            self_condition=estimate,
         )
         optim.step("unet", loss)
         return {"loss": loss.item()}
