@@ -26,8 +26,11 @@ from pipeline.core.identity import file_sha256
 from pipeline.data.datasets import EvalData, SliceDataset
 from pipeline.evaluation import evaluate as evaluate_module
 from pipeline.evaluation.evaluate import (
+    BESIDE_SCALE,
     EvalContext,
     EvaluatePaths,
+    beside_real_figure,
+    beside_real_rows,
     ceiling_reconstructions,
     evaluate,
     judge_train_rows,
@@ -178,6 +181,32 @@ def test_judge_rows_are_a_seeded_sorted_subset_of_the_training_split() -> None:
 
 
 @torch.no_grad()
+def test_look_test_shows_real_ceiling_and_generated_slices_of_the_same_rows(
+    real: EvalData,
+) -> None:
+    rows = beside_real_rows(real.z_index, K)
+    levels = real.z_index[rows].tolist()
+    # 0.3 .. 0.7 of K = 8 levels round to 2, 3, 4, 4, 5: each level once, two volumes each
+    assert levels == [2, 2, 3, 3, 4, 4, 5, 5]
+    volumes = rows // K  # the split is stored volume by volume
+    assert all(volumes[i] != volumes[i + 1] for i in range(0, len(rows), 2))
+    assert len(beside_real_rows(real.z_index, K, per_level=1)) == 4
+
+    ceiling = torch.full_like(real.image, 0.25)
+    generated = torch.full_like(real.image, 0.75)
+    image = beside_real_figure(real.image, ceiling, generated, rows)
+    tile = SIZE + 2  # each tile and its grey separator
+    assert image.shape == ((3 * tile + 2) * BESIDE_SCALE, (len(rows) * tile + 2) * BESIDE_SCALE)
+    plain = image[::BESIDE_SCALE, ::BESIDE_SCALE]  # each pixel a square block
+    assert np.array_equal(np.kron(plain, np.ones((BESIDE_SCALE, BESIDE_SCALE))), image)
+    for column, row in enumerate(rows.tolist()):
+        x = 2 + column * tile
+        real_tile = plain[2 : 2 + SIZE, x : x + SIZE]
+        np.testing.assert_allclose(real_tile, real.image[row, 0].numpy(), atol=1e-6)
+        assert (plain[2 + tile : 2 + tile + SIZE, x : x + SIZE] == 0.25).all()
+        assert (plain[2 + 2 * tile : 2 + 2 * tile + SIZE, x : x + SIZE] == 0.75).all()
+
+
 def test_ceiling_reconstructions_decode_as_the_generator_decodes() -> None:
     torch.manual_seed(0)
     ae = Autoencoder(TINY_AE, TINY_COND, "vaegan").eval()
@@ -318,6 +347,10 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(
         assert (paths.reports / f"novelty_{name}.png").stat().st_size > 0
         assert f"reports/novelty_{name}.png" in run.artifacts
     assert paths.c2st_png.stat().st_size > 0
+    for name in ("ldm", "pixelcnn"):  # the look test, logged beside the copies
+        look = paths.reports / f"beside_real_{name}.png"
+        assert look.stat().st_size > 0
+        assert run.artifacts[f"reports/{look.name}"] == look.read_bytes()
 
     zprobe = pd.read_csv(paths.per_z / "zprobe_mae.csv")
     assert list(zprobe.columns) == ["z_index", "real", "blurred_real", "ldm", "pixelcnn"]

@@ -42,6 +42,8 @@ PNGS = (
     "c2st_strength.png",
     "novelty_ldm.png",
     "novelty_pixelcnn.png",
+    "beside_real_ldm.png",
+    "beside_real_pixelcnn.png",
 )
 #: Records load errors and every image's natural size into the title, read via --dump-dom.
 PROBE_SCRIPT = """<script>

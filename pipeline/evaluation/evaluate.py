@@ -56,7 +56,10 @@ pairs to ``reports/novelty_<generator>.png``; real slices with their tissue maps
 slices generated at their z and covariates with the generated masks to
 ``reports/labelled_<generator>.png``; the covariate probe's readings of real, matched and
 shuffled slices against the asked-for age and CDR, and the age error per z, to
-``reports/labels_<generator>.png``.
+``reports/labels_<generator>.png``; the look test (real test slices, their reconstructions by
+the generator's first stage finished as its slices are, and the slices generated at their z
+and covariates, magnified with no smoothing: :func:`beside_real_figure`) to
+``reports/beside_real_<generator>.png``.
 
 One generator's section is :func:`score_generator` on an :class:`EvalContext` (the splits,
 probes and references built once); ``benchmarks/scoring.py`` calls the same function for the
@@ -89,7 +92,7 @@ from torch import nn
 from pipeline.core.checkpoint import CheckpointError
 from pipeline.core.config import EvaluateConfig, Params
 from pipeline.core.errors import InputError
-from pipeline.core.figures import figure_image, save_png
+from pipeline.core.figures import figure_image, grid, save_png
 from pipeline.core.identity import file_sha256
 from pipeline.core.io import atomic_write, write_json
 from pipeline.core.labels import covariate_codes
@@ -151,6 +154,13 @@ CEILING_DRAW_STRIDE = 1000
 #: controls (``seed + 2`` ..), so no slice a judge learns shares its noise with one it is
 #: read on.
 JUDGE_SEED_OFFSET = 500
+#: Levels of the look test (:func:`beside_real_figure`), as fractions of the K levels: the
+#: cerebrum from the temporal lobes to above the ventricles, where grey and white matter show.
+BESIDE_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7)
+#: Real slices per level in the look test, each from another volume.
+BESIDE_PER_LEVEL = 2
+#: Magnification of the look test: each pixel drawn as a BESIDE_SCALE x BESIDE_SCALE block.
+BESIDE_SCALE = 2
 
 #: metric -> section -> {z_index: value}
 Curves = dict[str, dict[str, dict[int, float]]]
@@ -655,6 +665,52 @@ def curves_figure(tables: Mapping[str, pd.DataFrame]) -> np.ndarray:
     return figure_image(fig)
 
 
+def beside_real_rows(
+    z_index: torch.Tensor, n_slices: int, per_level: int = BESIDE_PER_LEVEL
+) -> torch.Tensor:
+    """The test slices the look test shows: at each of :data:`BESIDE_LEVELS` (once per level
+    where small K rounds two to one), ``per_level`` slices spread evenly over those at that
+    level (the split is stored volume by volume, so each is from another volume).
+
+    Args:
+        z_index: (N,) the test slices' level indices.
+        n_slices: K.
+        per_level: slices per level (fewer where the split has fewer at a level).
+
+    Returns:
+        (n,) int64 row indices, level by level.
+    """
+    rows = []
+    for level in sorted({round(fraction * (n_slices - 1)) for fraction in BESIDE_LEVELS}):
+        at_level = torch.nonzero(z_index == level).flatten()
+        if len(at_level):
+            picks = torch.linspace(0, len(at_level) - 1, min(per_level, len(at_level)))
+            rows.append(at_level[picks.round().long()])
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+
+
+def beside_real_figure(
+    real: torch.Tensor, ceiling: torch.Tensor, generated: torch.Tensor, rows: torch.Tensor
+) -> np.ndarray:
+    """The look test: what a reader compares, at the same z and covariates, one column each.
+
+    Args:
+        real: (N, 1, H, W) real test slices in [0, 1].
+        ceiling: (N, 1, H, W) their reconstructions by the generator's first stage, decoded
+            and finished as the generator's slices are (:func:`finished_reconstructions`).
+        generated: (N, 1, H, W) slices generated at each real slice's z and covariates.
+        rows: (n,) the test slices to show (:func:`beside_real_rows`).
+
+    Returns:
+        (3 (H + 2) + 2, n (W + 2) + 2) x :data:`BESIDE_SCALE` array in [0, 1], rows real,
+        ceiling, generated; each pixel a square block (nearest neighbour: no smoothing to
+        hide or add texture).
+    """
+    tiles = torch.cat([real[rows], ceiling[rows], generated[rows]])
+    image = grid(tiles, ncol=len(rows))
+    return np.kron(image, np.ones((BESIDE_SCALE, BESIDE_SCALE)))
+
+
 def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The finite-or-NaN numbers of a nested report, flattened to dotted keys (for MLflow)."""
     return {
@@ -931,6 +987,7 @@ def evaluate(
     generators = {name: load_generator(paths.models / f"{name}.pt", device) for name in GENERATORS}
     seeds = [seed + k for k in range(cfg.sampling_seeds)]
     per_seed: dict[str, list[dict[str, Any]]] = {}  # each generator's section per seed
+    first_images: dict[str, torch.Tensor] = {}  # each generator's first seed's slices
     target: dict[int, list[dict[str, Any]]] = {}  # id(job) -> each seed's section, generators
     for name, generator in generators.items():
         metrics[name] = {}  # its place in metrics.json; the seeds' mean once judged
@@ -940,6 +997,7 @@ def evaluate(
         judges += jobs
         target |= {id(job): per_seed[name] for job in jobs}
         first = scores[0]  # the first seed's curves and figures
+        first_images[name] = first.samples.images
         _merge(curves, name, first.curves)
         save_png(
             closest_pairs_figure(first.samples.images, train.image, first.nearest),
@@ -951,6 +1009,7 @@ def evaluate(
     # each autoencoder's reconstructions decoded and finished as the generator on its latents
     # decodes and finishes slices
     finishing: dict[str, tuple[LatentCodec, Texture, bool]] = {}
+    ceiling_test: dict[str, torch.Tensor] = {}  # kind -> the test split's, finished
     for gm in generators.values():
         trained_on_samples = bool(getattr(gm.config, "posterior_samples", False))
         finishing[gm.codec.autoencoder.kind] = (gm.codec, gm.texture, trained_on_samples)
@@ -978,6 +1037,7 @@ def evaluate(
             )
         )
         judges += judge_jobs(section, train.image, fake_train, real.image, [fake_test], **judging)
+        ceiling_test[kind] = fake_test
         # one draw's recall moves by about ±0.025 against a bar of 0.8: the ceiling is the
         # mean over as many posterior and texture draws as the generator has sampling seeds
         draws = [fake_others] + [
@@ -993,6 +1053,13 @@ def evaluate(
         metrics[section]["other_subjects"] = mean_section(
             [{k: c[k] for k in SAME_SIZE_FIGURES} for c in ceilings]
         ) | {"draws": len(draws)}
+    shown = beside_real_rows(real.z_index, ctx.n_slices)
+    for name, generator in generators.items():
+        ceiling = ceiling_test[generator.codec.autoencoder.kind]
+        save_png(
+            beside_real_figure(real.image, ceiling, first_images[name], shown),
+            paths.reports / f"beside_real_{name}.png",
+        )
     judge_curves: dict[str, list[tuple[int, float]]] = {}
     for job, results in zip(judges, run_judges(judges, device), strict=True):
         sections = target.get(id(job), [metrics[job.section]])
@@ -1089,6 +1156,7 @@ def _log(
             }
             run.log_metrics(values, step=int(row["z_index"]))
     run.log_image(figure, f"reports/{paths.per_z_png.name}")
-    for png in [paths.c2st_png, *sorted(paths.reports.glob("novelty_*.png"))]:
+    looks = [*paths.reports.glob("novelty_*.png"), *paths.reports.glob("beside_real_*.png")]
+    for png in [paths.c2st_png, *sorted(looks)]:
         run.log_artifact(png, "reports")
     run.log_dict(dict(metrics), f"reports/{paths.metrics.name}")

@@ -530,6 +530,14 @@ def build_report(paths: ReportPaths, *, tracking_uri: str, stand_in: bool) -> st
         "anatomy counts. Copy-like: nearer a training slice than the real held-out slices' "
         "99th percentile.</p>",
         verdicts_html(metrics),
+        "<p>The look test: no figure above replaces it. Real test slices (top row), their "
+        "reconstructions by the generator's autoencoder, finished as its slices are (middle: "
+        "the best a second stage could do), and the slices generated at the same z and "
+        "covariates (bottom), magnified 2x with no smoothing.</p>",
+        "<div class='row'>",
+        figure_html(r / "beside_real_ldm.png", "latent diffusion beside real slices"),
+        figure_html(r / "beside_real_pixelcnn.png", "PixelCNN beside real slices"),
+        "</div>",
         "<div class='row'>",
         figure_html(
             r / "c2st_strength.png",
