@@ -1,4 +1,6 @@
-"""Benchmark: milliseconds per training step of the C2ST judge (:mod:`pipeline.metrics.c2st`).
+"""Benchmark: milliseconds per training step of one network of the C2ST judge
+(:mod:`pipeline.metrics.c2st`; a judge of ``evaluate.c2st.members`` networks takes that many
+times as long).
 
 Runs whole :func:`~pipeline.metrics.c2st.two_sample_auc` calls (sampling, shifts, forward,
 backward, AdamW, the held-out AUC every ``curve_every`` steps) on random slices and divides
@@ -39,7 +41,9 @@ def main(argv: list[str] | None = None) -> dict[int, float]:
     args = parser.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
     real, fake = torch.rand(2, 512, 1, args.size, args.size, generator=gen)
-    cfg = C2STConfig(steps=args.steps, curve_every=max(1, args.steps // 6), batch_size=args.batch)
+    cfg = C2STConfig(
+        members=1, steps=args.steps, curve_every=max(1, args.steps // 6), batch_size=args.batch
+    )
     threads_before = torch.get_num_threads()
     results: dict[int, float] = {}
     for threads in (int(t) for t in args.threads.split(",")):

@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 #: Slices a side: 3/4 train the judge, 1/4 are held out.
 N = 384
 #: A short judge for 32x32 slices (the pipeline's default runs 2400 steps).
-CFG = C2STConfig(steps=200, curve_every=100, batch_size=32)
+CFG = C2STConfig(members=1, steps=200, curve_every=100, batch_size=32)
 
 
 def brains(n: int, seed: int, *, ventricle: bool = True) -> torch.Tensor:
@@ -116,7 +116,7 @@ def test_anatomy_variant_ignores_texture_but_sees_anatomy(real: torch.Tensor) ->
 
 def test_deterministic_and_seeded(real: torch.Tensor) -> None:
     fake = c2st.blur(brains(128, seed=2), 0.3)
-    cfg = C2STConfig(steps=60, curve_every=20, batch_size=16)
+    cfg = C2STConfig(members=1, steps=60, curve_every=20, batch_size=16)
     state = torch.get_rng_state()
     first = judge(real[:128], fake, cfg=cfg, seed=3)
     assert torch.equal(torch.get_rng_state(), state), "the global RNG must be left untouched"
@@ -125,7 +125,7 @@ def test_deterministic_and_seeded(real: torch.Tensor) -> None:
 
 
 def test_curve_points_and_result_dict(real: torch.Tensor) -> None:
-    cfg = C2STConfig(steps=50, curve_every=20, batch_size=8)
+    cfg = C2STConfig(members=2, steps=50, curve_every=20, batch_size=8)
     result = judge(real[:40], brains(24, seed=2), cfg=cfg)
     assert [step for step, _ in result.curve] == [20, 40]
     assert all(0.0 <= auc <= 1.0 for _, auc in [*result.curve, (cfg.steps, result.auc)])
@@ -136,7 +136,35 @@ def test_curve_points_and_result_dict(real: torch.Tensor) -> None:
         "n_train": [30, 18],
         "n_test": [10, 6],
         "blur_sigma": None,
+        "member_aucs": result.member_aucs,
     }
+    assert len(result.member_aucs) == 2
+
+
+def test_judge_is_its_members_mean_logit(real: torch.Tensor) -> None:
+    """A judge of two members reads the AUC of their mean logit; each member is the
+    one-network judge of its own seed (``seed``, ``seed + 1``), and the curve is the
+    judge's."""
+    fake = c2st.blur(brains(128, seed=2), 0.3)
+    one = C2STConfig(members=1, steps=60, curve_every=30, batch_size=16)
+    two = one.model_copy(update={"members": 2})
+    pair = judge(real[:128], fake, cfg=two, seed=3)
+    alone = [judge(real[:128], fake, cfg=one, seed=s) for s in (3, 4)]
+    assert pair.member_aucs == [a.auc for a in alone]
+    assert [a.member_aucs for a in alone] == [[a.auc] for a in alone]
+    k_real, k_fake = 96, 96
+    prepared = {
+        "real_train": real[:k_real],
+        "fake_train": fake[:k_fake],
+        "real_test": real[k_real:128],
+    }
+    readings = [c2st._train_member(prepared, [fake[k_fake:]], two, CPU, s)[1] for s in (3, 4)]
+    expected = [
+        c2st._auc((first[0] + second[0]) / 2, 128 - k_real)
+        for first, second in zip(*readings, strict=True)
+    ]
+    assert [auc for _, auc in pair.curve] == expected
+    assert expected[-1] == pair.auc
 
 
 @pytest.mark.parametrize(

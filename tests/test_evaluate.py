@@ -331,12 +331,14 @@ def test_stage_writes_metrics_json_layout_and_per_z_curves(
         assert ceiling["draws"] == params.evaluate.sampling_seeds
         assert ceiling["fd_alex"] != others["fd_alex"]
 
-    # the realism judge: controls, every generator and both autoencoders, raw and blurred
+    # the realism judge: controls, every generator and both autoencoders, raw and blurred;
+    # each judge is evaluate.c2st.members networks, each member's own AUC kept
     for name in ("real", "ldm", "pixelcnn", "ae_vqvae", "ae_vaegan"):
         assert set(saved[name]["c2st"]) == {"raw", "blur"}, name
         for result in saved[name]["c2st"].values():
             assert 0 <= result["auc"] <= 1
             assert [step for step, _ in result["curve"]] == [2, 4]
+            assert len(result["member_aucs"]) == params.evaluate.c2st.members == 3
     assert set(saved["blurred_real"]["c2st"]) == {"raw"}
     # novelty: the real test slices are the reference; each generator is scored against it
     for name in ("real", "ldm", "pixelcnn"):

@@ -613,8 +613,12 @@ class C2STConfig(_Section):
     them apart; 1.0: always can).
 
     Attributes:
-        steps: optimizer steps of each judge (its AUC curve over steps shows whether it is
-            strong: the AUC stops rising).
+        members: networks in each judge, trained alike from seeds ``seed``, ``seed + 1``, ...;
+            the judge's logit is their mean. One network's verdict depends on its seed: on
+            the demo LDM's slices four seeds read 0.864 / 0.978 / 0.966 / 0.952 raw and
+            0.641 / 0.608 / 0.697 / 0.638 blurred (docs/realism_log.md, "One judge is a draw").
+        steps: optimizer steps of each member (the judge's AUC curve over steps shows whether
+            it is strong: the AUC stops rising).
         curve_every: the held-out AUC is also measured every this many steps (the strength
             curve in ``metrics.json``).
         batch_size: slices per step (half real, half synthetic).
@@ -626,6 +630,7 @@ class C2STConfig(_Section):
             1376 is every one on the demo).
     """
 
+    members: int = Field(3, ge=1)
     steps: int = Field(4800, ge=1)
     curve_every: int = Field(600, ge=1)
     batch_size: int = Field(64, ge=2)

@@ -30,6 +30,15 @@ agree with the eye"): on the blurred demo LDM, 2400 steps on 256 synthetic slice
 as its first stage's own reconstructions did; 4800 steps on 1376 read 0.77 against their 0.70,
 and 9600 steps 0.83 against 0.72.
 
+One network is a draw, not a judge: trained alike from four seeds on the demo LDM's slices,
+the raw judge read 0.864, 0.978, 0.966 and 0.952, the blurred one 0.641, 0.608, 0.697 and
+0.638 (docs/realism_log.md, "One judge is a draw"); the slow seed was still rising when its
+learning rate ran out. So the judge is ``cfg.members`` networks trained from seeds ``seed``,
+``seed + 1``, ..., and its logit is their mean: still one classifier fixed before it sees the
+held-out sets, so its AUC is a valid two-sample statistic, and as strong as its members
+together rather than as its luckiest or unluckiest one. Each member's own AUC is kept
+(:attr:`C2STResult.member_aucs`) to show the spread.
+
 :func:`two_sample_aucs` reads one judge on several synthetic held-out sets (a generator's
 slices from each sampling seed): it trains once, as for one set, so each set's result equals
 the one-set test's.
@@ -37,7 +46,7 @@ the one-set test's.
 The judge is a plain :class:`torch.nn.Sequential` (:func:`judge_network`): four stride-2 3x3
 convolutions (8, 16, 32, 64 channels), GroupNorm and SiLU, global average pooling and a
 linear logit; about 13 ms a training step at batch 64 on one CPU thread (64x64 slices, the
-2-core Intel Xeon host), so 4800 steps take about a minute. Run it on one thread: two
+2-core Intel Xeon host), so 4800 steps take about a minute per member. Run it on one thread: two
 threads on a busy 2-core machine were more than 10 times slower. MONAI's ``Classifier`` at the same
 widths took about 3.5 times as long a step (each stage is a residual unit of two
 convolutions), and it instance-normalises every convolution, which takes away each slice's
@@ -95,13 +104,16 @@ class C2STResult:
     """One judge's verdict.
 
     Attributes:
-        auc: held-out ROC AUC after the last step, synthetic = positive class (0.5: cannot
-            tell; 1.0: always tells).
-        curve: ``(step, held-out AUC)`` every ``curve_every`` steps, steps increasing.
+        auc: held-out ROC AUC after the last step of the judge (its members' mean logit),
+            synthetic = positive class (0.5: cannot tell; 1.0: always tells).
+        curve: ``(step, held-out AUC)`` of the judge every ``curve_every`` steps, steps
+            increasing.
         n_train: (real, synthetic) slices the judge was trained on.
         n_test: (real, synthetic) held-out slices the AUC is measured on.
         blur_sigma: Gaussian sigma in pixels applied to both sides (the anatomy variant), or
             None (raw).
+        member_aucs: each member's own held-out AUC after the last step (``cfg.members`` of
+            them, seeds ``seed``, ``seed + 1``, ...): how far one network's verdict strays.
     """
 
     auc: float
@@ -109,6 +121,7 @@ class C2STResult:
     n_train: tuple[int, int]
     n_test: tuple[int, int]
     blur_sigma: float | None
+    member_aucs: list[float]
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready copy (tuples become lists)."""
@@ -218,15 +231,20 @@ def _lr_factor(step: int, steps: int) -> float:
 
 
 @torch.inference_mode()
-def _held_out_auc(judge: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> float:
-    """ROC AUC of the judge's logits, synthetic = positive class."""
+def _held_out_scores(judge: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """The judge's logits on ``real`` then ``fake`` ((N_real + N_fake,) on the CPU)."""
     judge.eval()
     scores = [
         judge(chunk).squeeze(1).float().cpu() for chunk in torch.cat([real, fake]).split(EVAL_BATCH)
     ]
     judge.train()
-    labels = np.r_[np.zeros(len(real)), np.ones(len(fake))]
-    return float(roc_auc_score(labels, torch.cat(scores).numpy()))
+    return torch.cat(scores)
+
+
+def _auc(scores: torch.Tensor, n_real: int) -> float:
+    """ROC AUC of ``scores`` (the first ``n_real`` real, the rest synthetic = positive)."""
+    labels = np.r_[np.zeros(n_real), np.ones(len(scores) - n_real)]
+    return float(roc_auc_score(labels, scores.numpy()))
 
 
 def two_sample_auc(
@@ -249,15 +267,16 @@ def two_sample_auc(
             ``real_train``.
         fake_test: (M_f, 1, H, W) synthetic held-out slices in [0, 1], none of them in
             ``fake_train``.
-        cfg: ``steps``, ``curve_every``, ``batch_size`` (``batch_size // 2`` slices of each
-            side per step) and ``lr`` are used; ``blur_sigma`` is not (pass it explicitly).
+        cfg: ``members`` (networks in the judge), ``steps``, ``curve_every``,
+            ``batch_size`` (``batch_size // 2`` slices of each side per step) and ``lr`` are
+            used; ``blur_sigma`` is not (pass it explicitly).
         device: where the judge trains.
-        seed: initial weights, batches and shifts.
+        seed: the first member's initial weights, batches and shifts (member m: ``seed + m``).
         blur_sigma: Gaussian sigma in pixels applied to all four sets first (the anatomy
             variant); None for the raw images.
 
     Returns:
-        The final held-out AUC, the strength curve and the set sizes.
+        The final held-out AUC, the strength curve, the set sizes and each member's AUC.
 
     Raises:
         InputError: a set is not (N, 1, H, W) with N >= 2 and values in [0, 1], the sets'
@@ -318,6 +337,57 @@ def two_sample_aucs(
         for name, images in sets.items()
     }
     tests = [prepared[name] for name in names]
+    # scores[m][p][i]: member m's held-out logits on set i at its p-th reading
+    steps, scores = [], []
+    for member in range(cfg.members):
+        steps, member_scores = _train_member(prepared, tests, cfg, device, seed + member)
+        scores.append(member_scores)
+    n_real = len(real_test)
+    results = []
+    for i, fake in enumerate(fake_tests):
+        # the judge's logit is its members' mean
+        aucs = [
+            _auc(torch.stack([s[p][i] for s in scores]).mean(0), n_real) for p in range(len(steps))
+        ]
+        results.append(
+            C2STResult(
+                auc=aucs[-1],
+                curve=[
+                    (step, auc)
+                    for step, auc in zip(steps, aucs, strict=True)
+                    if step % cfg.curve_every == 0
+                ],
+                n_train=(len(real_train), len(fake_train)),
+                n_test=(n_real, len(fake)),
+                blur_sigma=blur_sigma,
+                member_aucs=[_auc(s[-1][i], n_real) for s in scores],
+            )
+        )
+    return results
+
+
+def _train_member(
+    prepared: Mapping[str, torch.Tensor],
+    tests: Sequence[torch.Tensor],
+    cfg: C2STConfig,
+    device: torch.device,
+    seed: int,
+) -> tuple[list[int], list[list[torch.Tensor]]]:
+    """Train one member of the judge from ``seed``; its held-out logits along the way.
+
+    Args:
+        prepared: ``real_train``, ``fake_train`` and ``real_test`` (blurred where asked), on
+            ``device``.
+        tests: the synthetic held-out sets, prepared alike.
+        cfg: ``steps``, ``curve_every``, ``batch_size`` and ``lr``.
+        device: where the member trains.
+        seed: initial weights, batches and shifts.
+
+    Returns:
+        (the steps at which the member was read: every ``curve_every`` and the last step;
+        for each of those, one (N_real + N_fake_i,) CPU logit tensor per set of ``tests``,
+        real slices first).
+    """
     half = cfg.batch_size // 2
     labels = torch.cat([torch.zeros(half), torch.ones(half)]).to(device)
     gen = torch.Generator().manual_seed(seed)
@@ -325,38 +395,23 @@ def two_sample_aucs(
         torch.manual_seed(seed)
         judge = judge_network().to(device)
     optimizer = torch.optim.AdamW(judge.parameters(), lr=cfg.lr)
-    curves: list[list[tuple[int, float]]] = [[] for _ in tests]
+    read_at: list[int] = []
+    readings: list[list[torch.Tensor]] = []
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg.steps)
-        real_idx = torch.randint(len(real_train), (half,), generator=gen).to(device)
-        fake_idx = torch.randint(len(fake_train), (half,), generator=gen).to(device)
+        real_idx = torch.randint(len(prepared["real_train"]), (half,), generator=gen).to(device)
+        fake_idx = torch.randint(len(prepared["fake_train"]), (half,), generator=gen).to(device)
         batch = torch.cat([prepared["real_train"][real_idx], prepared["fake_train"][fake_idx]])
         logits = judge(_shift(batch, gen)).squeeze(1)
         loss = F.binary_cross_entropy_with_logits(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if (step + 1) % cfg.curve_every == 0:
-            for curve, fake in zip(curves, tests, strict=True):
-                curve.append((step + 1, _held_out_auc(judge, prepared["real_test"], fake)))
-    results = []
-    for curve, fake in zip(curves, tests, strict=True):
-        final = (
-            curve[-1][1]
-            if curve and curve[-1][0] == cfg.steps
-            else _held_out_auc(judge, prepared["real_test"], fake)
-        )
-        results.append(
-            C2STResult(
-                auc=final,
-                curve=curve,
-                n_train=(len(real_train), len(fake_train)),
-                n_test=(len(real_test), len(fake)),
-                blur_sigma=blur_sigma,
-            )
-        )
-    return results
+        if (step + 1) % cfg.curve_every == 0 or step + 1 == cfg.steps:
+            read_at.append(step + 1)
+            readings.append([_held_out_scores(judge, prepared["real_test"], f) for f in tests])
+    return read_at, readings
 
 
 def strength_curve_figure(curves: Mapping[str, list[tuple[int, float]]]) -> np.ndarray:
