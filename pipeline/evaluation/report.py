@@ -525,7 +525,8 @@ def build_report(paths: ReportPaths, *, tracking_uri: str, stand_in: bool) -> st
         "<h2>Verdicts on the test split</h2>",
         "<p>Each generator's figures beside the same figure on real slices (the reference) "
         "and the autoencoder's reconstructions (the ceiling a second stage can reach). C2ST: "
-        "ROC AUC of a CNN judge trained to tell real from synthetic slices (0.5 = it cannot; "
+        "ROC AUC of a judge trained to tell real from synthetic slices (small CNNs trained "
+        "alike from several seeds, their logits averaged; 0.5 = it cannot; "
         "real against real is the control); <i>blurred</i>: both sides blurred, so only "
         "anatomy counts. Copy-like: nearer a training slice than the real held-out slices' "
         "99th percentile.</p>",
